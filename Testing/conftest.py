@@ -1,0 +1,85 @@
+"""Shared pytest fixtures: test data paths, headless Slicer (slicer-core), tiny official-layout checkpoints."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(__file__).resolve().parent / "Data" / "totalsegmentator"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def ct_path() -> Path:
+    return DATA_DIR / "example_ct_sm.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def labels_total() -> dict[int, str]:
+    return {int(k): v for k, v in json.loads((DATA_DIR / "labels_total.json").read_text()).items()}
+
+
+def make_headless_slicer():
+    """Scene + application logic + module logics from slicer-core, with the shims slicer.util needs.
+
+    Returns (scene, logics, keepalive); keep ``keepalive`` referenced while the scene is used.
+    """
+    slicer = pytest.importorskip("slicer")
+    from vtkmodules.vtkCommonCore import vtkCollection, vtkOutputWindow
+
+    out = vtkOutputWindow()
+    out.SetDisplayModeToAlwaysStdErr()
+    vtkOutputWindow.SetInstance(out)
+
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    app_logic.GetColorLogic().SetMRMLScene(scene)
+    app_logic.GetColorLogic().AddDefaultColorNodes()
+    app_logic.SetSliceLogics(vtkCollection())
+    app_logic.SetViewLogics(vtkCollection())
+    logics = {}
+    for name, cls in [
+        ("Markups", slicer.vtkSlicerMarkupsLogic),
+        ("Volumes", slicer.vtkSlicerVolumesLogic),
+        ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+        ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+        ("Texts", slicer.vtkSlicerTextsLogic),
+        ("Data", slicer.vtkSlicerDataModuleLogic),
+    ]:
+        logic = cls()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app_logic)
+        app_logic.SetModuleLogic(name, logic)
+        logics[name.lower()] = logic
+    # ReadFromMRB needs the remote-IO cache directory and the data IO manager.
+    remote_io = slicer.vtkMRMLRemoteIOLogic()
+    remote_io.SetMRMLScene(scene)
+    remote_io.SetMRMLApplicationLogic(app_logic)
+    remote_io.GetCacheManager().SetRemoteCacheDirectory(tempfile.mkdtemp(prefix="m3d-slicer-cache-"))
+    io_logic = slicer.vtkDataIOManagerLogic()
+    io_logic.SetMRMLScene(scene)
+    io_logic.SetMRMLApplicationLogic(app_logic)
+    io_logic.SetAndObserveDataIOManager(remote_io.GetDataIOManager())
+    remote_io.AddDataIOToScene()
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(
+        **{n: types.SimpleNamespace(logic=lambda lg=lg: lg) for n, lg in logics.items()}
+    )
+    return scene, logics, (app_logic, remote_io, io_logic)
+
+
+@pytest.fixture
+def headless_slicer():
+    """A fresh headless MRML scene with the module logics: (scene, logics)."""
+    scene, logics, keepalive = make_headless_slicer()
+    yield scene, logics
+    del keepalive
