@@ -83,3 +83,41 @@ def headless_slicer():
     scene, logics, keepalive = make_headless_slicer()
     yield scene, logics
     del keepalive
+
+
+# ------------------------------------------------------------------------------------------ tiny checkpoints
+# Written once per session by our official-layout writer; tests that modify a checkpoint copy it first.
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tmp_path_factory) -> Path:
+    from M3DAssistantLib.model import random_checkpoint as rc
+
+    return rc.write_random_lamed_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "phi3", "phi3", llm=rc.TINY_LLM, multimodal=rc.TINY_MULTIMODAL
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Llama variant, sharded safetensors with an index (as the 7B repo)."""
+    from M3DAssistantLib.model import random_checkpoint as rc
+
+    return rc.write_random_lamed_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "llama", "llama", llm=rc.TINY_LLM, multimodal=rc.TINY_MULTIMODAL,
+        max_shard_bytes=400_000, seed=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    from M3DAssistantLib.model import random_checkpoint as rc
+
+    return rc.write_random_clip_checkpoint(tmp_path_factory.mktemp("ckpt") / "clip", tiny=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_model(tiny_phi3):
+    from M3DAssistantLib.model import load_model
+
+    return load_model(tiny_phi3, device="cpu", dtype="float32")

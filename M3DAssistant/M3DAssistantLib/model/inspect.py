@@ -1,0 +1,168 @@
+"""``m3d inspect``: what a checkpoint is and whether it will load, from config.json and the weight index alone.
+
+Works on a folder whose download has not finished (only config.json and the index needed) and on machines without a
+GPU. Weight files are never read beyond their safetensors headers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Union
+
+from ..errors import M3DError
+
+_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_M3D_TOKENS = ("<im_patch>", "<bx_start>", "<bx_end>", "[SEG]")
+
+
+def _stored_tensors(folder: Path) -> tuple[dict[str, tuple], list[str], str]:
+    """({name: (dtype, shape) or ()}, missing files, layout) from the index or safetensors headers."""
+    from .checkpoint import read_safetensors_header, read_weight_index
+
+    for index_name in _INDEX_NAMES:
+        index = folder / index_name
+        if index.is_file():
+            weight_map = read_weight_index(index)
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            stored: dict[str, tuple] = {k: () for k in weight_map}
+            if index_name.startswith("model.safetensors"):
+                for shard in shards:
+                    if shard not in missing:
+                        stored.update({i.name: (str(i.dtype).removeprefix("torch."), i.shape)
+                                       for i in read_safetensors_header(folder / shard)})
+            return stored, missing, f"{len(shards)} shard(s) + {index_name}"
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return ({i.name: (str(i.dtype).removeprefix("torch."), i.shape) for i in read_safetensors_header(single)},
+                [], "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return {}, [], "pytorch_model.bin (keys not listed without loading it)"
+    return {}, ["model.safetensors or an index"], "none"
+
+
+def _token_ids(folder: Path) -> dict[str, Any]:
+    """M3D token ids from the tokenizer files (JSON only, no tokenizer library)."""
+    ids: dict[str, Any] = {}
+    added = folder / "added_tokens.json"
+    if added.is_file():
+        ids.update({k: v for k, v in json.loads(added.read_text()).items() if k in _M3D_TOKENS})
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        tok = json.loads(config.read_text())
+        for token_id, entry in (tok.get("added_tokens_decoder") or {}).items():
+            if entry.get("content") in _M3D_TOKENS:
+                ids.setdefault(entry["content"], int(token_id))
+        ids["add_bos_token"] = tok.get("add_bos_token")
+    tokenizer_json = folder / "tokenizer.json"
+    if tokenizer_json.is_file():
+        for entry in json.loads(tokenizer_json.read_text()).get("added_tokens", []):
+            if entry.get("content") in _M3D_TOKENS:
+                ids.setdefault(entry["content"], entry["id"])
+    return ids
+
+
+def inspect_checkpoint(source: Union[str, Path]) -> dict[str, Any]:
+    """A report on a local checkpoint folder (or a cached hub id): variant, sizes, dtype, tokens, loadability.
+
+    The report's ``will_load`` is True only when the config is supported, every weight file listed is present, the
+    stored tensor names match the model exactly and the tokenizer has the M3D tokens matching ``seg_token_id``.
+    """
+    from .loading import resolve_checkpoint
+
+    folder = resolve_checkpoint(source)
+    from .configuration_lamed import read_config_json
+
+    raw = read_config_json(folder)
+    report: dict[str, Any] = {"folder": str(folder), "model_type": raw.get("model_type"), "problems": []}
+    problems: list[str] = report["problems"]
+    stored, missing_files, layout = _stored_tensors(folder)
+    report["weights"] = layout
+    if missing_files:
+        problems.append(f"missing weight file(s): {', '.join(missing_files)}")
+    dtypes = sorted({v[0] for v in stored.values() if v})
+    report["stored_dtypes"] = dtypes
+    numels = [_numel(v[1]) for v in stored.values() if v]
+    if numels and len(numels) == len(stored):
+        report["parameters"] = sum(numels)
+
+    if raw.get("model_type") == "m3d_clip":
+        report["variant"] = "M3D-CLIP"
+        report["will_load"] = not problems
+        return report
+    try:
+        from .configuration_lamed import parse_lamed_config
+
+        config = parse_lamed_config(raw, source=str(folder / "config.json"))
+    except M3DError as e:
+        problems.append(str(e))
+        report["will_load"] = False
+        return report
+    mm, text = config.multimodal, config.text_config
+    report.update(
+        variant=f"M3D-LaMed ({'Phi-3' if config.family == 'phi3' else 'Llama'})",
+        llm={"hidden_size": text.hidden_size, "layers": text.num_hidden_layers, "heads": text.num_attention_heads,
+             "vocab_size": text.vocab_size},
+        vision={"image_size": list(mm.image_size), "patch_size": list(mm.patch_size), "width": mm.mm_hidden_size,
+                "layers": mm.vision_num_layers, "image_tokens": mm.num_image_tokens},
+        segmentation=mm.segmentation_module,
+        seg_token_id=mm.seg_token_id,
+    )
+    tokens = _token_ids(folder)
+    report["tokens"] = tokens
+    absent = [t for t in _M3D_TOKENS if t not in tokens]
+    if absent:
+        problems.append(f"tokenizer files lack {', '.join(absent)}")
+    elif mm.seg_token_id is not None and tokens["[SEG]"] != mm.seg_token_id:
+        problems.append(f"[SEG] is {tokens['[SEG]']} in the tokenizer but seg_token_id is {mm.seg_token_id}")
+    if stored:
+        expected = _expected_tensors(config)
+        if expected is not None:
+            missing = sorted(set(expected) - set(stored))
+            unexpected = sorted(set(stored) - set(expected))
+            wrong = sorted(k for k, v in stored.items() if v and k in expected and tuple(v[1]) != expected[k])
+            if missing:
+                problems.append(f"{len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}")
+            if unexpected:
+                problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {', '.join(unexpected[:3])}")
+            if wrong:
+                problems.append(f"{len(wrong)} tensor(s) with shapes that disagree with config.json, e.g. {wrong[0]}")
+    report["will_load"] = not problems
+    return report
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _expected_tensors(config) -> dict[str, tuple] | None:
+    """Names and shapes the model built from ``config`` expects (on the meta device: no memory, no weights)."""
+    try:
+        import torch
+
+        from .modeling_lamed import build_lamed_model
+    except ImportError:
+        return None
+    with torch.device("meta"):
+        model = build_lamed_model(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable lines for the CLI."""
+    lines = [f"{'checkpoint':14} {report['folder']}"]
+    for key in ("variant", "model_type", "weights", "stored_dtypes", "parameters", "llm", "vision", "segmentation",
+                "seg_token_id", "tokens"):
+        if key in report:
+            value = report[key]
+            if key == "parameters":
+                value = f"{value / 1e9:.2f} B" if value >= 1e8 else f"{value / 1e6:.2f} M"
+            lines.append(f"{key:14} {value}")
+    lines.append(f"{'will load':14} {'yes' if report['will_load'] else 'NO'}")
+    lines += [f"  problem: {p}" for p in report["problems"]]
+    return "\n".join(lines)

@@ -1,0 +1,258 @@
+"""M3D-LaMed: a transformers causal LM (Phi-3 or Llama) that reads a 3D image and can emit a segmentation.
+
+The language model is transformers' own ``Phi3ForCausalLM`` / ``LlamaForCausalLM``. We add, under its inner
+``model`` (so that parameter names are exactly the published ones):
+
+* ``model.vision_tower.vision_tower``: 3D ViT (:mod:`.vit3d`),
+* ``model.mm_projector``: patch features -> ``N`` image tokens of LLM width (:mod:`.projector`),
+* ``model.seg_projector`` and ``model.seg_module``: [SEG] hidden state -> SegVol prompt -> mask logits (:mod:`.segvol`).
+
+Image tokens replace sequence positions ``1..N`` *by position*, exactly as the official code does; position 0 is the
+BOS token. The prompt builder in :mod:`.tokenizer` guarantees the BOS.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, Phi3ForCausalLM
+
+from ..errors import InputError
+from .configuration_lamed import LamedConfig, MultimodalConfig
+from .projector import build_mm_projector, build_seg_projector
+from .segvol import SegVol, SegVolConfig
+from .vit3d import ViT3DConfig, VisionTower
+
+
+def vision_tower_config(mm: MultimodalConfig) -> ViT3DConfig:
+    return ViT3DConfig(
+        in_channels=mm.image_channel,
+        img_size=tuple(mm.image_size),
+        patch_size=tuple(mm.patch_size),
+        hidden_size=mm.mm_hidden_size,
+        mlp_dim=mm.vision_mlp_dim,
+        num_layers=mm.vision_num_layers,
+        num_heads=mm.vision_num_heads,
+        classification=True,
+    )
+
+
+def segvol_config(mm: MultimodalConfig) -> SegVolConfig:
+    encoder = ViT3DConfig(
+        in_channels=mm.image_channel,
+        img_size=tuple(mm.image_size),
+        patch_size=tuple(mm.patch_size),
+        hidden_size=mm.mm_hidden_size,
+        mlp_dim=mm.seg_mlp_dim,
+        num_layers=mm.seg_num_layers,
+        num_heads=mm.seg_num_heads,
+        classification=False,
+    )
+    return SegVolConfig(
+        image_encoder=encoder,
+        transformer_mlp_dim=mm.seg_decoder_mlp_dim,
+        transformer_num_heads=mm.seg_decoder_num_heads,
+        iou_head_hidden_dim=mm.seg_iou_head_hidden_dim,
+    )
+
+
+class LamedMixin:
+    """The multimodal part shared by the Phi-3 and Llama variants. Mixed in before the transformers LM class."""
+
+    multimodal: MultimodalConfig
+
+    def _build_multimodal(self, multimodal: MultimodalConfig) -> None:
+        self.multimodal = multimodal
+        hidden = self.config.hidden_size
+        inner = self.model
+        inner.vision_tower = VisionTower(
+            vision_tower_config(multimodal),
+            select_layer=multimodal.vision_select_layer,
+            select_feature=multimodal.vision_select_feature,
+        )
+        inner.mm_projector = build_mm_projector(multimodal, hidden)
+        if multimodal.segmentation_module is not None:
+            inner.seg_projector = build_seg_projector(hidden, multimodal.mm_hidden_size)
+            inner.seg_module = SegVol(segvol_config(multimodal))
+
+    # ----------------------------------------------------------------------------------------------- images
+    @property
+    def num_image_tokens(self) -> int:
+        return self.multimodal.num_image_tokens
+
+    @property
+    def seg_enabled(self) -> bool:
+        return hasattr(self.model, "seg_module")
+
+    def check_images(self, images: torch.Tensor) -> None:
+        expected = (self.multimodal.image_channel, *self.multimodal.image_size)
+        if images.ndim != 5 or tuple(images.shape[1:]) != expected:
+            raise InputError(
+                f"images must have shape [B, {', '.join(map(str, expected))}], got {list(images.shape)}; "
+                "use M3DAssistantLib.geometry.to_model_input to prepare a volume."
+            )
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1, D, H, W] in [0, 1] -> image token embeddings [B, N, hidden]."""
+        self.check_images(images)
+        param = next(self.model.mm_projector.parameters())
+        features = self.model.vision_tower(images.to(param.device, param.dtype))  # [B, 2048, 768]
+        return self.model.mm_projector(features)  # [B, N, hidden]
+
+    def splice_image_features(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with positions 1..N replaced by the image features (sequence length unchanged)."""
+        n = image_features.shape[1]
+        if input_ids.shape[1] < n + 1:
+            raise InputError(
+                f"input_ids has {input_ids.shape[1]} positions but the image needs 1 + {n} (BOS + image tokens); "
+                "build prompts with M3DAssistantLib.model.tokenizer.encode_prompt."
+            )
+        embeds = self.get_input_embeddings()(input_ids)  # [B, L, hidden]
+        image_features = image_features.to(embeds.dtype)
+        return torch.cat((embeds[:, :1], image_features, embeds[:, n + 1 :]), dim=1)
+
+    def _multimodal_embeds(
+        self,
+        input_ids: Optional[torch.Tensor],
+        images: Optional[torch.Tensor],
+        image_features: Optional[torch.Tensor],
+    ) -> Optional[torch.Tensor]:
+        if input_ids is None or (images is None and image_features is None):
+            return None
+        if image_features is None:
+            image_features = self.encode_images(images)
+        return self.splice_image_features(input_ids, image_features)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        images: Optional[torch.Tensor] = None,
+        image_features: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ):
+        """As the LM's forward, plus ``images`` [B,1,D,H,W] (or precomputed ``image_features`` [B,N,hidden])."""
+        if inputs_embeds is None and input_ids is not None and input_ids.shape[1] > 1:
+            inputs_embeds = self._multimodal_embeds(input_ids, images, image_features)
+            if inputs_embeds is not None:
+                input_ids = None
+        return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    # --------------------------------------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Optional[torch.Tensor] = None,
+        input_ids: Optional[torch.Tensor] = None,
+        seg_enable: bool = False,
+        *,
+        image_features: Optional[torch.Tensor] = None,
+        seg_image_embedding: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ):
+        """Generate new tokens for a prompt about an image (the official Quickstart's call shape).
+
+        Args:
+            images: [B, 1, D, H, W] in [0, 1]; or pass ``image_features`` from :meth:`encode_images` to reuse them.
+            input_ids: [B, L] from :func:`~M3DAssistantLib.model.tokenizer.encode_prompt` (BOS + N image tokens + text).
+            seg_enable: also return SegVol mask logits [B, 1, D, H, W] for the [SEG] token (-inf where none).
+            seg_image_embedding: SegVol's image embedding from ``model.model.seg_module.encode_image`` to reuse.
+            **kwargs: passed to transformers' ``generate`` (max_new_tokens, do_sample, temperature, top_p,
+                streamer, stopping_criteria, logits_processor, past_key_values for a prefix cache, ...).
+
+        Returns:
+            new token ids [B, T] (the prompt is not repeated), or ``(ids, seg_logits)`` with ``seg_enable``.
+        """
+        if input_ids is None:
+            raise InputError("generate needs input_ids (the tokenised prompt).")
+        if images is None and image_features is None:
+            raise InputError("generate needs images [B, 1, D, H, W] or precomputed image_features.")
+        if seg_enable and not self.seg_enabled:
+            raise InputError("seg_enable=True but this checkpoint has no segmentation module (segmentation_module: null).")
+        inputs_embeds = self._multimodal_embeds(input_ids, images, image_features)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+
+        captured: list[torch.Tensor] = []
+        hook = None
+        if seg_enable:
+            # The final-norm output at the last position of each decoding step is the hidden state that predicts
+            # the token generated at that step; keep it to find the [SEG]-predicting state afterwards.
+            hook = self.model.norm.register_forward_hook(lambda _m, _i, out: captured.append(out[:, -1].detach()))
+        try:
+            output_ids = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if not isinstance(output_ids, torch.Tensor):  # return_dict_in_generate=True
+            output_ids = output_ids.sequences
+        if not seg_enable:
+            return output_ids
+        predicting = torch.stack(captured[: output_ids.shape[1]], dim=1)  # [B, T, hidden]; entry t predicts token t
+        seg_logits = self.segment_from_hidden(
+            predicting, output_ids, images=images, seg_image_embedding=seg_image_embedding
+        )
+        return output_ids, seg_logits
+
+    def seg_prompts_from_hidden(
+        self, predicting_hidden: torch.Tensor, token_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SegVol prompts [B, C] from hidden states aligned with the tokens they predict, and a has-[SEG] mask [B].
+
+        One [SEG] uses its hidden state, several use their mean (as official), none gives a zero prompt.
+        """
+        seg_mask = token_ids == self.multimodal.seg_token_id  # [B, T]
+        counts = seg_mask.sum(dim=1)  # [B]
+        weights = seg_mask.to(predicting_hidden.dtype).unsqueeze(-1)
+        mean_hidden = (predicting_hidden * weights).sum(dim=1) / counts.clamp(min=1).unsqueeze(-1).to(weights.dtype)
+        prompts = self.model.seg_projector(mean_hidden)  # [B, C]
+        has_seg = counts > 0
+        prompts = torch.where(has_seg.unsqueeze(-1), prompts, torch.zeros_like(prompts))
+        return prompts, has_seg
+
+    def segment_from_hidden(
+        self,
+        predicting_hidden: torch.Tensor,
+        token_ids: torch.Tensor,
+        images: Optional[torch.Tensor] = None,
+        seg_image_embedding: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Mask logits [B, 1, D, H, W] for the [SEG] tokens in ``token_ids``; -inf for samples without [SEG]."""
+        prompts, has_seg = self.seg_prompts_from_hidden(predicting_hidden, token_ids)
+        seg_module = self.model.seg_module
+        if seg_image_embedding is None:
+            if images is None:
+                raise InputError("segmentation needs images or a precomputed seg_image_embedding.")
+            self.check_images(images)
+            param = next(seg_module.parameters())
+            seg_image_embedding = seg_module.encode_image(images.to(param.device, param.dtype))
+        logits = seg_module.decode(seg_image_embedding, prompts.to(seg_image_embedding.dtype))
+        return logits.masked_fill(~has_seg.view(-1, 1, 1, 1, 1), float("-inf"))
+
+
+class LamedPhi3ForCausalLM(LamedMixin, Phi3ForCausalLM):
+    """M3D-LaMed on Phi-3 (``model_type: lamed_phi3``), e.g. GoodBaiBai88/M3D-LaMed-Phi-3-4B."""
+
+    def __init__(self, config, multimodal: MultimodalConfig):
+        Phi3ForCausalLM.__init__(self, config)
+        self._build_multimodal(multimodal)
+
+
+class LamedLlamaForCausalLM(LamedMixin, LlamaForCausalLM):
+    """M3D-LaMed on Llama-2 (``model_type: lamed_llama``), e.g. GoodBaiBai88/M3D-LaMed-Llama-2-7B."""
+
+    def __init__(self, config, multimodal: MultimodalConfig):
+        LlamaForCausalLM.__init__(self, config)
+        self._build_multimodal(multimodal)
+
+
+def build_lamed_model(config: LamedConfig) -> LamedMixin:
+    """An uninitialised-weights model for ``config`` (use under ``torch.device('meta')`` before loading)."""
+    cls = LamedPhi3ForCausalLM if config.family == "phi3" else LamedLlamaForCausalLM
+    model = cls(config.text_config, config.multimodal)
+    model.lamed_config = config
+    return model

@@ -1,0 +1,62 @@
+"""Projectors: vision features -> LLM token embeddings, and LLM hidden state -> SegVol prompt."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration_lamed import MultimodalConfig
+
+
+def _linear_stack(in_dim: int, out_dim: int, layer_type: str, num_layers: int) -> nn.Sequential:
+    """Linear(in, out) then (GELU?, Linear(out, out)) x (num_layers - 1); indices match the official keys."""
+    modules: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(1, num_layers):
+        if layer_type == "mlp":
+            modules.append(nn.GELU())
+        modules.append(nn.Linear(out_dim, out_dim))
+    return nn.Sequential(*modules)
+
+
+class SpatialPoolingProjector(nn.Module):
+    """Average-pools the ViT patch grid (8x16x16 -> 4x8x8) and maps each pooled token to the LLM width.
+
+    Keys: ``projector.{0,2}.{weight,bias}`` for the official 2-layer MLP.
+    """
+
+    def __init__(self, config: MultimodalConfig, out_dim: int):
+        super().__init__()
+        self.grid = config.patch_grid
+        self.pooling_type = config.proj_pooling_type
+        self.pooling_size = config.proj_pooling_size
+        self.projector = _linear_stack(config.mm_hidden_size, out_dim, config.proj_layer_type, config.proj_layer_num)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # features: [B, N=d*h*w, C], tokens in D-major order
+        b, n, c = features.shape
+        if self.pooling_type == "spatial":
+            grid = features.transpose(1, 2).reshape(b, c, *self.grid)  # [B, C, d, h, w]
+            pooled = F.avg_pool3d(grid, kernel_size=self.pooling_size, stride=self.pooling_size)
+            tokens = pooled.flatten(2).transpose(1, 2)  # [B, N / k^3, C]
+        else:
+            k = self.pooling_size**3
+            tokens = F.avg_pool1d(features.transpose(1, 2), kernel_size=k, stride=k).transpose(1, 2)
+        return self.projector(tokens)  # [B, num_image_tokens, hidden]
+
+
+def build_mm_projector(config: MultimodalConfig, out_dim: int) -> nn.Module:
+    if config.mm_projector_type == "spp":
+        return SpatialPoolingProjector(config, out_dim)
+    # "linear": the projector IS the Linear (official key ``mm_projector.weight``), one token per patch.
+    return nn.Linear(config.mm_hidden_size, out_dim)
+
+
+def build_seg_projector(hidden_size: int, prompt_dim: int) -> nn.Sequential:
+    """LLM hidden state of the [SEG]-predicting position -> SegVol text prompt (keys ``0.*`` and ``2.*``)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, hidden_size),
+        nn.ReLU(),
+        nn.Linear(hidden_size, prompt_dim),
+        nn.Dropout(0.1),
+    )

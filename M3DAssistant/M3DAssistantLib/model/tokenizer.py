@@ -1,0 +1,162 @@
+"""The checkpoint's tokenizer, the M3D special tokens, and prompt encoding.
+
+M3D added four tokens to the base LLM tokenizer, in this order, at the end of its vocabulary: ``<im_patch>``,
+``<bx_start>``, ``<bx_end>`` (special: dropped by ``skip_special_tokens``) and ``[SEG]`` (a *normal* added token, so it
+survives decoding). Prompts have no chat template: BOS + ``"<im_patch>" * N`` + question.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import InputError, TokenizerError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<im_patch>"
+BOX_START = "<bx_start>"
+BOX_END = "<bx_end>"
+SEG_TOKEN = "[SEG]"
+M3D_TOKENS = (IMAGE_TOKEN, BOX_START, BOX_END, SEG_TOKEN)
+MAX_SEQUENCE_LENGTH = 512  # the released models were trained with 512-token sequences
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids M3D needs, read from (and verified against) the checkpoint's tokenizer and config."""
+
+    image: int
+    box_start: int
+    box_end: int
+    seg: int
+    bos: int
+    eos: int
+    pad: int
+    adds_bos: bool  # whether the tokenizer prepends BOS by itself
+
+
+def load_tokenizer(folder: Path, seg_token_id: int | None, vocab_size: int):
+    """Load the tokenizer of a checkpoint folder (no remote code) and verify the M3D tokens.
+
+    Returns ``(tokenizer, SpecialTokens)``. Raises TokenizerError naming the folder and what is wrong.
+    """
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise TokenizerError(
+            f"{folder}: no tokenizer files (expected tokenizer.model or tokenizer.json beside config.json). "
+            "Download the complete checkpoint, including its tokenizer files."
+        )
+    tokenizer_class = tokenizer_class_for(folder)
+    try:
+        tokenizer = tokenizer_class.from_pretrained(
+            str(folder), model_max_length=MAX_SEQUENCE_LENGTH, padding_side="right"
+        )
+    except Exception as e:  # transformers raises many types for broken tokenizer files
+        raise TokenizerError(f"{folder}: the tokenizer cannot be loaded ({type(e).__name__}: {e}).") from e
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in M3D_TOKENS if t not in vocab]
+    if missing:
+        raise TokenizerError(
+            f"{folder}: the tokenizer lacks the M3D token(s) {', '.join(missing)}; this is a base-LLM tokenizer, not "
+            "an M3D-LaMed one. Use the tokenizer files shipped with the M3D checkpoint."
+        )
+    ids = {t: vocab[t] for t in M3D_TOKENS}
+    if seg_token_id is not None and ids[SEG_TOKEN] != seg_token_id:
+        raise TokenizerError(
+            f"{folder}: config.json says seg_token_id={seg_token_id} but the tokenizer maps [SEG] to "
+            f"{ids[SEG_TOKEN]}; the tokenizer and the weights come from different checkpoints."
+        )
+    if len(tokenizer) > vocab_size:
+        raise TokenizerError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size} rows."
+        )
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise TokenizerError(f"{folder}: the tokenizer defines no BOS or EOS token.")
+    if tokenizer.pad_token is None:
+        # As the official training code: pad with <unk> (Llama-2); Phi-3 already pads with <|endoftext|>.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    probe = tokenizer("a").input_ids
+    adds_bos = bool(probe) and probe[0] == tokenizer.bos_token_id
+    if not adds_bos:
+        logger.warning(
+            "%s: the tokenizer does not prepend BOS; M3D splices image features at positions 1..N after a BOS, so "
+            "encode_prompt prepends BOS itself.", folder
+        )
+    special = SpecialTokens(
+        image=ids[IMAGE_TOKEN],
+        box_start=ids[BOX_START],
+        box_end=ids[BOX_END],
+        seg=ids[SEG_TOKEN],
+        bos=tokenizer.bos_token_id,
+        eos=tokenizer.eos_token_id,
+        pad=tokenizer.pad_token_id,
+        adds_bos=adds_bos,
+    )
+    tokenizer.m3d_special_tokens = special
+    return tokenizer, special
+
+
+def tokenizer_class_for(folder: Path, default: str = "LlamaTokenizer"):
+    """The transformers tokenizer class named in ``tokenizer_config.json`` (default: Llama's).
+
+    Resolved by name so that transformers never reads config.json: the published configs carry an ``auto_map`` to
+    remote code, which we never run.
+    """
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    name = default
+    config_path = Path(folder) / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            name = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class") or name
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{config_path}: not valid JSON ({e}); re-download the tokenizer files.") from e
+    cls = tokenizer_class_from_name(name) or tokenizer_class_from_name(name.removesuffix("Fast"))
+    if cls is None:
+        raise TokenizerError(
+            f"{config_path}: tokenizer_class {name!r} is not a transformers tokenizer (remote-code tokenizers are not "
+            "run); M3D-LaMed checkpoints use LlamaTokenizer."
+        )
+    return cls
+
+
+def image_prefix(num_image_tokens: int) -> str:
+    return IMAGE_TOKEN * num_image_tokens
+
+
+def encode_prompt(
+    tokenizer: Any, question: str, num_image_tokens: int, max_length: int = MAX_SEQUENCE_LENGTH
+) -> list[int]:
+    """Token ids for ``BOS + "<im_patch>" * N + question``, exactly as the official inference code builds them.
+
+    ``question`` is used as given (the official templates decide spacing, see :mod:`M3DAssistantLib.prompts`).
+    Raises InputError when the prompt does not fit in ``max_length`` tokens.
+    """
+    special: SpecialTokens = tokenizer.m3d_special_tokens
+    ids = list(tokenizer(image_prefix(num_image_tokens) + question).input_ids)
+    if not special.adds_bos:
+        ids = [special.bos] + ids
+    expected_prefix = [special.bos] + [special.image] * num_image_tokens
+    if ids[: num_image_tokens + 1] != expected_prefix:
+        raise InputError(
+            "the prompt does not start with BOS followed by the image tokens; it must not contain M3D control tokens "
+            f"({', '.join(M3D_TOKENS)})."
+        )
+    if len(ids) > max_length:
+        raise InputError(
+            f"the prompt is {len(ids)} tokens long ({num_image_tokens} of them image tokens) but the model was "
+            f"trained on at most {max_length}; shorten the question or drop earlier turns."
+        )
+    return ids
+
+
+def decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Text of generated ids as the official code decodes it (special tokens dropped, [SEG] kept)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
