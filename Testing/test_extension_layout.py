@@ -1,0 +1,546 @@
+"""The Slicer extension is packaged correctly: CMake metadata and file lists, .ui files, icons, light imports.
+
+No Slicer application is needed. The module files (M3DAssistant.py, M3DTraining.py) are also imported against a small
+stand-in for Slicer's Python API so that their Module and Logic classes, and the Logic parts of their own Slicer
+self-tests, run here.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import io
+import json
+import py_compile
+import re
+import subprocess
+import sys
+import textwrap
+import types
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODULES = ("M3DAssistant", "M3DTraining")
+UPDATE_SCRIPT = REPO / "Utilities" / "update_cmake_lists.py"
+RUN_UPDATE = "Run `python Utilities/update_cmake_lists.py` to regenerate the lists."
+HEAVY_PACKAGES = ("torch", "transformers", "peft", "accelerate", "monai", "safetensors", "huggingface_hub")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A small CMake reader: commands with their arguments (quoted or not), comments dropped.
+
+
+def cmake_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """``[(command_name_lowercase, [arguments])]`` of a CMakeLists.txt, in order."""
+    text = path.read_text(encoding="utf-8")
+    commands: list[tuple[str, list[str]]] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] == "#":
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+            continue
+        match = re.compile(r"([A-Za-z_]\w*)\s*\(").match(text, i)
+        if not match:
+            i += 1
+            continue
+        name, i = match.group(1).lower(), match.end()
+        args, token, depth = [], "", 0
+        while i < n:
+            char = text[i]
+            if char == '"':
+                end = text.index('"', i + 1)
+                token += text[i + 1:end]
+                i = end + 1
+                continue
+            if char == "#":
+                i = text.find("\n", i)
+                continue
+            if char == "(":
+                depth += 1
+            elif char == ")":
+                if depth == 0:
+                    break
+                depth -= 1
+            if char.isspace():
+                if token:
+                    args.append(token)
+                token = ""
+            else:
+                token += char
+            i += 1
+        if token:
+            args.append(token)
+        commands.append((name, args))
+        i += 1
+    return commands
+
+
+def cmake_set_values(commands: list[tuple[str, list[str]]]) -> dict[str, list[str]]:
+    return {args[0]: args[1:] for name, args in commands if name == "set" and args}
+
+
+def files_on_disk(module_dir: Path) -> tuple[set[str], set[str]]:
+    """(.py files, other files) of a module that must be packaged, independent of the update script's own walk."""
+    scripts, resources = set(), set()
+    for path in module_dir.rglob("*"):
+        relative = path.relative_to(module_dir)
+        if not path.is_file() or relative.parts[0] == "Testing" or relative.as_posix() == "CMakeLists.txt":
+            continue
+        if any(part == "__pycache__" or part.startswith(".") for part in relative.parts):
+            continue
+        if path.suffix in (".pyc", ".pyo") or path.name.endswith("~"):
+            continue
+        (scripts if path.suffix == ".py" else resources).add(relative.as_posix())
+    return scripts, resources
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Top-level CMakeLists.txt
+
+
+def test_top_level_cmake_has_extension_metadata():
+    commands = cmake_commands(REPO / "CMakeLists.txt")
+    names = [name for name, _ in commands]
+    assert names[0] == "cmake_minimum_required"
+    assert ("project", ["M3D"]) in commands
+    values = cmake_set_values(commands)
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert variable in values, f"CMakeLists.txt does not set {variable}"
+        assert " ".join(values[variable]).strip(), f"{variable} is empty"
+    assert values["EXTENSION_HOMEPAGE"] == ["https://github.com/m3d-slicer/SlicerM3D"]
+    assert "PyTorch" in " ".join(values["EXTENSION_DEPENDS"]).split()
+    assert "not for clinical use" in values["EXTENSION_DESCRIPTION"][0]
+    # The Extensions Manager shows the icon from a raw.githubusercontent URL of a file in this repository.
+    (icon_url,) = values["EXTENSION_ICONURL"]
+    prefix = "https://raw.githubusercontent.com/m3d-slicer/SlicerM3D/main/"
+    assert icon_url.startswith(prefix)
+    assert (REPO / icon_url.removeprefix(prefix)).is_file(), f"{icon_url} names a file that is not in the repository"
+    for url in " ".join(values["EXTENSION_SCREENSHOTURLS"]).split():
+        assert url.startswith(prefix), url
+
+
+def test_top_level_cmake_builds_every_module_in_order():
+    commands = cmake_commands(REPO / "CMakeLists.txt")
+    positions = {}
+    for index, (name, args) in enumerate(commands):
+        positions.setdefault((name, tuple(args)), index)
+
+    def position(name: str, *args: str) -> int:
+        assert (name, args) in positions, f"CMakeLists.txt lacks {name}({' '.join(args)})"
+        return positions[(name, args)]
+
+    find_slicer = position("find_package", "Slicer", "REQUIRED")
+    use_file = position("include", "${Slicer_USE_FILE}")
+    generate_config = position("include", "${Slicer_EXTENSION_GENERATE_CONFIG}")
+    cpack = position("include", "${Slicer_EXTENSION_CPACK}")
+    subdirectories = [args[0] for name, args in commands if name == "add_subdirectory"]
+    assert subdirectories == list(MODULES)
+    for module in MODULES:
+        assert find_slicer < use_file < position("add_subdirectory", module) < generate_config < cpack
+    assert cpack == len(commands) - 1, "include(${Slicer_EXTENSION_CPACK}) must come last"
+    # Every folder that builds a scripted module is added (a new module must not be forgotten).
+    built = {p.parent.name for p in REPO.glob("*/CMakeLists.txt")
+             if "slicerMacroBuildScriptedModule" in p.read_text(encoding="utf-8")}
+    assert built == set(MODULES)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Module CMakeLists.txt
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_cmake_builds_scripted_module_with_generic_tests(module):
+    commands = cmake_commands(REPO / module / "CMakeLists.txt")
+    assert cmake_set_values(commands)["MODULE_NAME"] == [module]
+    (build,) = [args for name, args in commands if name == "slicermacrobuildscriptedmodule"]
+    assert build[:2] == ["NAME", "${MODULE_NAME}"]
+    assert "WITH_GENERIC_TESTS" in build
+    assert build[build.index("SCRIPTS") + 1] == "${MODULE_PYTHON_SCRIPTS}"
+    assert build[build.index("RESOURCES") + 1] == "${MODULE_PYTHON_RESOURCES}"
+    assert ("slicer_add_python_unittest", ["SCRIPT", "${MODULE_NAME}.py"]) in commands
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_cmake_lists_every_file(module):
+    module_dir = REPO / module
+    values = cmake_set_values(cmake_commands(module_dir / "CMakeLists.txt"))
+    expand = lambda names: {name.replace("${MODULE_NAME}", module) for name in names}  # noqa: E731
+    listed_scripts = expand(values["MODULE_PYTHON_SCRIPTS"])
+    listed_resources = expand(values["MODULE_PYTHON_RESOURCES"])
+    scripts, resources = files_on_disk(module_dir)
+
+    assert not scripts - listed_scripts, (
+        f"{module}/CMakeLists.txt MODULE_PYTHON_SCRIPTS does not list {sorted(scripts - listed_scripts)}: "
+        f"Slicer would not package them. {RUN_UPDATE}")
+    assert not resources - listed_resources, (
+        f"{module}/CMakeLists.txt MODULE_PYTHON_RESOURCES does not list {sorted(resources - listed_resources)}: "
+        f"Slicer would not package them. {RUN_UPDATE}")
+    assert not listed_scripts - scripts, (
+        f"{module}/CMakeLists.txt lists scripts that do not exist: {sorted(listed_scripts - scripts)}. {RUN_UPDATE}")
+    assert not listed_resources - resources, (
+        f"{module}/CMakeLists.txt lists resources that do not exist: {sorted(listed_resources - resources)}. "
+        f"{RUN_UPDATE}")
+    assert f"{module}.py" in listed_scripts and f"{module}Lib/__init__.py" in listed_scripts
+    assert {f"Resources/UI/{module}.ui", f"Resources/Icons/{module}.png"} <= listed_resources
+
+
+def test_update_script_reports_lists_up_to_date():
+    result = subprocess.run([sys.executable, str(UPDATE_SCRIPT), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _load_update_script():
+    spec = importlib.util.spec_from_file_location("update_cmake_lists", UPDATE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_update_script_regenerates_lists_and_skips_junk(tmp_path, capsys):
+    script = _load_update_script()
+    module_dir = tmp_path / "Demo"
+    for name in ("Demo.py", "DemoLib/__init__.py", "DemoLib/sub/a.py", "Resources/Icons/Demo.png",
+                 "Resources/UI/Demo.ui", "Resources/requirements.txt", "DemoLib/data/table.json",
+                 # not packaged:
+                 "DemoLib/__pycache__/a.cpython-311.pyc", ".hidden.py", "DemoLib/.cache/x.py", "Testing/test_x.py",
+                 "DemoLib/a.py~"):
+        (module_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (module_dir / name).write_text("")
+    (module_dir / "CMakeLists.txt").write_text(textwrap.dedent("""\
+        set(MODULE_NAME Demo)
+        set(MODULE_PYTHON_SCRIPTS
+          # BEGIN generated SCRIPTS
+          Old.py
+          # END generated SCRIPTS
+          )
+        set(MODULE_PYTHON_RESOURCES
+          # BEGIN generated RESOURCES
+          # END generated RESOURCES
+          )
+        slicerMacroBuildScriptedModule(NAME ${MODULE_NAME} SCRIPTS ${MODULE_PYTHON_SCRIPTS}
+          RESOURCES ${MODULE_PYTHON_RESOURCES} WITH_GENERIC_TESTS)
+        """))
+
+    assert script.main(["--check", "--root", str(tmp_path)]) == 1
+    report = capsys.readouterr().out
+    assert "does not list: Demo.py, DemoLib/__init__.py" in report and "do not exist: Old.py" in report
+    assert "update_cmake_lists.py" in report
+
+    assert script.main(["--root", str(tmp_path)]) == 0
+    assert script.main(["--check", "--root", str(tmp_path)]) == 0
+    values = cmake_set_values(cmake_commands(module_dir / "CMakeLists.txt"))
+    assert values["MODULE_PYTHON_SCRIPTS"] == ["Demo.py", "DemoLib/__init__.py", "DemoLib/sub/a.py"]
+    assert values["MODULE_PYTHON_RESOURCES"] == ["DemoLib/data/table.json", "Resources/Icons/Demo.png",
+                                                 "Resources/UI/Demo.ui", "Resources/requirements.txt"]
+    assert script.main(["--root", str(tmp_path)]) == 0  # idempotent: a second run changes nothing
+    assert capsys.readouterr().out.count("updated") == 1
+
+    (module_dir / "DemoLib" / "new file.py").write_text("")
+    with pytest.raises(ValueError, match="new file.py"):
+        script.collect_files(module_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# .ui files
+
+
+def ui_widgets(module: str) -> tuple[ET.ElementTree, dict[str, ET.Element]]:
+    tree = ET.parse(REPO / module / "Resources" / "UI" / f"{module}.ui")
+    return tree, {w.get("name"): w for w in tree.iter("widget")}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_file_is_valid_designer_xml(module):
+    tree, widgets = ui_widgets(module)
+    root = tree.getroot()
+    assert root.tag == "ui" and root.get("version") == "4.0"
+    top = root.find("widget")
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == module == root.findtext("class")
+    names = [w.get("name") for w in tree.iter("widget")]
+    assert len(names) == len(set(names)), "widget names must be unique"
+    # Qt's UI loader needs a <customwidget> entry for every Slicer/CTK class used.
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    used = {w.get("class") for w in widgets.values() if w.get("class").startswith(("qMRML", "qSlicer", "ctk"))}
+    assert used <= declared, f"missing <customwidget> for {sorted(used - declared)}"
+    # A node selector gets the scene only through a mrmlSceneChanged -> setMRMLScene connection.
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)" and c.findtext("sender") == module}
+    for name, widget in widgets.items():
+        if widget.get("class") == "qMRMLNodeComboBox":
+            assert name in connected, f"{name} is not connected to the scene"
+            node_types = widget.find("property[@name='nodeTypes']/stringlist")
+            assert node_types is not None and [s.text for s in node_types], f"{name} has no nodeTypes"
+
+
+def module_source(module: str) -> str:
+    return (REPO / module / f"{module}.py").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_widgets_used_by_code_exist_in_ui(module):
+    _, widgets = ui_widgets(module)
+    used = set(re.findall(r"self\.ui\.(\w+)", module_source(module)))
+    assert used, "the module uses no widget from its .ui"
+    assert used <= set(widgets), f"{module}.py uses widgets that {module}.ui lacks: {sorted(used - set(widgets))}"
+    assert f'resourcePath("UI/{module}.ui")' in module_source(module)
+
+
+def parameter_node_fields(module: str) -> dict[str, str]:
+    """Annotated fields of the module's @parameterNodeWrapper class, as source text."""
+    tree = ast.parse(module_source(module))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(d) == "parameterNodeWrapper" for d in node.decorator_list):
+            return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError(f"{module}.py has no @parameterNodeWrapper class")
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_ui_parameter_names_match_parameter_node(module):
+    tree, _ = ui_widgets(module)
+    bound = {w.get("name"): w.findtext("property[@name='SlicerParameterName']/string")
+             for w in tree.iter("widget") if w.find("property[@name='SlicerParameterName']") is not None}
+    fields = parameter_node_fields(module)
+    assert bound, "no widget is bound to the parameter node"
+    for widget, parameter in bound.items():
+        assert parameter in fields, f"{widget} is bound to {parameter!r}, which the parameter node does not have"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Icons
+
+
+ICONS = ["M3D.png"] + [f"{m}/Resources/Icons/{m}.png" for m in MODULES]
+
+
+@pytest.mark.parametrize("relative", ICONS)
+def test_icon_is_a_real_128px_png(relative):
+    from PIL import Image
+
+    with Image.open(REPO / relative) as image:
+        assert image.format == "PNG"
+        assert image.size == (128, 128)
+        rgba = image.convert("RGBA")
+    colours = rgba.getcolors(maxcolors=128 * 128)
+    assert len(colours) >= 8, f"{relative} has only {len(colours)} colours: it looks blank"
+    visible = sum(count for count, (_r, _g, _b, alpha) in colours if alpha > 0)
+    assert visible >= 0.2 * 128 * 128, f"{relative} is mostly transparent"
+    most_common = max(count for count, colour in colours if colour[3] > 0)
+    assert most_common < 0.5 * visible, f"{relative} is mostly one colour"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Python: compiles, stays light
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_file_compiles(module, tmp_path):
+    py_compile.compile(str(REPO / module / f"{module}.py"), cfile=str(tmp_path / f"{module}.pyc"), doraise=True)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_file_imports_nothing_heavy(module):
+    imported = set()
+    for node in ast.walk(ast.parse(module_source(module))):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert not imported & set(HEAVY_PACKAGES), f"{module}.py imports {sorted(imported & set(HEAVY_PACKAGES))}"
+
+
+def _run_isolated(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter that finds the Lib packages in their module folders."""
+    paths = [str(REPO / module) for module in MODULES]
+    prelude = f"import sys; sys.path[:0] = {paths!r}\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=REPO)
+
+
+def test_lib_packages_import_without_torch():
+    result = _run_isolated(f"""
+        import sys
+        import M3DAssistantLib, M3DAssistantLib.model, M3DTrainingLib
+        heavy = sorted(name for name in {HEAVY_PACKAGES!r} if name in sys.modules)
+        assert not heavy, f"importing the Lib packages imported {{heavy}}"
+        print("light")
+        """)
+    assert result.returncode == 0 and "light" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "inspect_checkpoint imports torch (model/loading.py and model/checkpoint.py import it at top level, and "
+    "_expected_tensors builds the model on the meta device), so M3DAssistant's 'Inspect model' pulls torch into "
+    "Slicer's process. Remove this marker once inspecting a checkpoint stays light."))
+def test_inspect_model_path_does_not_import_torch(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "m3d_clip"}))
+    result = _run_isolated(f"""
+        import sys
+        from M3DAssistantLib.model.inspect import inspect_checkpoint
+        try:
+            inspect_checkpoint({str(tmp_path)!r})
+        except Exception as error:
+            print("inspect raised", type(error).__name__, error)
+        heavy = sorted(name for name in {HEAVY_PACKAGES!r} if name in sys.modules)
+        assert not heavy, f"inspecting a checkpoint imported {{heavy}}"
+        print("light")
+        """)
+    assert result.returncode == 0 and "light" in result.stdout, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The module files against a stand-in for Slicer's Python API
+
+
+def _slicer_stand_in() -> dict[str, types.ModuleType]:
+    """Just enough of vtk / slicer for the module files to import and their Module and Logic classes to run."""
+
+    def module(name, **attributes):
+        stand_in = types.ModuleType(name)
+        stand_in.__dict__.update(attributes)
+        return stand_in
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            pass
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            pass
+
+    class VTKObservationMixin:
+        def __init__(self):
+            self.observers = []
+
+    class vtkMRMLScalarVolumeNode:
+        pass
+
+    util = module("slicer.util", VTKObservationMixin=VTKObservationMixin)
+    slicer = module("slicer", util=util, vtkMRMLScalarVolumeNode=vtkMRMLScalarVolumeNode,
+                    mrmlScene=types.SimpleNamespace(Clear=lambda *args: None))
+    return {
+        "vtk": module("vtk", vtkCommand=types.SimpleNamespace(ModifiedEvent=33)),
+        "slicer": slicer,
+        "slicer.util": util,
+        "slicer.i18n": module("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text),
+        "slicer.parameterNodeWrapper": module("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls),
+        "slicer.ScriptedLoadableModule": module(
+            "slicer.ScriptedLoadableModule", ScriptedLoadableModule=ScriptedLoadableModule,
+            ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
+            ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic,
+            ScriptedLoadableModuleTest=ScriptedLoadableModuleTest),
+    }
+
+
+@pytest.fixture
+def load_module(monkeypatch):
+    """Import a module file (M3DAssistant.py / M3DTraining.py) against the stand-in; sys.modules is restored after."""
+    for name, stand_in in _slicer_stand_in().items():
+        monkeypatch.setitem(sys.modules, name, stand_in)
+    for module in MODULES:
+        monkeypatch.syspath_prepend(str(REPO / module))
+
+    def load(module: str) -> types.ModuleType:
+        spec = importlib.util.spec_from_file_location(module, REPO / module / f"{module}.py")
+        loaded = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, module, loaded)
+        spec.loader.exec_module(loaded)
+        return loaded
+
+    return load
+
+
+def _run_slicer_self_test(test_class, *names):
+    suite = unittest.TestSuite(test_class(name) for name in names)
+    output = io.StringIO()
+    result = unittest.TextTestRunner(stream=output, verbosity=2).run(suite)
+    assert result.wasSuccessful(), output.getvalue()
+    assert result.testsRun == len(names)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_metadata(module, load_module):
+    loaded = load_module(module)
+    parent = types.SimpleNamespace()
+    getattr(loaded, module)(parent)
+    assert parent.title.startswith("M3D ")
+    assert parent.categories == ["M3D"]
+    assert parent.contributors
+    assert "AI-generated, not for clinical use" in parent.helpText
+    for text in ("Bai F.", "arXiv:2404.00578", "BAAI-DCAI/M3D", "MIT", "GoodBaiBai88"):
+        assert text in parent.acknowledgementText
+
+
+def test_assistant_help_names_the_eight_tasks(load_module):
+    parent = types.SimpleNamespace()
+    load_module("M3DAssistant").M3DAssistant(parent)
+    tasks = re.findall(r"<li><b>([^<]+)</b>", parent.helpText)
+    assert tasks == ["Report", "Ask", "Multiple choice", "Locate", "Describe ROI", "Segment",
+                     "Segment by description", "Find similar"]
+    assert "review" in parent.helpText
+
+
+def test_assistant_parameter_node_and_logic(load_module, monkeypatch):
+    loaded = load_module("M3DAssistant")
+    assert loaded.M3DAssistantParameterNode.modelSource == "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
+    assert parameter_node_fields("M3DAssistant") == {"inputVolume": "vtkMRMLScalarVolumeNode", "modelSource": "str"}
+
+    # By default the Logic calls M3DAssistantLib.model.inspect.inspect_checkpoint, imported when first needed.
+    calls = []
+    fake = types.ModuleType("M3DAssistantLib.model.inspect")
+    fake.inspect_checkpoint = lambda source: calls.append(source) or {"folder": source, "will_load": False}
+    monkeypatch.setitem(sys.modules, "M3DAssistantLib.model.inspect", fake)
+    logic = loaded.M3DAssistantLogic()
+    assert logic.inspectModel(" /models/m3d ") == {"folder": "/models/m3d", "will_load": False}
+    assert calls == ["/models/m3d"]
+    assert json.loads(logic.formatSummary({"folder": "/models/m3d", "dtypes": ("bfloat16",)})) == {
+        "folder": "/models/m3d", "dtypes": ["bfloat16"]}
+
+    with pytest.raises(ValueError, match="No model given"):
+        logic.inspectModel("  ")
+    with pytest.raises(TypeError, match="expected a dict"):
+        loaded.M3DAssistantLogic(inspector=lambda source: "not a dict").inspectModel("x/y")
+    assert calls == ["/models/m3d"]
+
+    # The Logic part of the module's own Slicer self-test (the parameter-node part needs a real Slicer).
+    _run_slicer_self_test(loaded.M3DAssistantTest, "test_InspectModel")
+
+
+def test_training_logic_reports_steps_and_folders(load_module, tmp_path):
+    loaded = load_module("M3DTraining")
+    logic = loaded.M3DTrainingLogic()
+    steps = logic.availableSteps()
+    assert set(steps) == {"export", "train", "evaluate"}
+    for step, (_title, module_names) in loaded.TRAINING_STEPS.items():
+        present = all((REPO / "M3DTraining" / "M3DTrainingLib" / f"{name}.py").is_file() for name in module_names)
+        assert steps[step] == present, step
+
+    Path = type(tmp_path)
+    assert not logic.isFolderChosen(Path()) and not logic.isFolderChosen(Path(""))
+    assert logic.describeFolder(Path(), mustExist=True) == "not chosen"
+    (tmp_path / "case1.json").write_text("{}")
+    assert logic.describeFolder(tmp_path, mustExist=True) == f"{tmp_path} (1 items)"
+    assert logic.describeFolder(tmp_path / "case1.json", mustExist=True).endswith("is a file, not a folder")
+    assert logic.describeFolder(tmp_path / "missing", mustExist=True).endswith("does not exist")
+    assert logic.describeFolder(tmp_path / "missing", mustExist=False).endswith("(will be created)")
+    status = logic.statusText(tmp_path, Path())
+    assert status.startswith(f"Dataset folder: {tmp_path} (1 items)\nOutput folder: not chosen\n")
+    assert "this panel does not run them yet" in status
+    for title, _names in loaded.TRAINING_STEPS.values():
+        assert title in status
+
+    _run_slicer_self_test(loaded.M3DTrainingTest, "test_Status")
