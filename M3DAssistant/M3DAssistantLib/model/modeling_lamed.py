@@ -162,7 +162,7 @@ class LamedMixin:
             seg_enable: also return SegVol mask logits [B, 1, D, H, W] for the [SEG] token (-inf where none).
             seg_image_embedding: SegVol's image embedding from ``model.model.seg_module.encode_image`` to reuse.
             **kwargs: passed to transformers' ``generate`` (max_new_tokens, do_sample, temperature, top_p,
-                streamer, stopping_criteria, logits_processor, past_key_values for a prefix cache, ...).
+                streamer, stopping_criteria, logits_processor, ``cache`` holding a prefix KV cache, ...).
 
         Returns:
             new token ids [B, T] (the prompt is not repeated), or ``(ids, seg_logits)`` with ``seg_enable``.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .configuration_lamed import MultimodalConfig
@@ -34,14 +33,17 @@ class SpatialPoolingProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # features: [B, N=d*h*w, C], tokens in D-major order
+        # Average pooling written as reshape + mean: the same numbers as avg_pool3d/avg_pool1d (kernel = stride),
+        # accumulated in fp32, and it also runs in bf16 on CPU where avg_pool3d has no kernel.
         b, n, c = features.shape
+        k = self.pooling_size
+        x = features.float()
         if self.pooling_type == "spatial":
-            grid = features.transpose(1, 2).reshape(b, c, *self.grid)  # [B, C, d, h, w]
-            pooled = F.avg_pool3d(grid, kernel_size=self.pooling_size, stride=self.pooling_size)
-            tokens = pooled.flatten(2).transpose(1, 2)  # [B, N / k^3, C]
+            d, h, w = self.grid
+            x = x.reshape(b, d // k, k, h // k, k, w // k, k, c).mean(dim=(2, 4, 6))  # [B, d/k, h/k, w/k, C]
         else:
-            k = self.pooling_size**3
-            tokens = F.avg_pool1d(features.transpose(1, 2), kernel_size=k, stride=k).transpose(1, 2)
+            x = x.reshape(b, n // k**3, k**3, c).mean(dim=2)
+        tokens = x.reshape(b, -1, c).to(features.dtype)  # [B, N / k^3, C], D-major as before
         return self.projector(tokens)  # [B, num_image_tokens, hidden]
 
 

@@ -60,6 +60,7 @@ def load_tokenizer(folder: Path, seg_token_id: int | None, vocab_size: int):
     except Exception as e:  # transformers raises many types for broken tokenizer files
         raise TokenizerError(f"{folder}: the tokenizer cannot be loaded ({type(e).__name__}: {e}).") from e
 
+    _warn_if_legacy_spacing(folder)
     vocab = tokenizer.get_vocab()
     missing = [t for t in M3D_TOKENS if t not in vocab]
     if missing:
@@ -125,6 +126,26 @@ def tokenizer_class_for(folder: Path, default: str = "LlamaTokenizer"):
             "run); M3D-LaMed checkpoints use LlamaTokenizer."
         )
     return cls
+
+
+def _warn_if_legacy_spacing(folder: Path) -> None:
+    """transformers 5 builds SentencePiece tokenizers as fast tokenizers; with ``legacy: true`` in the saved config
+    the old slow tokenizer put an extra "▁" before text that starts with a space after a special token, which the fast
+    one does not reproduce. The released M3D tokenizers come from Phi-3 / Llama-2-chat configs saved with
+    ``legacy: false``; warn for anything else rather than tokenise silently differently from training."""
+    config_path = folder / "tokenizer_config.json"
+    if (folder / "tokenizer.json").is_file() or not config_path.is_file():
+        return
+    try:
+        legacy = json.loads(config_path.read_text(encoding="utf-8")).get("legacy", True)
+    except (OSError, ValueError):
+        return
+    if legacy is not False:
+        logger.warning(
+            "%s: tokenizer saved with legacy SentencePiece spacing (legacy=%s); transformers >= 5 tokenises a space "
+            "after <im_patch> as one piece where training saw two. Answers may differ slightly from the official "
+            "code; prompts without a leading space are unaffected.", folder, legacy
+        )
 
 
 def image_prefix(num_image_tokens: int) -> str:

@@ -1,0 +1,106 @@
+"""Golden token ids: our prompt encoding vs an independent implementation of the slow SentencePiece rules.
+
+The reference below uses the ``sentencepiece`` library directly and re-states the rules transformers' slow
+``LlamaTokenizer`` applied when M3D was trained (split on added tokens; ``legacy=False``: one "▁" prefix for the
+whole text, no dummy prefix after an added token; ``legacy=True``: a dummy prefix on every chunk). [SEG] is a normal
+added token: it survives decoding with ``skip_special_tokens=True``; the box and image tokens do not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import sentencepiece as spm
+
+from M3DAssistantLib.model import encode_prompt, load_model
+from M3DAssistantLib.model.tokenizer import decode
+
+N_IMAGE = 8  # tiny checkpoints: 16x64x64 image -> 8 image tokens
+
+# Official prompt shapes (m3d-official.md section 3.2 and 5): caption without a space after the image tokens,
+# the other tasks with one.
+PROMPTS = [
+    "Please generate a medical report based on this image.",
+    "Can you provide a caption consists of findings for this medical image?",
+    " Which plane is this image in? Choices: A. Axial B. Coronal C. Sagittal D. Oblique",
+    " What abnormality is seen in the left lobe of the liver?",
+    " Where is liver in this image? Please output the box.",
+    " Can you find the aorta in this image? Give coordinates.",
+    " What target is present within the coordinates <bx_start>[0.094, 0.301, 0.223, 0.75, 0.617, 0.551]<bx_end> ?",
+    " Do you know what it is in the bounding box <bx_start>[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]<bx_end>?",
+    " Can you segment the liver in this image?",
+    " What is liver in this image? Please respond with segmentation mask.",
+    " Description: an organ in the upper right abdomen that filters blood and produces bile. Please answer and segment.",
+    "  two  spaces and ümlauts 42%",
+]
+
+
+def slow_reference_ids(sp: spm.SentencePieceProcessor, added: dict[str, int], text: str, legacy: bool) -> list[int]:
+    pattern = "(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")"
+    if not legacy:
+        text = "▁" + text.replace("▁", " ")
+    chunks = [c for c in re.split(pattern, text) if c != ""]
+    if not legacy and chunks[0] == "▁" and len(chunks) > 1 and chunks[1] in added:
+        chunks = chunks[1:]  # text that starts with an added token gets no prefix
+    unk_len = len(sp.encode("<unk>"))
+    ids: list[int] = []
+    for chunk in chunks:
+        if chunk in added:
+            ids.append(added[chunk])
+        elif legacy:
+            ids += sp.encode(chunk)
+        else:
+            ids += sp.encode("<unk>" + chunk)[unk_len:]  # no dummy prefix inside the text
+    return ids
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["legacy-false", "legacy-true"])
+def tokenizer_case(request, tiny_phi3, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok") / "ckpt"
+    shutil.copytree(tiny_phi3, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["legacy"] = request.param
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model, tokenizer = load_model(folder, device="cpu")
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    added = {k: v for k, v in json.loads((folder / "added_tokens.json").read_text()).items()}
+    return model, tokenizer, sp, added, request.param
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_prompt_ids_equal_slow_sentencepiece_reference(tokenizer_case, prompt, request):
+    model, tokenizer, sp, added, legacy = tokenizer_case
+    if legacy and prompt.startswith(" "):
+        # Known limitation (warned at load): transformers 5 cannot reproduce the old slow legacy=True spacing.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="legacy=True spacing after special tokens"))
+    ours = encode_prompt(tokenizer, prompt, N_IMAGE)
+    reference = [sp.bos_id()] + slow_reference_ids(sp, added, "<im_patch>" * N_IMAGE + prompt, legacy)
+    assert ours == reference
+
+
+def test_added_token_ids_follow_official_order(tokenizer_case):
+    _, tokenizer, sp, added, _ = tokenizer_case
+    special = tokenizer.m3d_special_tokens
+    base = sp.get_piece_size() + 11  # Phi-3: 32000 SentencePiece pieces + 11 chat tokens, then M3D's four
+    assert (special.image, special.box_start, special.box_end, special.seg) == (base, base + 1, base + 2, base + 3)
+
+
+def test_decode_keeps_seg_and_drops_box_markers(tokenizer_case):
+    _, tokenizer, sp, added, legacy = tokenizer_case
+    answer = " The target is liver and the coordinates is <bx_start>[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]<bx_end>. It is [SEG]."
+    ids = slow_reference_ids(sp, added, answer, legacy)
+    text = decode(tokenizer, ids)
+    assert "[SEG]" in text and "<bx_start>" not in text and "[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]" in text
+
+
+def test_legacy_spacing_is_warned(tokenizer_case, caplog):
+    _, _, _, _, legacy = tokenizer_case
+    from M3DAssistantLib.model.tokenizer import _warn_if_legacy_spacing
+
+    folder = tokenizer_case[0].checkpoint_path
+    with caplog.at_level("WARNING"):
+        _warn_if_legacy_spacing(folder)
+    assert ("legacy SentencePiece spacing" in caplog.text) == legacy
