@@ -1,0 +1,233 @@
+"""Read a volume file (NIfTI, NRRD, MetaImage, ...) or a DICOM series folder into what Slicer would hold.
+
+:func:`read_volume` returns ``(array_kji, ijk_to_ras)``: the voxels in (K, J, I) order, as
+``slicer.util.arrayFromVolume`` gives them, and the 4x4 IJK->RAS matrix. ITK (and so SimpleITK) works in LPS; the
+matrix here is RAS like Slicer's. Positions agree with Slicer voxel for voxel. The array can still differ from
+Slicer's by an axis flip for some NIfTI headers (qform_code 0 with qfac -1): Slicer then flips K and its matrix,
+keeping every voxel's RAS position. Always go through the matrix, never through raw indices.
+
+Used by the CLI and the worker when they get a path instead of a Slicer node. Needs SimpleITK (imported lazily).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+"""Flip of the first two axes; its own inverse, so it also maps RAS to LPS."""
+
+SLICE_SPACING_TOLERANCE = 0.01
+"""Largest relative deviation from the mean slice spacing of a DICOM series before it counts as uneven."""
+
+
+def lps_to_ras_matrix(ijk_to_lps: np.ndarray) -> np.ndarray:
+    """IJK->LPS (ITK) -> IJK->RAS (Slicer)."""
+    return LPS_TO_RAS @ ijk_to_lps
+
+
+def ras_to_lps_matrix(ijk_to_ras: np.ndarray) -> np.ndarray:
+    """IJK->RAS (Slicer) -> IJK->LPS (ITK): the inverse of :func:`lps_to_ras_matrix`."""
+    return LPS_TO_RAS @ ijk_to_ras
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Physical memory currently available, or None where the platform does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(n_bytes: int, path: Path) -> None:
+    available = available_memory_bytes()
+    if available is not None and n_bytes > available:
+        raise InputError(
+            f"{path} needs {n_bytes / 2**30:.2f} GiB of memory but only {available / 2**30:.2f} GiB is available; "
+            f"close other programs, crop or downsample the volume first (e.g. Slicer's Crop Volume module)"
+        )
+
+
+def read_volume(path: Union[str, os.PathLike], *, series_uid: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Volume file or DICOM folder -> ``(array_kji, ijk_to_ras)``.
+
+    ``series_uid`` picks one series when a DICOM folder holds several. Raises :class:`InputError` for a missing or
+    unreadable path, 2D images, single slices, 4D / vector / complex volumes, unevenly spaced or tilted DICOM series,
+    and volumes larger than the available memory.
+    """
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no volume at {p}: the file or folder does not exist; check the path")
+    image = _read_dicom_folder(p, series_uid) if p.is_dir() else _read_file(p)
+    return _image_to_slicer(image)
+
+
+def _image_to_slicer(image) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image (3D scalar) -> (KJI array, IJK->RAS)."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)  # numpy order (z, y, x) = (K, J, I)
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * np.array(image.GetSpacing(), dtype=np.float64)
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    return array, lps_to_ras_matrix(ijk_to_lps)
+
+
+def _read_file(p: Path):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(
+            f"cannot read {p} as a volume: not a readable NIfTI/NRRD/MetaImage/DICOM file or corrupt "
+            f"(ITK: {_first_line(exc)}); check the file, or give the folder for a DICOM series"
+        ) from None
+    size = list(reader.GetSize())
+    dim = reader.GetDimension()
+    comps = reader.GetNumberOfComponents()
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if "complex" in pixel:
+        raise InputError(f"{p} holds complex voxels ({pixel}); save the magnitude image as a scalar volume first")
+    if comps > 1:
+        raise InputError(
+            f"{p} is a vector/multi-component volume ({comps} components per voxel, e.g. RGB or a displacement "
+            f"field); M3D needs a scalar volume -- extract one component first"
+        )
+    if dim == 4 and size[3] == 1:
+        pass  # a 3D volume stored with a singleton time axis: read it as 3D below
+    elif dim == 4:
+        raise InputError(
+            f"{p} is a 4D volume ({size[3]} time points / volumes of {size[:3]}); M3D needs one 3D volume -- "
+            f"extract one time point first"
+        )
+    elif dim < 3:
+        raise InputError(f"{p} is a 2D image ({size}); M3D needs a 3D volume with several slices")
+    elif dim > 4:
+        raise InputError(f"{p} has {dim} dimensions; M3D needs a 3D scalar volume")
+    if size[2] < 2:
+        raise InputError(f"{p} has a single slice ({size[:3]}); M3D needs a 3D volume -- load the whole series")
+    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1, 1], reader.GetPixelID())).dtype.itemsize
+    _check_memory(int(np.prod(size[:3])) * itemsize * 2, p)  # ITK's buffer plus the numpy copy
+    try:
+        image = reader.Execute()
+    except MemoryError:
+        raise InputError(f"not enough memory to read {p} ({size[:3]} voxels); crop or downsample it first") from None
+    except RuntimeError as exc:
+        raise InputError(f"cannot read the voxels of {p} (ITK: {_first_line(exc)}); the file is probably truncated") from None
+    if dim == 4:
+        image = image[:, :, :, 0]
+    return image
+
+
+def _read_dicom_folder(folder: Path, series_uid: Optional[str]):
+    import SimpleITK as sitk
+
+    try:
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as exc:
+        raise InputError(f"cannot scan {folder} for DICOM files (ITK: {_first_line(exc)})") from None
+    if not ids:
+        raise InputError(
+            f"no DICOM series found in {folder}; give the folder that holds the slice files, or a volume file "
+            f"(NIfTI, NRRD)"
+        )
+    if series_uid is not None:
+        if series_uid not in ids:
+            raise InputError(f"series {series_uid!r} is not in {folder}; it holds: {', '.join(map(repr, ids))}")
+        uid = series_uid
+    elif len(ids) > 1:
+        counts = [f"{u!r} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), u))} files)" for u in ids]
+        raise InputError(
+            f"{folder} holds {len(ids)} DICOM series: {', '.join(counts)}; pass series_uid=... to pick one"
+        )
+    else:
+        uid = ids[0]
+    # GDCM sorts the files along the slice normal by ImagePositionPatient; this works even when, as in some
+    # anonymised data, the series UIDs are empty.
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    if len(files) == 1:
+        return _read_file(Path(files[0]))  # a multi-frame (enhanced) DICOM, or a single slice (rejected there)
+    head = sitk.ImageFileReader()
+    head.SetFileName(files[0])
+    try:
+        head.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM file {files[0]} (ITK: {_first_line(exc)})") from None
+    if head.GetNumberOfComponents() > 1:
+        raise InputError(f"the DICOM series in {folder} is colour/multi-component; M3D needs a greyscale CT or MR")
+    cols, rows = head.GetSize()[:2]
+    _check_memory(cols * rows * len(files) * 4 * 2, folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
+    except MemoryError:
+        raise InputError(f"not enough memory to read the DICOM series in {folder}") from None
+    except RuntimeError as exc:
+        raise InputError(
+            f"cannot read the DICOM series in {folder} (ITK: {_first_line(exc)}); the pixel data may use a "
+            f"compression this SimpleITK build cannot decode -- convert the series to NIfTI or NRRD first"
+        ) from None
+    _check_slice_positions(reader, len(files), folder)
+    return image
+
+
+def _check_slice_positions(reader, n: int, folder: Path) -> None:
+    """Refuse series whose slices are not an even stack along the slice normal (missing slices, gantry tilt, mixed
+    series): the single-spacing volume ITK builds from them would put voxels at the wrong positions."""
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+        iop = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])
+    except (RuntimeError, ValueError):
+        log.warning("DICOM series in %s lacks ImagePositionPatient/ImageOrientationPatient; slice order unchecked", folder)
+        return
+    normal = np.cross(iop[:3], iop[3:])
+    steps = np.diff(positions, axis=0)
+    along = steps @ normal
+    if np.any(np.abs(along) < 1e-6):
+        raise InputError(
+            f"the DICOM series in {folder} has several slices at the same position (mixed series, phases or "
+            f"duplicates); separate the series, e.g. by acquisition, before loading"
+        )
+    lateral = np.linalg.norm(steps - along[:, None] * normal, axis=1)
+    if np.any(lateral > 1e-3 * np.maximum(1.0, np.abs(along))):
+        raise InputError(
+            f"the DICOM series in {folder} is acquired with a tilted gantry (slices are offset sideways by up to "
+            f"{lateral.max():.3g} mm per slice); load it in Slicer and harden the gantry-tilt correction, then save "
+            f"it as NRRD"
+        )
+    mean = along.mean()
+    if np.any(np.abs(along - mean) > SLICE_SPACING_TOLERANCE * abs(mean)):
+        raise InputError(
+            f"the DICOM series in {folder} has uneven slice spacing (from {np.abs(along).min():.3g} to "
+            f"{np.abs(along).max():.3g} mm; missing slices?); load it in Slicer (which resamples such series) or "
+            f"check that all files are present"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("sitk::ERROR", "Exception thrown", "/"))]
+    return (useful or lines or [type(exc).__name__])[-1][:300]
