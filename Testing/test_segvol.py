@@ -299,7 +299,7 @@ def test_decode_matches_functional_reference(tiny: SegVol) -> None:
         ours = tiny.decode(embedding, text)
         expected = reference_decode(params, embedding, text, heads=2, depth=2, out_size=TINY.img_size)
     assert ours.shape == (2, 1, 16, 64, 64)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
 
 
 def test_forward_is_decode_of_encode_and_shared_image_embedding(tiny: SegVol) -> None:
