@@ -1,3 +1,4 @@
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -240,10 +241,11 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
                                "checkpoint folder.").format(model=DEFAULT_MODEL_SOURCE))
         inspector = self._inspector
         if inspector is None:
-            # Imported here, not at module load: reads only config.json and the weight index (no torch).
+            # Imported here, not at module load: reads only config.json, the weight index and the tokenizer's JSON
+            # files; compare_with_model=False keeps torch out of Slicer's process.
             from M3DAssistantLib.model.inspect import inspect_checkpoint
 
-            inspector = inspect_checkpoint
+            inspector = functools.partial(inspect_checkpoint, compare_with_model=False)
         logging.info(f"Inspecting model {source}")
         summary = inspector(source)
         if not isinstance(summary, dict):

@@ -16,9 +16,9 @@ from typing import Any
 _EXPORTS = {
     "load_model": "loading",
     "load_clip": "loading",
-    "resolve_checkpoint": "loading",
-    "DEFAULT_MODEL": "loading",
-    "DEFAULT_CLIP": "loading",
+    "resolve_checkpoint": "hub",
+    "DEFAULT_MODEL": "hub",
+    "DEFAULT_CLIP": "hub",
     "inspect_checkpoint": "inspect",
     "encode_prompt": "tokenizer",
     "decode": "tokenizer",

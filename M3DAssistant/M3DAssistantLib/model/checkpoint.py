@@ -11,11 +11,7 @@ whole file would count every touched page of the file in the process's resident 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
-import struct
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -24,15 +20,9 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..progress import ProgressCallback, report
+from .weights_index import TensorInfo, read_safetensors_header, weight_files
 
-logger = logging.getLogger(__name__)
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
-
-_SAFETENSORS_DTYPES = {
+_TORCH_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -44,102 +34,19 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives in a checkpoint file."""
-
-    name: str
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int = 0  # absolute byte offset (safetensors only)
-    nbytes: int = 0
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder, in load order; CheckpointError naming what is missing."""
-    folder = Path(folder)
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        index_path = folder / index_name
-        if index_path.is_file():
-            shards = sorted(set(read_weight_index(index_path).values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{folder}: shard(s) {', '.join(missing)} listed in {index_name} are missing; the download is "
-                    "incomplete. Run the download again (it resumes) or copy the missing files."
-                )
-            return [folder / s for s in shards]
-    for single in (SAFETENSORS_SINGLE, BIN_SINGLE):
-        if (folder / single).is_file():
-            return [folder / single]
-    raise CheckpointError(
-        f"{folder}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or "
-        f"{BIN_INDEX}). Point to a complete M3D checkpoint folder."
-    )
-
-
-def read_weight_index(index_path: Path) -> dict[str, str]:
-    """The ``weight_map`` (tensor name -> shard file name) of a sharded checkpoint's index."""
-    try:
-        index = json.loads(Path(index_path).read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-        return {str(k): str(v) for k, v in weight_map.items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: unreadable weight index ({e}). Re-download the checkpoint.") from e
-
-
-def read_safetensors_header(path: Path) -> list[TensorInfo]:
-    """Tensor names, dtypes, shapes and byte ranges of a .safetensors file, validated against the file size."""
-    path = Path(path)
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > min(_MAX_HEADER_BYTES, size - 8):
-                raise ValueError(f"header length {header_len} does not fit in a {size}-byte file")
-            header = json.loads(f.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e}); it is corrupted or truncated. "
-                              "Delete it and download it again.") from e
-    data_start = 8 + header_len
-    infos = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: bad header entry for {name!r} ({e}); the file is corrupted.") from e
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - begin != nbytes or data_start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} claims bytes {begin}..{end} but needs {nbytes} and the file has "
-                f"{size - data_start} data bytes; the file is corrupted or truncated. Delete it and download it again."
-            )
-        infos.append(TensorInfo(name, path, dtype, shape, data_start + begin, nbytes))
-    return infos
-
+logger = logging.getLogger(__name__)
 
 def _read_safetensors_tensor(f, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
     """Read one tensor into a new CPU tensor of ``dtype`` (directly when the dtype matches)."""
-    raw = torch.empty(info.shape, dtype=info.dtype)
+    stored = _TORCH_DTYPES[info.dtype]
+    raw = torch.empty(info.shape, dtype=stored)
     if info.nbytes:
         f.seek(info.offset)
         view = raw.view(-1).view(torch.uint8).numpy()
         if f.readinto(memoryview(view)) != info.nbytes:
             raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}. Download the file again.")
-    return raw if info.dtype == dtype else raw.to(dtype)
+    return raw if stored == dtype else raw.to(dtype)
 
 
 def iter_checkpoint_tensors(
@@ -151,7 +58,7 @@ def iter_checkpoint_tensors(
             infos = read_safetensors_header(path)
             with open(path, "rb") as f:
                 for info in infos:
-                    yield info.name, _read_safetensors_tensor(f, info, dtype_for(info.name, info.dtype))
+                    yield info.name, _read_safetensors_tensor(f, info, dtype_for(info.name, _TORCH_DTYPES[info.dtype]))
         else:
             try:
                 # weights_only: never unpickle arbitrary objects; mmap: no full copy of the file in memory.
@@ -198,7 +105,6 @@ def load_weights(
             return target.dtype
         return dtype if stored.is_floating_point else stored
 
-    current_file = None
     try:
         for name, tensor in iter_checkpoint_tensors(files, dtype_for):
             if name not in expected:
@@ -223,7 +129,7 @@ def load_weights(
     except CheckpointError:
         raise
     except OSError as e:
-        raise CheckpointError(f"{current_file or folder}: read error ({e}).") from e
+        raise CheckpointError(f"{folder}: read error while loading weights ({e}).") from e
 
     missing = sorted(set(expected) - loaded)
     if missing or unexpected:

@@ -200,10 +200,8 @@ class LamedConfig:
         return d
 
 
-def parse_lamed_config(raw: dict, source: str = "config.json") -> LamedConfig:
-    """Build a :class:`LamedConfig` from a config.json dict; raise ConfigError naming the problem."""
-    from transformers import LlamaConfig, Phi3Config
-
+def parse_multimodal_config(raw: dict, source: str = "config.json") -> MultimodalConfig:
+    """The validated multimodal part of a LaMed config.json dict (no torch/transformers needed)."""
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(
@@ -224,7 +222,15 @@ def parse_lamed_config(raw: dict, source: str = "config.json") -> LamedConfig:
         multimodal.validate()
     except ConfigError as e:
         raise ConfigError(f"{source}: {str(e).removeprefix('config.json: ')}") from None
+    return multimodal
 
+
+def parse_lamed_config(raw: dict, source: str = "config.json") -> LamedConfig:
+    """Build a :class:`LamedConfig` from a config.json dict; raise ConfigError naming the problem."""
+    from transformers import LlamaConfig, Phi3Config
+
+    multimodal = parse_multimodal_config(raw, source)
+    model_type = raw["model_type"]
     text_kwargs = {k: v for k, v in raw.items() if k not in _MM_FIELDS and k not in IGNORED_KEYS}
     if text_kwargs.get("rope_scaling", 0) is None:
         del text_kwargs["rope_scaling"]  # transformers 5 spells "no scaling" as rope_parameters; null means default

@@ -19,7 +19,7 @@ _M3D_TOKENS = ("<im_patch>", "<bx_start>", "<bx_end>", "[SEG]")
 
 def _stored_tensors(folder: Path) -> tuple[dict[str, tuple], list[str], str]:
     """({name: (dtype, shape) or ()}, missing files, layout) from the index or safetensors headers."""
-    from .checkpoint import read_safetensors_header, read_weight_index
+    from .weights_index import read_safetensors_header, read_weight_index
 
     for index_name in _INDEX_NAMES:
         index = folder / index_name
@@ -31,12 +31,12 @@ def _stored_tensors(folder: Path) -> tuple[dict[str, tuple], list[str], str]:
             if index_name.startswith("model.safetensors"):
                 for shard in shards:
                     if shard not in missing:
-                        stored.update({i.name: (str(i.dtype).removeprefix("torch."), i.shape)
+                        stored.update({i.name: (i.dtype, i.shape)
                                        for i in read_safetensors_header(folder / shard)})
             return stored, missing, f"{len(shards)} shard(s) + {index_name}"
     single = folder / "model.safetensors"
     if single.is_file():
-        return ({i.name: (str(i.dtype).removeprefix("torch."), i.shape) for i in read_safetensors_header(single)},
+        return ({i.name: (i.dtype, i.shape) for i in read_safetensors_header(single)},
                 [], "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
         return {}, [], "pytorch_model.bin (keys not listed without loading it)"
@@ -64,17 +64,19 @@ def _token_ids(folder: Path) -> dict[str, Any]:
     return ids
 
 
-def inspect_checkpoint(source: Union[str, Path]) -> dict[str, Any]:
-    """A report on a local checkpoint folder (or a cached hub id): variant, sizes, dtype, tokens, loadability.
+def inspect_checkpoint(source: Union[str, Path], compare_with_model: bool = True) -> dict[str, Any]:
+    """A report on a checkpoint (local folder or hub id): variant, sizes, dtype, tokens, loadability.
 
-    The report's ``will_load`` is True only when the config is supported, every weight file listed is present, the
-    stored tensor names match the model exactly and the tokenizer has the M3D tokens matching ``seg_token_id``.
+    For a hub id only the JSON files are fetched (or read from the cache), never the weights. ``will_load`` is True
+    only when the config is supported, every weight file listed is present, the tokenizer has the M3D tokens
+    matching ``seg_token_id`` and (with ``compare_with_model``, which imports torch to build the model on the meta
+    device) the stored tensor names and shapes match the model exactly. Slicer's process passes False: it never
+    imports torch.
     """
-    from .loading import resolve_checkpoint
+    from .configuration_lamed import parse_multimodal_config, read_config_json
+    from .hub import resolve_checkpoint
 
-    folder = resolve_checkpoint(source)
-    from .configuration_lamed import read_config_json
-
+    folder = resolve_checkpoint(source, metadata_only=True)
     raw = read_config_json(folder)
     report: dict[str, Any] = {"folder": str(folder), "model_type": raw.get("model_type"), "problems": []}
     problems: list[str] = report["problems"]
@@ -93,18 +95,14 @@ def inspect_checkpoint(source: Union[str, Path]) -> dict[str, Any]:
         report["will_load"] = not problems
         return report
     try:
-        from .configuration_lamed import parse_lamed_config
-
-        config = parse_lamed_config(raw, source=str(folder / "config.json"))
+        mm = parse_multimodal_config(raw, source=str(folder / "config.json"))
     except M3DError as e:
         problems.append(str(e))
         report["will_load"] = False
         return report
-    mm, text = config.multimodal, config.text_config
     report.update(
-        variant=f"M3D-LaMed ({'Phi-3' if config.family == 'phi3' else 'Llama'})",
-        llm={"hidden_size": text.hidden_size, "layers": text.num_hidden_layers, "heads": text.num_attention_heads,
-             "vocab_size": text.vocab_size},
+        variant=f"M3D-LaMed ({'Phi-3' if raw['model_type'] == 'lamed_phi3' else 'Llama'})",
+        llm={k: raw.get(k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")},
         vision={"image_size": list(mm.image_size), "patch_size": list(mm.patch_size), "width": mm.mm_hidden_size,
                 "layers": mm.vision_num_layers, "image_tokens": mm.num_image_tokens},
         segmentation=mm.segmentation_module,
@@ -117,8 +115,8 @@ def inspect_checkpoint(source: Union[str, Path]) -> dict[str, Any]:
         problems.append(f"tokenizer files lack {', '.join(absent)}")
     elif mm.seg_token_id is not None and tokens["[SEG]"] != mm.seg_token_id:
         problems.append(f"[SEG] is {tokens['[SEG]']} in the tokenizer but seg_token_id is {mm.seg_token_id}")
-    if stored:
-        expected = _expected_tensors(config)
+    if stored and compare_with_model:
+        expected = _expected_tensors(raw, folder, problems)
         if expected is not None:
             missing = sorted(set(expected) - set(stored))
             unexpected = sorted(set(stored) - set(expected))
@@ -140,13 +138,17 @@ def _numel(shape) -> int:
     return n
 
 
-def _expected_tensors(config) -> dict[str, tuple] | None:
-    """Names and shapes the model built from ``config`` expects (on the meta device: no memory, no weights)."""
-    try:
-        import torch
+def _expected_tensors(raw: dict, folder: Path, problems: list[str]) -> dict[str, tuple] | None:
+    """Names and shapes the model built from config.json expects (on the meta device: no memory, no weights)."""
+    import torch
 
-        from .modeling_lamed import build_lamed_model
-    except ImportError:
+    from .configuration_lamed import parse_lamed_config
+    from .modeling_lamed import build_lamed_model
+
+    try:
+        config = parse_lamed_config(raw, source=str(folder / "config.json"))
+    except M3DError as e:
+        problems.append(str(e))
         return None
     with torch.device("meta"):
         model = build_lamed_model(config)

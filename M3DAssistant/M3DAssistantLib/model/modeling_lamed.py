@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torch import nn
 from transformers import LlamaForCausalLM, Phi3ForCausalLM
 
 from ..errors import InputError
