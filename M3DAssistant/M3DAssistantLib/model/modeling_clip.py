@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from .vit3d import ViT3D, ViT3DConfig
+
+if TYPE_CHECKING:  # transformers is imported lazily: it is heavy
+    from transformers import BertConfig
 
 __all__ = ["M3DCLIPConfig", "M3DCLIP", "BERT_BASE_UNCASED"]
 
@@ -176,7 +179,8 @@ class M3DCLIPConfig:
         """BertConfig keyword arguments: bert-base-uncased, our ``vocab_size``, then ``text_config`` overrides."""
         return {**BERT_BASE_UNCASED, "vocab_size": self.vocab_size, **dict(self.text_config or {})}
 
-    def bert_config(self):  # -> transformers.BertConfig (imported lazily: transformers is heavy)
+    def bert_config(self) -> "BertConfig":
+        """transformers' BertConfig for the text encoder."""
         from transformers import BertConfig
 
         return BertConfig(**self.text_config_dict())
