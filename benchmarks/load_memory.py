@@ -35,6 +35,7 @@ from M3DAssistantLib.model.configuration_lamed import parse_lamed_config, read_c
 from M3DAssistantLib.model.modeling_lamed import build_lamed_model
 from M3DAssistantLib.model.checkpoint import weight_files
 from safetensors.torch import load_file
+import transformers.models.phi3.modeling_phi3, M3DAssistantLib.model.loading, M3DAssistantLib.model.tokenizer  # imports are not loading
 torch.set_num_threads(1)
 before = rss()
 if method == "ours":

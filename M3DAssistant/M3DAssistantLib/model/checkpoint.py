@@ -37,16 +37,21 @@ _TORCH_DTYPES = {
 
 logger = logging.getLogger(__name__)
 
-def _read_safetensors_tensor(f, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
-    """Read one tensor into a new CPU tensor of ``dtype`` (directly when the dtype matches)."""
+def _read_safetensors_tensor(f, info: TensorInfo, dtype: torch.dtype, scratch: torch.Tensor) -> torch.Tensor:
+    """Read one tensor into a new CPU tensor of ``dtype``: straight into it when the dtype matches, else through
+    ``scratch`` (one reused byte buffer, so converting allocates nothing but the result and the heap does not grow
+    with freed temporaries)."""
     stored = _TORCH_DTYPES[info.dtype]
-    raw = torch.empty(info.shape, dtype=stored)
-    if info.nbytes:
-        f.seek(info.offset)
-        view = raw.view(-1).view(torch.uint8).numpy()
-        if f.readinto(memoryview(view)) != info.nbytes:
-            raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}. Download the file again.")
-    return raw if stored == dtype else raw.to(dtype)
+    result = torch.empty(info.shape, dtype=dtype)
+    if not info.nbytes:
+        return result
+    target = result if stored == dtype else scratch[: info.nbytes]
+    f.seek(info.offset)
+    if f.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy())) != info.nbytes:
+        raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}. Download the file again.")
+    if stored != dtype:
+        result.copy_(target.view(stored).reshape(info.shape))
+    return result
 
 
 def iter_checkpoint_tensors(
@@ -56,9 +61,13 @@ def iter_checkpoint_tensors(
     for path in files:
         if path.suffix == ".safetensors":
             infos = read_safetensors_header(path)
-            with open(path, "rb") as f:
+            scratch = torch.empty(max((i.nbytes for i in infos), default=0), dtype=torch.uint8)
+            with open(path, "rb", buffering=0) as f:
                 for info in infos:
-                    yield info.name, _read_safetensors_tensor(f, info, dtype_for(info.name, _TORCH_DTYPES[info.dtype]))
+                    yield info.name, _read_safetensors_tensor(
+                        f, info, dtype_for(info.name, _TORCH_DTYPES[info.dtype]), scratch
+                    )
+            del scratch
         else:
             try:
                 # weights_only: never unpickle arbitrary objects; mmap: no full copy of the file in memory.
@@ -142,6 +151,8 @@ def load_weights(
             f"{folder}: the weights do not match the model built from config.json: {'; '.join(parts)}. "
             "Is this the right checkpoint for its config.json (model_type, sizes, segmentation_module)?"
         )
+    if hasattr(model, "materialize_non_persistent_buffers"):  # models that know their fixed buffers (M3D-CLIP's BERT)
+        model.materialize_non_persistent_buffers(device)
     _materialize_meta_buffers(model, device)
 
 
