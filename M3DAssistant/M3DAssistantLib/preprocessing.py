@@ -1,0 +1,175 @@
+"""Intensity schemes: how voxel values become the [0, 1] range M3D-LaMed was trained on.
+
+Every scheme ends the same way as the official data scripts (``Data/process/*.py``): values are clipped to a range
+``[low, high]`` and min-max scaled, so ``low -> 0`` and ``high -> 1``. The schemes only differ in how ``low`` and
+``high`` are chosen:
+
+``window``      a CT window (centre, width) -- a preset from :data:`WINDOW_PRESETS` or the volume's own display
+                window. The author's advice for new CT (M3D issue #18): window to the target tissue, then min-max.
+``percentile``  the M3D-Seg recipe (``m3d_seg_data_preprocess.py``): foreground = voxels above the mean, clip to its
+                0.05 and 99.95 percentiles. Works for CT and MR alike, so it is the default.
+``minmax``      no clipping at all, the plain min-max of ``m3d_seg_data_prepare.py``.
+
+As in the official scripts the final min-max uses the *data's* minimum and maximum after clipping, so ``low`` and
+``high`` are the clipped data's extremes (a window wider than the data range shrinks to the data). Both are recorded
+in :class:`IntensityMapping`, which is serialised with the geometry mapping so that training export and inference
+normalise identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .errors import InputError
+
+INTENSITY_VERSION = 1
+
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    # (centre, width) in HU, the values of 3D Slicer's own CT presets (Volumes module, VolumeDisplayPresets.json),
+    # so a user who picked "CT-Abdomen" in Slicer gets the same picture in the model.
+    "abdomen": (40.0, 350.0),
+    "lung": (-500.0, 1400.0),
+    "bone": (400.0, 1000.0),
+    "brain": (50.0, 100.0),
+}
+
+SEG_PERCENTILES = (0.05, 99.95)
+"""Foreground percentiles of the M3D-Seg preprocessing (SegVol recipe)."""
+
+WindowArg = Union[None, str, tuple[float, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class IntensitySpec:
+    """What was asked for, before the data are looked at."""
+
+    scheme: str  # "window" | "percentile" | "minmax"
+    name: str  # preset name, "custom" for a (centre, width) pair, or the scheme name
+    center: Optional[float] = None
+    width: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class IntensityMapping:
+    """What was applied: clip to ``[low, high]``, then ``(v - low) / (high - low)``."""
+
+    scheme: str
+    name: str
+    low: float
+    high: float
+    center: Optional[float] = None
+    width: Optional[float] = None
+    percentiles: Optional[tuple[float, float]] = None
+    version: int = INTENSITY_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["percentiles"] is not None:
+            d["percentiles"] = list(d["percentiles"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IntensityMapping":
+        d = dict(d)
+        if d.get("percentiles") is not None:
+            d["percentiles"] = tuple(d["percentiles"])
+        if int(d.get("version", INTENSITY_VERSION)) != INTENSITY_VERSION:
+            raise InputError(
+                f"intensity scheme version {d.get('version')} is not supported (this code reads version "
+                f"{INTENSITY_VERSION}); re-export the data with this version of M3D for 3D Slicer"
+            )
+        return cls(**d)
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """Values -> [0, 1] float32 (clip, then min-max with the recorded extremes)."""
+        v = np.clip(np.asarray(values, dtype=np.float64), self.low, self.high)
+        return ((v - self.low) / (self.high - self.low)).astype(np.float32)
+
+    def invert(self, normalised: np.ndarray) -> np.ndarray:
+        """[0, 1] -> original values (exact inside ``[low, high]``; clipped values cannot come back)."""
+        return np.asarray(normalised, dtype=np.float64) * (self.high - self.low) + self.low
+
+
+def resolve_window(window: WindowArg) -> IntensitySpec:
+    """Turn the user's ``window`` argument into a spec; reject anything ambiguous with a message that lists options."""
+    options = ", ".join([*WINDOW_PRESETS, "percentile", "minmax"])
+    if window is None:
+        return IntensitySpec("percentile", "percentile")
+    if isinstance(window, str):
+        key = window.strip().lower()
+        if key in WINDOW_PRESETS:
+            c, w = WINDOW_PRESETS[key]
+            return IntensitySpec("window", key, c, w)
+        if key in ("percentile", "minmax"):
+            return IntensitySpec(key, key)
+        raise InputError(f"unknown intensity window {window!r}; use one of {options}, or a (center, width) pair in HU")
+    try:
+        center, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"window must be a preset name ({options}) or a (center, width) pair of numbers, got {window!r}"
+        ) from None
+    if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+        raise InputError(
+            f"window (center={center}, width={width}) is invalid: the width must be a positive finite number, "
+            f"e.g. (40, 350) for soft tissue"
+        )
+    return IntensitySpec("window", "custom", center, width)
+
+
+def percentile_bounds(values: np.ndarray, percentiles: tuple[float, float] = SEG_PERCENTILES) -> tuple[float, float]:
+    """M3D-Seg clip range: percentiles of the voxels above the mean (the 'foreground' of a CT or MR)."""
+    # Accumulating in float64 keeps the mean (and so the foreground) independent of memory order for integer data.
+    mean = float(np.mean(values, dtype=np.float64))
+    foreground = values[values > mean]
+    if foreground.size == 0:
+        raise InputError("the volume is constant, there is no foreground to normalise; check the ROI or slice range")
+    lo, hi = np.percentile(foreground, percentiles)
+    return float(lo), float(hi)
+
+
+def intensity_mapping(
+    spec: IntensitySpec, data_min: float, data_max: float, values: Optional[np.ndarray] = None
+) -> IntensityMapping:
+    """Choose ``low``/``high`` for ``spec`` from the data's extremes (and, for percentiles, the data themselves).
+
+    ``low``/``high`` are the extremes of the *clipped* data, which is what the official min-max after clipping uses.
+    """
+    if spec.scheme == "window":
+        wlo, whi = spec.center - spec.width / 2.0, spec.center + spec.width / 2.0
+        low, high = max(data_min, wlo), min(data_max, whi)
+        if not high > low:
+            raise InputError(
+                f"the window {spec.name} [{wlo:g}, {whi:g}] does not overlap the volume's values "
+                f"[{data_min:g}, {data_max:g}], so the model would see a constant image; pick another window "
+                f"(presets: {', '.join(WINDOW_PRESETS)}) or window=None for automatic percentiles"
+            )
+        return IntensityMapping("window", spec.name, low, high, center=spec.center, width=spec.width)
+    if spec.scheme == "minmax":
+        if not data_max > data_min:
+            raise _constant_error(data_min)
+        return IntensityMapping("minmax", "minmax", data_min, data_max)
+    if spec.scheme == "percentile":
+        if not data_max > data_min:
+            raise _constant_error(data_min)
+        if values is None:
+            raise ValueError("percentile scheme needs the voxel values")
+        low, high = percentile_bounds(values)
+        if not high > low:
+            raise InputError(
+                f"the foreground of the volume is (almost) constant ({low:g}); percentile normalisation is "
+                f"undefined -- pass an explicit window, e.g. window=(center, width), or window='minmax'"
+            )
+        return IntensityMapping("percentile", "percentile", low, high, percentiles=SEG_PERCENTILES)
+    raise ValueError(f"unknown scheme {spec.scheme}")
+
+
+def _constant_error(value: float) -> InputError:
+    return InputError(
+        f"the volume (or the selected ROI / slice range) is constant: every voxel is {value:g}; there is nothing "
+        f"for the model to see -- check that the right volume, ROI and slice range are selected"
+    )
