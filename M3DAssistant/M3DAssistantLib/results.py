@@ -58,6 +58,7 @@ class Provenance:
     time: str = dataclasses.field(default_factory=utc_now)
     duration_s: Optional[float] = None
     software: str = f"m3d-slicer {__version__}"
+    notes: list = dataclasses.field(default_factory=list)  # e.g. earlier turns dropped to fit the context
     label: str = AI_LABEL
 
     def to_dict(self) -> dict[str, Any]:

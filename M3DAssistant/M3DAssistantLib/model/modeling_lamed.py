@@ -164,7 +164,8 @@ class LamedMixin:
                 streamer, stopping_criteria, logits_processor, ``cache`` holding a prefix KV cache, ...).
 
         Returns:
-            new token ids [B, T] (the prompt is not repeated), or ``(ids, seg_logits)`` with ``seg_enable``.
+            new token ids [B, T] (the prompt is not repeated), or ``(ids, seg_logits)`` with ``seg_enable``; with
+            ``return_dict_in_generate=True`` transformers' output object (``.sequences``, ``.logits``...) instead of ids.
         """
         if input_ids is None:
             raise InputError("generate needs input_ids (the tokenised prompt).")
@@ -183,19 +184,19 @@ class LamedMixin:
             # the token generated at that step; keep it to find the [SEG]-predicting state afterwards.
             hook = self.model.norm.register_forward_hook(lambda _m, _i, out: captured.append(out[:, -1].detach()))
         try:
-            output_ids = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+            output = super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
         finally:
             if hook is not None:
                 hook.remove()
-        if not isinstance(output_ids, torch.Tensor):  # return_dict_in_generate=True
-            output_ids = output_ids.sequences
         if not seg_enable:
-            return output_ids
+            return output
+        # with return_dict_in_generate=True transformers returns an output object; its .sequences are the ids
+        output_ids = output if isinstance(output, torch.Tensor) else output.sequences
         predicting = torch.stack(captured[: output_ids.shape[1]], dim=1)  # [B, T, hidden]; entry t predicts token t
         seg_logits = self.segment_from_hidden(
             predicting, output_ids, images=images, seg_image_embedding=seg_image_embedding
         )
-        return output_ids, seg_logits
+        return output, seg_logits
 
     def seg_prompts_from_hidden(
         self, predicting_hidden: torch.Tensor, token_ids: torch.Tensor

@@ -1,0 +1,506 @@
+"""InferenceEngine: load M3D-LaMed once, encode a volume once, answer many prompts about it.
+
+What is reused per volume (keyed by the volume's content hash, the preprocessing parameters and the orientation
+convention of the task, within one engine = one model):
+
+* the model input tensor and its :class:`~M3DAssistantLib.geometry.VolumeToModelMapping`,
+* the vision tower + projector output (the image tokens),
+* the key/value cache of the shared prefix (BOS + image tokens): every question starts from a *copy* of it, because
+  transformers' generation appends to the cache in place,
+* SegVol's image embedding (computed on the first segmentation).
+
+The official scripts recompute all of this for every question; ``caching=False`` does the same (for checks and the
+benchmark baseline). Answers are identical either way (tested for every task).
+
+Thread safety: one request runs at a time (a lock); :meth:`cancel` may be called from any thread and stops the
+running request at its next decoding step or encoder call with :class:`~M3DAssistantLib.errors.CancelledError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import hashlib
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import prompts
+from .errors import CancelledError, InputError
+from .geometry import RasRoi, VolumeToModelMapping, box_to_roi, default_convention, logits_to_mask, roi_to_box
+from .geometry import to_model_input
+from .progress import ProgressCallback, report
+from .results import (
+    BoxResult,
+    ChoiceResult,
+    Provenance,
+    RetrievalResult,
+    SamplingOptions,
+    SegmentationResult,
+    TextResult,
+)
+
+logger = logging.getLogger(__name__)
+
+TextCallback = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class VolumeHandle:
+    """What :meth:`InferenceEngine.set_volume` registered: identifies the volume and its preprocessing."""
+
+    key: str
+    shape: tuple[int, int, int]
+    window: Any
+    roi: Optional[RasRoi]
+    slice_range: Optional[tuple[int, int]]
+
+
+@dataclasses.dataclass
+class _Volume:
+    handle: VolumeHandle
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+    views: dict[str, "_View"] = dataclasses.field(default_factory=dict)  # by convention
+
+
+@dataclasses.dataclass
+class _View:
+    """One preprocessing of one volume (one orientation convention) and what the model computed from it."""
+
+    images: torch.Tensor  # [1, 1, D, H, W], model dtype/device
+    mapping: VolumeToModelMapping
+    image_features: Optional[torch.Tensor] = None  # [1, N, hidden]
+    prefix_cache: Any = None  # transformers Cache over BOS + N image tokens
+    seg_embedding: Optional[torch.Tensor] = None
+
+
+class _CancelCriteria:
+    """A transformers StoppingCriteria that stops every sequence once the engine's cancel event is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _TextStreamer:
+    """A transformers streamer that decodes incrementally and reports progress per token."""
+
+    def __init__(self, tokenizer: Any, on_text: Optional[TextCallback], progress: Optional[ProgressCallback],
+                 max_new_tokens: int):
+        self.tokenizer, self.on_text, self.progress = tokenizer, on_text, progress
+        self.max_new_tokens = max(1, max_new_tokens)
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def put(self, value: torch.Tensor) -> None:
+        new = value.reshape(-1).tolist()
+        if not new:  # the (empty) prompt ids: generation from inputs_embeds has none
+            return
+        self.ids += new
+        report(self.progress, "generate", len(self.ids) / self.max_new_tokens, f"{len(self.ids)} tokens")
+        if self.on_text is None:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+    def end(self) -> None:
+        pass
+
+
+def volume_key(array: np.ndarray, ijk_to_ras: np.ndarray) -> str:
+    """A content hash of a volume: voxels, their dtype and shape, and the geometry."""
+    digest = hashlib.blake2b(digest_size=16)
+    contiguous = np.ascontiguousarray(array)
+    digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
+    digest.update(memoryview(contiguous).cast("B"))
+    digest.update(np.asarray(ijk_to_ras, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def _checkpoint_revision(folder: Optional[Path]) -> Optional[str]:
+    """The hub commit of a cached snapshot, else a hash of the local config and weight index."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    if folder.parent.name == "snapshots":
+        return folder.name
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / name).is_file():
+            digest.update((folder / name).read_bytes())
+    return "local-" + digest.hexdigest()[:12]
+
+
+class InferenceEngine:
+    """All eight M3D tasks on one loaded model. See the module docstring for what is cached.
+
+    Args:
+        model: hub id or local folder of an M3D-LaMed checkpoint (default ``$M3D_MODEL`` / Phi-3-4B), or an already
+            loaded ``(model, tokenizer)`` pair.
+        device, dtype, revision: as :func:`M3DAssistantLib.model.load_model`.
+        clip_model: hub id or folder of M3D-CLIP for :meth:`retrieve` (loaded on first use).
+        caching: reuse image features, prefix KV cache and SegVol embedding across prompts (default True).
+        max_volumes: how many volumes keep their cached features (least recently used are dropped).
+        convention: force one orientation convention for every task (default: the task's own, see geometry).
+        progress: receives :class:`~M3DAssistantLib.progress.ProgressEvent` for loading and every request.
+    """
+
+    def __init__(
+        self,
+        model: Union[str, Path, tuple, None] = None,
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        revision: Optional[str] = None,
+        clip_model: Union[str, Path, None] = None,
+        caching: bool = True,
+        max_volumes: int = 4,
+        convention: Optional[str] = None,
+        progress: Optional[ProgressCallback] = None,
+    ):
+        from .model import load_model
+
+        self.progress = progress
+        if isinstance(model, tuple):
+            self.model, self.tokenizer = model
+        else:
+            self.model, self.tokenizer = load_model(model, device=device, dtype=dtype, revision=revision,
+                                                    progress=progress)
+        self.caching = caching
+        self.max_volumes = max(1, int(max_volumes))
+        self.convention = convention
+        self.clip_source = clip_model
+        self._retriever = None
+        self._volumes: "collections.OrderedDict[str, _Volume]" = collections.OrderedDict()
+        self._current: Optional[str] = None
+        self._lock = threading.RLock()
+        self._cancel = threading.Event()
+        self.model_source = str(getattr(self.model, "source", "") or getattr(self.model, "checkpoint_path", ""))
+        self.model_revision = _checkpoint_revision(getattr(self.model, "checkpoint_path", None))
+        self.counters = collections.Counter()  # encoder calls etc., for tests and benchmarks
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        return tuple(self.model.multimodal.image_size)  # type: ignore[return-value]
+
+    def info(self) -> dict[str, Any]:
+        """What is loaded (for the server's model-info endpoint and the CLI)."""
+        mm = self.model.multimodal
+        return {"model": self.model_source, "revision": self.model_revision, "model_type": self.model.lamed_config.model_type,
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "image_size": list(mm.image_size), "image_tokens": mm.num_image_tokens,
+                "segmentation": self.model.seg_enabled}
+
+    # ------------------------------------------------------------------------------------------------- volumes
+    def set_volume(
+        self,
+        array_kji: np.ndarray,
+        ijk_to_ras: np.ndarray,
+        *,
+        window: Any = None,
+        roi: Optional[RasRoi] = None,
+        slice_range: Optional[tuple[int, int]] = None,
+        content_key: Optional[str] = None,
+    ) -> VolumeHandle:
+        """Make this volume the current one. Its model input and features are computed on first use and kept;
+        setting the same content with the same window/ROI again reuses them (nothing is recomputed).
+
+        ``content_key``: a caller that already hashed the volume (the server, per uploaded volume) passes
+        :func:`volume_key` of it to skip hashing again."""
+        array = np.asarray(array_kji)
+        if array.ndim != 3:
+            raise InputError(f"the volume must be 3D (K, J, I), got an array of shape {array.shape}.")
+        matrix = np.asarray(ijk_to_ras, dtype=np.float64)
+        roi_key = None if roi is None else (tuple(np.round(roi.center, 6)), tuple(np.round(roi.size, 6)),
+                                            tuple(np.round(np.asarray(roi.axes).ravel(), 6)))
+        content = content_key or volume_key(array, matrix)
+        params = repr((window, roi_key, slice_range))
+        key = hashlib.blake2b(f"{content}|{params}|{self.model_source}".encode(), digest_size=12).hexdigest()
+        with self._lock:
+            if key in self._volumes:
+                self._volumes.move_to_end(key)
+            else:
+                handle = VolumeHandle(key, tuple(array.shape), window, roi, slice_range)  # type: ignore[arg-type]
+                self._volumes[key] = _Volume(handle, array, matrix)
+                while len(self._volumes) > self.max_volumes:
+                    self._volumes.popitem(last=False)
+            self._current = key
+            return self._volumes[key].handle
+
+    def forget_volume(self, key: Optional[str] = None) -> None:
+        """Drop a volume's cached features (the current one by default)."""
+        with self._lock:
+            key = key or self._current
+            self._volumes.pop(key, None)
+            if key == self._current:
+                self._current = None
+
+    def _volume(self) -> _Volume:
+        if self._current is None or self._current not in self._volumes:
+            raise InputError("no volume is set; call set_volume(array, ijk_to_ras) first.")
+        return self._volumes[self._current]
+
+    def _view(self, task: str) -> _View:
+        volume = self._volume()
+        convention = self.convention or default_convention(task)
+        view = volume.views.get(convention) if self.caching else None
+        if view is None:
+            report(self.progress, "preprocess", None, f"resampling to {self.model_shape} ({convention})")
+            h = volume.handle
+            tensor, mapping = to_model_input(volume.array, volume.ijk_to_ras, window=h.window, roi=h.roi,
+                                             slice_range=h.slice_range, model_shape=self.model_shape,
+                                             convention=convention)
+            images = torch.from_numpy(tensor)[None].to(self.device, self.dtype)
+            view = _View(images=images, mapping=mapping)
+            if self.caching:
+                volume.views[convention] = view
+        return view
+
+    # ------------------------------------------------------------------------------------------ model plumbing
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise CancelledError("cancelled by the user")
+
+    def _image_features(self, view: _View) -> torch.Tensor:
+        if view.image_features is None:
+            self._check_cancel()
+            report(self.progress, "encode", None, "vision encoder")
+            self.counters["vision_tower"] += 1
+            with torch.no_grad():
+                view.image_features = self.model.encode_images(view.images)
+            self._check_cancel()
+        return view.image_features
+
+    def _seg_embedding(self, view: _View) -> torch.Tensor:
+        if view.seg_embedding is None:
+            self._check_cancel()
+            report(self.progress, "encode", None, "SegVol image encoder")
+            self.counters["seg_encoder"] += 1
+            with torch.no_grad():
+                view.seg_embedding = self.model.model.seg_module.encode_image(view.images)
+            self._check_cancel()
+        return view.seg_embedding
+
+    def _prefix_cache(self, view: _View, ids: torch.Tensor) -> Any:
+        from transformers import DynamicCache
+
+        if view.prefix_cache is None:
+            n = self.model.num_image_tokens + 1
+            cache = DynamicCache(config=self.model.config)
+            self.counters["prefix"] += 1
+            with torch.no_grad():
+                self.model(input_ids=ids[:, :n], image_features=self._image_features(view), use_cache=True,
+                           cache=cache)
+            view.prefix_cache = cache
+        return copy.deepcopy(view.prefix_cache)
+
+    def _generate(self, view: _View, prompt: str, sampling: SamplingOptions, seg: bool,
+                  on_text: Optional[TextCallback], output_scores: bool = False) -> dict[str, Any]:
+        from transformers import StoppingCriteriaList
+
+        from .model import encode_prompt
+
+        ids = torch.tensor([encode_prompt(self.tokenizer, prompt, self.model.num_image_tokens)], device=self.device)
+        features = self._image_features(view)
+        kwargs = sampling.generate_kwargs()
+        if self.caching:
+            kwargs["cache"] = self._prefix_cache(view, ids)
+        if seg:
+            kwargs["seg_image_embedding"] = self._seg_embedding(view) if self.caching else None
+            kwargs["images"] = view.images
+        if output_scores:
+            kwargs.update(return_dict_in_generate=True, output_logits=True)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        streamer = _TextStreamer(self.tokenizer, on_text, self.progress, sampling.max_new_tokens)
+        self.counters["generate"] += 1
+        output = self.model.generate(input_ids=ids, image_features=features, seg_enable=seg, streamer=streamer,
+                                     stopping_criteria=StoppingCriteriaList([_CancelCriteria(self._cancel)]),
+                                     **kwargs)
+        seg_logits = None
+        if seg:
+            output, seg_logits = output
+        self._check_cancel()
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        from .model.tokenizer import decode
+
+        result = {"ids": sequences[0].tolist(), "text": decode(self.tokenizer, sequences[0]), "seg_logits": seg_logits}
+        if output_scores:
+            result["logits"] = torch.stack(output.logits, dim=1)[0]
+        return result
+
+    def _provenance(self, task: str, prompt: str, view: Optional[_View], sampling: Optional[SamplingOptions],
+                    started: float) -> Provenance:
+        mapping = view.mapping if view is not None else None
+        return Provenance(
+            task=task, model=self.model_source, model_revision=self.model_revision,
+            dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), prompt=prompt,
+            convention=f"{mapping.convention}@v{mapping.version}" if mapping is not None else None,
+            intensity=repr(mapping.intensity) if mapping is not None else None,
+            sampling=sampling.to_dict() if sampling is not None else {},
+            seed=sampling.seed if sampling is not None else None, duration_s=round(time.perf_counter() - started, 3),
+        )
+
+    def _run(self, task: str, prompt: str, sampling: Optional[SamplingOptions], seg: bool,
+             on_text: Optional[TextCallback]) -> tuple[dict[str, Any], _View, Provenance]:
+        sampling = sampling or SamplingOptions()
+        started = time.perf_counter()
+        with self._lock:
+            self._cancel.clear()
+            view = self._view(task)
+            out = self._generate(view, prompt, sampling, seg, on_text)
+            return out, view, self._provenance(task, prompt, view, sampling, started)
+
+    # -------------------------------------------------------------------------------------------------- tasks
+    def cancel(self) -> None:
+        """Stop the running request at its next decoding step or encoder call (it raises CancelledError)."""
+        self._cancel.set()
+
+    def report(self, *, sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None) -> TextResult:
+        """Report generation: findings text for the current volume."""
+        prompt = prompts.report_prompt()
+        out, _, prov = self._run("report", prompt, sampling, False, on_text)
+        return TextResult(out["text"], prov)
+
+    def ask(self, question: str, history: Sequence[tuple[str, str]] = (), *,
+            sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None) -> TextResult:
+        """Open VQA. ``history`` = earlier (question, answer) turns (experimental: the model was trained on single
+        turns). When the whole conversation does not fit in 512 tokens, the oldest turns are dropped and the
+        result's provenance says so; a question that does not fit on its own is an InputError."""
+        from .model import encode_prompt
+
+        history = list(history)
+        dropped = 0
+        while True:
+            prompt = prompts.conversation_prompt(history, question) if history else prompts.question_prompt(question)
+            try:
+                encode_prompt(self.tokenizer, prompt, self.model.num_image_tokens)
+                break
+            except InputError:
+                if not history:
+                    raise
+                history.pop(0)
+                dropped += 1
+        out, _, prov = self._run("vqa_open", prompt, sampling, False, on_text)
+        if dropped:
+            prov.notes.append(f"dropped the {dropped} oldest turn(s) to fit the 512-token context")
+        return TextResult(out["text"], prov)
+
+    def choose(self, question: str, choices: Sequence[str], *, sampling: Optional[SamplingOptions] = None,
+               on_text: Optional[TextCallback] = None) -> ChoiceResult:
+        """Closed VQA: which of ``choices`` (2 to 8; the model was trained with 4) answers the question."""
+        prompt = prompts.choice_prompt(question, choices)
+        clean_choices = prompts.validate_choices(choices)
+        out, _, prov = self._run("vqa_closed", prompt, sampling, False, on_text)
+        parsed = prompts.parse_choice_answer(out["text"], clean_choices)
+        return ChoiceResult(out["text"], clean_choices, parsed.letter, parsed.choice, prov, parsed.error)
+
+    def locate(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
+               on_text: Optional[TextCallback] = None) -> BoxResult:
+        """Referring-expression comprehension: a 3D box (model coordinates and RAS ROI) for a target or description."""
+        prompt = prompts.locate_prompt(expression)
+        out, view, prov = self._run("rec", prompt, sampling, False, on_text)
+        parsed = prompts.parse_box_answer(out["text"])
+        roi = box_to_roi(parsed.box, view.mapping) if parsed.box is not None else None
+        return BoxResult(out["text"], expression, parsed.box, roi, prov, parsed.absent, parsed.error)
+
+    def describe_region(self, roi: RasRoi, *, sampling: Optional[SamplingOptions] = None,
+                        on_text: Optional[TextCallback] = None) -> TextResult:
+        """Referring-expression generation: what is inside a box drawn in RAS (e.g. a Slicer ROI)."""
+        with self._lock:
+            box = roi_to_box(roi, self._view("reg").mapping)
+        prompt = prompts.describe_region_prompt(box)
+        out, _, prov = self._run("reg", prompt, sampling, False, on_text)
+        return TextResult(out["text"], prov)
+
+    def segment(self, target: str, *, sampling: Optional[SamplingOptions] = None,
+                on_text: Optional[TextCallback] = None) -> SegmentationResult:
+        """Semantic segmentation of a named structure: a mask on the original voxel grid."""
+        return self._segment("seg", target, prompts.segment_prompt(target), sampling, on_text)
+
+    def segment_expression(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
+                           on_text: Optional[TextCallback] = None) -> SegmentationResult:
+        """Referring-expression segmentation ("the lesion in the right lobe of the liver")."""
+        return self._segment("refseg", expression, prompts.segment_expression_prompt(expression), sampling, on_text)
+
+    def _segment(self, task: str, target: str, prompt: str, sampling: Optional[SamplingOptions],
+                 on_text: Optional[TextCallback]) -> SegmentationResult:
+        if not self.model.seg_enabled:
+            raise InputError("this checkpoint has no segmentation module (segmentation_module: null in config.json).")
+        out, view, prov = self._run(task, prompt, sampling, True, on_text)
+        parsed = prompts.parse_segmentation_answer(out["text"])
+        mask = None
+        logits = out["seg_logits"]
+        if parsed.has_seg and logits is not None and torch.isfinite(logits).any():
+            report(self.progress, "segment", None, "mapping the mask to the volume grid")
+            mask = logits_to_mask(logits[0, 0].float().cpu().numpy(), view.mapping)
+        return SegmentationResult(out["text"], target, mask, prov, parsed.absent, parsed.error)
+
+    def retrieve(self, *, texts: Optional[Sequence[str]] = None, text: Optional[str] = None,
+                 volumes: Optional[Sequence[tuple[np.ndarray, np.ndarray]]] = None,
+                 labels: Optional[Sequence[str]] = None) -> RetrievalResult:
+        """Image-text retrieval with M3D-CLIP: rank ``texts`` for the current volume, or ``volumes`` for ``text``."""
+        from .retrieval import Retriever
+
+        with self._lock:
+            if self._retriever is None:
+                self._retriever = Retriever(self.clip_source, device=self.device, dtype=self.dtype)
+            if texts is not None:
+                volume = self._volume()
+                return self._retriever.rank_texts((volume.array, volume.ijk_to_ras), list(texts), labels=labels)
+            if text is not None and volumes is not None:
+                return self._retriever.rank_volumes(text, list(volumes), labels=labels)
+        raise InputError("retrieve needs texts=[...] (ranked for the current volume) or text=... with volumes=[...].")
+
+    # ----------------------------------------------------------------------------------------------- streaming
+    def stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[Union[str, Any]]:
+        """Run a task method in a background thread and yield its text as it is generated, then the result.
+
+        ``for item in engine.stream("report"): ...`` yields ``str`` chunks and finally the typed result; an error in
+        the task is raised from the iterator.
+        """
+        if method not in ("report", "ask", "choose", "locate", "describe_region", "segment", "segment_expression"):
+            raise InputError(f"{method!r} is not a streamable task")
+        items: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        func = getattr(self, method)
+
+        def work() -> None:
+            try:
+                items.put(("result", func(*args, on_text=lambda t: items.put(("text", t)), **kwargs)))
+            except BaseException as e:  # handed to the consumer thread
+                items.put(("error", e))
+
+        thread = threading.Thread(target=work, name=f"m3d-{method}", daemon=True)
+        thread.start()
+        while True:
+            kind, value = items.get()
+            if kind == "text":
+                yield value
+            elif kind == "result":
+                yield value
+                return
+            else:
+                raise value
