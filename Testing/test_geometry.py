@@ -522,3 +522,65 @@ def test_window_presets_are_slicers():
     _, mapping = to_model_input(blob_volume(), np.eye(4), window="ABDOMEN", model_shape=SMALL)
     assert mapping.intensity["name"] == "abdomen" and mapping.intensity["low"] == -135.0
     assert math.isclose(mapping.intensity["high"], 215.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Intensity schemes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.float32, np.float64])
+def test_percentile_fast_path_is_exactly_numpy(dtype, monkeypatch):
+    """The tail-only percentile computation equals np.percentile of the foreground, bit for bit, and is really used."""
+    from M3DAssistantLib import preprocessing
+
+    rng = np.random.default_rng(11)
+    vol = rng.normal(0, 300, size=(60, 90, 110))
+    vol[:, :20] = -1000  # air: the mean sits well below the body
+    if np.dtype(dtype).kind == "u":
+        vol += 1024
+    vol = vol.astype(dtype)
+    calls = []
+    original = preprocessing._tail_percentiles
+    monkeypatch.setattr(preprocessing, "_tail_percentiles", lambda *a: calls.append(original(*a)) or calls[-1])
+    for view in (vol, vol[5:-3, 4::2, 9:]):  # contiguous and strided (an ROI crop)
+        ref = np.percentile(view[view > view.mean(dtype=np.float64)], (0.05, 99.95))
+        assert preprocessing.percentile_bounds(view, direct_below=1000) == (float(ref[0]), float(ref[1]))
+    assert len(calls) == 2 and all(c is not None for c in calls)
+
+
+def test_percentile_falls_back_when_the_sample_misleads():
+    from M3DAssistantLib.preprocessing import percentile_bounds
+
+    vol = np.zeros((40, 50, 60), np.int16)
+    vol[0, 0, :7] = [5, 6, 7, 8, 9, 10, 11]  # a foreground of 7 voxels the strided sample cannot see
+    ref = np.percentile(vol[vol > vol.mean()], (0.05, 99.95))
+    assert percentile_bounds(vol, direct_below=1000) == (float(ref[0]), float(ref[1]))
+
+
+def test_intensity_record_reproduces_the_tensor():
+    """mapping.intensity is enough to redo the normalisation: apply() on the voxels equals the tensor's values where
+    no interpolation happens (model voxel centre on a voxel centre)."""
+    from M3DAssistantLib.preprocessing import IntensityMapping
+
+    vol = blob_volume((16, 64, 64), seed=12)
+    tensor, mapping = to_model_input(vol, np.eye(4), window="lung", model_shape=(16, 64, 64), crop_foreground=False,
+                                     convention="m3d-seg")
+    rec = IntensityMapping.from_dict(json.loads(mapping.to_json())["intensity"])
+    # identity grid, m3d-seg: d = K, h = J reversed (A->P on an RAS grid), w = I reversed (R->L)
+    np.testing.assert_allclose(tensor[0], rec.apply(vol)[:, ::-1, ::-1], atol=1e-6)
+    np.testing.assert_allclose(rec.invert(tensor[0])[:, ::-1, ::-1], np.clip(vol, rec.low, rec.high), atol=1e-3)
+    with pytest.raises(InputError, match="intensity scheme version 7"):
+        IntensityMapping.from_dict({**rec.to_dict(), "version": 7})
+
+
+def test_roi_serialisation_and_mask_mode_errors():
+    roi = RasRoi(center=(1, 2, 3), size=(4, 5, 6))
+    assert RasRoi.from_dict(json.loads(json.dumps(roi.to_dict()))) == roi
+    np.testing.assert_allclose(roi.object_to_ras[:3, 3], [1, 2, 3])
+    assert roi.corners().shape == (8, 3)
+    _, mapping = to_model_input(blob_volume(), np.eye(4), model_shape=SMALL)
+    with pytest.raises(GeometryError, match="mode must be 'nearest-exact' or 'nearest'"):
+        mask_to_model(np.zeros(mapping.volume_shape), mapping, mode="linear")
+    with pytest.raises(GeometryError, match="give the mask on the same voxel grid"):
+        mask_to_model(np.zeros((3, 3, 3)), mapping)

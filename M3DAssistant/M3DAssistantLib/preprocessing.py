@@ -121,15 +121,94 @@ def resolve_window(window: WindowArg) -> IntensitySpec:
     return IntensitySpec("window", "custom", center, width)
 
 
-def percentile_bounds(values: np.ndarray, percentiles: tuple[float, float] = SEG_PERCENTILES) -> tuple[float, float]:
-    """M3D-Seg clip range: percentiles of the voxels above the mean (the 'foreground' of a CT or MR)."""
+def percentile_bounds(
+    values: np.ndarray, percentiles: tuple[float, float] = SEG_PERCENTILES, *, direct_below: int = 1 << 20
+) -> tuple[float, float]:
+    """M3D-Seg clip range: percentiles of the voxels above the mean (the 'foreground' of a CT or MR).
+
+    Exactly ``np.percentile(values[values > values.mean()], percentiles)`` (linear method), but for large volumes
+    without sorting or even copying the foreground: a strided sample predicts a value past each wanted rank, one pass
+    over the volume (slab by slab, so the temporaries stay in cache) counts the foreground and collects the two thin
+    tails, and the exact order statistics come out of the tails. If the sample misled (very odd histograms), the
+    plain computation runs instead. Volumes smaller than ``direct_below`` voxels use np.percentile directly.
+    """
+    values = np.asarray(values)
     # Accumulating in float64 keeps the mean (and so the foreground) independent of memory order for integer data.
     mean = float(np.mean(values, dtype=np.float64))
-    foreground = values[values > mean]
-    if foreground.size == 0:
-        raise InputError("the volume is constant, there is no foreground to normalise; check the ROI or slice range")
-    lo, hi = np.percentile(foreground, percentiles)
-    return float(lo), float(hi)
+    threshold = _same_dtype_threshold(values.dtype, mean)
+    result = None
+    if values.size >= direct_below and values.ndim == 3:
+        result = _tail_percentiles(values, threshold, percentiles)
+    if result is None:
+        foreground = values[values > threshold]
+        if foreground.size == 0:
+            raise InputError("the volume is constant, there is no foreground to normalise; check the ROI or slice range")
+        lo, hi = np.percentile(foreground, percentiles)
+        result = float(lo), float(hi)
+    return result
+
+
+def _tail_percentiles(values: np.ndarray, threshold, percentiles: tuple[float, float]) -> Optional[tuple[float, float]]:
+    """The fast path of :func:`percentile_bounds`; None when the sampled guess does not bracket the ranks."""
+    q = np.true_divide(np.asarray(percentiles, dtype=np.float64), 100)
+    step = max(1, round((values.size / 250_000) ** (1 / 3)))
+    sample = values[::step, ::step, ::step]
+    sample = np.sort(sample[sample > threshold], axis=None)
+    if sample.size < 1000:
+        return None
+    # Sample positions a generous margin (about 8 standard deviations of the estimate) beyond the wanted ranks.
+    margin = 8 * np.sqrt(max(q[0], 1 - q[1], 1e-6) * sample.size) + 8
+    t_lo = sample[min(sample.size - 1, int(q[0] * sample.size + margin))]
+    t_hi = sample[max(0, int(q[1] * sample.size - margin))]
+    if not (t_lo > threshold and t_hi > threshold):
+        return None
+    n, low_parts, high_parts = 0, [], []
+    rows = max(1, (1 << 21) // max(1, values[0].size))
+    above = np.empty((rows, *values.shape[1:]), bool)
+    select = np.empty_like(above)
+    for s in range(0, values.shape[0], rows):
+        x = values[s:s + rows]
+        a, b = above[: x.shape[0]], select[: x.shape[0]]
+        np.greater(x, threshold, out=a)
+        n += int(np.count_nonzero(a))
+        np.less_equal(x, t_lo, out=b)
+        b &= a
+        low_parts.append(x[b])
+        np.greater_equal(x, t_hi, out=b)  # t_hi > threshold, so these are foreground
+        high_parts.append(x[b])
+    low_tail, high_tail = np.concatenate(low_parts), np.concatenate(high_parts)
+    virtual = (n - 1) * q
+    first = np.minimum(np.floor(virtual).astype(np.int64), n - 1)
+    second = np.minimum(first + 1, n - 1)
+    offset = n - high_tail.size  # rank of the high tail's smallest element within the foreground
+    if low_tail.size <= second[0] or first[1] < offset:
+        return None
+    pairs = [
+        np.partition(low_tail, [first[0], second[0]])[[first[0], second[0]]],
+        np.partition(high_tail, [first[1] - offset, second[1] - offset])[[first[1] - offset, second[1] - offset]],
+    ]
+    out = []
+    for (a, b), g in zip(pairs, virtual - first):
+        diff = b - a  # in the data's dtype, as numpy's own interpolation does
+        out.append(float(a + diff * g) if g < 0.5 else float(b - diff * (1 - g)))
+    return out[0], out[1]
+
+
+def _same_dtype_threshold(dtype: np.dtype, value: float):
+    """A scalar ``t`` of ``dtype`` with ``x > value  <=>  x > t`` for every ``x`` of that dtype.
+
+    Comparing an int16 volume with a Python float makes numpy convert every voxel to float64, several times slower
+    than comparing with an int16.
+    """
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return dtype.type(min(max(math.floor(value), info.min), info.max))
+    if dtype.kind == "f" and dtype.itemsize < 8:
+        t = dtype.type(value)
+        if float(t) > value:  # rounded up: step back to the largest representable value below
+            t = np.nextafter(t, dtype.type(-np.inf))
+        return t
+    return value
 
 
 def intensity_mapping(
