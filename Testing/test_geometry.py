@@ -264,6 +264,11 @@ def test_logits_input_forms_and_threshold():
     # a 0.99 threshold keeps fewer voxels than 0.5
     assert logits_to_mask(logits, mapping, threshold=0.99).sum() < base.sum()
     np.testing.assert_array_equal(model_mask_to_volume(logits > 0, mapping), base)
+    # the final, fused step runs slab by slab on big volumes: many small slabs give the same mask
+    np.testing.assert_array_equal(logits_to_mask(logits, mapping, chunk_voxels=300), base)
+    m = make_affine((2, 0, 1), (True, False, True), (0.9, 1.3, 2.0), (0.2, 0.1, -0.1))
+    _, oblique = to_model_input(blob_volume((19, 26, 31)), m, model_shape=SMALL)
+    np.testing.assert_array_equal(logits_to_mask(logits, oblique, chunk_voxels=100), logits_to_mask(logits, oblique))
     with pytest.raises(GeometryError, match=r"shape \(32, 256, 256\) but the mapping's model space is \(16, 64, 64\)"):
         logits_to_mask(np.zeros((32, 256, 256)), mapping)
     with pytest.raises(InputError, match="threshold is a probability"):
@@ -443,7 +448,8 @@ def test_nan_inf_and_constant_volumes():
         to_model_input(np.full((8, 8, 8), 7, np.int16), np.eye(4))
     with pytest.raises(InputError, match="constant: every voxel is 7"):
         to_model_input(np.full((8, 8, 8), 7, np.int16), np.eye(4), window="minmax")
-    with pytest.raises(InputError, match=r"window brain \[0, 100\] does not overlap the volume's values \[-3000, -2000\]"):
+    message = r"window brain \[0, 100\] does not overlap the volume's values \[-3000, -2000\]"
+    with pytest.raises(InputError, match=message):
         to_model_input(np.linspace(-3000, -2000, 512).reshape(8, 8, 8), np.eye(4), window="brain")
 
 

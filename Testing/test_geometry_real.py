@@ -110,7 +110,8 @@ def test_liver_round_trip_keeps_its_centroid(ct, labels):
 def test_same_ct_stored_flipped_or_permuted_gives_identical_tensor(ct):
     array, m = ct
     reference, ref_mapping = to_model_input(array, m, window="abdomen")
-    for perm, flip in [((0, 1, 2), (True, False, False)), ((2, 1, 0), (False, True, True)), ((1, 0, 2), (True, True, True))]:
+    storages = [((0, 1, 2), (True, False, False)), ((2, 1, 0), (False, True, True)), ((1, 0, 2), (True, True, True))]
+    for perm, flip in storages:
         array2, m2 = same_grid_reorder(array, m, perm, flip)
         tensor, mapping = to_model_input(array2, m2, window="abdomen")
         np.testing.assert_array_equal(tensor, reference)

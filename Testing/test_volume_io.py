@@ -88,7 +88,7 @@ def test_nifti_matches_slicer(ct_path, headless_slicer):
 
 @pytest.mark.slicer
 def test_labelmap_with_k_flip_has_the_same_positions_as_slicer(data_dir, headless_slicer):
-    """example_seg_dicom.nii.gz (sform only, qfac -1): Slicer flips K, we follow ITK; every voxel sits at the same RAS."""
+    """example_seg_dicom.nii.gz (sform only, qfac -1): Slicer flips K, we follow ITK; each voxel keeps its RAS."""
     _, logics = headless_slicer
     path = data_dir / "example_seg_dicom.nii.gz"
     array, m = read_volume(path)

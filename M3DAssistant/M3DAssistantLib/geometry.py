@@ -34,7 +34,7 @@ import itertools
 import json
 import math
 import re
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -213,7 +213,9 @@ def nearest_ras_axes(ijk_to_ras: np.ndarray) -> tuple[int, int, int]:
     return tuple(best)  # type: ignore[return-value]
 
 
-def canonical_axes(ijk_to_ras: np.ndarray, convention: Convention) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+def canonical_axes(
+    ijk_to_ras: np.ndarray, convention: Convention
+) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     """For model axes (d, h, w): the array axis (0 = K, 1 = J, 2 = I) each one reads, and whether it runs backwards."""
     ras_to_voxel = nearest_ras_axes(ijk_to_ras)
     axes, flips = [], []
@@ -308,7 +310,7 @@ def _nearest_taps(n_in: int, n_out: int, exact: bool = True) -> np.ndarray:
 
 
 def _lerp_along(x: np.ndarray, axis: int, i0: np.ndarray, i1: np.ndarray, lam: np.ndarray, prepare=None) -> np.ndarray:
-    """Linear interpolation along one axis, gathering only the slices it needs (``prepare`` runs on the gathered data)."""
+    """Linear interpolation along one axis, reading only the slices it needs (``prepare`` runs on what is read)."""
     a = np.take(x, i0, axis=axis)
     if prepare is not None:
         a = prepare(a)
@@ -355,12 +357,15 @@ class VolumeToModelMapping:
     @functools.cached_property
     def model_to_ijk(self) -> np.ndarray:
         """Model voxel (d, h, w, 1) -> original voxel (i, j, k, 1)."""
-        return _model_to_ijk_matrix(self.model_axes, self.model_flips, self.crop_start, self.crop_stop, self.model_shape)
+        return _model_to_ijk_matrix(*self._axis_record())
 
     @functools.cached_property
     def ijk_to_model(self) -> np.ndarray:
         """Original voxel (i, j, k, 1) -> model voxel (d, h, w, 1)."""
-        return _ijk_to_model_matrix(self.model_axes, self.model_flips, self.crop_start, self.crop_stop, self.model_shape)
+        return _ijk_to_model_matrix(*self._axis_record())
+
+    def _axis_record(self) -> tuple:
+        return self.model_axes, self.model_flips, self.crop_start, self.crop_stop, self.model_shape
 
     @functools.cached_property
     def model_to_ras(self) -> np.ndarray:
@@ -547,8 +552,8 @@ def _roi_region(roi: RasRoi, ijk_to_ras: np.ndarray, shape_kji: Sequence[int]) -
     if any(e <= s for s, e in zip(start, stop)):
         extent = ijk_to_ras @ np.array([[0, 0, 0, 1], [shape_kji[2] - 1, shape_kji[1] - 1, shape_kji[0] - 1, 1]]).T
         raise GeometryError(
-            f"the ROI (centre {np.round(roi.center, 1).tolist()} mm, size {np.round(roi.size, 1).tolist()} mm) contains "
-            f"no voxel of the volume, whose voxel centres span RAS {np.round(extent[:3, 0], 1).tolist()} to "
+            f"the ROI (centre {np.round(roi.center, 1).tolist()} mm, size {np.round(roi.size, 1).tolist()} mm) "
+            f"contains no voxel of the volume, whose voxel centres span RAS {np.round(extent[:3, 0], 1).tolist()} to "
             f"{np.round(extent[:3, 1], 1).tolist()}; move the ROI onto the volume"
         )
     return start, stop
@@ -571,7 +576,8 @@ def _validate_volume(array_kji: Any) -> np.ndarray:
         )
     if array_kji.ndim == 2:
         raise InputError(
-            f"got a single 2D image of shape {array_kji.shape}; M3D-LaMed needs a 3D volume (K, J, I) with several slices"
+            f"got a single 2D image of shape {array_kji.shape}; M3D-LaMed needs a 3D volume (K, J, I) with several "
+            f"slices"
         )
     if array_kji.ndim != 3:
         raise InputError(
@@ -889,7 +895,7 @@ def validate_box(box: Any) -> Box:
 
 
 def format_box(box: Sequence[float]) -> str:
-    """Official text form: Python's list repr of the rounded floats, e.g. ``[0.094, 0.301, 0.223, 0.75, 0.617, 0.551]``."""
+    """Official text form: Python's list repr of the rounded floats: ``[0.094, 0.301, 0.223, 0.75, 0.617, 0.551]``."""
     values = validate_box(box)
     return str([round(v, 3) + 0.0 for v in values])  # + 0.0 turns -0.0 into 0.0
 

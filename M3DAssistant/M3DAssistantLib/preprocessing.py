@@ -142,7 +142,9 @@ def percentile_bounds(
     if result is None:
         foreground = values[values > threshold]
         if foreground.size == 0:
-            raise InputError("the volume is constant, there is no foreground to normalise; check the ROI or slice range")
+            raise InputError(
+                "the volume is constant, there is no foreground to normalise; check the ROI or slice range"
+            )
         lo, hi = np.percentile(foreground, percentiles)
         result = float(lo), float(hi)
     return result

@@ -70,8 +70,12 @@ def read_volume(path: Union[str, os.PathLike], *, series_uid: Optional[str] = No
     unreadable path, 2D images, single slices, 4D / vector / complex volumes, unevenly spaced or tilted DICOM series,
     and volumes larger than the available memory.
     """
-    import SimpleITK as sitk
-
+    try:
+        import SimpleITK  # noqa: F401  (fail here, with the fix, rather than deep inside a reader)
+    except ImportError:
+        raise InputError(
+            "reading volume files needs SimpleITK: pip install SimpleITK (or m3d-slicer[inference])"
+        ) from None
     p = Path(path)
     if not p.exists():
         raise InputError(f"no volume at {p}: the file or folder does not exist; check the path")
@@ -134,7 +138,9 @@ def _read_file(p: Path):
     except MemoryError:
         raise InputError(f"not enough memory to read {p} ({size[:3]} voxels); crop or downsample it first") from None
     except RuntimeError as exc:
-        raise InputError(f"cannot read the voxels of {p} (ITK: {_first_line(exc)}); the file is probably truncated") from None
+        raise InputError(
+            f"cannot read the voxels of {p} (ITK: {_first_line(exc)}); the file is probably truncated"
+        ) from None
     if dim == 4:
         image = image[:, :, :, 0]
     return image
@@ -201,7 +207,7 @@ def _check_slice_positions(reader, n: int, folder: Path) -> None:
         positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
         iop = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])
     except (RuntimeError, ValueError):
-        log.warning("DICOM series in %s lacks ImagePositionPatient/ImageOrientationPatient; slice order unchecked", folder)
+        log.warning("DICOM series in %s lacks ImagePositionPatient/ImageOrientationPatient; spacing unchecked", folder)
         return
     normal = np.cross(iop[:3], iop[3:])
     steps = np.diff(positions, axis=0)
