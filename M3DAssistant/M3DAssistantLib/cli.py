@@ -57,6 +57,19 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, else fp32)")
 
 
+def _add_generation_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--window", default=None,
+                        help="intensity window: abdomen, lung, bone, brain, minmax, or CENTER,WIDTH in HU "
+                             "(default: the official percentile clipping)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON (with provenance)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .model.inspect import format_report, inspect_checkpoint
 
@@ -81,51 +94,233 @@ def cmd_make_test_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Load the model and answer one question about the bundled sample CT."""
-    import time
+def _sampling(args: argparse.Namespace):
+    from .results import SamplingOptions
 
-    import torch
+    return SamplingOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed)
 
-    from .model import encode_prompt, load_model
-    from .model.tokenizer import decode
 
-    bar = ProgressBar(not args.quiet)
-    start = time.perf_counter()
+def _window(value: Optional[str]):
+    """--window: a preset name, "minmax", or CENTER,WIDTH."""
+    if value is None or "," not in value:
+        return value
+    center, width = (float(v) for v in value.split(","))
+    return (center, width)
+
+
+def _engine(args: argparse.Namespace, bar: "ProgressBar"):
+    from .engine import InferenceEngine
+
     try:
-        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-                                      progress=bar)
+        return InferenceEngine(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                               progress=bar)
     finally:
         bar.close()
-    config = model.lamed_config
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model      {model.source} ({config.model_type}, {n_params / 1e6:.1f} M parameters)")
-    print(f"loaded     in {time.perf_counter() - start:.1f} s on {model.device}, {next(model.parameters()).dtype}")
-    print(f"folder     {model.checkpoint_path}")
 
-    volume = Path(args.volume) if args.volume else SAMPLE_CT
-    images, source_desc = _demo_image(volume, config.multimodal.image_size)
-    question = "Please generate a medical report based on this image."
-    ids = encode_prompt(tokenizer, question, config.multimodal.num_image_tokens)
-    input_ids = torch.tensor([ids], device=model.device)
-    images = torch.from_numpy(images)[None].to(model.device, next(model.parameters()).dtype)
-    start = time.perf_counter()
-    output = model.generate(images, input_ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(f"volume     {source_desc}")
-    print(f"question   {question}")
-    print(f"answer     {decode(tokenizer, output[0])!r}  ({output.shape[1]} tokens, {time.perf_counter() - start:.1f} s)")
-    print(f"           [{AI_LABEL}]")
+
+def _load_volume(engine, path: str, args: argparse.Namespace):
+    from .volume_io import read_volume
+
+    array, ijk_to_ras = read_volume(Path(path))
+    engine.set_volume(array, ijk_to_ras, window=_window(args.window))
+    return array, ijk_to_ras
+
+
+def _emit(args: argparse.Namespace, result, human: str, streamed: bool = False) -> None:
+    """Print a result: JSON with --json, else the human line (unless it was already streamed)."""
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    elif not streamed:
+        print(human)
+
+
+def _stream_printer(args: argparse.Namespace):
+    """Print answer text as it is generated (not in --json mode)."""
+    if args.json:
+        return None
+
+    def on_text(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return on_text
+
+
+def _finish_stream(args: argparse.Namespace) -> None:
+    if not args.json:
+        sys.stdout.write("\n")
+        print(f"[{AI_LABEL}]", file=sys.stderr)
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    """report / ask / choose / locate / describe / segment / segment-expression on one volume."""
+    from . import outputs
+
+    bar = ProgressBar(not args.quiet)
+    engine = _engine(args, bar)
+    _array, ijk_to_ras = _load_volume(engine, args.volume, args)
+    sampling, on_text = _sampling(args), _stream_printer(args)
+    task = args.command
+    try:
+        if task == "report":
+            result = engine.report(sampling=sampling, on_text=on_text)
+        elif task == "ask":
+            result = engine.ask(args.question, sampling=sampling, on_text=on_text)
+        elif task == "choose":
+            result = engine.choose(args.question, args.choices, sampling=sampling, on_text=on_text)
+        elif task == "locate":
+            result = engine.locate(args.expression, sampling=sampling, on_text=on_text)
+        elif task == "describe":
+            roi = outputs.read_roi(Path(args.roi))
+            result = engine.describe_region(roi, sampling=sampling, on_text=on_text)
+        elif task == "segment":
+            result = engine.segment(args.target, sampling=sampling, on_text=on_text)
+        else:
+            result = engine.segment_expression(args.expression, sampling=sampling, on_text=on_text)
+    finally:
+        bar.close()
+    _finish_stream(args)
+    _write_outputs(args, result, ijk_to_ras)
+    if args.json:
+        _emit(args, result, "")
+    else:
+        _print_parsed(result)
     return 0
 
 
-def _demo_image(volume: Path, model_shape: Sequence[int]):
-    """The model input for ``volume`` via the geometry module (shape [1, D, H, W] in [0, 1])."""
-    from .geometry import to_model_input
+def _print_parsed(result) -> None:
+    """One line per parsed value, to stderr (stdout has the answer text)."""
+    from .results import BoxResult, ChoiceResult, SegmentationResult
+
+    if getattr(result, "parse_error", None):
+        print(f"note: {result.parse_error}", file=sys.stderr)
+    if isinstance(result, ChoiceResult) and result.letter:
+        print(f"choice: {result.letter}. {result.choice}", file=sys.stderr)
+    if isinstance(result, BoxResult):
+        if result.absent:
+            print(f"the model says there is no {result.target}", file=sys.stderr)
+        elif result.roi is not None:
+            c, z = result.roi.center, result.roi.size
+            print(f"box {list(result.box)}: RAS centre ({c[0]:.1f}, {c[1]:.1f}, {c[2]:.1f}) mm, "
+                  f"size {z[0]:.1f} x {z[1]:.1f} x {z[2]:.1f} mm", file=sys.stderr)
+    if isinstance(result, SegmentationResult):
+        if result.mask is not None:
+            print(f"mask: {result.voxel_count} voxels", file=sys.stderr)
+        elif result.absent:
+            print(f"the model says there is no {result.target}", file=sys.stderr)
+
+
+def _write_outputs(args: argparse.Namespace, result, ijk_to_ras) -> None:
+    """-o: .seg.nrrd for masks, .mrk.json for boxes, .json or text for the rest. Never overwrites without --overwrite."""
+    from . import outputs
+    from .results import BoxResult, SegmentationResult
+
+    out = getattr(args, "output", None)
+    if not out:
+        return
+    path = Path(out)
+    attributes = result.provenance.as_node_attributes()
+    if isinstance(result, SegmentationResult):
+        if result.mask is None:
+            print(f"no mask to write to {path} ({result.parse_error or 'target absent'})", file=sys.stderr)
+            return
+        written = outputs.write_segmentation_nrrd(path, {result.target: result.mask}, ijk_to_ras,
+                                                  attributes=attributes, overwrite=args.overwrite)
+    elif isinstance(result, BoxResult):
+        if result.roi is None:
+            print(f"no box to write to {path} ({result.parse_error or 'target absent'})", file=sys.stderr)
+            return
+        written = outputs.write_roi(path, result.roi, result.target, attributes=attributes, overwrite=args.overwrite)
+    elif path.suffix.lower() == ".json":
+        written = outputs.write_json(path, result.to_dict(), overwrite=args.overwrite)
+    else:
+        written = outputs.write_text(path, f"{result.text}\n\n[{AI_LABEL}]\n", overwrite=args.overwrite)
+    print(f"wrote {written}", file=sys.stderr)
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .retrieval import Retriever
     from .volume_io import read_volume
 
-    array, ijk_to_ras = read_volume(volume)
-    tensor, _mapping = to_model_input(array, ijk_to_ras, window="abdomen", model_shape=tuple(model_shape))
-    return tensor, f"{volume.name} {tuple(array.shape)} (K,J,I)"
+    bar = ProgressBar(not args.quiet)
+    retriever = Retriever(args.clip_model, device=args.device, dtype=args.dtype)
+    bar.close()
+    if args.texts:
+        if len(args.volumes) != 1:
+            raise M3DError("with --texts give exactly one volume to rank them for.")
+        result = retriever.rank_texts(read_volume(Path(args.volumes[0])), args.texts)
+    else:
+        volumes = [read_volume(Path(v)) for v in args.volumes]
+        result = retriever.rank_volumes(args.text, volumes, labels=[Path(v).name for v in args.volumes])
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for rank, (_index, label, score) in enumerate(result.ranking, start=1):
+            print(f"{rank:3d}. {score:+.4f}  {label}")
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import TaskSpec, find_volumes, run_batch, split_for_this_process
+
+    specs = [TaskSpec.parse(t) for t in args.task]
+    volumes, device = split_for_this_process(find_volumes(Path(args.folder)))
+    if device is not None:
+        args.device = device
+    bar = ProgressBar(not args.quiet)
+    engine = _engine(args, bar)
+    status = run_batch(engine, volumes, specs, Path(args.output_dir), sampling=_sampling(args),
+                       window=_window(args.window))
+    bar.close()
+    failed = [name for name, s in status.items() if s.startswith("failed")]
+    print(f"{len(status) - len(failed)} volume(s) done or skipped, {len(failed)} failed; results in {args.output_dir}")
+    return 1 if failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Report, liver segmentation and liver box for the bundled sample CT, written as files Slicer opens."""
+    from . import outputs
+
+    bar = ProgressBar(not args.quiet)
+    engine = _engine(args, bar)
+    info = engine.info()
+    print(f"model    {info['model']} ({info['model_type']}, {info['device']}, {info['dtype']})")
+    volume = Path(args.volume) if args.volume else SAMPLE_CT
+    _array, ijk_to_ras = _load_volume(engine, str(volume), args)
+    print(f"volume   {volume.name} {tuple(_array.shape)} (K,J,I)")
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sampling = _sampling(args)
+    results = {}
+    try:
+        results["report"] = engine.report(sampling=sampling)
+        results["segment"] = engine.segment("liver", sampling=sampling)
+        results["locate"] = engine.locate("liver", sampling=sampling)
+    finally:
+        bar.close()
+    report_path = outputs.write_text(outputs.unique_path(out_dir / "report.txt"),
+                                     f"{results['report'].text}\n\n[{AI_LABEL}]\n")
+    print(f"report   {results['report'].text!r}\n         -> {report_path}")
+    seg = results["segment"]
+    if seg.mask is not None:
+        path = outputs.write_segmentation_nrrd(outputs.unique_path(out_dir / "liver.seg.nrrd"), {"liver": seg.mask},
+                                               ijk_to_ras, attributes=seg.provenance.as_node_attributes())
+        print(f"segment  {seg.text!r}: {seg.voxel_count} voxels -> {path}")
+    else:
+        print(f"segment  {seg.text!r}: no mask ({seg.parse_error or 'the model says the target is absent'})")
+    box = results["locate"]
+    if box.roi is not None:
+        path = outputs.write_roi(outputs.unique_path(out_dir / "liver.mrk.json"), box.roi, "liver",
+                                 attributes=box.provenance.as_node_attributes())
+        print(f"locate   {box.text!r}: box {list(box.box)} -> {path}")
+    else:
+        print(f"locate   {box.text!r}: no box ({box.parse_error or 'the model says the target is absent'})")
+    all_path = outputs.write_json(outputs.unique_path(out_dir / "results.json"),
+                                  {k: r.to_dict() for k, r in results.items()})
+    print(f"all      -> {all_path}   (drag the .nrrd, .seg.nrrd and .mrk.json files into Slicer with the CT)")
+    print(f"         [{AI_LABEL}]")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,12 +334,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="load a model and write a report for the bundled sample CT")
+    p = sub.add_parser("demo", help="report, liver mask and liver box for the bundled sample CT, as Slicer files")
     _add_model_args(p)
+    _add_generation_args(p)
     p.add_argument("--volume", default=None, help="NIfTI/NRRD file or DICOM folder (default: bundled sample CT)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--output-dir", default="m3d-demo-output", help="where to write the files (never overwritten)")
+    p.set_defaults(func=cmd_demo, max_new_tokens=64)
+
+    tasks = [
+        ("report", "write a findings report", []),
+        ("ask", "answer an open question", [("question", {})]),
+        ("choose", "answer a multiple-choice question", [("question", {}), ("--choices", {"nargs": "+", "required": True})]),
+        ("locate", "find a target: 3D box (-o ROI.mrk.json)", [("expression", {})]),
+        ("describe", "say what is inside a box (--roi ROI.mrk.json)", [("--roi", {"required": True})]),
+        ("segment", "segment a named structure (-o NAME.seg.nrrd)", [("target", {})]),
+        ("segment-expression", "segment what a description refers to (-o NAME.seg.nrrd)", [("expression", {})]),
+    ]
+    for name, help_text, extra in tasks:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("volume", help="NIfTI / NRRD file or DICOM folder")
+        for arg, kwargs in extra:
+            p.add_argument(arg, **kwargs)
+        _add_model_args(p)
+        _add_generation_args(p)
+        p.add_argument("-o", "--output", help="write the result: .seg.nrrd (masks), .mrk.json (boxes), .json, .txt")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+        p.set_defaults(func=cmd_task)
+
+    p = sub.add_parser("batch", help="run prompts over a folder of volumes (resumable; accelerate launch for GPUs)")
+    p.add_argument("folder", help="folder of NIfTI/NRRD files and/or DICOM series folders")
+    p.add_argument("--task", action="append", required=True,
+                   help="report | ask:QUESTION | locate:TARGET | segment:TARGET | segment_expression:TEXT (repeat)")
+    p.add_argument("-o", "--output-dir", required=True, help="one subfolder per volume; done volumes are skipped")
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("retrieve", help="M3D-CLIP: rank texts for a volume, or volumes for a text")
+    p.add_argument("volumes", nargs="+", help="volume file(s) / DICOM folder(s)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--texts", nargs="+", help="texts to rank for the (single) volume")
+    group.add_argument("--text", help="text to rank the volumes for")
+    p.add_argument("--clip-model", default=None, help="M3D-CLIP hub id or folder (default GoodBaiBai88/M3D-CLIP)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_retrieve)
 
     p = sub.add_parser("make-test-checkpoint",
                        help="write a random-weight checkpoint in the official layout (for offline tests)")

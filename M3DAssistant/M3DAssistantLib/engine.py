@@ -37,6 +37,7 @@ from .errors import CancelledError, InputError
 from .geometry import RasRoi, VolumeToModelMapping, box_to_roi, default_convention, logits_to_mask, roi_to_box
 from .geometry import to_model_input
 from .progress import ProgressCallback, report
+from .retrieval import volume_key  # one content hash for every cache (re-exported for the server)
 from .results import (
     BoxResult,
     ChoiceResult,
@@ -121,16 +122,6 @@ class _TextStreamer:
         pass
 
 
-def volume_key(array: np.ndarray, ijk_to_ras: np.ndarray) -> str:
-    """A content hash of a volume: voxels, their dtype and shape, and the geometry."""
-    digest = hashlib.blake2b(digest_size=16)
-    contiguous = np.ascontiguousarray(array)
-    digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
-    digest.update(memoryview(contiguous).cast("B"))
-    digest.update(np.asarray(ijk_to_ras, dtype=np.float64).tobytes())
-    return digest.hexdigest()
-
-
 def _checkpoint_revision(folder: Optional[Path]) -> Optional[str]:
     """The hub commit of a cached snapshot, else a hash of the local config and weight index."""
     if folder is None:
@@ -154,6 +145,8 @@ class InferenceEngine:
         device, dtype, revision: as :func:`M3DAssistantLib.model.load_model`.
         clip_model: hub id or folder of M3D-CLIP for :meth:`retrieve` (loaded on first use).
         caching: reuse image features, prefix KV cache and SegVol embedding across prompts (default True).
+        cache_prefix: with ``caching``, also reuse the KV cache of BOS + image tokens (default True; off only to
+            measure what it brings).
         max_volumes: how many volumes keep their cached features (least recently used are dropped).
         convention: force one orientation convention for every task (default: the task's own, see geometry).
         progress: receives :class:`~M3DAssistantLib.progress.ProgressEvent` for loading and every request.
@@ -168,6 +161,7 @@ class InferenceEngine:
         revision: Optional[str] = None,
         clip_model: Union[str, Path, None] = None,
         caching: bool = True,
+        cache_prefix: bool = True,
         max_volumes: int = 4,
         convention: Optional[str] = None,
         progress: Optional[ProgressCallback] = None,
@@ -181,6 +175,7 @@ class InferenceEngine:
             self.model, self.tokenizer = load_model(model, device=device, dtype=dtype, revision=revision,
                                                     progress=progress)
         self.caching = caching
+        self.cache_prefix = cache_prefix
         self.max_volumes = max(1, int(max_volumes))
         self.convention = convention
         self.clip_source = clip_model
@@ -326,7 +321,7 @@ class InferenceEngine:
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt, self.model.num_image_tokens)], device=self.device)
         features = self._image_features(view)
         kwargs = sampling.generate_kwargs()
-        if self.caching:
+        if self.caching and self.cache_prefix:
             kwargs["cache"] = self._prefix_cache(view, ids)
         if seg:
             kwargs["seg_image_embedding"] = self._seg_embedding(view) if self.caching else None
@@ -468,11 +463,13 @@ class InferenceEngine:
         with self._lock:
             if self._retriever is None:
                 self._retriever = Retriever(self.clip_source, device=self.device, dtype=self.dtype)
+            window = self._volume().handle.window if self._current in self._volumes else None
             if texts is not None:
                 volume = self._volume()
-                return self._retriever.rank_texts((volume.array, volume.ijk_to_ras), list(texts), labels=labels)
+                return self._retriever.rank_texts((volume.array, volume.ijk_to_ras), list(texts), labels=labels,
+                                                  window=window)
             if text is not None and volumes is not None:
-                return self._retriever.rank_volumes(text, list(volumes), labels=labels)
+                return self._retriever.rank_volumes(text, list(volumes), labels=labels, window=window)
         raise InputError("retrieve needs texts=[...] (ranked for the current volume) or text=... with volumes=[...].")
 
     # ----------------------------------------------------------------------------------------------- streaming

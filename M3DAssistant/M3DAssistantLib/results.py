@@ -26,6 +26,7 @@ class SamplingOptions:
     """How tokens are chosen. Greedy by default (as the official benchmark scripts)."""
 
     max_new_tokens: int = 256
+    min_new_tokens: int = 0  # >0 suppresses EOS until then (fixed-length benchmarks)
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 0.9
@@ -33,6 +34,8 @@ class SamplingOptions:
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": int(self.max_new_tokens), "do_sample": bool(self.do_sample)}
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = int(self.min_new_tokens)
         if self.do_sample:
             kwargs.update(temperature=float(self.temperature), top_p=float(self.top_p))
         return kwargs

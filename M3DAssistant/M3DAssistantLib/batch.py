@@ -1,0 +1,150 @@
+"""``m3d batch``: the same prompts over a folder of volumes, one result folder per volume, resumable.
+
+Each volume gets ``OUT/<name>/`` with the task outputs (``report.txt``, ``<target>.seg.nrrd``, ``<target>.mrk.json``)
+and ``results.json`` written last: a volume whose ``results.json`` exists is skipped on a re-run. Under
+``accelerate launch`` the volumes are split across the processes by accelerate (``split_between_processes``), each on
+its own device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from . import AI_LABEL
+from .errors import InputError, M3DError
+
+logger = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+TASKS = ("report", "ask", "locate", "segment", "segment_expression")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """One prompt to run on every volume: ``report``, ``ask:QUESTION``, ``locate:TARGET``, ``segment:TARGET``,
+    ``segment_expression:TEXT``."""
+
+    task: str
+    argument: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "TaskSpec":
+        task, _, argument = text.partition(":")
+        task = task.strip().replace("-", "_")
+        if task not in TASKS:
+            raise InputError(f"unknown batch task {task!r}; use one of {', '.join(TASKS)} (e.g. 'segment:liver').")
+        if task != "report" and not argument.strip():
+            raise InputError(f"batch task {task!r} needs an argument, e.g. '{task}:liver'.")
+        return cls(task, argument.strip())
+
+    @property
+    def slug(self) -> str:
+        safe = "".join(c if c.isalnum() else "_" for c in self.argument.lower()).strip("_")[:40]
+        return f"{self.task}_{safe}" if safe else self.task
+
+
+def find_volumes(folder: Path) -> list[Path]:
+    """Volume files (NIfTI, NRRD, MetaImage) and DICOM series folders directly inside ``folder``, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder; give a folder of volumes (NIfTI, NRRD or DICOM series folders).")
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES):
+            found.append(path)
+        elif path.is_dir() and any(p.is_file() for p in path.iterdir()):
+            found.append(path)  # read_volume treats a folder as a DICOM series
+    if not found:
+        raise InputError(f"{folder} holds no volumes ({', '.join(VOLUME_SUFFIXES)} files or DICOM folders).")
+    return found
+
+
+def volume_name(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def run_batch(
+    engine,
+    volumes: Sequence[Path],
+    specs: Sequence[TaskSpec],
+    out_dir: Path,
+    *,
+    sampling=None,
+    window=None,
+    log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+) -> dict[str, str]:
+    """Run ``specs`` on each volume; returns {volume name: "done" | "skipped" | "failed: ..."}."""
+    from . import outputs
+    from .volume_io import read_volume
+
+    status: dict[str, str] = {}
+    out_dir = Path(out_dir)
+    for path in volumes:
+        name = volume_name(path)
+        target = out_dir / name
+        if (target / "results.json").is_file():
+            status[name] = "skipped"
+            log(f"{name}: done before, skipped")
+            continue
+        try:
+            array, ijk_to_ras = read_volume(path)
+            engine.set_volume(array, ijk_to_ras, window=window)
+            target.mkdir(parents=True, exist_ok=True)
+            results = {}
+            for spec in specs:
+                result = _run_one(engine, spec, sampling)
+                results[spec.slug] = result.to_dict()
+                _write_files(outputs, target, spec, result, ijk_to_ras)
+            outputs.write_json(target / "results.json", {"volume": str(path), "label": AI_LABEL, "results": results},
+                               overwrite=True)
+            engine.forget_volume()
+            status[name] = "done"
+            log(f"{name}: done")
+        except M3DError as e:  # one bad volume must not stop the batch
+            status[name] = f"failed: {e}"
+            log(f"{name}: FAILED: {e}")
+    return status
+
+
+def _run_one(engine, spec: TaskSpec, sampling):
+    if spec.task == "report":
+        return engine.report(sampling=sampling)
+    if spec.task == "ask":
+        return engine.ask(spec.argument, sampling=sampling)
+    if spec.task == "locate":
+        return engine.locate(spec.argument, sampling=sampling)
+    if spec.task == "segment":
+        return engine.segment(spec.argument, sampling=sampling)
+    return engine.segment_expression(spec.argument, sampling=sampling)
+
+
+def _write_files(outputs, folder: Path, spec: TaskSpec, result, ijk_to_ras) -> None:
+    attributes = result.provenance.as_node_attributes()
+    if spec.task in ("segment", "segment_expression") and result.mask is not None:
+        outputs.write_segmentation_nrrd(folder / f"{spec.slug}.seg.nrrd", {spec.argument: result.mask}, ijk_to_ras,
+                                        attributes=attributes, overwrite=True)
+    elif spec.task == "locate" and result.roi is not None:
+        outputs.write_roi(folder / f"{spec.slug}.mrk.json", result.roi, spec.argument, attributes=attributes,
+                          overwrite=True)
+    elif spec.task in ("report", "ask"):
+        outputs.write_text(folder / f"{spec.slug}.txt", f"{result.text}\n\n[{AI_LABEL}]\n", overwrite=True)
+
+
+def split_for_this_process(volumes: Sequence[Path]) -> tuple[list[Path], Optional[str]]:
+    """Under ``accelerate launch`` (WORLD_SIZE > 1): this process's share of the volumes and its device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return list(volumes), None
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.split_between_processes(list(volumes)) as share:
+        return list(share), str(state.device)
