@@ -613,3 +613,27 @@ def test_json_and_text_content(tmp_path):
     assert sorted(q.name for q in tmp_path.iterdir()) == ["a.json"]
     t = write_text(tmp_path / "r.txt", "line 1\r\nline 2 — ünïcode\n")
     assert t.read_bytes() == "line 1\r\nline 2 — ünïcode\n".encode()
+
+
+def test_read_roi_inverts_write_roi_for_an_oblique_box(tmp_path):
+    from M3DAssistantLib.geometry import RasRoi
+    from M3DAssistantLib.outputs import read_roi, write_roi
+
+    angle = np.deg2rad(25)
+    axes = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1.0]])
+    roi = RasRoi(center=np.array([-12.5, 40.0, 7.25]), size=np.array([30.0, 20.0, 10.0]), axes=axes)
+    path = write_roi(tmp_path / "box.mrk.json", roi, "box")
+    back = read_roi(path)
+    np.testing.assert_allclose(back.center, roi.center, atol=1e-9)
+    np.testing.assert_allclose(back.size, roi.size, atol=1e-9)
+    np.testing.assert_allclose(back.axes, roi.axes, atol=1e-9)
+
+
+def test_read_roi_without_roi_is_a_clear_error(tmp_path):
+    from M3DAssistantLib.errors import InputError
+    from M3DAssistantLib.outputs import read_roi
+
+    path = tmp_path / "points.mrk.json"
+    path.write_text('{"markups": [{"type": "Fiducial", "controlPoints": []}]}')
+    with pytest.raises(InputError, match="no ROI markup"):
+        read_roi(path)

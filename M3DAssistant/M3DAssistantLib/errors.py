@@ -33,3 +33,7 @@ class GeometryError(InputError):
 
 class CancelledError(M3DError):
     """Work was cancelled by the user."""
+
+
+class OutputWriteError(M3DError, OSError):
+    """The file system refused a write (disk full, permission denied, read-only folder, ...)."""

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import InputError, M3DError
+from .errors import InputError, M3DError, OutputWriteError
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,6 @@ FALLBACK_PALETTE: tuple[tuple[int, int, int], ...] = (
 
 _COMPOUND_SUFFIXES = (".seg.nrrd", ".seg.nhdr", ".seg.vtm", ".mrk.json", ".nii.gz", ".tar.gz")
 _RESERVED_HEADER_PREFIXES = ("segment", "terminologyentry")  # Slicer's own fields and tag
-
-
-class OutputWriteError(M3DError, OSError):
-    """The file system refused a write (disk full, permission denied, read-only folder, ...)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -756,8 +752,40 @@ def write_roi(path: PathLike, roi: Any, name: str = "ROI", attributes: Optional[
     return write_roi_markups_json(path, roi.center, roi.size, roi.axes, name, attributes, overwrite)
 
 
+def read_roi(path: PathLike, name: Optional[str] = None) -> Any:
+    """Read a box ROI from a Slicer markups JSON file (as Slicer or :func:`write_roi` writes it) -> ``RasRoi``.
+
+    The first ROI markup is used, or the one called ``name``. LPS and RAS files are both read.
+    """
+    import json
+
+    from .geometry import RasRoi
+
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        markups = [m for m in doc.get("markups", []) if m.get("type") == "ROI"]
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputError(f"{p}: not a readable Slicer markups JSON file ({e}); save the ROI from Slicer as .mrk.json") from e
+    if name is not None:
+        markups = [m for m in markups if m.get("name") == name]
+    if not markups:
+        raise InputError(f"{p}: no ROI markup{f' named {name!r}' if name else ''} in this file; draw an ROI in "
+                         "Slicer (Markups > ROI) and save it")
+    markup = markups[0]
+    try:
+        center = np.array(markup["center"], dtype=np.float64).reshape(3)
+        size = np.array(markup["size"], dtype=np.float64).reshape(3)
+        axes = np.array(markup.get("orientation", np.eye(3).ravel()), dtype=np.float64).reshape(3, 3)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{p}: the ROI has no valid center/size/orientation ({e})") from e
+    if markup.get("coordinateSystem", "LPS") == "LPS":
+        center, axes = LPS_FROM_RAS @ center, LPS_FROM_RAS @ axes
+    return RasRoi(center=center, size=size, axes=axes)
+
+
 __all__ = [
     "ANATOMY_COLORS", "FALLBACK_PALETTE", "MARKUPS_SCHEMA", "OutputWriteError", "anatomy_color",
-    "atomic_write_bytes", "default_colors", "parse_color", "roi_markups_dict", "unique_path", "write_json",
+    "atomic_write_bytes", "default_colors", "parse_color", "read_roi", "roi_markups_dict", "unique_path", "write_json",
     "write_roi", "write_roi_markups_json", "write_segmentation_nrrd", "write_text",
 ]
