@@ -1,0 +1,129 @@
+"""The task commands of ``m3d`` end to end on the real CT: files Slicer opens, JSON, batch, no overwriting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from M3DAssistantLib import AI_LABEL, cli
+from M3DAssistantLib.engine import InferenceEngine
+from M3DAssistantLib.volume_io import read_volume
+from test_cli_model import m3d
+from test_engine import force_answer
+
+
+@pytest.fixture
+def forced_cli(monkeypatch, tiny_phi3_model):
+    """Run cli.main in-process with an engine whose answers start with a chosen text."""
+    answers = {}
+
+    def make_engine(args, bar):
+        engine = InferenceEngine(tiny_phi3_model)
+        if "text" in answers:
+            answers["restore"] = force_answer(engine, answers["text"])
+        return engine
+
+    monkeypatch.setattr(cli, "_engine", make_engine)
+
+    def run(answer, *argv):
+        answers["text"] = answer
+        try:
+            return cli.main([str(a) for a in argv])
+        finally:
+            answers.pop("restore", lambda: None)()
+
+    return run
+
+
+def test_report_json_has_provenance_and_label(tiny_phi3, ct_path):
+    result = m3d("report", ct_path, "--model", tiny_phi3, "--max-new-tokens", "4", "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["task"] == "report" and data["provenance"]["label"] == AI_LABEL
+    assert data["provenance"]["convention"] == "m3d-cap-v1@v1"
+
+
+def test_segment_writes_a_seg_nrrd_slicer_reads_on_the_ct_grid(forced_cli, ct_path, tmp_path, headless_slicer):
+    import vtk
+    from slicer import util
+
+    out = tmp_path / "liver.seg.nrrd"
+    assert forced_cli(" It is [SEG].", "segment", ct_path, "liver", "-o", out, "--max-new-tokens", "8", "--quiet") == 0
+    scene, logics = headless_slicer
+    seg_node = logics["segmentations"].LoadSegmentationFromFile(str(out), False)
+    segment_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    assert segment_id
+    volume = logics["volumes"].AddArchetypeVolume(str(ct_path), "ct")
+    mask = util.arrayFromSegmentBinaryLabelmap(seg_node, segment_id, volume)
+    assert mask.shape == util.arrayFromVolume(volume).shape and mask.any()
+    segment = seg_node.GetSegmentation().GetSegment(segment_id)
+    label = vtk.reference("")
+    assert segment.GetTag("M3D.label", label) and str(label) == AI_LABEL  # provenance travels with the segment
+
+
+def test_locate_writes_roi_and_describe_reads_it_back(forced_cli, ct_path, tmp_path, capsys):
+    from M3DAssistantLib.outputs import read_roi
+
+    out = tmp_path / "liver.mrk.json"
+    box = "[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]"
+    code = forced_cli(f" Coordinates are <bx_start>{box}<bx_end>.", "locate", ct_path, "liver", "-o", out,
+                      "--max-new-tokens", "40", "--json", "--quiet")
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["box"] == [0.1, 0.2, 0.3, 0.5, 0.6, 0.7]
+    roi = read_roi(out)
+    np.testing.assert_allclose(roi.center, result["roi_ras"]["center"], atol=1e-6)
+    np.testing.assert_allclose(roi.size, result["roi_ras"]["size"], atol=1e-6)
+    # describe the same box: the prompt carries the box text the model gave
+    assert forced_cli(" The target is liver.", "describe", ct_path, "--roi", out, "--max-new-tokens", "8",
+                      "--json", "--quiet") == 0
+    described = json.loads(capsys.readouterr().out)
+    assert f"<bx_start>{box}<bx_end>" in described["provenance"]["prompt"]
+
+
+def test_existing_output_is_not_overwritten(forced_cli, ct_path, tmp_path, capsys):
+    out = tmp_path / "answer.txt"
+    out.write_text("my notes")
+    assert forced_cli(" Yes.", "ask", ct_path, "Is there ascites?", "-o", out, "--quiet") == 2
+    assert "exists" in capsys.readouterr().err and out.read_text() == "my notes"
+    assert forced_cli(" Yes.", "ask", ct_path, "Is there ascites?", "-o", out, "--overwrite", "--quiet") == 0
+    assert out.read_text().startswith("Yes.") and AI_LABEL in out.read_text()
+
+
+def test_choose_prints_choice(forced_cli, ct_path, capsys):
+    assert forced_cli(" B. Coronal", "choose", ct_path, "Which plane?", "--choices", "Axial", "Coronal", "Sagittal",
+                      "Oblique", "--quiet") == 0
+    assert "choice: B. Coronal" in capsys.readouterr().err
+
+
+def test_bad_volume_path_is_one_line_error(tiny_phi3, tmp_path):
+    result = m3d("report", tmp_path / "missing.nii.gz", "--model", tiny_phi3, "--quiet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "missing.nii.gz" in result.stderr
+
+
+def test_batch_runs_each_volume_once_and_resumes(tiny_phi3, data_dir, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(data_dir / "example_ct_sm.nii.gz", folder / "a.nii.gz")
+    shutil.copytree(data_dir / "example_ct_dicom", folder / "b_dicom")
+    out = tmp_path / "out"
+    args = ["batch", folder, "--task", "report", "--task", "segment:liver", "-o", out, "--model", tiny_phi3,
+            "--max-new-tokens", "3", "--quiet"]
+    first = m3d(*args)
+    assert first.returncode == 0, first.stderr
+    for name in ("a", "b_dicom"):
+        results = json.loads((out / name / "results.json").read_text())
+        assert set(results["results"]) == {"report", "segment_liver"} and results["label"] == AI_LABEL
+        assert (out / name / "report.txt").is_file()
+    second = m3d(*args)
+    assert second.returncode == 0 and second.stderr.count("done before, skipped") == 2
+
+
+def test_demo_writes_files(tiny_phi3, tmp_path):
+    result = m3d("demo", "--model", tiny_phi3, "--max-new-tokens", "4", "--quiet", "--output-dir", tmp_path / "demo")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo" / "report.txt").is_file() and (tmp_path / "demo" / "results.json").is_file()
+    assert "drag the" in result.stdout
