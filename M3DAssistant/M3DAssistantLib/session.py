@@ -1,0 +1,364 @@
+"""AssistantSession: the eight M3D tasks on Slicer nodes, without Qt. The module's Logic is a thin layer over it.
+
+A session talks to a *backend*: the in-process :class:`~.engine.InferenceEngine` or the HTTP client of a worker
+(``client.py``), which has the same methods (``set_volume``, ``report``, ``ask``, ``choose``, ``locate``,
+``describe_region``, ``segment``, ``segment_expression``, ``retrieve``, ``cancel``). It reads volume nodes and writes
+results through :mod:`.scene` (MRML only), so it runs in Slicer and headless with slicer-core.
+
+What the session adds on top of the backend:
+
+* volume nodes in, nodes out: a report becomes a new text node, a box a new ROI node, a mask a new segment; a result
+  without a box or mask makes no node (``None``), never an empty or made-up one;
+* the volume is read and sent only when its content, geometry or the preprocessing options changed (a cheap
+  fingerprint of the node, :func:`.scene.volume_signature`, is compared; the voxels are not re-read per prompt);
+  after a failed request it is sent again (a restarted worker has lost it);
+* a conversation per volume node for multi-turn questions (reset when the volume's content changes);
+* defaults for the window, an ROI node to crop to, the sampling options and a streaming ``on_text`` callback, each
+  overridable per call.
+
+Blocking or not: every task method blocks by default (scripting). With ``wait=False`` it reads what it needs from
+the scene, starts the backend call in a background thread and returns a :class:`PendingRequest` at once; the GUI
+polls :meth:`PendingRequest.done` (e.g. from a QTimer) and then calls :meth:`PendingRequest.result` on the main
+thread, which writes the nodes and returns what the blocking call would have returned. MRML is only touched on the
+calling thread; in that mode ``on_text`` is called from the background thread (append to a buffer, show it when
+polling). One request runs at a time per session; :meth:`cancel` may be called from any thread.
+
+The session assumes it is the only user of its backend (it remembers which volume the backend holds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import scene
+from .errors import CancelledError, InputError, M3DError
+from .geometry import RasRoi
+from .results import (
+    BoxResult,
+    ChoiceResult,
+    RetrievalResult,
+    SamplingOptions,
+    SegmentationResult,
+    TextResult,
+)
+
+if TYPE_CHECKING:
+    import slicer
+
+TextCallback = Callable[[str], None]
+_UNSET: Any = object()
+
+
+@dataclasses.dataclass
+class _Volume:
+    """A volume as prepared on the calling thread: its fingerprint, options and, if it must be sent, its voxels."""
+
+    signature: tuple
+    options: tuple
+    window: Any
+    roi: Optional[RasRoi]
+    array: Optional[np.ndarray] = None  # None: the backend already holds it
+    ijk_to_ras: Optional[np.ndarray] = None
+
+
+@dataclasses.dataclass
+class _Call:
+    """One task split by thread: ``run`` talks to the backend only (any thread), ``finish`` writes MRML (caller's)."""
+
+    volume: Optional[_Volume]
+    run: Callable[[], Any]
+    finish: Callable[[Any], Any]
+
+
+class PendingRequest:
+    """A task running in a background thread (see ``wait=False``). Poll :meth:`done`, then call :meth:`result` on
+    the thread that owns the scene (the main thread in Slicer)."""
+
+    def __init__(self, session: "AssistantSession", call: _Call):
+        self._session, self._call = session, call
+        self._finished = threading.Event()
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+        self._collected = False
+        self._output: Any = None
+        self._thread = threading.Thread(target=self._work, name="m3d-session-request", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            self._value = self._session._run(self._call)
+        except BaseException as e:  # handed to result(), on the caller's thread
+            self._error = e
+        finally:
+            self._finished.set()
+
+    def done(self) -> bool:
+        """True once the backend answered (or failed)."""
+        return self._finished.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until done (or the timeout, in seconds); True when done."""
+        return self._finished.wait(timeout)
+
+    def cancel(self) -> None:
+        """Ask the backend to stop this request; :meth:`result` then raises CancelledError."""
+        self._session.cancel()
+
+    def result(self) -> Any:
+        """What the blocking call returns (creating the nodes now, once); raises the request's error.
+
+        Call it on the thread that owns the scene, after :meth:`done` (it waits otherwise)."""
+        self._finished.wait()
+        if self._error is not None:
+            raise self._error
+        if not self._collected:
+            self._output = self._call.finish(self._value)
+            self._collected = True
+        return self._output
+
+
+class AssistantSession:
+    """All eight tasks on volume nodes, for one backend (engine or client).
+
+    Args:
+        backend: an object with the :class:`~.engine.InferenceEngine` task methods.
+        window: default intensity window (a preset name such as ``"abdomen"``, ``(center, width)`` in HU, or None
+            for the model's default); per-call ``window=`` overrides it.
+        roi_node: default ROI markup (or :class:`~.geometry.RasRoi`) to crop the volume to before the model sees it
+            (None: the whole volume); per-call ``roi_node=`` overrides it.
+        sampling: default :class:`~.results.SamplingOptions`.
+        on_text: default callback receiving the answer's text as it is generated.
+
+    Every task method takes ``wait=True``; ``wait=False`` returns a :class:`PendingRequest` instead (see the module
+    docstring).
+
+    Example (Slicer Python console)::
+
+        session = AssistantSession(InferenceEngine())
+        text_node, result = session.report(volume_node)
+        answer, result = session.ask(volume_node, "Is there a liver lesion?")
+        roi_node, result = session.locate(volume_node, "liver")
+        segmentation_node, segment_id, result = session.segment(volume_node, "liver")
+    """
+
+    def __init__(self, backend: Any, *, window: Any = None, roi_node: Any = None,
+                 sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None):
+        self.backend = backend
+        self.window = window
+        self.roi_node = roi_node
+        self.sampling = sampling
+        self.on_text = on_text
+        self._sent: Optional[tuple[tuple, tuple]] = None  # (signature, options) of the volume the backend holds
+        self._conversations: dict[str, list[tuple[str, str]]] = {}
+        self._conversation_signatures: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+        self._pending: Optional[PendingRequest] = None
+        self.volume_uploads = 0  # how often a volume was read and sent (for tests and diagnostics)
+
+    # ------------------------------------------------------------------------------------------ volumes, running
+    def _prepare_volume(self, volume_node: Any, window: Any = _UNSET, roi_node: Any = _UNSET) -> _Volume:
+        """On the calling thread: fingerprint the volume and read its voxels only if the backend lacks them."""
+        window = self.window if window is _UNSET else window
+        roi_node = self.roi_node if roi_node is _UNSET else roi_node
+        roi = roi_node if roi_node is None or isinstance(roi_node, RasRoi) else scene.roi_from_node(roi_node)
+        signature = scene.volume_signature(volume_node)
+        options = (repr(window), repr(None if roi is None else roi.to_dict()))
+        node_id = volume_node.GetID()
+        if self._conversation_signatures.get(node_id, signature) != signature:
+            self._conversations.pop(node_id, None)  # the image changed: earlier answers were about another image
+        self._conversation_signatures[node_id] = signature
+        volume = _Volume(signature, options, window, roi)
+        if self._sent != (signature, options):
+            volume.array, volume.ijk_to_ras = scene.read_volume_node(volume_node)
+        return volume
+
+    def _run(self, call: _Call) -> Any:
+        """The backend part of a request (any thread): send the volume if needed, then the task."""
+        with self._lock:
+            try:
+                volume = call.volume
+                if volume is not None and volume.array is not None:
+                    self._sent = None
+                    self.backend.set_volume(volume.array, volume.ijk_to_ras, window=volume.window, roi=volume.roi)
+                    self._sent = (volume.signature, volume.options)
+                    self.volume_uploads += 1
+                return call.run()
+            except CancelledError:
+                raise
+            except BaseException:
+                self._sent = None  # the backend may have lost the volume (e.g. a worker that crashed and restarted)
+                raise
+
+    def _dispatch(self, call: _Call, wait: bool) -> Any:
+        if wait:
+            return call.finish(self._run(call))
+        self._pending = PendingRequest(self, call)
+        return self._pending
+
+    def _check_idle(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            raise M3DError("another M3D request is still running; wait for it to finish or cancel it first")
+
+    def invalidate_volume(self) -> None:
+        """Make the next request read and send its volume again (e.g. after the worker restarted). Failed requests
+        do this automatically; the backend itself is not touched."""
+        self._sent = None
+
+    def cancel(self) -> None:
+        """Stop the running request at its next decoding step or encoder call (from any thread)."""
+        self.backend.cancel()
+
+    def _kwargs(self, sampling: Optional[SamplingOptions], on_text: Any) -> dict[str, Any]:
+        return {"sampling": sampling if sampling is not None else self.sampling,
+                "on_text": self.on_text if on_text is _UNSET else on_text}
+
+    # ---------------------------------------------------------------------------------------------- conversation
+    def history(self, volume_node: Any) -> list[tuple[str, str]]:
+        """The (question, answer) turns asked about this volume so far in this session."""
+        return list(self._conversations.get(volume_node.GetID(), []))
+
+    def clear_history(self, volume_node: Any = None) -> None:
+        """Forget the conversation about one volume (or all)."""
+        if volume_node is None:
+            self._conversations.clear()
+        else:
+            self._conversations.pop(volume_node.GetID(), None)
+
+    # ----------------------------------------------------------------------------------------------------- tasks
+    def report(self, volume_node: Any, *, name: Optional[str] = None, window: Any = _UNSET, roi_node: Any = _UNSET,
+               sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
+               wait: bool = True) -> tuple[Optional["slicer.vtkMRMLTextNode"], TextResult]:
+        """Report generation -> (a new text node, or None when the model wrote nothing; the result)."""
+        self._check_idle()
+        volume = self._prepare_volume(volume_node, window, roi_node)
+        kwargs = self._kwargs(sampling, on_text)
+        name = name or f"{volume_node.GetName()} M3D report"
+
+        def finish(result: TextResult):
+            if not result.text.strip():
+                return None, result
+            return scene.add_text(result, name, volume_node=volume_node), result
+
+        return self._dispatch(_Call(volume, lambda: self.backend.report(**kwargs), finish), wait)
+
+    def ask(self, volume_node: Any, question: str, history: Optional[Sequence[tuple[str, str]]] = None, *,
+            window: Any = _UNSET, roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None,
+            on_text: Any = _UNSET, wait: bool = True) -> tuple[str, TextResult]:
+        """Open question about the volume -> (answer, result).
+
+        ``history=None`` continues this session's conversation about the volume (the turn is then added to it);
+        pass a list (``[]`` for none) to use exactly those earlier turns instead, without recording this one."""
+        self._check_idle()
+        volume = self._prepare_volume(volume_node, window, roi_node)
+        kwargs = self._kwargs(sampling, on_text)
+        record = history is None
+        turns = self.history(volume_node) if record else list(history)
+        node_id = volume_node.GetID()
+
+        def finish(result: TextResult):
+            if record:
+                self._conversations.setdefault(node_id, []).append((question, result.text))
+            return result.text, result
+
+        return self._dispatch(_Call(volume, lambda: self.backend.ask(question, history=turns, **kwargs), finish),
+                              wait)
+
+    def choose(self, volume_node: Any, question: str, choices: Sequence[str], *, window: Any = _UNSET,
+               roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
+               wait: bool = True) -> tuple[str, ChoiceResult]:
+        """Multiple choice -> (the chosen option's text, or the raw answer when it names none; result)."""
+        self._check_idle()
+        volume = self._prepare_volume(volume_node, window, roi_node)
+        kwargs = self._kwargs(sampling, on_text)
+        choices = list(choices)
+
+        def finish(result: ChoiceResult):
+            return (result.choice if result.choice is not None else result.text), result
+
+        return self._dispatch(_Call(volume, lambda: self.backend.choose(question, choices, **kwargs), finish), wait)
+
+    def locate(self, volume_node: Any, expression: str, *, name: Optional[str] = None, window: Any = _UNSET,
+               roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
+               wait: bool = True) -> tuple[Optional["slicer.vtkMRMLMarkupsROINode"], BoxResult]:
+        """Find a structure or described region -> (a new ROI node, or None when no box came back; result)."""
+        self._check_idle()
+        volume = self._prepare_volume(volume_node, window, roi_node)
+        kwargs = self._kwargs(sampling, on_text)
+
+        def finish(result: BoxResult):
+            if result.roi is None:
+                return None, result
+            return scene.add_roi(result, name or expression, volume_node=volume_node), result
+
+        return self._dispatch(_Call(volume, lambda: self.backend.locate(expression, **kwargs), finish), wait)
+
+    def describe_region(self, volume_node: Any, roi_node: Any, *, window: Any = _UNSET, crop_roi_node: Any = _UNSET,
+                        sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
+                        wait: bool = True) -> tuple[str, TextResult]:
+        """What is in a user-drawn ROI (markups ROI node, possibly rotated, or a RasRoi) -> (text, result).
+
+        ``crop_roi_node`` is the crop option (``roi_node`` of the other tasks), named apart from the described ROI."""
+        self._check_idle()
+        roi = roi_node if isinstance(roi_node, RasRoi) else scene.roi_from_node(roi_node)
+        volume = self._prepare_volume(volume_node, window, crop_roi_node)
+        kwargs = self._kwargs(sampling, on_text)
+        return self._dispatch(_Call(volume, lambda: self.backend.describe_region(roi, **kwargs),
+                                    lambda result: (result.text, result)), wait)
+
+    def segment(self, volume_node: Any, target: str, segmentation_node: Any = None, *, name: Optional[str] = None,
+                color: Any = None, window: Any = _UNSET, roi_node: Any = _UNSET,
+                sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET, wait: bool = True):
+        """Segment a named structure -> (segmentation node, segment id, result); ``(None, None, result)`` when
+        the model gave no mask (absent target, no [SEG], or an empty mask): nothing is created, not even in a given
+        ``segmentation_node``. A new segment never replaces an existing one (``liver (2)``)."""
+        return self._segment("segment", volume_node, target, segmentation_node, name, color, window, roi_node,
+                             sampling, on_text, wait)
+
+    def segment_expression(self, volume_node: Any, expression: str, segmentation_node: Any = None, *,
+                           name: Optional[str] = None, color: Any = None, window: Any = _UNSET,
+                           roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None,
+                           on_text: Any = _UNSET, wait: bool = True):
+        """Segment what a description refers to ("the lesion in the right lobe") -> as :meth:`segment`."""
+        return self._segment("segment_expression", volume_node, expression, segmentation_node, name, color, window,
+                             roi_node, sampling, on_text, wait)
+
+    def _segment(self, method: str, volume_node: Any, target: str, segmentation_node: Any, name: Optional[str],
+                 color: Any, window: Any, roi_node: Any, sampling: Optional[SamplingOptions], on_text: Any,
+                 wait: bool):
+        self._check_idle()
+        volume = self._prepare_volume(volume_node, window, roi_node)
+        kwargs = self._kwargs(sampling, on_text)
+
+        def finish(result: SegmentationResult):
+            if result.mask is None or result.voxel_count == 0:
+                return None, None, result
+            node, segment_id = scene.add_segment(result, volume_node, name=name or result.target,
+                                                 segmentation_node=segmentation_node, color=color)
+            return node, segment_id, result
+
+        return self._dispatch(_Call(volume, lambda: getattr(self.backend, method)(target, **kwargs), finish), wait)
+
+    def find_similar(self, candidates: Sequence[Any], query: Any, *, wait: bool = True) -> RetrievalResult:
+        """M3D-CLIP retrieval, ranked best first.
+
+        ``candidates`` volume nodes and ``query`` a text: which volumes match the text. ``candidates`` texts and
+        ``query`` a volume node: which texts describe the volume."""
+        self._check_idle()
+        candidates = list(candidates)
+        if not candidates:
+            raise InputError("find_similar needs at least one candidate (volume nodes or texts)")
+        if all(isinstance(c, str) for c in candidates):
+            if isinstance(query, str):
+                raise InputError("to rank texts, give the volume node they should describe as the query")
+            call = _Call(self._prepare_volume(query), lambda: self.backend.retrieve(texts=candidates), lambda r: r)
+            return self._dispatch(call, wait)
+        if not isinstance(query, str):
+            raise InputError("to rank volume nodes, give a text as the query (e.g. 'liver cyst')")
+        volumes = [scene.read_volume_node(node) for node in candidates]
+        labels = [node.GetName() for node in candidates]
+        call = _Call(None, lambda: self.backend.retrieve(text=query, volumes=volumes, labels=labels), lambda r: r)
+        return self._dispatch(call, wait)
