@@ -49,12 +49,11 @@ def test_inspect_detects_mismatched_weights(tiny_phi3, tmp_path):
     assert any("shapes that disagree with config.json" in p for p in report["problems"])
 
 
-def test_demo_on_tiny_checkpoint_answers_about_the_sample_ct(tiny_phi3):
-    pytest.importorskip("M3DAssistantLib.geometry")
-    result = m3d("demo", "--model", tiny_phi3, "--max-new-tokens", "4", "--quiet")
+def test_demo_on_tiny_checkpoint_answers_about_the_sample_ct(tiny_phi3, tmp_path):
+    result = m3d("demo", "--model", tiny_phi3, "--max-new-tokens", "4", "--quiet", "--output-dir", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "lamed_phi3" in result.stdout and "example_ct_sm.nii.gz (30, 101, 122)" in result.stdout
-    assert "answer" in result.stdout and "AI-generated, not for clinical use" in result.stdout
+    assert "report" in result.stdout and "AI-generated, not for clinical use" in result.stdout
 
 
 def test_demo_offline_without_cache_explains_and_has_no_traceback(tmp_path):
@@ -65,8 +64,8 @@ def test_demo_offline_without_cache_explains_and_has_no_traceback(tmp_path):
     assert "--model PATH" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_model_env_variable_selects_local_folder(tiny_phi3):
-    result = m3d("demo", "--max-new-tokens", "2", "--quiet", env={"M3D_MODEL": str(tiny_phi3)})
+def test_model_env_variable_selects_local_folder(tiny_phi3, tmp_path):
+    result = m3d("demo", "--max-new-tokens", "2", "--quiet", "--output-dir", tmp_path, env={"M3D_MODEL": str(tiny_phi3)})
     assert result.returncode == 0, result.stderr
     assert str(tiny_phi3) in result.stdout
 
