@@ -389,6 +389,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "official"], default="tiny",
                    help="tiny: seconds on a CPU; official: the released models' sizes (many GB)")
     p.set_defaults(func=cmd_make_test_checkpoint)
+
+    from .server import add_serve_arguments, run_serve  # light: the FastAPI app is imported when serving
+
+    p = sub.add_parser("serve", help="run the inference worker (HTTP on 127.0.0.1, token required)")
+    add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+
+    try:  # training commands (M3DTrainingLib, same distribution; imports no torch at import time)
+        from M3DTrainingLib import train as training
+    except ImportError:
+        training = None
+    if training is not None:
+        p = sub.add_parser("train", help="fine-tune on a dataset folder (LoRA / projector; accelerate, resumable)")
+        training.add_train_arguments(p)
+        p.set_defaults(func=training.run_train)
+        p = sub.add_parser("merge", help="merge a trained adapter into a full checkpoint (official layout)")
+        training.add_merge_arguments(p)
+        p.set_defaults(func=training.run_merge)
     return parser
 
 
