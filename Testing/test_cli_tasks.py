@@ -10,9 +10,8 @@ import pytest
 
 from M3DAssistantLib import AI_LABEL, cli
 from M3DAssistantLib.engine import InferenceEngine
-from M3DAssistantLib.volume_io import read_volume
 from test_cli_model import m3d
-from test_engine import force_answer
+from forcing import force_answer
 
 
 @pytest.fixture

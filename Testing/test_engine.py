@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import numpy as np
@@ -15,35 +14,7 @@ from M3DAssistantLib.errors import CancelledError, InputError
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import SamplingOptions
 from M3DAssistantLib.volume_io import read_volume
-
-
-class ForceTokens:
-    """Logits processor forcing a fixed start of the answer (random weights never say [SEG] or a box)."""
-
-    def __init__(self, tokens):
-        self.tokens, self.step = list(tokens), 0
-
-    def __call__(self, input_ids, scores):
-        if self.step < len(self.tokens):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.tokens[self.step]] = 0
-            scores = forced
-        self.step += 1
-        return scores
-
-
-def force_answer(engine, text):
-    """Make the engine's model start every answer with ``text`` (then continue greedily)."""
-    tokens = engine.tokenizer(text, add_special_tokens=False).input_ids + [engine.tokenizer.eos_token_id]
-    original = engine.model.generate
-
-    def generate(*args, **kwargs):
-        from transformers import LogitsProcessorList
-
-        return original(*args, logits_processor=LogitsProcessorList([ForceTokens(tokens)]), **kwargs)
-
-    engine.model.generate = generate
-    return functools.partial(setattr, engine.model, "generate", original)
+from forcing import force_answer
 
 
 @pytest.fixture(scope="module")

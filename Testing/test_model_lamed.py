@@ -18,6 +18,7 @@ from M3DAssistantLib.errors import CheckpointError, ConfigError, InputError, Tok
 from M3DAssistantLib.model import encode_prompt, load_model
 from M3DAssistantLib.model.configuration_lamed import parse_lamed_config, read_config_json
 from M3DAssistantLib.model.modeling_lamed import build_lamed_model
+from forcing import ForceTokens
 
 QUESTION = "What is liver in this image? Please output the segmentation mask."
 
@@ -27,22 +28,6 @@ def _inputs(model, tokenizer, question=QUESTION, seed=0):
     shape = (1, 1, *model.multimodal.image_size)
     images = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
     return images, ids
-
-
-class ForceTokens:
-    """A logits processor that forces a fixed continuation (random weights never choose [SEG] by themselves)."""
-
-    def __init__(self, tokens, prompt_len=None):
-        self.tokens = list(tokens)
-        self.step = 0
-
-    def __call__(self, input_ids, scores):
-        if self.step < len(self.tokens):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.tokens[self.step]] = 0
-            scores = forced
-        self.step += 1
-        return scores
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import http.client
 import json
 import os
@@ -29,7 +28,7 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
+from forcing import force_answer
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib import client as client_module
 from M3DAssistantLib.client import (
@@ -569,34 +568,6 @@ def test_light_modules_stay_light():
 
 
 # ------------------------------------------------------------------------------- in-process server, forced answers
-class ForceTokens:
-    """Logits processor forcing a fixed start of the answer (random weights never say [SEG] or a box)."""
-
-    def __init__(self, tokens):
-        self.tokens, self.step = list(tokens), 0
-
-    def __call__(self, input_ids, scores):
-        if self.step < len(self.tokens):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.tokens[self.step]] = 0
-            scores = forced
-        self.step += 1
-        return scores
-
-
-def force_answer(engine, text):
-    tokens = engine.tokenizer(text, add_special_tokens=False).input_ids + [engine.tokenizer.eos_token_id]
-    original = engine.model.generate
-
-    def generate(*args, **kwargs):
-        from transformers import LogitsProcessorList
-
-        return original(*args, logits_processor=LogitsProcessorList([ForceTokens(tokens)]), **kwargs)
-
-    engine.model.generate = generate
-    return functools.partial(setattr, engine.model, "generate", original)
-
-
 @pytest.fixture(scope="module")
 def local_server(tiny_phi3_model, tiny_clip):
     """The app in this process (uvicorn in a thread) on 127.0.0.1, for forced answers and the schema fuzz."""

@@ -3,11 +3,11 @@ conversations, no made-up nodes), then the real tiny engine on the real CT for e
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import numpy as np
 import pytest
+from forcing import forced_answer
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib.errors import CancelledError, InputError, M3DError
 from M3DAssistantLib.geometry import RasRoi
@@ -383,41 +383,6 @@ def test_bad_volumes_are_refused_before_the_backend_is_called(headless_slicer, d
 # ---------------------------------------------------------------------------------------------------------------------
 # the real engine (tiny random checkpoint) on the real CT
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class ForceTokens:
-    """Logits processor forcing a fixed start of the answer (random weights never say [SEG] or a box)."""
-
-    def __init__(self, tokens):
-        self.tokens, self.step = list(tokens), 0
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        if self.step < len(self.tokens):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.tokens[self.step]] = 0
-            scores = forced
-        self.step += 1
-        return scores
-
-
-@contextlib.contextmanager
-def forced_answer(engine, text):
-    """Make the engine's model start its next answers with ``text`` (then stop)."""
-    tokens = engine.tokenizer(text, add_special_tokens=False).input_ids + [engine.tokenizer.eos_token_id]
-    original = engine.model.generate
-
-    def generate(*args, **kwargs):
-        from transformers import LogitsProcessorList
-
-        return original(*args, logits_processor=LogitsProcessorList([ForceTokens(tokens)]), **kwargs)
-
-    engine.model.generate = generate
-    try:
-        yield
-    finally:
-        engine.model.__dict__.pop("generate", None)
 
 
 @pytest.fixture(scope="module")
