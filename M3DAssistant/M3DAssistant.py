@@ -1,22 +1,53 @@
 import functools
+import hashlib
+import importlib.util
 import json
 import logging
+import shutil
+import sys
+import traceback
 from collections.abc import Callable
+from typing import Annotated, Any
 
+import qt
 import vtk
 
 import slicer
 from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
-from slicer import vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
-# Nothing heavy is imported here: torch and transformers never load in Slicer's process at module start-up.
-# M3DAssistantLib is imported inside the methods that need it.
+# Nothing heavy is imported here: torch and transformers never load in Slicer's process (the model runs in a worker
+# process, see M3DAssistantLib/worker.py). M3DAssistantLib is imported inside the methods that need it, so nothing is
+# imported or installed when Slicer starts.
 
 DEFAULT_MODEL_SOURCE = "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
+
+# Choices are stored in the scene as these strings (the combo boxes show them as they are).
+MODEL_PHI3 = "M3D-LaMed Phi-3 4B (official)"
+MODEL_LLAMA2 = "M3D-LaMed Llama-2 7B (official)"
+MODEL_FOLDER = "Local checkpoint folder"
+MODEL_ADAPTER = "Fine-tuned model (M3DTraining output)"
+MODEL_CHOICES = [MODEL_PHI3, MODEL_LLAMA2, MODEL_FOLDER, MODEL_ADAPTER]
+OFFICIAL_MODELS = {MODEL_PHI3: DEFAULT_MODEL_SOURCE, MODEL_LLAMA2: "GoodBaiBai88/M3D-LaMed-Llama-2-7B"}
+
+RUN_AUTO = "This computer (GPU if available)"
+RUN_GPU = "This computer, GPU"
+RUN_CPU = "This computer, CPU"
+RUN_REMOTE = "Remote server"
+RUN_CHOICES = [RUN_AUTO, RUN_GPU, RUN_CPU, RUN_REMOTE]
+RUN_DEVICES = {RUN_AUTO: None, RUN_GPU: "cuda", RUN_CPU: "cpu"}
+
+WINDOW_DEFAULT = "Model default"
+WINDOW_DISPLAY = "As displayed"
+WINDOW_CHOICES = [WINDOW_DEFAULT, "Abdomen", "Lung", "Bone", "Brain", WINDOW_DISPLAY]
+
+TASK_BUTTONS = {"report": "reportButton", "ask": "askButton", "choose": "chooseButton", "locate": "locateButton",
+                "describeRegion": "describeRoiButton", "segment": "segmentButton",
+                "segmentExpression": "segmentExpressionButton", "findSimilar": "findSimilarButton"}
 
 
 #
@@ -51,10 +82,15 @@ Ask M3D-LaMed, a 3D medical vision-language model, about a CT volume.
 (referring expression segmentation).</li>
 <li><b>Find similar</b>: ranks volumes and texts by how well they match (image-text retrieval with M3D-CLIP).</li>
 </ul>
-<p>This version of the panel checks a model checkpoint (<b>Inspect model</b>: variant, sizes, data type and whether
-it will load, read from its config.json and weight index); the task buttons come in a later version.</p>
+<p>Pick the volume and the model, type a prompt and press a task button; the answer streams into the conversation
+view and results become new nodes (text, ROI, segment) next to the volume. Nothing existing is overwritten. The model
+runs in a separate worker process on this computer (started on first use, stopped with <b>Stop</b> or when Slicer
+exits), or on a remote server you choose; Slicer stays responsive and <b>Cancel</b> stops an answer.</p>
 <p><b>Every output is AI-generated, not for clinical use</b>: it can be wrong, and a qualified reader must review it
 before it is used for anything.</p>
+<p>From the Python console: <code>logic = slicer.util.getModuleLogic("M3DAssistant")</code>, then
+<code>logic.report(volumeNode)</code>, <code>logic.ask(volumeNode, "...")</code>,
+<code>logic.segment(volumeNode, "liver")</code>, ...</p>
 <p>See the <a href="https://github.com/m3d-slicer/SlicerM3D#m3dassistant">module documentation</a>.</p>
 """)
         self.parent.acknowledgementText = _("""
@@ -75,14 +111,48 @@ This extension is MIT licensed; it re-implements the model so that the published
 @parameterNodeWrapper
 class M3DAssistantParameterNode:
     """
-    The parameters needed by module.
+    The parameters needed by module (saved with the scene; the remote server's token is deliberately not here).
 
     inputVolume - The volume the model looks at.
-    modelSource - Hugging Face hub id or local folder of an M3D-LaMed checkpoint.
+    modelChoice - Which model: an official checkpoint, a local folder or a fine-tuned model.
+    modelSource - Hugging Face hub id or folder of the checkpoint (set from modelChoice for the official ones).
+    runOn - This computer (automatic device, GPU, CPU) or a remote server.
+    serverUrl - The remote server's URL (only used with runOn = Remote server).
+    windowPreset - Intensity window the model sees.
+    cropRoi - Optional ROI to crop the volume to before the model sees it.
+    describeRoi - The ROI that "Describe ROI" describes.
+    outputSegmentation - Segmentation that gets new segments (None: a new one).
+    maxNewTokens - Longest answer, in tokens.
+    choices - The options of a multiple-choice question, separated by ";".
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
+    modelChoice: Annotated[str, Choice(MODEL_CHOICES)] = MODEL_PHI3
     modelSource: str = DEFAULT_MODEL_SOURCE
+    runOn: Annotated[str, Choice(RUN_CHOICES)] = RUN_AUTO
+    serverUrl: str = ""
+    windowPreset: Annotated[str, Choice(WINDOW_CHOICES)] = WINDOW_DEFAULT
+    cropRoi: vtkMRMLMarkupsROINode
+    describeRoi: vtkMRMLMarkupsROINode
+    outputSegmentation: vtkMRMLSegmentationNode
+    maxNewTokens: Annotated[int, WithinRange(1, 1024)] = 256
+    choices: str = ""
+
+
+class M3DAssistantSettings:
+    """Per-computer settings (QSettings ``M3DAssistant/...``, never the scene): the worker's Python, the Hugging Face
+    cache folder, the M3D-CLIP model, and the server token only when the user asked to remember it."""
+
+    def get(self, key: str, default: str = "") -> str:
+        value = qt.QSettings().value(f"M3DAssistant/{key}")
+        return default if value is None else str(value)
+
+    def set(self, key: str, value: str) -> None:
+        settings = qt.QSettings()
+        if value:
+            settings.setValue(f"M3DAssistant/{key}", value)
+        else:
+            settings.remove(f"M3DAssistant/{key}")
 
 
 #
@@ -102,10 +172,12 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._running = None  # (task, TaskRequest, ConversationEntry) while a task runs
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
         ScriptedLoadableModuleWidget.setup(self)
+        from M3DAssistantLib.tasks import ConversationLog, PromptHistory, StreamBuffer
 
         # Load widget from .ui file (created by Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/M3DAssistant.ui"))
@@ -116,25 +188,68 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = M3DAssistantLogic()
+        self._stream = StreamBuffer()  # text and progress from the request's thread, shown by the timer
+        self.logic.progressCallback = self._stream.put_progress  # called from the request's thread: queued
+        self.logic.messageCallback = self._onWorkerMessage
+        self._conversation = ConversationLog()
+        self._history = PromptHistory()
+        self._shownHtml = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self._onTimer)
 
         # These connections ensure that we update parameter node when scene is closed
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         # Buttons
+        self._taskButtons = {task: getattr(self.ui, name) for task, name in TASK_BUTTONS.items()}
+        self.ui.reportButton.connect("clicked(bool)", lambda: self.onTaskButton("report"))
+        self.ui.askButton.connect("clicked(bool)", lambda: self.onTaskButton("ask"))
+        self.ui.chooseButton.connect("clicked(bool)", lambda: self.onTaskButton("choose"))
+        self.ui.locateButton.connect("clicked(bool)", lambda: self.onTaskButton("locate"))
+        self.ui.describeRoiButton.connect("clicked(bool)", lambda: self.onTaskButton("describeRegion"))
+        self.ui.segmentButton.connect("clicked(bool)", lambda: self.onTaskButton("segment"))
+        self.ui.segmentExpressionButton.connect("clicked(bool)", lambda: self.onTaskButton("segmentExpression"))
+        self.ui.findSimilarButton.connect("clicked(bool)", lambda: self.onTaskButton("findSimilar"))
+        self.ui.promptComboBox.lineEdit().connect("returnPressed()", lambda: self.onTaskButton("ask"))
         self.ui.inspectModelButton.connect("clicked(bool)", self.onInspectModelButton)
+        self.ui.browseModelButton.connect("clicked(bool)", self.onBrowseModelButton)
+        self.ui.startWorkerButton.connect("clicked(bool)", self.onStartWorkerButton)
+        self.ui.stopWorkerButton.connect("clicked(bool)", self.onStopWorkerButton)
+        self.ui.clearConversationButton.connect("clicked(bool)", self.onClearConversationButton)
+
+        # Per-computer settings (not in the scene). The token lives in memory unless "Remember" is checked.
+        settings = self.logic.settings
+        self.ui.pythonPathLineEdit.currentPath = settings.get("pythonExecutable")
+        self.ui.hfHomePathLineEdit.currentPath = settings.get("hfHome")
+        self.ui.clipModelLineEdit.text = settings.get("clipModel")
+        self.ui.serverTokenLineEdit.text = settings.get("serverToken")
+        self.ui.rememberTokenCheckBox.checked = bool(settings.get("serverToken"))
+        self.logic.serverToken = self.ui.serverTokenLineEdit.text
+        self.ui.pythonPathLineEdit.connect("currentPathChanged(QString)",
+                                           lambda path: settings.set("pythonExecutable", path))
+        self.ui.hfHomePathLineEdit.connect("currentPathChanged(QString)", self.onHfHomeChanged)
+        self.ui.clipModelLineEdit.connect("editingFinished()",
+                                          lambda: settings.set("clipModel", self.ui.clipModelLineEdit.text.strip()))
+        self.ui.serverTokenLineEdit.connect("textChanged(QString)", self.onTokenChanged)
+        self.ui.rememberTokenCheckBox.connect("toggled(bool)", lambda checked: self.onTokenChanged(
+            self.ui.serverTokenLineEdit.text))
+        self._updateCacheLabel()
 
         # Make sure parameter node is initialized (needed for module reload)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        self._timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
         # Make sure parameter node exists and observed
         self.initializeParameterNode()
+        self._refreshWorkerStatus()
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
@@ -147,10 +262,13 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
         # Parameter node will be reset, do not use it anymore
+        if self._running:
+            self._running[1].cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
+        self._conversation.clear()
         # If this module is shown while the scene is closed then recreate a new parameter node immediately
         if self.parent.isEntered:
             self.initializeParameterNode()
@@ -183,13 +301,234 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtonStates)
             self._updateButtonStates()
 
+    # ------------------------------------------------------------------------------------------ GUI state
     def _updateButtonStates(self, caller=None, event=None) -> None:
-        if self._parameterNode and self._parameterNode.modelSource.strip():
-            self.ui.inspectModelButton.toolTip = _("Read the checkpoint's config and weight index and show a summary")
-            self.ui.inspectModelButton.enabled = True
+        """Enable what can be used now; keep the official model's hub id in the model box."""
+        p = self._parameterNode
+        if not p:
+            return
+        official = OFFICIAL_MODELS.get(p.modelChoice)
+        if official and p.modelSource != official:
+            p.modelSource = official  # triggers this method again
+            return
+        self.ui.modelSourceLineEdit.readOnly = bool(official)
+        self.ui.browseModelButton.enabled = not official
+        remote = p.runOn == RUN_REMOTE
+        for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit, self.ui.rememberTokenCheckBox):
+            widget.enabled = remote
+        self.ui.startWorkerButton.enabled = not remote
+        self.ui.stopWorkerButton.enabled = not remote
+        self.ui.inspectModelButton.enabled = bool(p.modelSource.strip()) and not remote
+        running = self._running[0] if self._running else None
+        for task, button in self._taskButtons.items():
+            if running:
+                button.enabled = task == running  # the running task's button is its Cancel button
+                continue
+            button.enabled = p.inputVolume is not None
+        self.ui.choicesLineEdit.enabled = not running
+        self._refreshConversation()
+        self._refreshWorkerStatus()
+
+    def _setRunning(self, task: str | None) -> None:
+        from M3DAssistantLib.tasks import TASKS
+
+        for key, button in self._taskButtons.items():
+            button.text = _("Cancel") if key == task else TASKS[key].label
+        self._updateButtonStates()
+
+    def _refreshConversation(self) -> None:
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        html = self._conversation.to_html(volume.GetID() if volume else None, volume.GetName() if volume else "")
+        if html != self._shownHtml:
+            self._shownHtml = html
+            self.ui.conversationView.setHtml(html)
+            bar = self.ui.conversationView.verticalScrollBar()
+            bar.setValue(bar.maximum)
+
+    def _refreshWorkerStatus(self) -> None:
+        self.ui.workerStatusLabel.text = self.logic.workerStatus() if self.logic else ""
+
+    def _updateCacheLabel(self) -> None:
+        from M3DAssistantLib.weights import hub_cache_dir
+
+        self.ui.hubCacheValueLabel.text = str(hub_cache_dir(self.logic.settings.get("hfHome") or None))
+
+    def _onWorkerMessage(self, message: str) -> None:
+        """A notice from the worker (e.g. it crashed and restarts); any thread, so it is queued."""
+        from M3DAssistantLib.progress import ProgressEvent
+
+        self._stream.put_progress(ProgressEvent("load", None, message))
+
+    def _showProgress(self, event) -> None:
+        from M3DAssistantLib.tasks import progress_text
+
+        text, percent = progress_text(event)
+        self.ui.statusLabel.text = text
+        if percent is None:
+            self.ui.progressBar.setRange(0, 0)  # busy
         else:
-            self.ui.inspectModelButton.toolTip = _("Enter a Hugging Face model id or a local checkpoint folder")
-            self.ui.inspectModelButton.enabled = False
+            self.ui.progressBar.setRange(0, 100)
+            self.ui.progressBar.value = percent
+
+    # ------------------------------------------------------------------------------------------ settings
+    def onHfHomeChanged(self, path: str) -> None:
+        self.logic.settings.set("hfHome", path.strip())
+        self._updateCacheLabel()
+
+    def onTokenChanged(self, token: str) -> None:
+        """The token stays in memory; it is saved in the computer's settings only when "Remember" is checked."""
+        self.logic.serverToken = token.strip()
+        self.logic.settings.set("serverToken", token.strip() if self.ui.rememberTokenCheckBox.checked else "")
+
+    def onBrowseModelButton(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Choose the model folder"),
+                                                     self._parameterNode.modelSource)
+        if folder:
+            self._parameterNode.modelSource = folder
+
+    # ------------------------------------------------------------------------------------------ tasks
+    def onTaskButton(self, task: str) -> None:
+        """Start a task, or cancel it when its button (now "Cancel") is pressed while it runs."""
+        if self._running:
+            if self._running[0] == task:
+                self._running[1].cancel()
+                self.ui.statusLabel.text = _("Cancelling...")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start the task."), waitCursor=True):
+            self._startTask(task)
+
+    def _startTask(self, task: str) -> None:
+        from M3DAssistantLib.tasks import TASKS, parse_choices, require_prompt
+
+        p = self._parameterNode
+        volume = p.inputVolume
+        if volume is None:
+            raise ValueError(_("Select an input volume first."))
+        prompt = require_prompt(task, self.ui.promptComboBox.currentText)
+        shown = prompt
+        self._stream.drain()  # drop what earlier console calls left there
+        options = {"wait": False, "onText": self._stream.put_text}
+        if task == "report":
+            request = self.logic.report(volume, **options)
+        elif task == "ask":
+            request = self.logic.ask(volume, prompt, **options)
+        elif task == "choose":
+            choices = parse_choices(p.choices)
+            shown = f"{prompt} ({'; '.join(choices)})"
+            request = self.logic.choose(volume, prompt, choices, **options)
+        elif task == "locate":
+            request = self.logic.locate(volume, prompt, **options)
+        elif task == "describeRegion":
+            if p.describeRoi is None:
+                raise ValueError(_("Choose the ROI to describe (or create one and draw it on the volume)."))
+            shown = p.describeRoi.GetName()
+            request = self.logic.describeRegion(volume, p.describeRoi, **options)
+        elif task in ("segment", "segmentExpression"):
+            request = getattr(self.logic, task)(volume, prompt, p.outputSegmentation, **options)
+        else:  # findSimilar: rank the scene's volumes by the prompt
+            volumes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+            request = self.logic.findSimilar(volumes, prompt, wait=False)
+        self._history.add(prompt)
+        self._fillPromptHistory()
+        entry = self._conversation.start(volume.GetID(), task, shown)
+        self._running = (task, request, entry)
+        self.ui.statusLabel.text = _("{task}: starting...").format(task=TASKS[task].label)
+        self.ui.progressBar.setRange(0, 0)
+        self._setRunning(task)
+        self._timer.start()
+
+    def _fillPromptHistory(self) -> None:
+        combo = self.ui.promptComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        combo.addItems(self._history.items)
+        combo.setCurrentIndex(-1)
+        combo.setEditText("")
+        combo.blockSignals(False)
+
+    def _onTimer(self) -> None:
+        """Main thread, every 100 ms: show streamed text and progress; finish the task when it is done."""
+        text, progress = self._stream.drain()
+        if self._running:
+            task, request, entry = self._running
+            if text:
+                entry.answer += text
+                self._refreshConversation()
+            if progress is not None:
+                self._showProgress(progress)
+            if request.done():
+                self._finishTask(task, request, entry)
+        else:
+            starting = self.logic.workerStarting()
+            if starting is not None:
+                self._showProgress(starting)
+            else:
+                self._timer.stop()
+                self.ui.progressBar.setRange(0, 100)
+                self.ui.progressBar.value = 0
+                self.ui.statusLabel.text = ""
+        self._refreshWorkerStatus()
+
+    def _finishTask(self, task: str, request, entry) -> None:
+        from M3DAssistantLib.errors import CancelledError
+        from M3DAssistantLib.tasks import answer_text
+
+        self._timer.stop()
+        self._running = None
+        self.ui.progressBar.setRange(0, 100)
+        try:
+            request.result()  # writes the nodes, here on the main thread
+            entry.answer, entry.status = answer_text(task, request.output), "done"
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = _("Done. The answer is AI-generated, not for clinical use.")
+            self._showResult(task, request.output)
+        except CancelledError:
+            entry.status = "cancelled"
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Cancelled.")
+        except Exception as error:
+            entry.status = "failed"
+            entry.answer = (entry.answer + "\n" if entry.answer else "") + str(error)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Failed: {message}").format(message=str(error).split("\n")[0][:200])
+            details = getattr(error, "log_tail", "") or traceback.format_exc()
+            self.ui.outputTextEdit.setPlainText(details)
+            logging.error(f"M3D {task} failed: {error}\n{details}")
+            if not slicer.app.testingEnabled():
+                slicer.util.errorDisplay(str(error), windowTitle=_("M3D Assistant"), detailedText=details)
+        finally:
+            self._setRunning(None)
+
+    def _showResult(self, task: str, output) -> None:
+        """New segments go on into the same segmentation; show the new ROI / segmentation."""
+        if task in ("segment", "segmentExpression") and output[0] is not None:
+            if self._parameterNode.outputSegmentation is None:
+                self._parameterNode.outputSegmentation = output[0]
+            output[0].CreateDefaultDisplayNodes()
+        elif task == "locate" and output[0] is not None:
+            center = [0.0, 0.0, 0.0]
+            output[0].GetCenterWorld(center)
+            slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
+
+    # ------------------------------------------------------------------------------------------ other buttons
+    def onStartWorkerButton(self) -> None:
+        """Load the model now (in the background), so that the first answer comes faster."""
+        with slicer.util.tryWithErrorDisplay(_("Could not start the M3D worker."), waitCursor=True):
+            self.logic.startWorker(wait=False)
+            self._timer.start()
+
+    def onStopWorkerButton(self) -> None:
+        if self._running:
+            self._running[1].cancel()
+        self.logic.stopWorker()
+        self._refreshWorkerStatus()
+
+    def onClearConversationButton(self) -> None:
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        if volume is not None:
+            self._conversation.clear(volume.GetID())
+            self.logic.clearConversation(volume)
+        self._refreshConversation()
 
     def onInspectModelButton(self) -> None:
         """Show a summary of the chosen checkpoint when user clicks "Inspect model"."""
@@ -205,29 +544,415 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class M3DAssistantLogic(ScriptedLoadableModuleLogic):
-    """Computation of the M3DAssistant module, usable from the Python console without the widget:
+    """The eight M3D tasks on Slicer nodes, usable from the Python console without the widget:
 
     .. code-block:: python
 
         logic = slicer.util.getModuleLogic("M3DAssistant")
-        print(logic.formatSummary(logic.inspectModel("GoodBaiBai88/M3D-LaMed-Phi-3-4B")))
+        textNode = logic.report(volumeNode)                          # a new text node with the report
+        answer = logic.ask(volumeNode, "Is there a liver lesion?")   # str (the conversation continues)
+        roiNode = logic.locate(volumeNode, "liver")                  # a new ROI node (None: nothing found)
+        segmentationNode, segmentId = logic.segment(volumeNode, "liver")
+        print(logic.lastResult.provenance)                           # the full typed result of the last call
+
+    Every task method blocks until the answer is there (Slicer stays responsive meanwhile), uses the model and
+    options of the module panel (its parameter node), and accepts ``window=``, ``roiNode=`` (crop) and
+    ``maxNewTokens=`` to override them. ``callback=f`` makes it return at once and call ``f(value)`` on the main
+    thread when done (``errorCallback=g`` gets the exception); ``wait=False`` returns a request object to poll
+    (``done()``, ``result()``, ``cancel()``). ``onText=f`` receives the answer as it is written (from another thread).
+
+    The model runs in a worker process (``M3DAssistantLib.worker``), started on first use, reused, restarted after a
+    crash, and stopped with :meth:`stopWorker` or when Slicer exits. It is a thin layer over
+    ``M3DAssistantLib.session.AssistantSession``.
 
     Uses ScriptedLoadableModuleLogic base class, available at:
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
-    def __init__(self, inspector: Callable[[str], dict] | None = None) -> None:
+    def __init__(self, inspector: Callable[[str], dict] | None = None, backendFactory: Callable | None = None,
+                 settings: Any = None) -> None:
         """Called when the logic class is instantiated.
 
         :param inspector: function that summarises a checkpoint; default
             ``M3DAssistantLib.model.inspect.inspect_checkpoint``. Tests pass a fake.
+        :param backendFactory: ``f(configuration) -> backend`` with the engine's task methods, instead of a worker
+            process or a remote server (tests pass a fake).
+        :param settings: per-computer settings with ``get(key, default)`` / ``set(key, value)``; default QSettings.
         """
         ScriptedLoadableModuleLogic.__init__(self)
         self._inspector = inspector
+        self._backendFactory = backendFactory
+        self.settings = settings if settings is not None else M3DAssistantSettings()
+        self.serverToken = ""  # the remote server's token: in memory only, never in the scene
+        self.interactive = True  # confirmation dialogs (never in testing mode)
+        self.lastResult = None  # the full typed result of the last finished task
+        self.progressCallback = None  # receives ProgressEvent, from the request's thread
+        self.messageCallback = None  # receives notices such as "the worker crashed; restarting"
+        self._session = None
+        self._sessionKey = None
+        self._backend = None
+        self._config = {}
+        self._prepared = None  # the configuration whose dependencies and weights were checked
+        self._watchers = []
 
     def getParameterNode(self):
         return M3DAssistantParameterNode(super().getParameterNode())
 
+    # ------------------------------------------------------------------------------------------ the eight tasks
+    def report(self, volumeNode, *, wait: bool = True, callback=None, errorCallback=None, onText=None, **options):
+        """
+        Write a radiology-style report of the volume.
+        :param volumeNode: the CT (``vtkMRMLScalarVolumeNode``)
+        :param options: ``window``, ``roiNode`` (crop), ``maxNewTokens``; default: the module panel's
+        :return: a new ``vtkMRMLTextNode`` (None when the model wrote nothing); ``lastResult`` is the TextResult
+        """
+        kwargs = self._taskOptions(volumeNode, options)
+        return self._execute("report", lambda s: s.report(volumeNode, on_text=onText, wait=False, **kwargs),
+                             wait, callback, errorCallback)
+
+    def ask(self, volumeNode, question: str, *, wait: bool = True, callback=None, errorCallback=None, onText=None,
+            **options):
+        """
+        Answer a free-text question about the volume; earlier questions about it are the conversation's context.
+        :return: the answer (str); ``lastResult`` is the TextResult
+        """
+        kwargs = self._taskOptions(volumeNode, options)
+        return self._execute("ask", lambda s: s.ask(volumeNode, question, on_text=onText, wait=False, **kwargs),
+                             wait, callback, errorCallback)
+
+    def choose(self, volumeNode, question: str, choices, *, wait: bool = True, callback=None, errorCallback=None,
+               onText=None, **options):
+        """
+        Multiple choice: which of ``choices`` (2 to 4 texts) answers the question.
+        :return: the chosen option's text (the raw answer when it names none); ``lastResult`` is the ChoiceResult
+        """
+        kwargs = self._taskOptions(volumeNode, options)
+        return self._execute("choose", lambda s: s.choose(volumeNode, question, list(choices), on_text=onText,
+                                                          wait=False, **kwargs), wait, callback, errorCallback)
+
+    def locate(self, volumeNode, expression: str, *, name: str | None = None, wait: bool = True, callback=None,
+               errorCallback=None, onText=None, **options):
+        """
+        Find a structure or described region and mark its bounding box.
+        :return: a new ``vtkMRMLMarkupsROINode`` in RAS (None when no box came back); ``lastResult`` is the BoxResult
+        """
+        kwargs = self._taskOptions(volumeNode, options)
+        return self._execute("locate", lambda s: s.locate(volumeNode, expression, name=name, on_text=onText,
+                                                          wait=False, **kwargs), wait, callback, errorCallback)
+
+    def describeRegion(self, volumeNode, roiNode, *, wait: bool = True, callback=None, errorCallback=None,
+                       onText=None, **options):
+        """
+        Describe what lies inside a user-drawn ROI (``vtkMRMLMarkupsROINode``, may be rotated).
+        :return: the description (str); ``lastResult`` is the TextResult
+        """
+        kwargs = self._taskOptions(volumeNode, options, cropKey="crop_roi_node")
+        return self._execute("describeRegion", lambda s: s.describe_region(volumeNode, roiNode, on_text=onText,
+                                                                           wait=False, **kwargs),
+                             wait, callback, errorCallback)
+
+    def segment(self, volumeNode, target: str, segmentationNode=None, *, wait: bool = True, callback=None,
+                errorCallback=None, onText=None, **options):
+        """
+        Segment a named structure ("liver") as a new segment; existing segments are never replaced.
+        :param segmentationNode: where the segment goes (None: a new segmentation node)
+        :return: (segmentation node, segment id), or (None, None) when the model gave no mask
+        """
+        kwargs = self._taskOptions(volumeNode, options)
+        return self._execute("segment", lambda s: s.segment(volumeNode, target, segmentationNode, on_text=onText,
+                                                            wait=False, **kwargs), wait, callback, errorCallback)
+
+    def segmentExpression(self, volumeNode, expression: str, segmentationNode=None, *, wait: bool = True,
+                          callback=None, errorCallback=None, onText=None, **options):
+        """
+        Segment what a description refers to ("the lesion in the right lobe"); as :meth:`segment`.
+        :return: (segmentation node, segment id), or (None, None) when the model gave no mask
+        """
+        kwargs = self._taskOptions(volumeNode, options)
+        return self._execute("segmentExpression", lambda s: s.segment_expression(
+            volumeNode, expression, segmentationNode, on_text=onText, wait=False, **kwargs),
+            wait, callback, errorCallback)
+
+    def findSimilar(self, candidates, query, *, wait: bool = True, callback=None, errorCallback=None):
+        """
+        Rank with M3D-CLIP: volume nodes by a text query, or texts by a volume node query.
+        :param candidates: volume nodes (then ``query`` is a text) or texts (then ``query`` is a volume node)
+        :return: ``[(candidate, score), ...]``, best first; ``lastResult`` is the RetrievalResult
+        """
+        candidates = list(candidates)
+        return self._execute("findSimilar", lambda s: s.find_similar(candidates, query, wait=False),
+                             wait, callback, errorCallback, candidates)
+
+    def cancel(self) -> None:
+        """Stop the running task at its next step (the worker keeps running)."""
+        if self._session is not None:
+            self._session.cancel()
+
+    def clearConversation(self, volumeNode=None) -> None:
+        """Forget the questions asked about a volume (all volumes when None)."""
+        if self._session is not None:
+            self._session.clear_history(volumeNode)
+
+    # ------------------------------------------------------------------------------------------ running
+    def _taskOptions(self, volumeNode, options: dict, cropKey: str = "roi_node") -> dict:
+        from M3DAssistantLib.results import SamplingOptions
+
+        unknown = set(options) - {"window", "roiNode", "maxNewTokens"}
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; use window=, roiNode= or maxNewTokens=")
+        p = self.getParameterNode()
+        window = options["window"] if "window" in options else self.windowFor(volumeNode, p.windowPreset)
+        return {"window": window, cropKey: options.get("roiNode", p.cropRoi),
+                "sampling": SamplingOptions(max_new_tokens=int(options.get("maxNewTokens", p.maxNewTokens)))}
+
+    @staticmethod
+    def windowFor(volumeNode, preset: str):
+        """The ``window`` argument for a panel preset: None (model default), a preset name, or the volume's
+        display window as (center, width)."""
+        if preset == WINDOW_DEFAULT:
+            return None
+        if preset == WINDOW_DISPLAY:
+            display = volumeNode.GetDisplayNode() if volumeNode is not None else None
+            if display is None or display.GetWindow() <= 0:
+                return None
+            return (display.GetLevel(), display.GetWindow())
+        return preset.lower()
+
+    def _execute(self, task: str, start, wait: bool, callback, errorCallback, candidates=None):
+        from M3DAssistantLib.tasks import TaskRequest, api_value, typed_result
+
+        session = self.session()
+        self.prepareWorker()
+
+        def finish(output):
+            self.lastResult = typed_result(task, output)
+            return api_value(task, output, candidates)
+
+        request = TaskRequest(task, start(session), finish)
+        if callback is not None or errorCallback is not None:
+            self._watch(request, callback, errorCallback)
+            return request
+        if not wait:
+            return request
+        app = getattr(slicer, "app", None)
+        while not request.wait(0.05):
+            if app is not None:
+                app.processEvents()  # a scripted call blocks, but Slicer keeps drawing
+        return request.result()
+
+    def _watch(self, request, callback, errorCallback) -> None:
+        """Poll a request from a QTimer; call back on the main thread."""
+        timer = qt.QTimer()
+        timer.setInterval(100)
+
+        def poll():
+            if not request.done():
+                return
+            timer.stop()
+            self._watchers.remove(timer)
+            try:
+                value = request.result()
+            except Exception as error:
+                if errorCallback is not None:
+                    errorCallback(error)
+                else:
+                    logging.error(f"M3D {request.task} failed: {error}")
+                return
+            if callback is not None:
+                callback(value)
+
+        timer.connect("timeout()", poll)
+        self._watchers.append(timer)
+        timer.start()
+
+    # ------------------------------------------------------------------------------------------ model, worker
+    def modelSource(self, parameterNode=None) -> str:
+        """What the worker loads: the official hub id, or the checked local / fine-tuned model folder."""
+        p = parameterNode or self.getParameterNode()
+        if p.modelChoice in OFFICIAL_MODELS:
+            return OFFICIAL_MODELS[p.modelChoice]
+        source = p.modelSource.strip()
+        if not source:
+            raise ValueError(_("Choose the model folder first."))
+        from M3DAssistantLib.weights import checkpoint_for_adapter, local_checkpoint
+
+        if p.modelChoice == MODEL_ADAPTER:
+            return str(checkpoint_for_adapter(source))
+        return str(local_checkpoint(source))
+
+    def workerPython(self) -> str:
+        """The Python that runs the local worker: the setting, else Slicer's own (PythonSlicer)."""
+        return self.settings.get("pythonExecutable") or shutil.which("PythonSlicer") or sys.executable
+
+    def configuration(self) -> dict:
+        """Where and what the model runs, from the parameter node and the computer's settings."""
+        p = self.getParameterNode()
+        if p.runOn == RUN_REMOTE:
+            url = p.serverUrl.strip()
+            if not url:
+                raise ValueError(_("Enter the remote server's URL (for example http://127.0.0.1:8765)."))
+            return {"remote": True, "url": url, "token": self.serverToken or self.settings.get("serverToken")}
+        return {"remote": False, "model": self.modelSource(p), "device": RUN_DEVICES.get(p.runOn),
+                "python": self.workerPython(), "hfHome": self.settings.get("hfHome") or None,
+                "clipModel": self.settings.get("clipModel") or None}
+
+    def session(self):
+        """The AssistantSession for the current configuration (a new one, and a new worker, when it changed)."""
+        config = self.configuration()
+        key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+        if self._session is None or key != self._sessionKey:
+            self.shutdown()
+            from M3DAssistantLib.session import AssistantSession
+
+            self._backend = self._createBackend(config)
+            self._session = AssistantSession(self._backend)
+            self._sessionKey = key
+            self._config = config
+        self._backend.on_progress = self._onProgress
+        return self._session
+
+    def _createBackend(self, config: dict):
+        if self._backendFactory is not None:
+            return self._backendFactory(config)
+        from M3DAssistantLib.worker import ClientBackend, LocalWorkerBackend, WorkerProcess
+
+        if config["remote"]:
+            from M3DAssistantLib.client import M3DClient
+
+            if not config["token"]:
+                raise ValueError(_("Enter the remote server's token (it is kept in memory only, unless you check "
+                                   "Remember)."))
+            return ClientBackend(M3DClient(config["url"], config["token"]))
+        from M3DAssistantLib.weights import worker_environment
+
+        worker = WorkerProcess(config["python"], config["model"], device=config["device"],
+                               clip_model=config["clipModel"], env=worker_environment(config["hfHome"]),
+                               on_message=self._onMessage)
+        return LocalWorkerBackend(worker)
+
+    def workerProcess(self):
+        """The local WorkerProcess (None for a remote server or before the first use)."""
+        return getattr(self._backend, "worker", None)
+
+    def prepareWorker(self) -> None:
+        """Before a local worker first starts: the Python packages it needs (one confirmation) and room for the
+        weights (a disk-space check before any download). Once per configuration."""
+        config = self._config
+        if config["remote"] or self._backendFactory is not None or self._prepared == self._sessionKey:
+            return
+        if not self.settings.get("pythonExecutable"):  # another Python manages its own packages
+            self.setupPythonRequirements()
+        self.checkWeights(config["model"], config["hfHome"])
+        self._prepared = self._sessionKey
+
+    def startWorker(self, wait: bool = False) -> None:
+        """Start the local worker (load the model) now instead of on the first request."""
+        self.session()
+        self.prepareWorker()
+        worker = self.workerProcess()
+        if worker is None:
+            raise ValueError(_("The model runs on a remote server; there is no local worker to start."))
+        worker.start(wait=wait)
+
+    def workerStarting(self):
+        """What a starting local worker is doing (a ProgressEvent), or None when it is not starting."""
+        from M3DAssistantLib.worker import WorkerState
+
+        worker = self.workerProcess()
+        if worker is None or worker.poll() is not WorkerState.STARTING:
+            return None
+        return worker.startup_progress()
+
+    def workerStatus(self) -> str:
+        worker = self.workerProcess()
+        if worker is not None:
+            return _("Worker: {status}").format(status=worker.status_text())
+        if self._backend is not None:
+            return _("Remote server: {url}").format(url=self._config.get("url", ""))
+        return _("Worker: not running (starts on the first request)")
+
+    def stopWorker(self) -> None:
+        """Stop the local worker (its whole process tree; GPU memory is freed). The next request starts it again."""
+        worker = self.workerProcess()
+        if worker is not None:
+            worker.stop()
+
+    def shutdown(self) -> None:
+        """Forget the session and stop its worker (called when the model or where it runs changes)."""
+        if self._backend is not None:
+            try:
+                self._backend.close()
+            finally:
+                self._backend = self._session = self._sessionKey = None
+
+    def _onProgress(self, event) -> None:
+        if self.progressCallback is not None:
+            self.progressCallback(event)
+
+    def _onMessage(self, message: str) -> None:
+        if self.messageCallback is not None:
+            self.messageCallback(message)
+
+    # ------------------------------------------------------------------------------------------ dependencies
+    def _testing(self) -> bool:
+        app = getattr(slicer, "app", None)
+        return app is not None and app.testingEnabled()
+
+    def setupPythonRequirements(self) -> None:
+        """
+        Install what the local worker needs into Slicer's Python, after ONE confirmation listing it all: torch
+        through the PyTorch extension (the build for this computer's GPU), the rest from Resources/requirements.txt
+        with ``slicer.packaging.pip_ensure``. Slicer's own numpy and SimpleITK are never replaced. Nothing is
+        installed in testing mode (a missing package is then an error).
+        """
+        from M3DAssistantLib.dependencies import SKIP_PACKAGES, TORCH_REQUIREMENT, plan_installation
+        from M3DAssistantLib.errors import CancelledError, M3DError
+
+        plan = plan_installation()
+        if not plan.needed:
+            return
+        if self._testing():
+            raise M3DError(f"the M3D worker needs {', '.join(plan.items())}; nothing is installed in testing mode")
+        if self.interactive and not slicer.util.confirmOkCancelDisplay(
+                plan.describe(), windowTitle=_("M3D Assistant: install Python packages"),
+                detailedText="\n".join(plan.items())):
+            raise CancelledError(_("Installation declined: the local worker cannot run without these packages "
+                                   "(or choose a remote server)."))
+        if plan.torch:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                raise M3DError(_("The M3D worker needs PyTorch: install the PyTorch extension with the Extensions "
+                                 "Manager, restart Slicer and try again.")) from None
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT.removeprefix("torch"))
+            if torch is None:
+                raise M3DError(_("PyTorch was not installed; see the Python console for why."))
+        if plan.packages:
+            if hasattr(slicer, "packaging"):  # Slicer >= 5.12
+                slicer.packaging.pip_ensure(plan.packages, skip_packages=list(SKIP_PACKAGES), prompt_install=False,
+                                            requester="M3D Assistant")
+            else:
+                slicer.util.pip_install(plan.packages)
+
+    def checkWeights(self, source: str, hfHome: str | None = None) -> None:
+        """Before a download: where it goes, how big it is, and whether the disk has room (raises if not); asks
+        once when interactive."""
+        from M3DAssistantLib.errors import CancelledError
+        from M3DAssistantLib.weights import human_bytes, weights_status
+
+        status = weights_status(source, hfHome)
+        logging.info(f"M3D model: {status.describe()}")
+        if not status.needs_download or not self.interactive or self._testing():
+            return
+        message = _("{model} is not on this computer yet. It will be downloaded from the Hugging Face hub ({size}) "
+                    "into {cache} ({free} free); its progress shows in the panel. Continue?").format(
+            model=source, size=human_bytes(status.download_bytes), cache=status.cache_dir,
+            free=human_bytes(status.free_bytes))
+        if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("M3D Assistant: download the model")):
+            raise CancelledError(_("Download declined. Choose a local checkpoint folder instead."))
+
+    # ------------------------------------------------------------------------------------------ inspect
     def inspectModel(self, source: str) -> dict:
         """
         Summarise an M3D-LaMed checkpoint from its config and weight index, without loading the weights.
@@ -283,6 +1008,10 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
         self.test_ParameterNode()
         self.setUp()
         self.test_InspectModel()
+        self.setUp()
+        self.test_TasksWithFakeBackend()
+        self.setUp()
+        self.test_FullFlowWithTinyCheckpoint()
 
     def test_ParameterNode(self):
         """The parameter node has the default model and stores the chosen volume and model in the scene."""
@@ -290,15 +1019,23 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
         logic = M3DAssistantLogic()
         parameterNode = logic.getParameterNode()
         self.assertEqual(parameterNode.modelSource, DEFAULT_MODEL_SOURCE)
+        self.assertEqual(parameterNode.modelChoice, MODEL_PHI3)
         self.assertIsNone(parameterNode.inputVolume)
 
         volumeNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "M3DAssistantTestVolume")
         parameterNode.inputVolume = volumeNode
+        parameterNode.modelChoice = MODEL_FOLDER
         parameterNode.modelSource = "/data/checkpoints/my-m3d"
+        parameterNode.runOn = RUN_REMOTE
+        parameterNode.serverUrl = "http://gpu-box:8765"
         storedNode = logic.getParameterNode()  # a new wrapper over the same MRML node
         self.assertEqual(storedNode.inputVolume.GetID(), volumeNode.GetID())
         self.assertEqual(storedNode.modelSource, "/data/checkpoints/my-m3d")
+        self.assertEqual(storedNode.runOn, RUN_REMOTE)
         self.assertEqual(parameterNode.parameterNode.GetParameter("modelSource"), "/data/checkpoints/my-m3d")
+        logic.serverToken = "secret-token-not-for-the-scene"
+        for name in parameterNode.parameterNode.GetParameterNames():
+            self.assertNotIn("secret-token", parameterNode.parameterNode.GetParameter(name))
         self.delayDisplay("Test passed")
 
     def test_InspectModel(self):
@@ -319,3 +1056,233 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
             logic.inspectModel("   ")
         self.assertEqual(len(calls), 1)
         self.delayDisplay("Test passed")
+
+    def _ctVolume(self, name="M3DAssistantTestCT"):
+        import numpy as np
+
+        array = np.random.default_rng(0).normal(40, 80, size=(24, 48, 40)).clip(-1000, 1000).astype(np.int16)
+        ijkToRas = np.diag([-0.8, -0.8, 2.5, 1.0])
+        return slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRas, name=name)
+
+    def _userNodes(self, volumeNode):
+        """Nodes a user already has, named as M3D would name its outputs: none may change."""
+        import numpy as np
+
+        text = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", f"{volumeNode.GetName()} M3D report")
+        text.SetText("my own notes")
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "liver")
+        roi.SetCenter(0.0, 0.0, 20.0)
+        roi.SetSize(10.0, 10.0, 10.0)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
+        mask = np.zeros(slicer.util.arrayFromVolume(volumeNode).shape, np.uint8)
+        mask[5:10, 10:20, 10:20] = 1
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segmentId, volumeNode)
+        return text, roi, segmentation, segmentId, mask
+
+    def _assertUserNodesUnchanged(self, userNodes, volumeNode):
+        import numpy as np
+
+        text, roi, segmentation, segmentId, mask = userNodes
+        self.assertEqual(text.GetText(), "my own notes")
+        self.assertEqual(text.GetName(), f"{volumeNode.GetName()} M3D report")
+        self.assertEqual(roi.GetName(), "liver")
+        self.assertEqual(list(roi.GetSize()), [10.0, 10.0, 10.0])
+        segment = segmentation.GetSegmentation().GetSegment(segmentId)
+        self.assertEqual(segment.GetName(), "liver")
+        np.testing.assert_array_equal(
+            slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segmentId, volumeNode), mask)
+
+    def test_TasksWithFakeBackend(self):
+        """All eight console methods return the documented types, keep the typed result, and never overwrite."""
+        self.delayDisplay("Starting the console API test (fake model)")
+        import numpy as np
+        from M3DAssistantLib.geometry import RasRoi
+        from M3DAssistantLib.results import (BoxResult, ChoiceResult, Provenance, RetrievalResult,
+                                             SegmentationResult, TextResult)
+
+        volume = self._ctVolume()
+        shape = slicer.util.arrayFromVolume(volume).shape
+        userNodes = self._userNodes(volume)
+
+        def prov(task):
+            return Provenance(task=task, model="fake", model_revision=None, dtype="float32", device="cpu", prompt="")
+
+        class FakeBackend:
+            """The engine's task methods with fixed answers: a box, a mask, a choice."""
+
+            def __init__(self, config):
+                self.config, self.volumes, self.on_progress = config, 0, None
+
+            def set_volume(self, array, ijkToRas, window=None, roi=None):
+                self.volumes += 1
+
+            def report(self, sampling=None, on_text=None):
+                on_text and on_text("No acute findings.")
+                return TextResult("No acute findings.", prov("report"))
+
+            def ask(self, question, history=(), sampling=None, on_text=None):
+                return TextResult(f"answer {len(history)}", prov("vqa_open"))
+
+            def choose(self, question, choices, sampling=None, on_text=None):
+                return ChoiceResult("C. Sagittal", list(choices), "C", choices[2], prov("vqa_closed"))
+
+            def locate(self, expression, sampling=None, on_text=None):
+                return BoxResult("<box>", expression, (0.1, 0.1, 0.1, 0.5, 0.5, 0.5),
+                                 RasRoi((-5.0, -6.0, 20.0), (8.0, 9.0, 10.0)), prov("rec"))
+
+            def describe_region(self, roi, sampling=None, on_text=None):
+                return TextResult("A kidney.", prov("reg"))
+
+            def segment(self, target, sampling=None, on_text=None):
+                mask = np.zeros(shape, np.uint8)
+                mask[2:6, 4:9, 4:9] = 1
+                return SegmentationResult("It is [SEG].", target, mask, prov("seg"))
+
+            def segment_expression(self, expression, sampling=None, on_text=None):
+                return SegmentationResult("No.", expression, None, prov("refseg"), absent=True)
+
+            def retrieve(self, texts=None, text=None, volumes=None, labels=None):
+                names = labels or texts
+                return RetrievalResult(text or "volume", [(i, n, 1.0 - i / 10) for i, n in
+                                                          reversed(list(enumerate(names)))], prov("retrieval"))
+
+            def cancel(self):
+                pass
+
+            def close(self):
+                self.closed = True
+
+        logic = M3DAssistantLogic(backendFactory=FakeBackend, settings=_MemorySettings())
+        parameterNode = logic.getParameterNode()
+        parameterNode.runOn = RUN_CPU
+        parameterNode.windowPreset = "Abdomen"
+
+        chunks = []
+        textNode = logic.report(volume, onText=chunks.append)
+        self.assertTrue(textNode.IsA("vtkMRMLTextNode"))
+        self.assertNotEqual(textNode.GetID(), userNodes[0].GetID())
+        self.assertIn("No acute findings.", textNode.GetText())
+        self.assertIn("AI-generated, not for clinical use", textNode.GetText())
+        self.assertEqual(chunks, ["No acute findings."])
+        self.assertIsInstance(logic.lastResult, TextResult)
+
+        self.assertEqual(logic.ask(volume, "Is the liver enlarged?"), "answer 0")
+        self.assertEqual(logic.ask(volume, "And the spleen?"), "answer 1")  # the conversation continues
+        self.assertEqual(logic.choose(volume, "Which plane?", ["Axial", "Coronal", "Sagittal", "Oblique"]),
+                         "Sagittal")
+        self.assertEqual(logic.lastResult.letter, "C")
+
+        roiNode = logic.locate(volume, "liver")
+        self.assertTrue(roiNode.IsA("vtkMRMLMarkupsROINode"))
+        self.assertNotEqual(roiNode.GetID(), userNodes[1].GetID())
+        self.assertIsInstance(logic.lastResult, BoxResult)
+        self.assertEqual(logic.describeRegion(volume, userNodes[1]), "A kidney.")
+
+        segmentationNode, segmentId = logic.segment(volume, "liver", userNodes[2])
+        self.assertEqual(segmentationNode.GetID(), userNodes[2].GetID())
+        self.assertNotEqual(segmentId, userNodes[3])
+        self.assertEqual(segmentationNode.GetSegmentation().GetNumberOfSegments(), 2)
+        self.assertEqual(int(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volume).sum()),
+                         4 * 5 * 5)
+        self.assertEqual(logic.segmentExpression(volume, "the lesion"), (None, None))  # no mask: nothing added
+        self.assertEqual(logic._backend.volumes, 1)  # the volume was sent once for all of these
+
+        ranking = logic.findSimilar(["a liver cyst", "a normal chest"], volume)
+        self.assertEqual([text for text, _ in ranking], ["a normal chest", "a liver cyst"])
+        self.assertIsInstance(logic.lastResult, RetrievalResult)
+
+        request = logic.ask(volume, "Non-blocking?", wait=False)  # the panel's way
+        self.assertTrue(request.wait(10))
+        self.assertEqual(request.result(), "answer 2")
+
+        self._assertUserNodesUnchanged(userNodes, volume)
+        backend = logic._backend
+        parameterNode.runOn = RUN_AUTO  # another configuration: a new session, the old backend is closed
+        logic.session()
+        self.assertTrue(backend.closed)
+        self.delayDisplay("Test passed")
+
+    def test_FullFlowWithTinyCheckpoint(self):
+        """Every task through a real worker process on a tiny random checkpoint: node types, nothing overwritten."""
+        missing = [name for name in ("torch", "transformers", "fastapi", "uvicorn", "safetensors", "psutil")
+                   if importlib.util.find_spec(name) is None]
+        if missing:
+            self.delayDisplay(f"Skipping the full-flow test: {', '.join(missing)} not installed in Slicer's Python")
+            return
+        self.delayDisplay("Starting the full-flow test (tiny checkpoint, real worker)")
+        import subprocess
+        from pathlib import Path
+
+        from M3DAssistantLib.results import BoxResult, RetrievalResult, SegmentationResult, TextResult
+        from M3DAssistantLib.worker import LIB_PARENT
+
+        # The tiny random checkpoints are written by another process: torch never loads in Slicer's own.
+        folder = Path(slicer.util.tempDirectory("M3DAssistantTest"))
+        checkpoint, clip = folder / "phi3", folder / "clip"
+        script = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                  "from M3DAssistantLib.model import random_checkpoint as rc; "
+                  "rc.write_random_lamed_checkpoint(Path(sys.argv[2]), 'phi3', llm=rc.TINY_LLM, "
+                  "multimodal=rc.TINY_MULTIMODAL); rc.write_random_clip_checkpoint(Path(sys.argv[3]), tiny=True)")
+        subprocess.run([self._workerPython(), "-c", script, str(LIB_PARENT), str(checkpoint), str(clip)],
+                       check=True, timeout=600)
+        logic = M3DAssistantLogic(settings=_MemorySettings({"clipModel": str(clip),
+                                                            "pythonExecutable": self._workerPython()}))
+        parameterNode = logic.getParameterNode()
+        parameterNode.modelChoice = MODEL_FOLDER
+        parameterNode.modelSource = str(checkpoint)
+        parameterNode.runOn = RUN_CPU
+        parameterNode.maxNewTokens = 8
+        parameterNode.windowPreset = "Abdomen"
+        volume = self._ctVolume()
+        userNodes = self._userNodes(volume)
+        try:
+            textNode = logic.report(volume)
+            self.assertIsInstance(logic.lastResult, TextResult)
+            if logic.lastResult.text.strip():
+                self.assertTrue(textNode.IsA("vtkMRMLTextNode"))
+                self.assertNotEqual(textNode.GetID(), userNodes[0].GetID())
+            worker = logic.workerProcess()
+            pid = worker.pid
+            self.assertIsNotNone(pid)
+            self.assertIsInstance(logic.ask(volume, "Is there a lesion?"), str)
+            self.assertIsInstance(logic.choose(volume, "Which plane?", ["Axial", "Coronal", "Sagittal", "Oblique"]),
+                                  str)
+            roiNode = logic.locate(volume, "liver")
+            self.assertIsInstance(logic.lastResult, BoxResult)
+            self.assertTrue(roiNode is None or roiNode.IsA("vtkMRMLMarkupsROINode"))
+            self.assertIsInstance(logic.describeRegion(volume, userNodes[1]), str)
+            segmentationNode, segmentId = logic.segment(volume, "liver", userNodes[2])
+            self.assertIsInstance(logic.lastResult, SegmentationResult)
+            self.assertTrue(segmentationNode is None or segmentationNode.GetID() == userNodes[2].GetID())
+            self.assertTrue(segmentId is None or segmentId != userNodes[3])
+            logic.segmentExpression(volume, "the lesion in the right lobe")
+            self.assertIsInstance(logic.lastResult, SegmentationResult)
+            ranking = logic.findSimilar(["a liver cyst", "a normal chest"], volume)
+            self.assertEqual(sorted(text for text, _ in ranking), ["a liver cyst", "a normal chest"])
+            self.assertIsInstance(logic.lastResult, RetrievalResult)
+            self.assertEqual((worker.pid, worker.restarts), (pid, 0))  # one worker for everything
+            self._assertUserNodesUnchanged(userNodes, volume)
+        finally:
+            logic.shutdown()
+        self.assertIsNone(logic.workerProcess())
+        self.delayDisplay("Test passed")
+
+    @staticmethod
+    def _workerPython() -> str:
+        """Slicer's Python for the worker (the setting also skips the dependency check: nothing is installed)."""
+        return shutil.which("PythonSlicer") or sys.executable
+
+
+class _MemorySettings:
+    """Settings kept in a dict (tests: nothing reaches the computer's QSettings)."""
+
+    def __init__(self, values: dict | None = None) -> None:
+        self.values = dict(values or {})
+
+    def get(self, key: str, default: str = "") -> str:
+        return self.values.get(key, default)
+
+    def set(self, key: str, value: str) -> None:
+        self.values[key] = value

@@ -413,6 +413,12 @@ def _slicer_stand_in() -> dict[str, types.ModuleType]:
         def __init__(self, parent=None):
             pass
 
+        def getParameterNode(self):
+            # One store per logic, as Slicer keeps one parameter node per module.
+            if "_stand_in_parameters" not in self.__dict__:
+                self._stand_in_parameters = types.SimpleNamespace(values={})
+            return self._stand_in_parameters
+
     class ScriptedLoadableModuleTest(unittest.TestCase):
         def delayDisplay(self, message, msec=None):
             pass
@@ -424,15 +430,55 @@ def _slicer_stand_in() -> dict[str, types.ModuleType]:
     class vtkMRMLScalarVolumeNode:
         pass
 
+    class vtkMRMLMarkupsROINode:
+        pass
+
+    class vtkMRMLSegmentationNode:
+        pass
+
+    class _Field:
+        """A parameter-node field: the default on the class, the stored value on an instance."""
+
+        def __init__(self, name, default):
+            self.name, self.default = name, default
+
+        def __get__(self, wrapper, owner=None):
+            return self.default if wrapper is None else wrapper.parameterNode.values.get(self.name, self.default)
+
+        def __set__(self, wrapper, value):
+            wrapper.parameterNode.values[self.name] = value
+
+    def parameterNodeWrapper(cls):
+        """Like Slicer's: ``Cls(parameterNode)`` reads and writes the annotated fields (here in a plain dict)."""
+        for name in cls.__annotations__:
+            setattr(cls, name, _Field(name, cls.__dict__.get(name)))
+
+        def __init__(self, parameterNode):
+            self.parameterNode = parameterNode
+
+        cls.__init__ = __init__
+        return cls
+
+    class Choice:
+        def __init__(self, choices):
+            self.choices = list(choices)
+
+    class WithinRange:
+        def __init__(self, minimum, maximum):
+            self.minimum, self.maximum = minimum, maximum
+
     util = module("slicer.util", VTKObservationMixin=VTKObservationMixin)
     slicer = module("slicer", util=util, vtkMRMLScalarVolumeNode=vtkMRMLScalarVolumeNode,
+                    vtkMRMLMarkupsROINode=vtkMRMLMarkupsROINode, vtkMRMLSegmentationNode=vtkMRMLSegmentationNode,
                     mrmlScene=types.SimpleNamespace(Clear=lambda *args: None))
     return {
         "vtk": module("vtk", vtkCommand=types.SimpleNamespace(ModifiedEvent=33)),
+        "qt": module("qt"),
         "slicer": slicer,
         "slicer.util": util,
         "slicer.i18n": module("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text),
-        "slicer.parameterNodeWrapper": module("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls),
+        "slicer.parameterNodeWrapper": module("slicer.parameterNodeWrapper", parameterNodeWrapper=parameterNodeWrapper,
+                                              Choice=Choice, WithinRange=WithinRange),
         "slicer.ScriptedLoadableModule": module(
             "slicer.ScriptedLoadableModule", ScriptedLoadableModule=ScriptedLoadableModule,
             ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
@@ -492,7 +538,14 @@ def test_assistant_help_names_the_eight_tasks(load_module):
 def test_assistant_parameter_node_and_logic(load_module, monkeypatch):
     loaded = load_module("M3DAssistant")
     assert loaded.M3DAssistantParameterNode.modelSource == "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
-    assert parameter_node_fields("M3DAssistant") == {"inputVolume": "vtkMRMLScalarVolumeNode", "modelSource": "str"}
+    fields = parameter_node_fields("M3DAssistant")
+    assert fields == {
+        "inputVolume": "vtkMRMLScalarVolumeNode", "modelChoice": "Annotated[str, Choice(MODEL_CHOICES)]",
+        "modelSource": "str", "runOn": "Annotated[str, Choice(RUN_CHOICES)]", "serverUrl": "str",
+        "windowPreset": "Annotated[str, Choice(WINDOW_CHOICES)]", "cropRoi": "vtkMRMLMarkupsROINode",
+        "describeRoi": "vtkMRMLMarkupsROINode", "outputSegmentation": "vtkMRMLSegmentationNode",
+        "maxNewTokens": "Annotated[int, WithinRange(1, 1024)]", "choices": "str"}
+    assert not [name for name in fields if name.lower().endswith("token")]  # the server token is never in the scene
 
     # By default the Logic calls M3DAssistantLib.model.inspect.inspect_checkpoint, imported when first needed.
     calls = []

@@ -1,0 +1,811 @@
+"""The local inference worker: ``m3d serve`` in a child process, started, watched, restarted and stopped from Slicer.
+
+Slicer's own process never imports torch (see DESIGN.md, "Process boundary"). The model runs in a worker process
+started with Slicer's Python (``PythonSlicer``) or any other Python the user points to::
+
+    python -u -m M3DAssistantLib.server --host 127.0.0.1 --port 0 --parent-pid <Slicer's pid> --model ...
+
+:class:`WorkerProcess` owns that process:
+
+* **start** spawns it without blocking: a reader thread per pipe collects its output, and the one
+  ``M3D_SERVER_READY {...}`` line on stdout says it listens (url, port, pid). ``start(wait=False)`` returns at once and
+  the GUI polls :meth:`WorkerProcess.poll` from a QTimer; ``start(wait=True)`` blocks (scripts, background threads).
+  A worker that exits before it is ready raises :class:`WorkerStartError` with the server's own error message (e.g.
+  "no such folder"), not a timeout; the startup timeout only fires when the worker prints nothing at all for that
+  long (a multi-GB download keeps printing progress, so it is not cut short).
+* **token**: a random token is generated here and handed over in the environment (``$M3D_SERVER_TOKEN``), so it is
+  neither on the command line (visible to other users) nor printed.
+* **platforms**: ``subprocess.Popen`` with an argument list (paths with spaces are fine), a new session (POSIX) or a
+  new process group without a console window (Windows) so Ctrl+C in Slicer's terminal does not reach the worker,
+  and no POSIX-only calls.
+* **stop** kills the whole process tree with psutil: ``PythonSlicer`` is a launcher that starts the real Python as a
+  child, so killing only the process we started would leave the model (and its GPU memory) running. Workers are also
+  stopped at interpreter exit (``atexit``), and the server itself exits when Slicer's process disappears
+  (``--parent-pid``), so a crashed Slicer leaves nothing behind.
+* **crash and restart**: :meth:`WorkerProcess.ensure_running` restarts a worker that died (reporting it through
+  ``on_message`` and the log) and returns a fresh :class:`~M3DAssistantLib.client.M3DClient`.
+
+:class:`LocalWorkerBackend` puts a worker behind the engine's task methods, so an
+:class:`~M3DAssistantLib.session.AssistantSession` uses it like an in-process engine: the worker starts lazily on the
+first request, is reused across prompts and volumes, and is restarted on the next request after a crash (the volume is
+sent again automatically). A request that was running when the worker died raises :class:`WorkerCrashedError`; the
+session writes nodes only after a successful result, so nothing half-written reaches the scene.
+:class:`ClientBackend` does the same for a remote server (no process to manage).
+
+Standard library and psutil only (psutil is optional: without it only the direct child is killed). Runs inside
+Slicer's process; nothing here touches Qt or MRML.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import enum
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from .client import M3DClient, ServerUnavailableError
+from .errors import CancelledError, M3DError
+from .progress import ProgressCallback, ProgressEvent, report
+from .server import TOKEN_ENV, parse_ready_line
+
+logger = logging.getLogger(__name__)
+
+MessageCallback = Callable[[str], None]
+
+LIB_PARENT = Path(__file__).resolve().parent.parent
+"""The folder that holds ``M3DAssistantLib``; put on the worker's PYTHONPATH so ``-m M3DAssistantLib.server`` works
+with any Python (Slicer adds it to its own ``sys.path`` only)."""
+
+SERVER_ERROR_PREFIX = "m3d serve: error:"
+_PERCENT_RE = re.compile(r"(\d{1,3})%\|")  # tqdm's bar: " 45%|####      | 3.2G/7.1G"
+
+
+class WorkerError(M3DError):
+    """The local M3D worker process could not be started or stopped working."""
+
+    def __init__(self, message: str, log_tail: str = ""):
+        super().__init__(message)
+        self.log_tail = log_tail  # the worker's last output lines, for a "details" box
+
+
+class WorkerStartError(WorkerError):
+    """The worker exited (or stalled) before it reported ready."""
+
+
+class WorkerCrashedError(WorkerError):
+    """The worker stopped after it was ready (crash, out of memory, killed)."""
+
+
+class WorkerState(enum.Enum):
+    STOPPED = "stopped"  # never started, or stopped on purpose
+    STARTING = "starting"  # process running, READY line not seen yet
+    READY = "ready"  # listening; requests can be sent
+    FAILED = "failed"  # exited before it was ready (see last_error)
+    CRASHED = "crashed"  # exited after it was ready (see last_error)
+
+
+def describe_exit(code: Optional[int]) -> str:
+    """A returncode in words: ``exit code 2``, ``killed by SIGKILL (often: out of memory)``."""
+    if code is None:
+        return "still running"
+    if code < 0:  # POSIX: terminated by a signal
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (often: the system ran out of memory)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    if code in (128 + 9, 128 + 15) and os.name != "nt":  # a shell launcher reports its child's signal this way
+        return f"exit code {code} (killed{' by SIGKILL, often: out of memory' if code == 137 else ''})"
+    return f"exit code {code}"
+
+
+class _Run:
+    """One process started by a WorkerProcess, with its output readers (a new one per (re)start)."""
+
+    def __init__(self, popen: subprocess.Popen, token: str, generation: int):
+        self.popen = popen
+        self.token = token
+        self.generation = generation
+        self.ready = threading.Event()
+        self.info: Optional[dict[str, Any]] = None  # the READY line
+        self.server_process: Any = None  # psutil.Process of the server when it is not the process we started
+        self.stderr_tail: "collections.deque[str]" = collections.deque(maxlen=200)
+        self.last_message = ""
+        self.last_activity = time.monotonic()
+        self.client: Optional[M3DClient] = None
+        self.readers: list[threading.Thread] = []
+        self.end_noted = False
+
+    # -------------------------------------------------------------------------------------- readers (threads)
+    def read_stdout(self) -> None:
+        """Wait for the READY line; keep draining afterwards so the pipe never fills."""
+        stream = self.popen.stdout
+        assert stream is not None
+        for raw in iter(stream.readline, b""):
+            self.last_activity = time.monotonic()
+            line = raw.decode("utf-8", "replace").strip()
+            if self.ready.is_set() or not line:
+                continue
+            try:
+                info = parse_ready_line(line)
+            except ValueError:  # a READY prefix with broken JSON: keep it for the error message
+                info = None
+            if info is None:
+                self.stderr_tail.append(line)
+                continue
+            self.info = info
+            self.server_process = _server_process(info.get("pid"), self.popen.pid)
+            self.ready.set()
+
+    def read_stderr(self) -> None:
+        """Keep the last lines (error messages) and the last progress text (tqdm redraws with ``\\r``)."""
+        stream = self.popen.stderr
+        assert stream is not None
+        pending = ""
+        while True:
+            chunk = stream.read1(8192) if hasattr(stream, "read1") else stream.read(1)
+            if not chunk:
+                break
+            self.last_activity = time.monotonic()
+            pending += chunk.decode("utf-8", "replace")
+            while True:
+                match = re.search(r"[\r\n]", pending)
+                if match is None:
+                    break
+                segment, separator, pending = pending[:match.start()], match.group(), pending[match.end():]
+                segment = segment.rstrip()
+                if segment:
+                    self.last_message = segment
+                    if separator == "\n":
+                        self.stderr_tail.append(segment)
+        if pending.strip():
+            self.stderr_tail.append(pending.strip())
+            self.last_message = pending.strip()
+
+    def join_readers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self.readers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # ------------------------------------------------------------------------------------------------ state
+    def alive(self) -> bool:
+        if self.popen.poll() is not None:
+            return False
+        if self.server_process is not None:  # a launcher (PythonSlicer) may outlive the real server
+            import psutil
+
+            try:
+                return self.server_process.is_running() and self.server_process.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+            except psutil.AccessDenied:
+                return True
+        return True
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(list(self.stderr_tail)[-lines:])
+
+    def failure_detail(self) -> str:
+        """The most useful line of the worker's output: the server's own error message, else the end of a traceback
+        ("" when it printed nothing but its start-up banner)."""
+        tail = [line for line in self.stderr_tail if not _is_banner(line)]
+        errors = [line for line in tail if line.startswith(SERVER_ERROR_PREFIX)]
+        if errors:
+            return errors[-1][len(SERVER_ERROR_PREFIX):].strip()
+        return tail[-1] if tail else ""  # after a traceback: "SomeError: message"
+
+
+def _is_banner(line: str) -> bool:
+    """The server's "m3d serve: MODEL on URL (protocol N); Ctrl+C to stop" line: says nothing about a failure."""
+    return line.startswith("m3d serve: ") and line.endswith("Ctrl+C to stop")
+
+
+def _server_process(pid: Any, launcher_pid: int) -> Any:
+    """psutil.Process for the server when a launcher (PythonSlicer) started it as a child; None otherwise."""
+    if not isinstance(pid, int) or pid == launcher_pid:
+        return None
+    try:
+        import psutil
+
+        return psutil.Process(pid)
+    except Exception:  # psutil missing, or the process is already gone
+        return None
+
+
+_LIVE_WORKERS: "weakref.WeakSet[WorkerProcess]" = weakref.WeakSet()
+
+
+def _stop_all_workers() -> None:
+    """atexit: stop every worker this process started (Slicer exiting)."""
+    for worker in list(_LIVE_WORKERS):
+        try:
+            worker.stop(timeout=3.0)
+        except Exception:  # at exit, best effort: the server also watches our pid
+            logger.debug("could not stop %r at exit", worker, exc_info=True)
+
+
+atexit.register(_stop_all_workers)
+
+
+class WorkerProcess:
+    """One local ``m3d serve`` worker: start, watch, restart, stop. Thread-safe.
+
+    Args:
+        python_executable: the Python that runs the worker (default ``sys.executable``; in Slicer the module passes
+            ``PythonSlicer``). Needs the inference packages (torch, transformers, fastapi, uvicorn, ...).
+        model: HF hub id or local checkpoint folder (``--model``); None: the server's default.
+        device, dtype, revision, clip_model: the server's ``--device``, ``--dtype``, ``--revision``, ``--clip-model``.
+        extra_args: more ``m3d serve`` arguments (e.g. ``["--max-queue", "2"]``).
+        env: environment changes for the worker (value None removes a variable), e.g. ``{"HF_HOME": "D:/hf"}``.
+        startup_timeout: seconds the worker may stay silent before it reports ready (download and loading progress
+            count as output); then it is stopped and :class:`WorkerStartError` raised.
+        stop_timeout: seconds a stopping worker gets to exit cleanly before it is killed.
+        client_timeout: the :class:`M3DClient` read timeout.
+        parent_pid: the server exits when this process does (default: this process).
+        on_message: receives notices for the user (a crash and restart), from whichever thread noticed.
+
+    Example::
+
+        worker = WorkerProcess(model="/data/M3D-LaMed-Phi-3-4B", device="cpu")
+        worker.start(wait=True)            # or start(wait=False) and poll() from a timer
+        client = worker.client()           # M3DClient with the worker's URL and token
+        ...
+        worker.stop()                      # the whole process tree
+    """
+
+    def __init__(
+        self,
+        python_executable: Union[str, Path, None] = None,
+        model: Union[str, Path, None] = None,
+        *,
+        device: Optional[str] = None,
+        dtype: Optional[str] = None,
+        revision: Optional[str] = None,
+        clip_model: Union[str, Path, None] = None,
+        extra_args: Sequence[str] = (),
+        env: Optional[Mapping[str, Optional[str]]] = None,
+        startup_timeout: float = 600.0,
+        stop_timeout: float = 10.0,
+        client_timeout: float = 600.0,
+        parent_pid: Optional[int] = None,
+        on_message: Optional[MessageCallback] = None,
+    ):
+        self.python_executable = str(python_executable or sys.executable)
+        self.model = None if model is None else str(model)
+        self.device, self.dtype, self.revision = device, dtype, revision
+        self.clip_model = None if clip_model is None else str(clip_model)
+        self.extra_args = [str(a) for a in extra_args]
+        self.env = dict(env or {})
+        self.startup_timeout = float(startup_timeout)
+        self.stop_timeout = float(stop_timeout)
+        self.client_timeout = float(client_timeout)
+        self.parent_pid = os.getpid() if parent_pid is None else int(parent_pid)
+        self.on_message = on_message
+        self.restarts = 0  # restarts after a crash (not the first start, not a start after stop())
+        self.last_error: Optional[str] = None  # why the last run failed or crashed
+        self.last_log_tail = ""
+        self._generation = 0
+        self._run: Optional[_Run] = None
+        self._lock = threading.RLock()
+        _LIVE_WORKERS.add(self)
+
+    def __repr__(self) -> str:
+        return f"WorkerProcess(model={self.model!r}, state={self.poll().value})"
+
+    # ------------------------------------------------------------------------------------------- the command
+    def command(self) -> list[str]:
+        """The worker's command line (no token: that goes through the environment)."""
+        args = [self.python_executable, "-u", "-m", "M3DAssistantLib.server", "--host", "127.0.0.1", "--port", "0",
+                "--parent-pid", str(self.parent_pid)]
+        for flag, value in (("--model", self.model), ("--device", self.device), ("--dtype", self.dtype),
+                            ("--revision", self.revision), ("--clip-model", self.clip_model)):
+            if value:
+                args += [flag, str(value)]
+        return args + self.extra_args
+
+    def environment(self, token: str) -> dict[str, str]:
+        env = dict(os.environ)
+        for key, value in self.env.items():
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = str(value)
+        paths = [str(LIB_PARENT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"
+        env[TOKEN_ENV] = token
+        return env
+
+    # ------------------------------------------------------------------------------------------------- state
+    @property
+    def generation(self) -> int:
+        """Increases with every (re)start: a backend compares it to know the worker lost its volumes."""
+        return self._generation
+
+    def poll(self) -> WorkerState:
+        """The worker's state now (cheap; call it from a GUI timer). Notices a worker that exited."""
+        with self._lock:
+            run = self._run
+            if run is None:
+                return WorkerState.FAILED if self.last_error else WorkerState.STOPPED
+            if run.alive():
+                return WorkerState.READY if run.ready.is_set() else WorkerState.STARTING
+            if not run.end_noted:
+                run.end_noted = True
+                try:  # a launcher exits right after its child: wait for it, its exit code says how the child ended
+                    run.popen.wait(2.0)
+                except subprocess.TimeoutExpired:  # the server died but the launcher lives on: clean up
+                    kill_process_tree(run.popen, 2.0)
+                run.join_readers(2.0)  # the last lines of output say why
+                code = run.popen.poll()
+                detail = run.failure_detail()
+                if run.ready.is_set():
+                    self.last_error = describe_exit(code) + (f"; last output: {detail}" if detail else "")
+                else:
+                    self.last_error = f"{detail or 'it printed nothing'} ({describe_exit(code)})"
+                self.last_log_tail = run.log_tail()
+            return WorkerState.CRASHED if run.ready.is_set() else WorkerState.FAILED
+
+    state = property(poll)
+
+    @property
+    def ready(self) -> bool:
+        return self.poll() is WorkerState.READY
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The server's process id (from its READY line; not the launcher's) while it runs, else None."""
+        run = self._run
+        if run is None or not run.ready.is_set() or run.info is None:
+            return None
+        return int(run.info.get("pid", run.popen.pid))
+
+    @property
+    def launcher_pid(self) -> Optional[int]:
+        """The id of the process we started (PythonSlicer's launcher, or the server itself)."""
+        run = self._run
+        return None if run is None else run.popen.pid
+
+    @property
+    def url(self) -> Optional[str]:
+        run = self._run
+        return None if run is None or run.info is None else run.info.get("url")
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The worker's last output lines (stderr), for error details."""
+        run = self._run
+        return run.log_tail(lines) if run is not None else self.last_log_tail
+
+    def startup_progress(self) -> ProgressEvent:
+        """What a starting worker is doing, from its output: ``download`` with a fraction when a download bar is
+        showing, else ``load``."""
+        run = self._run
+        message = run.last_message if run is not None else ""
+        match = _PERCENT_RE.search(message)
+        if match:
+            return ProgressEvent("download", min(int(match.group(1)), 100) / 100.0, message)
+        return ProgressEvent("load", None, message or "starting the M3D worker")
+
+    def status_text(self) -> str:
+        """One line for a status label."""
+        state = self.poll()
+        if state is WorkerState.READY:
+            return f"ready on {self.url} (process {self.pid})"
+        if state is WorkerState.STARTING:
+            run = self._run
+            detail = run.last_message if run is not None and run.last_message else "loading the model"
+            return f"starting (process {self.launcher_pid}): {detail}"
+        if state is WorkerState.FAILED:
+            return f"could not start: {self.last_error}"
+        if state is WorkerState.CRASHED:
+            return f"stopped unexpectedly: {self.last_error}"
+        return "not running"
+
+    # -------------------------------------------------------------------------------------------- lifecycle
+    def start(self, wait: bool = False, timeout: Optional[float] = None) -> WorkerState:
+        """Start the worker unless it is starting or running. ``wait=False`` returns at once (poll() to follow);
+        ``wait=True`` returns when it is ready and raises :class:`WorkerStartError` if it is not."""
+        with self._lock:
+            run = self._run
+            if run is None or not run.alive():
+                if run is not None:
+                    self._dispose(run)
+                self._run = self._spawn()
+        if wait:
+            self.wait_ready(timeout)
+        return self.poll()
+
+    def _spawn(self) -> _Run:
+        token = secrets.token_urlsafe(32)
+        kwargs: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+                                  "env": self.environment(token), "close_fds": True}
+        if os.name == "nt":
+            # Own process group (Ctrl+C in Slicer's console does not reach it) and no console window.
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        else:
+            kwargs["start_new_session"] = True  # own session: terminal signals meant for Slicer do not reach it
+        command = self.command()
+        self.last_error, self.last_log_tail = None, ""
+        try:
+            popen = subprocess.Popen(command, **kwargs)
+        except OSError as e:
+            self.last_error = (f"cannot run {self.python_executable!r} ({e.strerror or e}); choose an existing Python "
+                               f"executable for the worker")
+            raise WorkerStartError(f"The M3D worker could not start: {self.last_error}") from None
+        self._generation += 1
+        run = _Run(popen, token, self._generation)
+        for name, target in (("stdout", run.read_stdout), ("stderr", run.read_stderr)):
+            thread = threading.Thread(target=target, name=f"m3d-worker-{name}-{popen.pid}", daemon=True)
+            thread.start()
+            run.readers.append(thread)
+        logger.info("started the M3D worker (process %s): %s", popen.pid, " ".join(command))
+        return run
+
+    def wait_ready(self, timeout: Optional[float] = None, *, cancel_event: Optional[threading.Event] = None,
+                   on_progress: Optional[ProgressCallback] = None) -> None:
+        """Block until the worker is ready.
+
+        Raises :class:`WorkerStartError` when it exits first (with its error message) or stays silent for
+        ``timeout`` (default ``startup_timeout``) seconds; :class:`~M3DAssistantLib.errors.CancelledError` when
+        ``cancel_event`` is set (the worker keeps starting). ``on_progress`` gets :meth:`startup_progress` events."""
+        with self._lock:
+            run = self._run
+        if run is None:
+            raise WorkerError("the M3D worker is not started; call start() first")
+        stall = self.startup_timeout if timeout is None else float(timeout)
+        last_message = None
+        while not run.ready.wait(0.1):
+            if self._run is not run:
+                raise CancelledError("the M3D worker was stopped while it was starting")
+            state = self.poll()
+            if state is WorkerState.FAILED:
+                raise WorkerStartError(f"The M3D worker could not start: {self.last_error}", self.last_log_tail)
+            if cancel_event is not None and cancel_event.is_set():
+                raise CancelledError("cancelled while the M3D worker was starting (it keeps starting in the "
+                                     "background and is used by the next request)")
+            if on_progress is not None and run.last_message != last_message:
+                last_message = run.last_message
+                on_progress(self.startup_progress())
+            if time.monotonic() - run.last_activity > stall:
+                detail = run.failure_detail() or "none"
+                run.end_noted = True  # poll() must not replace the reason below by the exit code of our kill
+                self._stop_run(run)
+                self.last_error = f"no sign of progress for {stall:.0f} s (last output: {detail}); it was stopped"
+                self.last_log_tail = run.log_tail()
+                raise WorkerStartError(f"The M3D worker did not become ready: {self.last_error}", self.last_log_tail)
+        state = self.poll()
+        if state is not WorkerState.READY:  # ready, then died at once
+            raise WorkerStartError(f"The M3D worker stopped right after starting: {self.last_error}",
+                                   self.last_log_tail)
+
+    def client(self) -> M3DClient:
+        """The HTTP client of the running worker (one per run, reused)."""
+        with self._lock:
+            run = self._run
+            if run is None or self.poll() is not WorkerState.READY or run.info is None:
+                raise WorkerError(f"the M3D worker is not ready ({self.status_text()})")
+            if run.client is None:
+                run.client = M3DClient(run.info["url"], run.token, timeout=self.client_timeout)
+            return run.client
+
+    def ensure_running(self, *, cancel_event: Optional[threading.Event] = None,
+                       on_progress: Optional[ProgressCallback] = None) -> M3DClient:
+        """A client of a running worker: starts it if needed, and restarts it (reporting why) if it crashed."""
+        state = self.poll()
+        if state is WorkerState.READY:
+            return self.client()
+        if state is WorkerState.CRASHED:
+            with self._lock:
+                if self.poll() is WorkerState.CRASHED:  # another thread may have restarted it meanwhile
+                    self.restarts += 1
+                    self._notify(f"The M3D worker stopped unexpectedly ({self.last_error}); restarting it.")
+                    self.start(wait=False)
+        else:
+            self.start(wait=False)
+        if on_progress is not None:
+            on_progress(ProgressEvent("load", None, "starting the M3D worker and loading the model"))
+        self.wait_ready(cancel_event=cancel_event, on_progress=on_progress)
+        return self.client()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop the worker and every process it started (the whole tree); returns when they are gone."""
+        with self._lock:
+            run, self._run = self._run, None
+            self.last_error = None
+        if run is not None:
+            self._stop_run(run, timeout)
+            self._dispose(run)
+            logger.info("stopped the M3D worker (process %s)", run.popen.pid)
+
+    def _stop_run(self, run: _Run, timeout: Optional[float] = None) -> None:
+        kill_process_tree(run.popen, self.stop_timeout if timeout is None else timeout, extra=[run.server_process])
+
+    @staticmethod
+    def _dispose(run: _Run) -> None:
+        run.join_readers(2.0)
+        for stream in (run.popen.stdout, run.popen.stderr):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+
+    def _notify(self, message: str) -> None:
+        logger.warning(message)
+        if self.on_message is not None:
+            try:
+                self.on_message(message)
+            except Exception:  # a notice must not break the request that noticed
+                logger.exception("on_message callback failed")
+
+
+def kill_process_tree(popen: subprocess.Popen, timeout: float = 10.0, extra: Sequence[Any] = ()) -> None:
+    """Terminate ``popen`` and all its descendants (then kill what is left after ``timeout`` s) and reap it.
+
+    ``extra``: more psutil.Process objects to stop (e.g. a server whose launcher already exited)."""
+    try:
+        import psutil
+    except ImportError:  # without psutil only the direct child can be stopped
+        psutil = None
+    if psutil is not None:
+        processes = []
+        try:
+            root = psutil.Process(popen.pid)
+            processes = root.children(recursive=True) + [root]  # children first: they are lost once root is gone
+        except psutil.NoSuchProcess:
+            pass
+        known = {p.pid for p in processes}
+        processes += [p for p in extra if p is not None and p.pid not in known]
+        for process in processes:
+            try:
+                process.terminate()  # uvicorn shuts down cleanly on SIGTERM; Windows: TerminateProcess
+            except psutil.NoSuchProcess:
+                pass
+            except psutil.AccessDenied:
+                logger.warning("not allowed to stop process %s", process.pid)
+        _, alive = psutil.wait_procs(processes, timeout=timeout)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5.0)
+    elif popen.poll() is None:
+        popen.terminate()
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+    try:
+        popen.wait(5.0)
+    except subprocess.TimeoutExpired:
+        logger.warning("the M3D worker (process %s) did not exit", popen.pid)
+
+
+# ------------------------------------------------------------------------------------------------------ backends
+class ClientBackend:
+    """The engine's task methods (what :class:`~M3DAssistantLib.session.AssistantSession` calls) answered by an
+    :class:`M3DClient`, e.g. of a remote server. Adds server-side progress: ``on_progress`` receives
+    :class:`~M3DAssistantLib.progress.ProgressEvent` (from the request's thread)."""
+
+    def __init__(self, client: Optional[M3DClient] = None, *, on_progress: Optional[ProgressCallback] = None):
+        self._fixed_client = client
+        self.on_progress = on_progress
+        self._cancel = threading.Event()
+        self._busy = 0  # calls in progress: a cancel outside a call is ignored (it must not hit the next request)
+        self._busy_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def _client_for_task(self) -> M3DClient:
+        if self._fixed_client is None:
+            raise WorkerError("no M3D server client")
+        return self._fixed_client
+
+    def _call(self, work: Callable[[], Any], check_after: bool = False) -> Any:
+        """Run one backend call, honouring a cancel that arrives before the server has the request
+        (``check_after``: also one that arrived during the call, e.g. while a volume was uploaded)."""
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            result = work()
+            if check_after:
+                self._check_cancel()
+            return result
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+                if self._busy == 0:
+                    self._cancel.clear()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise CancelledError("cancelled")
+
+    def _progress(self, event: ProgressEvent) -> None:
+        if self.on_progress is not None:
+            self.on_progress(event)
+
+    def _run_task(self, method: str, args: tuple, sampling: Any, on_text: Any) -> Any:
+        client = self._client_for_task()
+        self._check_cancel()
+        return getattr(client, method)(*args, sampling=sampling, on_text=on_text, on_progress=self._progress)
+
+    def _send_volume(self, array_kji: Any, ijk_to_ras: Any, window: Any, roi: Any) -> Any:
+        client = self._client_for_task()
+        self._check_cancel()
+        report(self.on_progress, "upload", None, "sending the volume")
+        return client.set_volume(array_kji, ijk_to_ras, window=window, roi=roi)
+
+    def _run_retrieve(self, kwargs: dict) -> Any:
+        client = self._client_for_task()
+        self._check_cancel()
+        report(self.on_progress, "encode", None, "ranking with M3D-CLIP")
+        return client.retrieve(**kwargs)
+
+    # --------------------------------------------------------------------------------------- engine methods
+    def info(self) -> dict[str, Any]:
+        return self._call(lambda: self._client_for_task().info())
+
+    def set_volume(self, array_kji: Any, ijk_to_ras: Any, *, window: Any = None, roi: Any = None) -> Any:
+        return self._call(lambda: self._send_volume(array_kji, ijk_to_ras, window, roi), check_after=True)
+
+    def _task(self, method: str, *args: Any, sampling: Any = None, on_text: Any = None) -> Any:
+        return self._call(lambda: self._run_task(method, args, sampling, on_text))
+
+    def report(self, *, sampling: Any = None, on_text: Any = None) -> Any:
+        return self._task("report", sampling=sampling, on_text=on_text)
+
+    def ask(self, question: str, history: Sequence[tuple[str, str]] = (), *, sampling: Any = None,
+            on_text: Any = None) -> Any:
+        return self._task("ask", question, list(history), sampling=sampling, on_text=on_text)
+
+    def choose(self, question: str, choices: Sequence[str], *, sampling: Any = None, on_text: Any = None) -> Any:
+        return self._task("choose", question, list(choices), sampling=sampling, on_text=on_text)
+
+    def locate(self, expression: str, *, sampling: Any = None, on_text: Any = None) -> Any:
+        return self._task("locate", expression, sampling=sampling, on_text=on_text)
+
+    def describe_region(self, roi: Any, *, sampling: Any = None, on_text: Any = None) -> Any:
+        return self._task("describe_region", roi, sampling=sampling, on_text=on_text)
+
+    def segment(self, target: str, *, sampling: Any = None, on_text: Any = None) -> Any:
+        return self._task("segment", target, sampling=sampling, on_text=on_text)
+
+    def segment_expression(self, expression: str, *, sampling: Any = None, on_text: Any = None) -> Any:
+        return self._task("segment_expression", expression, sampling=sampling, on_text=on_text)
+
+    def retrieve(self, **kwargs: Any) -> Any:
+        return self._call(lambda: self._run_retrieve(kwargs))
+
+    def cancel(self) -> None:
+        """Stop the running request at its next decoding step (from any thread, without waiting: the GUI calls it);
+        the worker keeps running."""
+        with self._busy_lock:
+            if self._busy:
+                self._cancel.set()
+        client = self._current_client()
+        if client is not None:
+            threading.Thread(target=self._cancel_on_server, args=(client,), name="m3d-cancel", daemon=True).start()
+
+    @staticmethod
+    def _cancel_on_server(client: M3DClient) -> None:
+        try:
+            client.cancel()
+        except M3DError:  # nothing to cancel, or the server is gone: the request fails on its own
+            pass
+
+    def _current_client(self) -> Optional[M3DClient]:
+        return self._fixed_client
+
+    def close(self) -> None:
+        """Nothing to release for a remote server (it is not ours to stop)."""
+
+
+class LocalWorkerBackend(ClientBackend):
+    """The engine's task methods answered by a local :class:`WorkerProcess`, started on the first request.
+
+    After a crash the next request restarts the worker and sends the current volume again; a request that was
+    running when it died raises :class:`WorkerCrashedError` (nothing is retried behind the user's back: an
+    out-of-memory crash would just happen again).
+    """
+
+    def __init__(self, worker: WorkerProcess, *, on_progress: Optional[ProgressCallback] = None):
+        super().__init__(None, on_progress=on_progress)
+        self.worker = worker
+        self._volume: Optional[tuple[tuple, dict]] = None  # the last set_volume call, to repeat after a restart
+        self._volume_generation: Optional[int] = None
+
+    def _ensure(self) -> M3DClient:
+        return self.worker.ensure_running(cancel_event=self._cancel, on_progress=self._progress)
+
+    def _client_for_task(self) -> M3DClient:
+        client = self._ensure()
+        if self._volume is not None and self._volume_generation != self.worker.generation:
+            args, kwargs = self._volume  # the worker restarted since the volume was sent: send it again
+            report(self.on_progress, "upload", None, "sending the volume to the restarted M3D worker")
+            generation = self.worker.generation
+            self._guard(lambda: client.set_volume(*args, **kwargs), generation)
+            self._volume_generation = generation
+        return client
+
+    def _guard(self, call: Callable[[], Any], generation: int) -> Any:
+        """Run ``call``; a connection lost because the worker died becomes WorkerCrashedError."""
+        try:
+            return call()
+        except ServerUnavailableError:
+            if self._worker_died(generation):
+                if self.worker.poll() is WorkerState.STOPPED:
+                    raise CancelledError("the M3D worker was stopped") from None
+                raise WorkerCrashedError(
+                    f"The M3D worker stopped while answering ({self.worker.last_error}). Nothing was added to the "
+                    f"scene; the worker restarts on the next request.", self.worker.last_log_tail) from None
+            raise
+
+    def _worker_died(self, generation: int, grace: float = 3.0) -> bool:
+        """Whether the worker of ``generation`` is gone (the broken connection may come just before its exit)."""
+        deadline = time.monotonic() + grace
+        while True:
+            if self.worker.generation != generation:
+                return True
+            if self.worker.poll() in (WorkerState.CRASHED, WorkerState.FAILED, WorkerState.STOPPED):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    def _send_volume(self, array_kji: Any, ijk_to_ras: Any, window: Any, roi: Any) -> Any:
+        kwargs = {"window": window, "roi": roi}
+        self._volume = ((array_kji, ijk_to_ras), kwargs)
+        self._volume_generation = None
+        client = self._ensure()
+        self._check_cancel()
+        generation = self.worker.generation
+        report(self.on_progress, "upload", None, "sending the volume to the M3D worker")
+        try:
+            remote = client.set_volume(array_kji, ijk_to_ras, **kwargs)
+        except ServerUnavailableError:
+            if not self._worker_died(generation, grace=1.0):
+                raise
+            # It died while idle or while receiving the volume: nothing was computed, so restart and send again.
+            client = self._ensure()
+            generation = self.worker.generation
+            remote = self._guard(lambda: client.set_volume(array_kji, ijk_to_ras, **kwargs), generation)
+        self._volume_generation = generation
+        return remote
+
+    def _run_task(self, method: str, args: tuple, sampling: Any, on_text: Any) -> Any:
+        client = self._client_for_task()
+        self._check_cancel()
+        generation = self.worker.generation
+        return self._guard(lambda: getattr(client, method)(*args, sampling=sampling, on_text=on_text,
+                                                           on_progress=self._progress), generation)
+
+    def _run_retrieve(self, kwargs: dict) -> Any:
+        client = self._client_for_task()
+        self._check_cancel()
+        report(self.on_progress, "encode", None, "ranking with M3D-CLIP")
+        return self._guard(lambda: client.retrieve(**kwargs), self.worker.generation)
+
+    def _current_client(self) -> Optional[M3DClient]:
+        return self.worker.client() if self.worker.poll() is WorkerState.READY else None
+
+    def close(self) -> None:
+        """Stop the worker (its process tree)."""
+        self.worker.stop()
+
+
+__all__ = ["WorkerProcess", "WorkerState", "WorkerError", "WorkerStartError", "WorkerCrashedError",
+           "ClientBackend", "LocalWorkerBackend", "kill_process_tree", "describe_exit", "LIB_PARENT"]

@@ -1,0 +1,451 @@
+"""The M3DAssistant module's Logic and its Lib helpers (tasks, dependencies, weights) without a Slicer application.
+
+The module file is imported against real MRML (slicer-core) plus small stand-ins for what only the Slicer application
+has (ScriptedLoadableModule, the parameter-node wrapper, qt), so the module's own self-test of the console API runs
+here on real nodes, with a fake model backend. The real worker is tested in test_worker.py.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import io
+import subprocess
+import sys
+import textwrap
+import threading
+import types
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from M3DAssistantLib import AI_LABEL, dependencies, tasks, weights
+from M3DAssistantLib.errors import CheckpointError, InputError, M3DError
+from M3DAssistantLib.progress import ProgressEvent
+from M3DAssistantLib.results import ChoiceResult, Provenance, RetrievalResult, SegmentationResult, TextResult
+
+REPO = Path(__file__).resolve().parent.parent
+MODULE_FILE = REPO / "M3DAssistant" / "M3DAssistant.py"
+UI_FILE = REPO / "M3DAssistant" / "Resources" / "UI" / "M3DAssistant.ui"
+
+
+def prov(task: str) -> Provenance:
+    return Provenance(task=task, model="fake", model_revision=None, dtype="float32", device="cpu", prompt="")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the module file on real MRML
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def assistant(monkeypatch, headless_slicer):
+    """M3DAssistant.py imported with slicer-core's real ``slicer`` and stand-ins for the application-only parts."""
+    import slicer
+    from test_extension_layout import _slicer_stand_in
+
+    stand_in = _slicer_stand_in()
+    for name in ("qt", "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule"):
+        monkeypatch.setitem(sys.modules, name, stand_in[name])
+    monkeypatch.setattr(slicer.util, "VTKObservationMixin", stand_in["slicer.util"].VTKObservationMixin, raising=False)
+    monkeypatch.syspath_prepend(str(REPO / "M3DAssistant"))
+    spec = importlib.util.spec_from_file_location("M3DAssistant", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "M3DAssistant", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_module_self_test_console_api_on_real_mrml(assistant):
+    """The module's own Slicer self-test of all eight console methods (fake model, real nodes)."""
+    suite = unittest.TestSuite([assistant.M3DAssistantTest("test_TasksWithFakeBackend")])
+    output = io.StringIO()
+    result = unittest.TextTestRunner(stream=output, verbosity=2).run(suite)
+    assert result.wasSuccessful(), output.getvalue()
+
+
+class RecordingBackend:
+    """Records the window / crop / sampling each task gets; streams its answer."""
+
+    def __init__(self, config):
+        self.config, self.calls, self.closed, self.on_progress = config, [], False, None
+
+    def set_volume(self, array, ijk_to_ras, window=None, roi=None):
+        self.calls.append(("set_volume", window, roi))
+
+    def ask(self, question, history=(), sampling=None, on_text=None):
+        self.calls.append(("ask", question, sampling.max_new_tokens))
+        if self.on_progress:
+            self.on_progress(ProgressEvent("generate", 0.5, "1 token"))
+        if on_text:
+            on_text("yes")
+        return TextResult("yes", prov("vqa_open"))
+
+    def cancel(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def ct_node():
+    import numpy as np
+    import slicer
+
+    array = np.arange(8 * 10 * 12, dtype=np.int16).reshape(8, 10, 12)
+    return slicer.util.addVolumeFromArray(array, ijkToRAS=np.diag([1.0, 1.0, 2.0, 1.0]), name="ct")
+
+
+def test_logic_options_progress_and_callbacks(assistant):
+    logic = assistant.M3DAssistantLogic(backendFactory=RecordingBackend, settings=assistant._MemorySettings())
+    volume = ct_node()
+    events, chunks = [], []
+    logic.progressCallback = events.append
+    parameters = logic.getParameterNode()
+    parameters.maxNewTokens = 17
+    parameters.windowPreset = "Lung"
+
+    assert logic.ask(volume, "Any nodule?", onText=chunks.append) == "yes"
+    backend = logic._backend
+    assert backend.calls == [("set_volume", "lung", None), ("ask", "Any nodule?", 17)]
+    assert chunks == ["yes"] and [e.stage for e in events] == ["generate"]
+    assert isinstance(logic.lastResult, TextResult)
+
+    logic.ask(volume, "Again?", window=(40.0, 400.0), maxNewTokens=3)  # per-call overrides
+    assert backend.calls[-2:] == [("set_volume", (40.0, 400.0), None), ("ask", "Again?", 3)]
+    with pytest.raises(TypeError, match="unknown option"):
+        logic.ask(volume, "?", temperature=2)
+
+    request = logic.ask(volume, "Later?", wait=False)  # as the panel runs it
+    assert isinstance(request, tasks.TaskRequest) and request.wait(10) and request.result() == "yes"
+
+    parameters.runOn = assistant.RUN_CPU  # another configuration: a new session; the old backend is closed
+    logic.ask(volume, "On the CPU?")
+    assert backend.closed and logic._backend is not backend and logic._backend.config["device"] == "cpu"
+    logic.shutdown()
+    assert logic._backend is None
+
+
+def test_window_presets(assistant):
+    volume = ct_node()
+    volume.CreateDefaultDisplayNodes()
+    volume.GetDisplayNode().SetAutoWindowLevel(False)
+    volume.GetDisplayNode().SetWindowLevel(350.0, 40.0)
+    window_for = assistant.M3DAssistantLogic.windowFor
+    assert window_for(volume, assistant.WINDOW_DEFAULT) is None
+    assert window_for(volume, "Abdomen") == "abdomen"
+    assert window_for(volume, assistant.WINDOW_DISPLAY) == (40.0, 350.0)
+    from M3DAssistantLib.preprocessing import WINDOW_PRESETS
+
+    special = (assistant.WINDOW_DEFAULT, assistant.WINDOW_DISPLAY)
+    named = [c.lower() for c in assistant.WINDOW_CHOICES if c not in special]
+    assert set(named) <= set(WINDOW_PRESETS)  # every preset the panel offers is one the engine knows
+
+
+def test_model_and_where_it_runs(assistant, tiny_phi3, tmp_path):
+    logic = assistant.M3DAssistantLogic(settings=assistant._MemorySettings({"pythonExecutable": "/venv/bin/python"}))
+    p = logic.getParameterNode()
+    assert logic.modelSource() == "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
+    p.modelChoice = assistant.MODEL_LLAMA2
+    assert logic.modelSource() == "GoodBaiBai88/M3D-LaMed-Llama-2-7B"
+
+    p.modelChoice, p.modelSource = assistant.MODEL_FOLDER, str(tiny_phi3)
+    config = logic.configuration()
+    assert config == {"remote": False, "model": str(tiny_phi3), "device": None, "python": "/venv/bin/python",
+                      "hfHome": None, "clipModel": None}
+    p.modelSource = str(tmp_path / "nothing here")
+    with pytest.raises(CheckpointError, match="no such folder"):
+        logic.modelSource()
+
+    p.modelChoice = assistant.MODEL_ADAPTER
+    output = tmp_path / "run 1"
+    (output / "adapter").mkdir(parents=True)
+    (output / "adapter" / "adapter_config.json").write_text("{}")
+    p.modelSource = str(output)
+    with pytest.raises(M3DError, match="merge it once|Merge it once"):
+        logic.modelSource()
+
+    p.runOn = assistant.RUN_REMOTE
+    with pytest.raises(ValueError, match="URL"):
+        logic.configuration()
+    p.serverUrl = "http://127.0.0.1:9"
+    with pytest.raises(ValueError, match="token"):
+        logic.session()  # a remote server needs its token (typed in the panel, kept in memory)
+    logic.serverToken = "in-memory-token"
+    session = logic.session()
+    assert type(session.backend).__name__ == "ClientBackend" and logic.workerProcess() is None
+    assert not any("in-memory-token" in str(v) for v in p.parameterNode.values.values())  # never in the scene
+    assert logic.workerStatus().startswith("Remote server")
+
+
+def test_local_configuration_builds_a_lazy_worker(assistant, tiny_phi3, tmp_path):
+    settings = assistant._MemorySettings({"hfHome": str(tmp_path / "hf cache"), "pythonExecutable": sys.executable})
+    logic = assistant.M3DAssistantLogic(settings=settings)
+    p = logic.getParameterNode()
+    p.modelChoice, p.modelSource, p.runOn = assistant.MODEL_FOLDER, str(tiny_phi3), assistant.RUN_GPU
+    logic.session()
+    worker = logic.workerProcess()
+    assert worker.poll().value == "stopped"  # nothing starts before a request or the Start button
+    assert worker.device == "cuda" and worker.model == str(tiny_phi3) and worker.python_executable == sys.executable
+    assert worker.env["HF_HOME"] == str(tmp_path / "hf cache")
+    assert logic.workerStatus() == "Worker: not running"
+    assert logic.workerStarting() is None
+    logic.prepareWorker()  # another Python: no install; a local folder: no download check needed
+    logic.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the .ui
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def ui_tree():
+    tree = ET.parse(UI_FILE)
+    widgets = {w.get("name"): w for w in tree.iter("widget")}
+    bound = {name: w.findtext("property[@name='SlicerParameterName']/string") for name, w in widgets.items()
+             if w.find("property[@name='SlicerParameterName']") is not None}
+    return widgets, bound
+
+
+def test_ui_binds_every_parameter_and_never_the_token():
+    from test_extension_layout import parameter_node_fields
+
+    widgets, bound = ui_tree()
+    assert set(bound.values()) == set(parameter_node_fields("M3DAssistant"))  # every field has its widget
+    assert "serverTokenLineEdit" not in bound and "rememberTokenCheckBox" not in bound
+    token = widgets["serverTokenLineEdit"]
+    assert token.findtext("property[@name='echoMode']/enum") == "QLineEdit::Password"
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    for task, spec in tasks.TASKS.items():  # one button per task, with the task's label
+        name = {"report": "reportButton", "ask": "askButton", "choose": "chooseButton", "locate": "locateButton",
+                "describeRegion": "describeRoiButton", "segment": "segmentButton",
+                "segmentExpression": "segmentExpressionButton", "findSimilar": "findSimilarButton"}[task]
+        assert widgets[name].findtext("property[@name='text']/string") == spec.label
+        assert f'"{task}": "{name}"' in source and f"def {task}(" in source
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# M3DAssistantLib.tasks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_tasks_table_matches_the_help_and_the_session():
+    from M3DAssistantLib.session import AssistantSession
+
+    assert [spec.label for spec in tasks.TASKS.values()] == [
+        "Report", "Ask", "Multiple choice", "Locate", "Describe ROI", "Segment", "Segment by description",
+        "Find similar"]
+    for spec in tasks.TASKS.values():
+        assert callable(getattr(AssistantSession, spec.session_method))
+
+
+def test_choices_prompts_and_progress_text():
+    assert tasks.parse_choices(" Axial; Coronal ;;Sagittal\nOblique ") == ["Axial", "Coronal", "Sagittal", "Oblique"]
+    with pytest.raises(InputError, match="at least two"):
+        tasks.parse_choices("Axial")
+    assert tasks.require_prompt("report", "") == ""
+    assert tasks.require_prompt("ask", "  Why?  ") == "Why?"
+    with pytest.raises(InputError, match="Segment needs a structure"):
+        tasks.require_prompt("segment", "   ")
+    assert tasks.progress_text(ProgressEvent("download", 0.456, "model.safetensors")) == (
+        "Downloading the model: model.safetensors", 46)
+    assert tasks.progress_text(ProgressEvent("generate", 0.2, "12 tokens")) == ("Writing the answer", 20)
+    assert tasks.progress_text(ProgressEvent("load", None, "")) == ("Loading the model", None)
+    assert tasks.progress_text(ProgressEvent("load", None, "x" * 500))[0].endswith("...")
+
+
+class FakeNode:
+    def __init__(self, name, segments=None):
+        self.name, self.segments = name, segments or {}
+
+    def GetName(self):
+        return self.name
+
+    def GetSegmentation(self):
+        return types.SimpleNamespace(GetSegment=lambda sid: types.SimpleNamespace(GetName=lambda: self.segments[sid]))
+
+
+def test_api_values_and_answer_texts():
+    import numpy as np
+
+    text = TextResult("Fine.", prov("report"))
+    node = FakeNode("ct M3D report")
+    assert tasks.api_value("report", (node, text)) is node and tasks.typed_result("report", (node, text)) is text
+    assert "saved as text node 'ct M3D report'" in tasks.answer_text("report", (node, text))
+    choice = ChoiceResult("C. Sagittal", ["Axial", "Coronal", "Sagittal"], "C", "Sagittal", prov("vqa_closed"))
+    assert tasks.api_value("choose", ("Sagittal", choice)) == "Sagittal"
+    assert tasks.answer_text("choose", ("Sagittal", choice)) == "C. Sagittal"
+    mask = np.zeros((2, 3, 4), np.uint8)
+    mask[0, 0, :3] = 1
+    seg = SegmentationResult("It is [SEG].", "liver", mask, prov("seg"))
+    segmentation = FakeNode("M3D segmentation", {"s1": "liver (2)"})
+    assert tasks.api_value("segment", (segmentation, "s1", seg)) == (segmentation, "s1")
+    assert "segment 'liver (2)' added to 'M3D segmentation', 3 voxels" in tasks.answer_text(
+        "segment", (segmentation, "s1", seg))
+    absent = SegmentationResult("No.", "liver", None, prov("seg"), absent=True)
+    assert tasks.api_value("segmentExpression", (None, None, absent)) == (None, None)
+    assert "nothing was added" in tasks.answer_text("segmentExpression", (None, None, absent))
+    ranking = RetrievalResult("liver", [(1, "b", 0.9), (0, "a", 0.5)], prov("retrieval"))
+    candidates = [FakeNode("a"), FakeNode("b")]
+    assert tasks.api_value("findSimilar", ranking, candidates) == [(candidates[1], 0.9), (candidates[0], 0.5)]
+    assert tasks.answer_text("findSimilar", ranking) == "1. b (0.900)\n2. a (0.500)"
+
+
+def test_stream_buffer_across_threads_and_conversation_html():
+    buffer = tasks.StreamBuffer()
+    threads = [threading.Thread(target=lambda i=i: [buffer.put_text(f"{i}") for _ in range(100)]) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    buffer.put_progress(ProgressEvent("encode"))
+    buffer.put_progress(ProgressEvent("generate", 0.1))
+    text, progress = buffer.drain()
+    assert sorted(text) == sorted("0123" * 100) and progress == ProgressEvent("generate", 0.1)
+    assert buffer.drain() == ("", None)
+
+    log = tasks.ConversationLog()
+    assert "No questions about ct yet" in log.to_html("vtkMRMLScalarVolumeNode1", "ct")
+    entry = log.start("vtkMRMLScalarVolumeNode1", "ask", "Is <this> & that?")
+    entry.answer = "Yes\nreally"
+    html = log.to_html("vtkMRMLScalarVolumeNode1")
+    assert "Is &lt;this&gt; &amp; that?" in html and "Yes<br>really" in html and "&hellip;" in html
+    assert AI_LABEL in html
+    entry.status = "done"
+    log.start("vtkMRMLScalarVolumeNode1", "report", "").status = "cancelled"
+    html = log.to_html("vtkMRMLScalarVolumeNode1")
+    assert "(cancelled)" in html and log.entries("vtkMRMLScalarVolumeNode2") == []
+    log.clear("vtkMRMLScalarVolumeNode1")
+    assert log.entries("vtkMRMLScalarVolumeNode1") == []
+
+    history = tasks.PromptHistory(size=3)
+    for prompt in ["a", "b", "a", " ", "c", "d"]:
+        history.add(prompt)
+    assert history.items == ["d", "c", "a"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# M3DAssistantLib.dependencies
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_requirements_never_touch_slicers_own_packages(tmp_path):
+    names = {dependencies.canonical_name(dependencies.requirement_name(r)) for r in dependencies.read_requirements()}
+    assert names and not names & {"numpy", "simpleitk", "torch", "vtk"}
+    assert {"transformers", "fastapi", "uvicorn", "huggingface-hub", "psutil"} <= names
+    raw = (REPO / "M3DAssistant" / "Resources" / "requirements.txt").read_text()
+    assert "\nnumpy" not in raw and "SimpleITK" not in raw.replace("# numpy and SimpleITK", "")
+
+    custom = tmp_path / "requirements.txt"
+    custom.write_text("# comment\n-c constraints.txt\nnumpy>=2\nSimpleITK\ntorch>=2.4\nfoo-bar>=1.0  # why\n")
+    assert dependencies.read_requirements(custom) == ["foo-bar>=1.0"]
+
+
+def test_install_plan_lists_everything_once():
+    installed = {"torch": "2.3.0", "transformers": "5.30.0", "fastapi": "0.100.0"}
+
+    def version_of(name):
+        try:
+            return installed[name]
+        except KeyError:
+            raise importlib.metadata.PackageNotFoundError(name) from None
+
+    plan = dependencies.plan_installation(["transformers>=5.24,<6", "fastapi>=0.110", "uvicorn>=0.30"], version_of)
+    assert plan.torch == "torch>=2.4"  # too old
+    assert plan.packages == ["fastapi>=0.110", "uvicorn>=0.30"]
+    text = plan.describe()
+    for item in ("torch>=2.4", "PyTorch extension", "fastapi>=0.110", "uvicorn>=0.30", "numpy and SimpleITK"):
+        assert item in text
+    installed.update(torch="2.13.0+cpu", fastapi="0.120.0", uvicorn="0.31.0")
+    assert not dependencies.plan_installation(["transformers>=5.24,<6", "fastapi>=0.110", "uvicorn>=0.30"],
+                                              version_of).needed
+    assert dependencies.is_satisfied("pywin32>=300; sys_platform == 'nt-never'", version_of)  # marker: not needed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# M3DAssistantLib.weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_hub_cache_location():
+    home = Path("~").expanduser()
+    assert weights.hub_cache_dir(environ={}) == home / ".cache" / "huggingface" / "hub"
+    assert weights.hub_cache_dir(environ={"XDG_CACHE_HOME": "/x"}) == Path("/x/huggingface/hub")
+    assert weights.hub_cache_dir(environ={"HF_HOME": "/h", "XDG_CACHE_HOME": "/x"}) == Path("/h/hub")
+    assert weights.hub_cache_dir(environ={"HF_HUB_CACHE": "/c", "HF_HOME": "/h"}) == Path("/c")
+    assert weights.hub_cache_dir("/big disk/hf", environ={"HF_HUB_CACHE": "/c"}) == Path("/big disk/hf/hub")
+    assert weights.worker_environment(None) == {}
+    env = weights.worker_environment("/big disk/hf")
+    assert env["HF_HOME"] == str(Path("/big disk/hf")) and env["HF_HUB_CACHE"] == str(Path("/big disk/hf/hub"))
+
+
+def test_cached_models_are_not_downloaded_and_space_is_checked(tmp_path, tiny_phi3, monkeypatch):
+    import shutil
+
+    cache = tmp_path / "hf" / "hub"
+    snapshot = cache / "models--GoodBaiBai88--M3D-LaMed-Phi-3-4B" / "snapshots" / "abc123"
+    partial = cache / "models--GoodBaiBai88--M3D-LaMed-Llama-2-7B" / "snapshots" / "def456"
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("{}")  # weights not there yet: the download resumes
+    shutil.copytree(tiny_phi3, snapshot)
+    assert weights.cached_snapshot("GoodBaiBai88/M3D-LaMed-Phi-3-4B", cache) == snapshot
+    assert weights.cached_snapshot("GoodBaiBai88/M3D-LaMed-Llama-2-7B", cache) is None
+
+    sizes = []
+    status = weights.weights_status("GoodBaiBai88/M3D-LaMed-Phi-3-4B", str(tmp_path / "hf"), size_of=sizes.append)
+    assert status.local_path == snapshot and not status.needs_download and sizes == []  # no hub query
+
+    free = shutil.disk_usage(tmp_path).free
+    status = weights.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
+                                    size_of=lambda repo: 1000)
+    assert status.needs_download and status.download_bytes == 1000 and "will be downloaded" in status.describe()
+    with pytest.raises(weights.InsufficientDiskSpaceError, match="only .* free") as error:
+        weights.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
+                               size_of=lambda repo: free * 2)
+    assert "local checkpoint" in str(error.value)
+    unknown = weights.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
+                                     size_of=lambda repo: None)
+    assert unknown.download_bytes is None and "unknown size" in unknown.describe()  # offline: no check possible
+
+    assert weights.free_bytes(tmp_path / "not" / "yet" / "there") == weights.free_bytes(tmp_path)
+    assert weights.weights_status(str(tiny_phi3)).local_path == tiny_phi3  # a local folder: nothing to download
+    assert weights.human_bytes(7_100_000_000) == "7.1 GB" and weights.human_bytes(None) == "unknown size"
+
+
+def test_local_and_fine_tuned_folders(tmp_path, tiny_phi3):
+    import shutil
+
+    assert weights.local_checkpoint(tiny_phi3) == tiny_phi3
+    with pytest.raises(CheckpointError, match="no config.json"):
+        weights.local_checkpoint(tmp_path)
+    output = tmp_path / "training run"
+    (output / "adapter").mkdir(parents=True)
+    (output / "adapter" / "train_config.yaml").write_text("base_model: x\n")
+    with pytest.raises(M3DError, match="Merge it once") as error:
+        weights.checkpoint_for_adapter(output)
+    assert str(output / "merged") in str(error.value)
+    shutil.copytree(tiny_phi3, output / "merged")
+    assert weights.checkpoint_for_adapter(output) == output / "merged"
+    assert weights.checkpoint_for_adapter(output / "adapter") == output / "merged"
+    assert weights.checkpoint_for_adapter(tiny_phi3) == tiny_phi3  # an already merged model
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither"):
+        weights.checkpoint_for_adapter(tmp_path / "empty")
+
+
+def test_slicer_side_helpers_stay_light():
+    """What Slicer's process imports for the panel and the worker: no torch, no transformers, no server stack."""
+    paths = [str(REPO / "M3DAssistant")]
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = {paths!r}
+        import M3DAssistantLib.worker, M3DAssistantLib.tasks, M3DAssistantLib.dependencies, M3DAssistantLib.weights
+        import M3DAssistantLib.session
+        heavy = sorted(m for m in ("torch", "transformers", "fastapi", "uvicorn", "huggingface_hub", "safetensors")
+                       if m in sys.modules)
+        assert not heavy, heavy
+        print("light")
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and "light" in result.stdout, result.stdout + result.stderr
