@@ -233,6 +233,66 @@ class LamedMixin:
         logits = seg_module.decode(seg_image_embedding, prompts.to(seg_image_embedding.dtype))
         return logits.masked_fill(~has_seg.view(-1, 1, 1, 1, 1), float("-inf"))
 
+    # --------------------------------------------------------------------------------------------- training
+    def training_loss(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        segs: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The official training forward (``m3d-official.md`` §3.4): LM cross-entropy + Dice + BCE (weights 1:1:1).
+
+        The segmentation terms use only the samples whose mask is not empty (``segs[i].sum() != 0``); for those,
+        the final-norm hidden state at position ``j`` is the [SEG] prompt when token ``j + 1`` is [SEG] (the
+        position that predicts it; several [SEG] use their mean, none a zero prompt), exactly as at inference.
+        Dice is the official soft Dice (sigmoid, smooth 1 in the denominator), via MONAI's ``DiceLoss``; BCE is
+        ``BCEWithLogits``; mask values -1 count as background.
+
+        Args:
+            images: [B, 1, D, H, W] in [0, 1].
+            input_ids / attention_mask / labels: [B, L]; labels are -100 where no loss is taken (prompt, padding);
+                ``labels=None`` leaves out the LM term.
+            segs: [B, 1, D, H, W] binary masks (all zeros = no mask), or None.
+
+        Returns:
+            ``(loss, parts)``: the scalar loss and its detached parts ``{"lm", "dice", "bce"}`` (``dice``/``bce``
+            only when a sample with a mask is in the batch).
+        """
+        seg_rows = None
+        if segs is not None and self.seg_enabled:
+            seg_rows = (segs.flatten(1).sum(dim=1) != 0).nonzero().flatten()  # [S]
+            if seg_rows.numel() == 0:
+                seg_rows = None
+        outputs = self(
+            input_ids=input_ids,
+            images=images,
+            attention_mask=attention_mask,
+            labels=labels,
+            use_cache=False,
+            output_hidden_states=seg_rows is not None,
+        )
+        loss = outputs.loss if labels is not None else outputs.logits.new_zeros((), dtype=torch.float32)
+        parts = {"lm": loss.detach()}
+        if seg_rows is None:
+            return loss, parts
+
+        from monai.losses import DiceLoss
+
+        hidden = outputs.hidden_states[-1][seg_rows]  # [S, L, hidden], after the final norm
+        # hidden[:, j] predicts token j + 1: align the states with the tokens they predict
+        prompts, _ = self.seg_prompts_from_hidden(hidden[:, :-1], input_ids[seg_rows, 1:])  # [S, C]
+        seg_module = self.model.seg_module
+        param = next(seg_module.parameters())
+        seg_images = images[seg_rows].to(param.device, param.dtype)
+        logits = seg_module(seg_images, prompts.to(param.dtype)).float()  # [S, 1, D, H, W]
+        target = segs[seg_rows].to(logits.device, torch.float32).clamp(min=0)
+        dice = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1.0)(logits, target)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        parts.update(dice=dice.detach(), bce=bce.detach())
+        return loss + dice + bce, parts
+
 
 class LamedPhi3ForCausalLM(LamedMixin, Phi3ForCausalLM):
     """M3D-LaMed on Phi-3 (``model_type: lamed_phi3``), e.g. GoodBaiBai88/M3D-LaMed-Phi-3-4B."""
