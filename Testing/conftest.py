@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
-import types
 from pathlib import Path
 
 import pytest
@@ -28,53 +26,12 @@ def labels_total() -> dict[int, str]:
 
 
 def make_headless_slicer():
-    """Scene + application logic + module logics from slicer-core, with the shims slicer.util needs.
+    """Scene + module logics from slicer-core (M3DAssistantLib.scene.headless_slicer); skips without slicer-core."""
+    pytest.importorskip("slicer")
+    from M3DAssistantLib.scene import headless_slicer
 
-    Returns (scene, logics, keepalive); keep ``keepalive`` referenced while the scene is used.
-    """
-    slicer = pytest.importorskip("slicer")
-    from vtkmodules.vtkCommonCore import vtkCollection, vtkOutputWindow
-
-    out = vtkOutputWindow()
-    out.SetDisplayModeToAlwaysStdErr()
-    vtkOutputWindow.SetInstance(out)
-
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    app_logic.GetColorLogic().SetMRMLScene(scene)
-    app_logic.GetColorLogic().AddDefaultColorNodes()
-    app_logic.SetSliceLogics(vtkCollection())
-    app_logic.SetViewLogics(vtkCollection())
-    logics = {}
-    for name, cls in [
-        ("Markups", slicer.vtkSlicerMarkupsLogic),
-        ("Volumes", slicer.vtkSlicerVolumesLogic),
-        ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
-        ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
-        ("Texts", slicer.vtkSlicerTextsLogic),
-        ("Data", slicer.vtkSlicerDataModuleLogic),
-    ]:
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app_logic)
-        app_logic.SetModuleLogic(name, logic)
-        logics[name.lower()] = logic
-    # ReadFromMRB needs the remote-IO cache directory and the data IO manager.
-    remote_io = slicer.vtkMRMLRemoteIOLogic()
-    remote_io.SetMRMLScene(scene)
-    remote_io.SetMRMLApplicationLogic(app_logic)
-    remote_io.GetCacheManager().SetRemoteCacheDirectory(tempfile.mkdtemp(prefix="m3d-slicer-cache-"))
-    io_logic = slicer.vtkDataIOManagerLogic()
-    io_logic.SetMRMLScene(scene)
-    io_logic.SetMRMLApplicationLogic(app_logic)
-    io_logic.SetAndObserveDataIOManager(remote_io.GetDataIOManager())
-    remote_io.AddDataIOToScene()
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(
-        **{n: types.SimpleNamespace(logic=lambda lg=lg: lg) for n, lg in logics.items()}
-    )
-    return scene, logics, (app_logic, remote_io, io_logic)
+    scene, logics = headless_slicer()
+    return scene, logics, logics.pop("_keepalive")
 
 
 @pytest.fixture

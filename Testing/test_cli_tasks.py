@@ -126,3 +126,19 @@ def test_demo_writes_files(tiny_phi3, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "demo" / "report.txt").is_file() and (tmp_path / "demo" / "results.json").is_file()
     assert "drag the" in result.stdout
+
+
+def test_export_command_writes_a_dataset_from_an_mrb(headless_slicer, data_dir, tmp_path):
+    from test_export import build_scene
+
+    scene, logics = headless_slicer
+    build_scene(scene, logics, data_dir)
+    mrb = tmp_path / "annotated.mrb"
+    assert scene.WriteToMRB(str(mrb))
+    out = tmp_path / "dataset"
+    result = m3d("export", mrb, "-o", out, "--model-shape", "16", "64", "64")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "dataset.json").read_text())
+    assert manifest and (out / "export_report.json").is_file() and "Skipped" in result.stdout
+    again = m3d("export", mrb, "-o", out)
+    assert again.returncode == 2 and "Traceback" not in again.stderr  # never overwrites a dataset

@@ -278,6 +278,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from M3DTrainingLib.export import export_dataset
+
+    from .scene import headless_slicer
+
+    try:
+        import slicer  # noqa: F401  (the Slicer application or PyPI slicer-core)
+    except ImportError:
+        raise M3DError("reading Slicer scenes needs slicer-core in a plain shell: pip install slicer-core") from None
+    _scene, _logics = headless_slicer()  # registers the node types the scene files use
+    result = export_dataset(args.scenes, args.output, model_shape=tuple(args.model_shape), window=_window(args.window),
+                            validation_fraction=args.validation_fraction, seed=args.seed)
+    print(result.summary())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Report, liver segmentation and liver box for the bundled sample CT, written as files Slicer opens."""
     from . import outputs
@@ -395,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the inference worker (HTTP on 127.0.0.1, token required)")
     add_serve_arguments(p)
     p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("export", help="annotated Slicer scenes (.mrb/.mrml) -> an M3D-format training dataset")
+    p.add_argument("scenes", nargs="+", help=".mrb or .mrml files (needs slicer-core: pip install slicer-core)")
+    p.add_argument("-o", "--output", required=True, help="new dataset folder (must not exist)")
+    p.add_argument("--model-shape", type=int, nargs=3, default=[32, 256, 256], metavar=("D", "H", "W"))
+    p.add_argument("--window", default=None, help="intensity window as for inference (default: percentiles)")
+    p.add_argument("--validation-fraction", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_export)
 
     try:  # training commands (M3DTrainingLib, same distribution; imports no torch at import time)
         from M3DTrainingLib import train as training

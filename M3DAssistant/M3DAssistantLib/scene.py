@@ -73,6 +73,61 @@ def _slicer():
     return slicer
 
 
+def headless_slicer() -> tuple[Any, dict[str, Any]]:
+    """A scene with the module logics of Slicer registered, for scripts outside Slicer (PyPI ``slicer-core``).
+
+    Also sets the ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` shims that ``slicer.util`` helpers use
+    inside the application, so code written for Slicer runs unchanged. Returns ``(scene, logics)``; the logics (and
+    the IO objects kept in ``logics["_keepalive"]``) must stay referenced while the scene is used.
+    """
+    import tempfile
+    import types
+
+    slicer = _slicer()
+    from vtkmodules.vtkCommonCore import vtkCollection, vtkOutputWindow
+
+    out = vtkOutputWindow()
+    out.SetDisplayModeToAlwaysStdErr()  # VTK messages to stderr, not a window
+    vtkOutputWindow.SetInstance(out)
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    app_logic.GetColorLogic().SetMRMLScene(scene)
+    app_logic.GetColorLogic().AddDefaultColorNodes()
+    app_logic.SetSliceLogics(vtkCollection())
+    app_logic.SetViewLogics(vtkCollection())
+    logics: dict[str, Any] = {}
+    for name, cls in [
+        ("Markups", slicer.vtkSlicerMarkupsLogic),
+        ("Volumes", slicer.vtkSlicerVolumesLogic),
+        ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+        ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+        ("Texts", slicer.vtkSlicerTextsLogic),
+        ("Data", slicer.vtkSlicerDataModuleLogic),
+    ]:
+        logic = cls()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app_logic)
+        app_logic.SetModuleLogic(name, logic)
+        logics[name.lower()] = logic
+    # Reading .mrb files needs the remote-IO cache directory and the data IO manager.
+    remote_io = slicer.vtkMRMLRemoteIOLogic()
+    remote_io.SetMRMLScene(scene)
+    remote_io.SetMRMLApplicationLogic(app_logic)
+    remote_io.GetCacheManager().SetRemoteCacheDirectory(tempfile.mkdtemp(prefix="m3d-slicer-cache-"))
+    io_logic = slicer.vtkDataIOManagerLogic()
+    io_logic.SetMRMLScene(scene)
+    io_logic.SetMRMLApplicationLogic(app_logic)
+    io_logic.SetAndObserveDataIOManager(remote_io.GetDataIOManager())
+    remote_io.AddDataIOToScene()
+    slicer.mrmlScene = scene
+    slicer.modules = types.SimpleNamespace(
+        **{n: types.SimpleNamespace(logic=lambda lg=lg: lg) for n, lg in logics.items()}
+    )
+    logics["_keepalive"] = (app_logic, remote_io, io_logic)
+    return scene, logics
+
+
 def _scene_of(node: Any):
     scene = node.GetScene() if node is not None else None
     if scene is None:
