@@ -142,3 +142,35 @@ def test_export_command_writes_a_dataset_from_an_mrb(headless_slicer, data_dir, 
     assert manifest and (out / "export_report.json").is_file() and "Skipped" in result.stdout
     again = m3d("export", mrb, "-o", out)
     assert again.returncode == 2 and "Traceback" not in again.stderr  # never overwrites a dataset
+
+
+def test_retrieve_command_ranks_texts_for_a_volume(tiny_clip, ct_path):
+    result = m3d("retrieve", ct_path, "--texts", "liver lesion", "normal abdomen", "lung nodule",
+                 "--clip-model", tiny_clip, "--json", "--quiet")
+    assert result.returncode == 0, result.stderr
+    ranking = json.loads(result.stdout)["ranking"]
+    assert sorted(r["label"] for r in ranking) == ["liver lesion", "lung nodule", "normal abdomen"]
+    scores = [r["score"] for r in ranking]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_batch_under_accelerate_splits_volumes_across_processes(tiny_phi3, data_dir, tmp_path):
+    """`accelerate launch -m M3DAssistantLib batch`: each of 2 CPU processes takes its own share of the volumes."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(data_dir / "example_ct_sm.nii.gz", folder / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "M3DAssistantLib", "batch", str(folder),
+           "--task", "report", "-o", str(out), "--model", str(tiny_phi3), "--max-new-tokens", "2", "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
+    assert all((out / n / "results.json").is_file() for n in "abc")
+    # each volume was done exactly once, by one of the two processes
+    assert result.stderr.count(": done") == 3
