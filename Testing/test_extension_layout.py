@@ -569,27 +569,4 @@ def test_assistant_parameter_node_and_logic(load_module, monkeypatch):
     _run_slicer_self_test(loaded.M3DAssistantTest, "test_InspectModel")
 
 
-def test_training_logic_reports_steps_and_folders(load_module, tmp_path):
-    loaded = load_module("M3DTraining")
-    logic = loaded.M3DTrainingLogic()
-    steps = logic.availableSteps()
-    assert set(steps) == {"export", "train", "evaluate"}
-    for step, (_title, module_names) in loaded.TRAINING_STEPS.items():
-        present = all((REPO / "M3DTraining" / "M3DTrainingLib" / f"{name}.py").is_file() for name in module_names)
-        assert steps[step] == present, step
-
-    Path = type(tmp_path)
-    assert not logic.isFolderChosen(Path()) and not logic.isFolderChosen(Path(""))
-    assert logic.describeFolder(Path(), mustExist=True) == "not chosen"
-    (tmp_path / "case1.json").write_text("{}")
-    assert logic.describeFolder(tmp_path, mustExist=True) == f"{tmp_path} (1 items)"
-    assert logic.describeFolder(tmp_path / "case1.json", mustExist=True).endswith("is a file, not a folder")
-    assert logic.describeFolder(tmp_path / "missing", mustExist=True).endswith("does not exist")
-    assert logic.describeFolder(tmp_path / "missing", mustExist=False).endswith("(will be created)")
-    status = logic.statusText(tmp_path, Path())
-    assert status.startswith(f"Dataset folder: {tmp_path} (1 items)\nOutput folder: not chosen\n")
-    assert "this panel does not run them yet" in status
-    for title, _names in loaded.TRAINING_STEPS.values():
-        assert title in status
-
-    _run_slicer_self_test(loaded.M3DTrainingTest, "test_Status")
+# M3DTraining's parameter node, Logic and self-tests: test_training_module.py (same stand-in, slicer-core scene).
