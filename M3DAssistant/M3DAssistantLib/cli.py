@@ -294,6 +294,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from M3DTrainingLib.evaluate import evaluate_predictions, predict_dataset, write_evaluation
+
+    from .model import load_model
+
+    bar = ProgressBar(not args.quiet)
+    try:
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                                      progress=bar)
+        records = predict_dataset(model, tokenizer, args.dataset, split=args.split, tasks=args.tasks,
+                                  max_new_tokens=args.max_new_tokens, limit=args.limit, progress=bar)
+    finally:
+        bar.close()
+    results = evaluate_predictions(records)
+    paths = write_evaluation(results, args.output, stem="evaluation")
+    for task, entry in results["tasks"].items():
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in entry["metrics"].items() if isinstance(v, (int, float)))
+        print(f"{task:11} n={entry['n']:<4} {metrics}")
+    for message in results["messages"]:
+        print(f"note: {message}", file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Report, liver segmentation and liver box for the bundled sample CT, written as files Slicer opens."""
     from . import outputs
@@ -420,6 +444,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="run a model on a dataset split and compute M3D-Bench metrics")
+    p.add_argument("dataset", help="dataset folder written by m3d export")
+    p.add_argument("-o", "--output", required=True, help="new folder for evaluation.json and the plot")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (report vqa_open vqa_closed rec reg seg "
+                   "refseg)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many samples")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--quiet", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_evaluate)
 
     try:  # training commands (M3DTrainingLib, same distribution; imports no torch at import time)
         from M3DTrainingLib import train as training

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "TEXT_TASKS",
+    "predict_dataset",
     "bleu1",
     "box_iou",
     "box_iou_official",
@@ -265,6 +266,54 @@ def _text(record: dict[str, Any], key: str, index: int) -> str:
     if not isinstance(value, str):
         raise InputError(f"record {index} ({record.get('task')}) needs {key!r} as text, got {type(value).__name__}")
     return value
+
+
+def predict_dataset(
+    model: Any,
+    tokenizer: Any,
+    folder: Union[str, os.PathLike],
+    *,
+    split: str = "validation",
+    tasks: Optional[Sequence[str]] = None,
+    max_new_tokens: int = 256,
+    limit: Optional[int] = None,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
+    """Run ``model`` on a dataset split (as the official Bench scripts: greedy, batch 1) -> records for
+    :func:`evaluate_predictions`. The prompts are the dataset's (the inference templates), images are not augmented.
+    """
+    import torch
+
+    from M3DAssistantLib.model import encode_prompt
+    from M3DAssistantLib.model.tokenizer import decode
+    from M3DAssistantLib.progress import report
+
+    from .data import M3DDataset
+
+    dataset = M3DDataset(folder, tokenizer, model.num_image_tokens, split=split, tasks=tasks, augment=False)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    if count == 0:
+        raise InputError(f"{folder}: the {split!r} split has no samples{' for ' + ', '.join(tasks) if tasks else ''}.")
+    param = next(model.parameters())
+    records: list[dict[str, Any]] = []
+    for i in range(count):
+        example = dataset.example(i)
+        seg = example.task in SEG_TASKS
+        ids = torch.tensor([encode_prompt(tokenizer, example.question, model.num_image_tokens)], device=param.device)
+        images = example.image[None].to(param.device, param.dtype)
+        with torch.no_grad():
+            output = model.generate(images, ids, seg_enable=seg, max_new_tokens=max_new_tokens, do_sample=False)
+        output_ids, logits = output if seg else (output, None)
+        record: dict[str, Any] = {"task": example.task, "prediction": decode(tokenizer, output_ids[0]),
+                                  "reference": example.answer, "question": example.question}
+        if example.task == "rec":
+            record["reference_box"] = list(example.box) if example.box is not None else None
+        if seg:
+            record["logits"] = logits[0].float().cpu()
+            record["target_mask"] = example.segs
+        records.append(record)
+        report(progress, "evaluate", (i + 1) / count, f"{i + 1}/{count} samples")
+    return records
 
 
 def evaluate_predictions(
