@@ -36,6 +36,7 @@ from . import prompts
 from .errors import CancelledError, InputError
 from .geometry import RasRoi, VolumeToModelMapping, box_to_roi, default_convention, logits_to_mask, roi_to_box
 from .geometry import to_model_input
+from .oom import translate_out_of_memory
 from .progress import ProgressCallback, report
 from .retrieval import volume_key  # one content hash for every cache (re-exported for the server)
 from .results import (
@@ -363,7 +364,7 @@ class InferenceEngine:
              on_text: Optional[TextCallback]) -> tuple[dict[str, Any], _View, Provenance]:
         sampling = sampling or SamplingOptions()
         started = time.perf_counter()
-        with self._lock:
+        with self._lock, translate_out_of_memory(self.device, self.dtype, self.model_source, f"the {task} request"):
             self._cancel.clear()
             view = self._view(task)
             out = self._generate(view, prompt, sampling, seg, on_text)

@@ -26,6 +26,10 @@ REPORT_PROMPT = "Please generate a medical report based on this image."
 def _clean(text: str, what: str) -> str:
     if not isinstance(text, str):
         raise InputError(f"{what} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} is not valid UTF-8 text (undecodable bytes); retype it or save the file as UTF-8.") from None
     cleaned = " ".join(text.split())
     if not cleaned:
         raise InputError(f"{what} is empty; type a question or a target name.")

@@ -10,6 +10,7 @@ from typing import Optional, Union
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..oom import translate_out_of_memory
 from ..progress import ProgressCallback, report
 from .checkpoint import load_weights
 from .configuration_lamed import parse_lamed_config, read_config_json
@@ -91,7 +92,8 @@ def load_model(
     report(progress, "load", 0.0, f"building {config.model_type} model")
     with torch.device("meta"):
         model = build_lamed_model(config)
-    load_weights(model, folder, dtype=dtype, device=device, progress=progress)
+    with translate_out_of_memory(device, dtype, str(folder), "loading the model"):
+        load_weights(model, folder, dtype=dtype, device=device, progress=progress)
     model.eval().requires_grad_(False)
     model.checkpoint_path = folder
     model.source = str(source or os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
