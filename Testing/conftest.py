@@ -78,3 +78,22 @@ def tiny_phi3_model(tiny_phi3):
     from M3DAssistantLib.model import load_model
 
     return load_model(tiny_phi3, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def ct(data_dir):
+    """The real test CT as (array K,J,I, IJK->RAS) via our reader."""
+    from M3DAssistantLib.volume_io import read_volume
+
+    return read_volume(data_dir / "example_ct_sm.nii.gz")
+
+
+@pytest.fixture
+def engine(tiny_phi3_model, ct):
+    """An InferenceEngine on the tiny checkpoint with the real CT set (abdomen window); forced answers undone."""
+    from M3DAssistantLib.engine import InferenceEngine
+
+    eng = InferenceEngine(tiny_phi3_model)
+    eng.set_volume(*ct, window="abdomen")
+    yield eng
+    eng.model.__dict__.pop("generate", None)

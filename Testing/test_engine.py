@@ -13,21 +13,7 @@ from M3DAssistantLib.engine import InferenceEngine
 from M3DAssistantLib.errors import CancelledError, InputError
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import SamplingOptions
-from M3DAssistantLib.volume_io import read_volume
 from forcing import force_answer
-
-
-@pytest.fixture(scope="module")
-def ct(data_dir):
-    return read_volume(data_dir / "example_ct_sm.nii.gz")
-
-
-@pytest.fixture
-def engine(tiny_phi3_model, ct):
-    eng = InferenceEngine(tiny_phi3_model)
-    eng.set_volume(*ct, window="abdomen")
-    yield eng
-    eng.model.__dict__.pop("generate", None)
 
 
 SHORT = SamplingOptions(max_new_tokens=6)

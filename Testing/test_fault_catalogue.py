@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from M3DAssistantLib.engine import InferenceEngine
 from M3DAssistantLib.errors import CheckpointError, ConfigError, GeometryError, InputError, M3DError
 from M3DAssistantLib.geometry import RasRoi, parse_box
 from M3DAssistantLib.results import SamplingOptions, SegmentationResult, BoxResult, TextResult, Provenance
-from M3DAssistantLib.volume_io import read_volume
 
 SHORT = SamplingOptions(max_new_tokens=4)
 REPO = Path(__file__).resolve().parents[1]
@@ -37,19 +35,6 @@ NOT_UTF8 = b"is the \xff\xfe liver enlarged?".decode("utf-8", "surrogateescape")
 UTF8_FIX = ("prompts._clean should reject strings that do not encode as UTF-8 (lone surrogates from undecodable "
             "bytes) with InputError('... is not valid UTF-8 text; re-save it as UTF-8'); today the tokenizer raises "
             "TypeError")
-
-
-@pytest.fixture(scope="module")
-def ct(data_dir):
-    return read_volume(data_dir / "example_ct_sm.nii.gz")
-
-
-@pytest.fixture
-def engine(tiny_phi3_model, ct):
-    eng = InferenceEngine(tiny_phi3_model)
-    eng.set_volume(*ct, window="abdomen")
-    yield eng
-    eng.model.__dict__.pop("generate", None)
 
 
 @contextlib.contextmanager

@@ -25,11 +25,6 @@ LIVER, SPLEEN, AORTA, SPINAL_CORD, T11, T12 = 5, 1, 52, 79, 33, 32
 
 
 @pytest.fixture(scope="module")
-def ct(ct_path):
-    return read_volume(ct_path)
-
-
-@pytest.fixture(scope="module")
 def labels(data_dir, ct):
     array, m = read_volume(data_dir / "example_seg.nii.gz")
     np.testing.assert_allclose(m, ct[1], atol=1e-5)  # same grid as the CT

@@ -47,16 +47,10 @@ from M3DAssistantLib.errors import CancelledError, GeometryError, InputError
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import BoxResult, ChoiceResult, SamplingOptions, SegmentationResult, TextResult
 from M3DAssistantLib.server import is_loopback, parse_ready_line, serve
-from M3DAssistantLib.volume_io import read_volume
 
 SHORT = SamplingOptions(max_new_tokens=6)
 LONG = SamplingOptions(max_new_tokens=400, min_new_tokens=400)  # ~8 s on the tiny model: only ever cancelled
 START_TIMEOUT = 120.0
-
-
-@pytest.fixture(scope="module")
-def ct(data_dir):
-    return read_volume(data_dir / "example_ct_sm.nii.gz")
 
 
 def _roi_in(ct, size=(60.0, 60.0, 40.0)) -> RasRoi:

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .errors import InputError, M3DError, OutputWriteError
+from .geometry import validate_ijk_to_ras
 
 log = logging.getLogger(__name__)
 
@@ -398,21 +399,6 @@ def _escape_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _check_ijk_to_ras(ijk_to_ras: Any) -> np.ndarray:
-    try:
-        m = np.array(ijk_to_ras, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(f"the IJK->RAS matrix must be a 4x4 array of numbers, got {ijk_to_ras!r}") from None
-    if m.shape != (4, 4):
-        raise InputError(f"the IJK->RAS matrix must be 4x4, got shape {m.shape}; pass the volume's full matrix")
-    if not np.all(np.isfinite(m)) or not np.allclose(m[3], [0, 0, 0, 1]):
-        raise InputError("the IJK->RAS matrix must be finite with last row [0, 0, 0, 1]; pass the volume's matrix")
-    norms = np.linalg.norm(m[:3, :3], axis=0)
-    if np.any(norms == 0) or abs(np.linalg.det(m[:3, :3])) < 1e-9 * float(np.prod(norms)):
-        raise InputError("the IJK->RAS matrix is singular (zero spacing or parallel axes); fix the volume's geometry")
-    return m
-
-
 def _check_masks(masks: Mapping[str, Any]) -> tuple[list[str], list[np.ndarray], tuple[int, int, int]]:
     if not isinstance(masks, Mapping) or not masks:
         raise InputError("no segments to write: pass a dict {segment name: mask array}")
@@ -601,7 +587,7 @@ def write_segmentation_nrrd(
     (a 4D NRRD whose first axis is the layer), exactly as Slicer stores them.
     """
     names, arrays, shape = _check_masks(masks)
-    m = _check_ijk_to_ras(ijk_to_ras)
+    m = validate_ijk_to_ras(ijk_to_ras)
     attrs = _check_attributes(attributes)
     unknown = set(colors or {}) - set(names)
     if unknown:

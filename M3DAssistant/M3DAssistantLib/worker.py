@@ -552,43 +552,48 @@ class WorkerProcess:
                 logger.exception("on_message callback failed")
 
 
-def kill_process_tree(popen: subprocess.Popen, timeout: float = 10.0, extra: Sequence[Any] = ()) -> None:
-    """Terminate ``popen`` and all its descendants (then kill what is left after ``timeout`` s) and reap it.
+def kill_pid_tree(pid: int, timeout: float = 10.0, extra: Sequence[Any] = ()) -> None:
+    """Terminate process ``pid`` and all its descendants, then kill what is left after ``timeout`` s (psutil).
 
-    ``extra``: more psutil.Process objects to stop (e.g. a server whose launcher already exited)."""
+    ``extra``: more psutil.Process objects to stop (e.g. a server whose launcher already exited). Also used for
+    training jobs (M3DTrainingLib.jobs)."""
+    import psutil
+
+    processes = []
     try:
-        import psutil
-    except ImportError:  # without psutil only the direct child can be stopped
-        psutil = None
-    if psutil is not None:
-        processes = []
+        root = psutil.Process(pid)
+        processes = root.children(recursive=True) + [root]  # children first: they are lost once root is gone
+    except psutil.NoSuchProcess:
+        pass
+    known = {p.pid for p in processes}
+    processes += [p for p in extra if p is not None and p.pid not in known]
+    for process in processes:
         try:
-            root = psutil.Process(popen.pid)
-            processes = root.children(recursive=True) + [root]  # children first: they are lost once root is gone
+            process.terminate()  # uvicorn shuts down cleanly on SIGTERM; Windows: TerminateProcess
         except psutil.NoSuchProcess:
             pass
-        known = {p.pid for p in processes}
-        processes += [p for p in extra if p is not None and p.pid not in known]
-        for process in processes:
-            try:
-                process.terminate()  # uvicorn shuts down cleanly on SIGTERM; Windows: TerminateProcess
-            except psutil.NoSuchProcess:
-                pass
-            except psutil.AccessDenied:
-                logger.warning("not allowed to stop process %s", process.pid)
-        _, alive = psutil.wait_procs(processes, timeout=timeout)
-        for process in alive:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5.0)
-    elif popen.poll() is None:
-        popen.terminate()
+        except psutil.AccessDenied:
+            logger.warning("not allowed to stop process %s", process.pid)
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
         try:
-            popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            popen.kill()
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5.0)
+
+
+def kill_process_tree(popen: subprocess.Popen, timeout: float = 10.0, extra: Sequence[Any] = ()) -> None:
+    """Terminate ``popen`` and all its descendants (see :func:`kill_pid_tree`) and reap it."""
+    try:
+        kill_pid_tree(popen.pid, timeout, extra)
+    except ImportError:  # without psutil only the direct child can be stopped
+        if popen.poll() is None:
+            popen.terminate()
+            try:
+                popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                popen.kill()
     try:
         popen.wait(5.0)
     except subprocess.TimeoutExpired:
@@ -808,4 +813,4 @@ class LocalWorkerBackend(ClientBackend):
 
 
 __all__ = ["WorkerProcess", "WorkerState", "WorkerError", "WorkerStartError", "WorkerCrashedError",
-           "ClientBackend", "LocalWorkerBackend", "kill_process_tree", "describe_exit", "LIB_PARENT"]
+           "ClientBackend", "LocalWorkerBackend", "kill_pid_tree", "kill_process_tree", "describe_exit", "LIB_PARENT"]

@@ -330,29 +330,9 @@ class Job:
 
 def kill_process_tree(pid: int, timeout: float = 10.0) -> None:
     """Terminate ``pid`` and all its descendants (SIGTERM, then SIGKILL for those still alive)."""
-    import psutil
+    from M3DAssistantLib.worker import kill_pid_tree  # one implementation for workers and training jobs
 
-    try:
-        root = psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return
-    procs = [root]
-    try:
-        procs += root.children(recursive=True)  # collected first: killing the parent re-parents the children
-    except psutil.Error:
-        pass
-    for proc in procs:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
+    kill_pid_tree(pid, timeout)
 
 
 def _create_time(pid: int) -> Optional[float]:
