@@ -358,7 +358,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"locate   {box.text!r}: no box ({box.parse_error or 'the model says the target is absent'})")
     all_path = outputs.write_json(outputs.unique_path(out_dir / "results.json"),
                                   {k: r.to_dict() for k, r in results.items()})
-    print(f"all      -> {all_path}   (drag the .nrrd, .seg.nrrd and .mrk.json files into Slicer with the CT)")
+    print(f"all      -> {all_path}   (drag the CT and the .seg.nrrd / .mrk.json files into Slicer)")
     print(f"         [{AI_LABEL}]")
     return 0
 
