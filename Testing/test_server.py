@@ -49,7 +49,7 @@ from M3DAssistantLib.results import BoxResult, ChoiceResult, SamplingOptions, Se
 from M3DAssistantLib.server import is_loopback, parse_ready_line, serve
 
 SHORT = SamplingOptions(max_new_tokens=6)
-LONG = SamplingOptions(max_new_tokens=400, min_new_tokens=400)  # ~8 s on the tiny model: only ever cancelled
+LONG = SamplingOptions(max_new_tokens=512, min_new_tokens=512)  # 1-10 s on the tiny model: only ever cancelled
 START_TIMEOUT = 120.0
 
 
@@ -544,9 +544,9 @@ def test_given_token_is_not_printed_and_the_worker_follows_its_parent(tiny_phi3)
 
 
 def test_client_timeout_cancels_the_request(server, client, ct):
-    impatient = M3DClient(server["url"], server["token"], timeout=1.0)
+    impatient = M3DClient(server["url"], server["token"], timeout=0.25)  # far below LONG's decoding time
     impatient.set_volume(*ct, window="abdomen")
-    with pytest.raises(ServerUnavailableError, match="within 1 s; the request was cancelled"):
+    with pytest.raises(ServerUnavailableError, match="within 0.25 s; the request was cancelled"):
         impatient.report(sampling=LONG)
     _wait_for(lambda: client.health()["running"] is None, timeout=10)
 

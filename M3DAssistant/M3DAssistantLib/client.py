@@ -286,7 +286,7 @@ class M3DClient:
             response = conn.getresponse()
         except TimeoutError:
             conn.close()
-            raise _NoAnswer(f"no answer from the M3D server at {self.url} within {seconds:.0f} s") from None
+            raise _NoAnswer(f"no answer from the M3D server at {self.url} within {seconds:g} s") from None
         except (OSError, http.client.HTTPException) as e:
             conn.close()
             raise ServerUnavailableError(
@@ -581,7 +581,7 @@ class M3DClient:
             headers["Accept"] = "text/event-stream"
         with self._lock:
             self._active.add(request_id)
-        timed_out = ServerUnavailableError(f"no answer from {self.url} within {self.timeout:.0f} s; the request was "
+        timed_out = ServerUnavailableError(f"no answer from {self.url} within {self.timeout:g} s; the request was "
                                            f"cancelled (give the client a longer timeout for long answers)")
         try:
             try:
