@@ -25,30 +25,27 @@ from .segvol import SegVol, SegVolConfig
 from .vit3d import ViT3DConfig, VisionTower
 
 
-def vision_tower_config(mm: MultimodalConfig) -> ViT3DConfig:
+def _encoder_config(mm: MultimodalConfig, mlp_dim: int, num_layers: int, num_heads: int,
+                    classification: bool) -> ViT3DConfig:
+    """A 3D ViT on the model's image grid (both encoders share image size, patches and width)."""
     return ViT3DConfig(
         in_channels=mm.image_channel,
         img_size=tuple(mm.image_size),
         patch_size=tuple(mm.patch_size),
         hidden_size=mm.mm_hidden_size,
-        mlp_dim=mm.vision_mlp_dim,
-        num_layers=mm.vision_num_layers,
-        num_heads=mm.vision_num_heads,
-        classification=True,
+        mlp_dim=mlp_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        classification=classification,
     )
+
+
+def vision_tower_config(mm: MultimodalConfig) -> ViT3DConfig:
+    return _encoder_config(mm, mm.vision_mlp_dim, mm.vision_num_layers, mm.vision_num_heads, classification=True)
 
 
 def segvol_config(mm: MultimodalConfig) -> SegVolConfig:
-    encoder = ViT3DConfig(
-        in_channels=mm.image_channel,
-        img_size=tuple(mm.image_size),
-        patch_size=tuple(mm.patch_size),
-        hidden_size=mm.mm_hidden_size,
-        mlp_dim=mm.seg_mlp_dim,
-        num_layers=mm.seg_num_layers,
-        num_heads=mm.seg_num_heads,
-        classification=False,
-    )
+    encoder = _encoder_config(mm, mm.seg_mlp_dim, mm.seg_num_layers, mm.seg_num_heads, classification=False)
     return SegVolConfig(
         image_encoder=encoder,
         transformer_mlp_dim=mm.seg_decoder_mlp_dim,
