@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 
 def m3d(*args, env=None, timeout=600):

@@ -167,6 +167,89 @@ def test_roi_outside_the_volume(engine, ct):
     assert engine.counters["generate"] == 0
 
 
+# ================================================================================================= engine: volumes
+_RNG = np.random.default_rng(7)
+_GOOD = _RNG.normal(size=(12, 20, 24)).astype(np.float32)
+BAD_VOLUMES = {  # name -> (array, message the user gets)
+    "2D image": (_GOOD[0], "single 2D image .* needs a 3D volume"),
+    "4D (time series)": (_GOOD[None].repeat(2, 0), "4D \\(time series\\) or vector/RGB volume select one"),
+    "vector (RGB)": (np.stack([_GOOD] * 3, -1), "4D \\(time series\\) or vector/RGB volume select one"),
+    "single slice": (_GOOD[:1], "a single slice is not a 3D volume; load the whole series"),
+    "no voxels": (_GOOD[:0], "it has no voxels"),
+    "complex": (_GOOD.astype(np.complex64), "complex64 is not a real scalar; convert it"),
+    "not an array": ("CT", "must be a 3D array .* got str"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_VOLUMES))
+def test_bad_volume_shapes_and_types_engine(engine, ct, name):
+    """case: volume 2D / 4D / vector / single slice / empty / complex / not an array (engine) -> InputError naming
+    the shape or type and what to select; the current volume stays set"""
+    array, message = BAD_VOLUMES[name]
+    before = engine._current
+    with pytest.raises(InputError, match=message):
+        engine.set_volume(array, np.eye(4))
+    assert engine._current == before and engine.counters["generate"] == 0
+
+
+def _with_nan(array: np.ndarray) -> np.ndarray:
+    out = array.astype(np.float32)
+    out[5, 10, 10:14] = np.nan
+    out[6, 0, 0] = np.inf
+    return out
+
+
+@pytest.mark.parametrize("name,make,window,message", [
+    ("NaN/Inf", _with_nan, "abdomen", "has 5 NaN/Inf voxels .* numpy.nan_to_num"),
+    ("constant", lambda a: np.full_like(a, -1000), None, "is constant: every voxel is -1000"),
+    ("label map", lambda a: (a > 100).astype(np.uint8) * 3, None, "if this is a label map or mask, select the image"),
+])
+def test_nan_constant_and_label_map_volumes_engine(engine, ct, name, make, window, message):
+    """case: volume with NaN/Inf voxels / constant / a label map (engine) -> InputError naming the count or the
+    value and the fix (nan_to_num, check the selection, select the image volume), the model is not run; the array is
+    not modified"""
+    array = make(ct[0])
+    before = _snapshot(array)
+    engine.set_volume(array, ct[1], window=window)
+    with pytest.raises(InputError, match=message):
+        engine.report(sampling=SHORT)
+    assert engine.counters["generate"] == 0 and _snapshot(array) == before
+
+
+@pytest.mark.slow
+def test_2gb_volume_engine(tiny_phi3_model):
+    """case: 2 GiB volume (1024 x 1024 x 1024 int16) (engine) -> answered; the volume is neither copied nor
+    modified (under 1/8 of its size in extra array memory), the box comes back in its space"""
+    import tracemalloc
+
+    from forcing import force_answer
+
+    array = np.full((1024, 1024, 1024), -1000, np.int16)
+    array[100:900, 200:800, 200:800] = 40
+    array[300:600, 300:600, 250:500] = 60
+    ijk_to_ras = np.diag([-0.5, -0.5, 0.8, 1.0])
+    ijk_to_ras[:3, 3] = (255.0, 255.0, -400.0)
+    before = zlib.crc32(array[::7, ::7, ::7].tobytes())
+    engine = InferenceEngine(tiny_phi3_model)
+    tracemalloc.start()
+    try:
+        engine.set_volume(array, ijk_to_ras, window="abdomen")
+        restore = force_answer(engine, " <bx_start>[0.1, 0.2, 0.3, 0.6, 0.7, 0.8]<bx_end>")
+        try:
+            result = engine.locate("liver", sampling=SamplingOptions(max_new_tokens=40))
+        finally:
+            restore()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < array.nbytes / 8, f"{peak / 2**20:.0f} MiB of arrays allocated for a {array.nbytes / 2**30} GiB volume"
+    assert zlib.crc32(array[::7, ::7, ::7].tobytes()) == before
+    assert result.box is not None and result.roi is not None
+    lo, hi = result.roi.center - result.roi.size / 2, result.roi.center + result.roi.size / 2
+    bounds = np.array([ijk_to_ras @ np.array([i, j, k, 1.0]) for i in (0, 1023) for j in (0, 1023) for k in (0, 1023)])
+    assert np.all(lo >= bounds.min(0)[:3] - 1) and np.all(hi <= bounds.max(0)[:3] + 1)
+
+
 # =========================================================================================== model folder faults
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)

@@ -16,8 +16,6 @@ import collections
 import dataclasses
 import http.client
 import json
-import os
-import queue
 import signal
 import socket
 import subprocess
@@ -29,6 +27,7 @@ import zlib
 import numpy as np
 import pytest
 from forcing import force_answer
+from serving import serve_in_thread, start_server_process, stop_server_process, wait_for
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib import client as client_module
 from M3DAssistantLib.client import (
@@ -46,11 +45,10 @@ from M3DAssistantLib.client import (
 from M3DAssistantLib.errors import CancelledError, GeometryError, InputError
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import BoxResult, ChoiceResult, SamplingOptions, SegmentationResult, TextResult
-from M3DAssistantLib.server import is_loopback, parse_ready_line, serve
+from M3DAssistantLib.server import is_loopback, serve
 
 SHORT = SamplingOptions(max_new_tokens=6)
 LONG = SamplingOptions(max_new_tokens=512, min_new_tokens=512)  # 1-10 s on the tiny model: only ever cancelled
-START_TIMEOUT = 120.0
 
 
 def _roi_in(ct, size=(60.0, 60.0, 40.0)) -> RasRoi:
@@ -60,52 +58,16 @@ def _roi_in(ct, size=(60.0, 60.0, 40.0)) -> RasRoi:
 
 
 # ------------------------------------------------------------------------------------------ subprocess server
-def _start(args: list[str], env_extra: dict | None = None) -> tuple[subprocess.Popen, dict, "queue.Queue[str]", str]:
-    """Start ``python -m M3DAssistantLib.server ARGS``; wait (bounded) for its ready line."""
-    stderr_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"m3d-serve-{os.getpid()}-{time.time_ns()}.err")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("M3D_SERVER_TOKEN", None)
-    env.update(env_extra or {})
-    with open(stderr_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "M3DAssistantLib.server", *args], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=env)
-    lines: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            ready = parse_ready_line(lines.get(timeout=0.5).strip())
-        except queue.Empty:
-            if proc.poll() is not None:
-                break
-            continue
-        if ready is not None:
-            return proc, ready, lines, stderr_path
-    proc.kill()
-    proc.wait(10)
-    raise AssertionError(f"no ready line; stderr:\n{open(stderr_path).read()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    proc.terminate()
-    try:
-        return proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-        raise
-
-
 SERVER_ARGS = ["--device", "cpu", "--dtype", "float32", "--port", "0", "--max-queue", "1", "--max-upload-mb", "1",
                "--max-volume-mb", "1", "--max-new-tokens-limit", "512"]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_phi3, tiny_clip):
-    proc, ready, _lines, stderr_path = _start(["--model", str(tiny_phi3), "--clip-model", str(tiny_clip),
+    proc, ready, _lines, stderr_path = start_server_process(["--model", str(tiny_phi3), "--clip-model", str(tiny_clip),
                                                *SERVER_ARGS])
     yield dict(ready, proc=proc, stderr=stderr_path)
-    assert _stop(proc) in (0, -signal.SIGTERM)  # uvicorn shuts down cleanly, then re-raises the signal
+    assert stop_server_process(proc) in (0, -signal.SIGTERM)  # uvicorn shuts down cleanly, then re-raises the signal
     assert "Traceback" not in open(stderr_path).read(), open(stderr_path).read()[-3000:]
 
 
@@ -369,15 +331,6 @@ def test_bad_input_raw(server, client, ct):
     assert status == 201 and answer["volume_id"] == volume_id(array[:4], ijk_to_ras)
 
 
-def _wait_for(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not reached")
-
-
 def test_cancel_a_streamed_answer(client):
     seen = []
 
@@ -401,11 +354,11 @@ def test_a_stream_whose_client_goes_away_is_cancelled(server, client):
                  headers={"Authorization": f"Bearer {server['token']}", "Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200 and response.readline().startswith(b"event: ")
-    _wait_for(lambda: client.health()["running"] == "report")
+    wait_for(lambda: client.health()["running"] == "report")
     response.close()
     conn.close()  # Slicer closed, or the user switched volumes
     started = time.monotonic()
-    _wait_for(lambda: client.health()["running"] is None, timeout=10)
+    wait_for(lambda: client.health()["running"] is None, timeout=10)
     assert time.monotonic() - started < 5  # cancelled, not run to its 400 tokens
 
 
@@ -425,9 +378,9 @@ def test_queue_full_is_503_and_cancel_reaches_running_and_queued(server, ct):
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     threads[0].start()
-    _wait_for(lambda: clients[2].health()["running"] == "report")
+    wait_for(lambda: clients[2].health()["running"] == "report")
     threads[1].start()
-    _wait_for(lambda: clients[2].health()["waiting"] == 1)
+    wait_for(lambda: clients[2].health()["waiting"] == 1)
     with pytest.raises(ServerBusyError, match="busy"):
         clients[2].ask("Anything?", sampling=SHORT)
     clients[1].cancel()  # the queued one
@@ -444,7 +397,7 @@ def test_cancel_everything_from_another_client(server, client):
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("r", _catch(client.report, sampling=LONG)))
     thread.start()
-    _wait_for(lambda: client.health()["running"] == "report")
+    wait_for(lambda: client.health()["running"] == "report")
     other = M3DClient(server["url"], server["token"])
     assert other.cancel() == {"cancelled": []}  # nothing of its own
     assert len(other.cancel(everything=True)["cancelled"]) == 1
@@ -527,7 +480,7 @@ def test_given_token_is_not_printed_and_the_worker_follows_its_parent(tiny_phi3)
     """A token from $M3D_SERVER_TOKEN stays out of the output; --parent-pid stops the worker when Slicer is gone."""
     token = "a-token-the-user-chose-0123456789"
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    proc, ready, _, stderr_path = _start(["--model", str(tiny_phi3), "--device", "cpu", "--dtype", "float32",
+    proc, ready, _, stderr_path = start_server_process(["--model", str(tiny_phi3), "--device", "cpu", "--dtype", "float32",
                                           "--parent-pid", str(parent.pid)], env_extra={"M3D_SERVER_TOKEN": token})
     try:
         assert "token" not in ready
@@ -537,7 +490,7 @@ def test_given_token_is_not_printed_and_the_worker_follows_its_parent(tiny_phi3)
         assert proc.wait(15) == 0  # stopped by itself, cleanly
     finally:
         if proc.poll() is None:
-            _stop(proc)
+            stop_server_process(proc)
         if parent.poll() is None:
             parent.kill()
     assert token not in open(stderr_path).read()
@@ -548,7 +501,7 @@ def test_client_timeout_cancels_the_request(server, client, ct):
     impatient.set_volume(*ct, window="abdomen")
     with pytest.raises(ServerUnavailableError, match="within 0.25 s; the request was cancelled"):
         impatient.report(sampling=LONG)
-    _wait_for(lambda: client.health()["running"] is None, timeout=10)
+    wait_for(lambda: client.health()["running"] is None, timeout=10)
 
 
 def test_light_modules_stay_light():
@@ -565,24 +518,14 @@ def test_light_modules_stay_light():
 @pytest.fixture(scope="module")
 def local_server(tiny_phi3_model, tiny_clip):
     """The app in this process (uvicorn in a thread) on 127.0.0.1, for forced answers and the schema fuzz."""
-    import uvicorn
     from M3DAssistantLib.engine import InferenceEngine
     from M3DAssistantLib.server import create_app
 
     engine = InferenceEngine(tiny_phi3_model, clip_model=tiny_clip)
     token = "local-test-token-0123456789"
     app = create_app(engine, token, max_queue=4, max_new_tokens=40, max_volume_bytes=4 << 20)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    _wait_for(lambda: server.started, timeout=30)
-    yield {"url": f"http://127.0.0.1:{sock.getsockname()[1]}", "port": sock.getsockname()[1], "token": token,
-           "engine": engine, "app": app}
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serve_in_thread(app) as (url, port):
+        yield {"url": url, "port": port, "token": token, "engine": engine, "app": app}
 
 
 def test_segmentation_mask_and_box_travel_exactly(local_server, ct):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import collections
 import os
-import socket
 import threading
 import time
 
 import numpy as np
 import pytest
+
+from serving import serve_in_thread
 
 from M3DAssistantLib.client import M3DClient, ServerBusyError
 from M3DAssistantLib.geometry import RasRoi
@@ -55,8 +56,6 @@ def _rss() -> int:
 
 
 def test_soak_200_requests_4_clients(tiny_phi3_model, data_dir):
-    import uvicorn
-
     from M3DAssistantLib.engine import InferenceEngine
     from M3DAssistantLib.server import create_app
 
@@ -66,18 +65,7 @@ def test_soak_200_requests_4_clients(tiny_phi3_model, data_dir):
     engine = InferenceEngine(tiny_phi3_model)
     token = "soak-test-token-0123456789"
     app = create_app(engine, token, max_queue=2, max_new_tokens=16, max_volume_bytes=16 << 20)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.started
-
+    with serve_in_thread(app) as (url, _port):
         # Each distinct request served alone (one client, nothing else running): the reference answers.
         alone = M3DClient(url, token, timeout=120)
         alone.set_volume(array, ijk_to_ras, window="abdomen")
@@ -140,10 +128,6 @@ def test_soak_200_requests_4_clients(tiny_phi3_model, data_dir):
             t.join(DEADLINE_S + 60)
         soak_s = time.perf_counter() - started
         rss_end = _rss()
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
     lat = np.sort(np.asarray(latencies))
     growth = (rss_end - rss_after_warmup[0]) / rss_after_warmup[0] if rss_after_warmup else float("nan")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import re
 import sys
 from pathlib import Path
 
@@ -50,7 +49,8 @@ EARLIER_TESTS: dict[str, tuple[str, str]] = {
     "test_server.py::test_every_route_needs_the_token": (
         "wrong / missing token (server)", "401 on every route"),
     "test_server.py::test_too_large_uploads_are_refused_before_allocation": (
-        "request too large (server)", "413 before allocation"),
+        "request or volume over the server's limits (server, client)",
+        "413 before allocation; the client refuses first, naming the limit and --max-volume-mb"),
     "test_server.py::test_port_taken_is_a_clear_error": (
         "server port taken", "a clear error naming the port"),
     "test_server.py::test_two_concurrent_clients_get_their_own_answers": (

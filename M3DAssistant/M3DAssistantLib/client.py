@@ -47,7 +47,7 @@ import numpy as np
 
 from . import __version__, errors
 from .errors import CancelledError, InputError, M3DError
-from .geometry import RasRoi
+from .geometry import RasRoi, validate_volume
 from .progress import ProgressCallback, ProgressEvent
 from .results import (
     BoxResult,
@@ -135,13 +135,8 @@ def decode_mask(payload: dict[str, Any]) -> np.ndarray:
 def _wire_array(array_kji: Any) -> np.ndarray:
     """The volume as it travels: C-contiguous, little-endian, one of :data:`WIRE_DTYPES` (the server rebuilds
     exactly this array, so both sides hash the same bytes)."""
-    array = np.asarray(array_kji)
-    if array.ndim != 3:
-        raise InputError(f"the volume must be 3D (K, J, I), got an array of shape {array.shape}; "
-                         f"pick one component or frame of a vector or 4D volume first")
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8)
-    elif array.dtype == np.float16:
+    array = validate_volume(array_kji)  # booleans come back as uint8
+    if array.dtype == np.float16:
         array = array.astype(np.float32)
     elif array.dtype.kind in "iu" and array.dtype.itemsize == 8:
         lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)

@@ -35,7 +35,7 @@ import torch
 from . import prompts
 from .errors import CancelledError, InputError
 from .geometry import RasRoi, VolumeToModelMapping, box_to_roi, default_convention, logits_to_mask, roi_to_box
-from .geometry import to_model_input
+from .geometry import to_model_input, validate_volume
 from .oom import translate_out_of_memory
 from .progress import ProgressCallback, report
 from .retrieval import volume_key  # one content hash for every cache (re-exported for the server)
@@ -226,9 +226,7 @@ class InferenceEngine:
 
         ``content_key``: a caller that already hashed the volume (the server, per uploaded volume) passes
         :func:`volume_key` of it to skip hashing again."""
-        array = np.asarray(array_kji)
-        if array.ndim != 3:
-            raise InputError(f"the volume must be 3D (K, J, I), got an array of shape {array.shape}.")
+        array = validate_volume(array_kji)
         matrix = np.asarray(ijk_to_ras, dtype=np.float64)
         roi_key = None if roi is None else (tuple(np.round(roi.center, 6)), tuple(np.round(roi.size, 6)),
                                             tuple(np.round(np.asarray(roi.axes).ravel(), 6)))

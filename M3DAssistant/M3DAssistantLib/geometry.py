@@ -309,14 +309,27 @@ def _nearest_taps(n_in: int, n_out: int, exact: bool = True) -> np.ndarray:
     return np.minimum(idx, n_in - 1)
 
 
+def _take(x: np.ndarray, idx: np.ndarray, axis: int) -> np.ndarray:
+    """``np.take(x, idx, axis)`` without first copying a non-contiguous ``x`` whole, which np.take does (a cropped
+    view of a 2 GB volume would be copied entirely). Same result, no slower."""
+    if axis == 0:
+        return x[idx]
+    if x.flags.c_contiguous:
+        return np.take(x, idx, axis=axis)
+    out = np.empty((*x.shape[:axis], len(idx), *x.shape[axis + 1:]), x.dtype)
+    for k in range(x.shape[0]):  # one slab at a time: only that slab is made contiguous
+        np.take(x[k], idx, axis=axis - 1, out=out[k])
+    return out
+
+
 def _lerp_along(x: np.ndarray, axis: int, i0: np.ndarray, i1: np.ndarray, lam: np.ndarray, prepare=None) -> np.ndarray:
     """Linear interpolation along one axis, reading only the slices it needs (``prepare`` runs on what is read)."""
-    a = np.take(x, i0, axis=axis)
+    a = _take(x, i0, axis)
     if prepare is not None:
         a = prepare(a)
     if not np.any(lam):
         return a
-    b = np.take(x, i1, axis=axis)
+    b = _take(x, i1, axis)
     if prepare is not None:
         b = prepare(b)
     shape = [1] * x.ndim
@@ -564,7 +577,13 @@ def _roi_region(roi: RasRoi, ijk_to_ras: np.ndarray, shape_kji: Sequence[int]) -
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _validate_volume(array_kji: Any) -> np.ndarray:
+def validate_volume(array_kji: Any) -> np.ndarray:
+    """The voxels as a 3D real-valued array (K, J, I), or InputError naming what is wrong and how to fix it.
+
+    Booleans come back as a uint8 view; nothing is copied. The one check every entry point (geometry, engine, client)
+    makes before touching the data."""
+    if isinstance(array_kji, (str, bytes)) or array_kji is None:
+        raise InputError(f"the volume must be a 3D array (K, J, I), got {type(array_kji).__name__}")
     if not isinstance(array_kji, np.ndarray):
         array_kji = np.asarray(array_kji)
     if array_kji.dtype == bool:
@@ -584,6 +603,8 @@ def _validate_volume(array_kji: Any) -> np.ndarray:
             f"expected a 3D scalar volume in (K, J, I) order, got shape {array_kji.shape}; for a 4D (time series) or "
             f"vector/RGB volume select one component or time point first (e.g. array[..., 0] or array[t])"
         )
+    if min(array_kji.shape) == 0:
+        raise InputError(f"the volume has shape {array_kji.shape} (K, J, I): it has no voxels; load the image data")
     if min(array_kji.shape) < 2:
         raise InputError(
             f"the volume has shape {array_kji.shape} (K, J, I): a single slice is not a 3D volume; load the whole "
@@ -655,7 +676,7 @@ def to_model_input(
     ``crop_foreground``: the official pipeline always does it; turn off to keep the whole region.
     The input array is never modified or copied whole: only the voxels interpolated are read.
     """
-    array_kji = _validate_volume(array_kji)
+    array_kji = validate_volume(array_kji)
     ijk_to_ras = validate_ijk_to_ras(ijk_to_ras)
     shape = _model_shape(model_shape)
     conv = resolve_convention(convention)
@@ -759,7 +780,7 @@ def mask_to_model(mask_kji: np.ndarray, mapping: VolumeToModelMapping, *, mode: 
         idx = _nearest_taps(n, shape[m], exact=mode == "nearest-exact")
         if mapping.model_flips[m]:
             idx = n - 1 - idx
-        x = np.take(x, idx, axis=a)
+        x = _take(x, idx, a)
     return np.ascontiguousarray(x.transpose(mapping.model_axes))
 
 

@@ -243,7 +243,8 @@ def intensity_mapping(
         if not high > low:
             raise InputError(
                 f"the foreground of the volume is (almost) constant ({low:g}); percentile normalisation is "
-                f"undefined -- pass an explicit window, e.g. window=(center, width), or window='minmax'"
+                f"undefined -- if this is a label map or mask, select the image volume instead; otherwise pass an "
+                f"explicit window, e.g. window=(center, width), or window='minmax'"
             )
         return IntensityMapping("percentile", "percentile", low, high, percentiles=SEG_PERCENTILES)
     raise ValueError(f"unknown scheme {spec.scheme}")
