@@ -3,6 +3,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 import shutil
 import sys
 import traceback
@@ -232,6 +233,9 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.hfHomePathLineEdit.connect("currentPathChanged(QString)", self.onHfHomeChanged)
         self.ui.clipModelLineEdit.connect("editingFinished()",
                                           lambda: settings.set("clipModel", self.ui.clipModelLineEdit.text.strip()))
+        self.ui.modelRevisionLineEdit.text = settings.get("modelRevision")
+        self.ui.modelRevisionLineEdit.connect("editingFinished()", lambda: settings.set(
+            "modelRevision", self.ui.modelRevisionLineEdit.text.strip()))
         self.ui.serverTokenLineEdit.connect("textChanged(QString)", self.onTokenChanged)
         self.ui.rememberTokenCheckBox.connect("toggled(bool)", lambda checked: self.onTokenChanged(
             self.ui.serverTokenLineEdit.text))
@@ -767,10 +771,15 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------------------------------ model, worker
     def modelSource(self, parameterNode=None) -> str:
-        """What the worker loads: the official hub id, or the checked local / fine-tuned model folder."""
+        """What the worker loads: the official hub id (``id@revision`` when a revision is pinned in the settings), or
+        the checked local / fine-tuned model folder."""
         p = parameterNode or self.getParameterNode()
         if p.modelChoice in OFFICIAL_MODELS:
-            return OFFICIAL_MODELS[p.modelChoice]
+            revision = self.settings.get("modelRevision").strip()
+            if revision and not re.fullmatch(r"[\w./-]+", revision):
+                raise ValueError(_("The pinned revision must be a branch, tag or commit hash, got '{revision}'.")
+                                 .format(revision=revision))
+            return OFFICIAL_MODELS[p.modelChoice] + (f"@{revision}" if revision else "")
         source = p.modelSource.strip()
         if not source:
             raise ValueError(_("Choose the model folder first."))

@@ -149,6 +149,12 @@ def test_model_and_where_it_runs(assistant, tiny_phi3, tmp_path):
     assert logic.modelSource() == "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
     p.modelChoice = assistant.MODEL_LLAMA2
     assert logic.modelSource() == "GoodBaiBai88/M3D-LaMed-Llama-2-7B"
+    logic.settings.set("modelRevision", "0123abcd")  # pinned: the worker resolves owner/name@revision
+    assert logic.modelSource() == "GoodBaiBai88/M3D-LaMed-Llama-2-7B@0123abcd"
+    logic.settings.set("modelRevision", "main; rm -rf /")
+    with pytest.raises(ValueError, match="branch, tag or commit"):
+        logic.modelSource()
+    logic.settings.set("modelRevision", "")
 
     p.modelChoice, p.modelSource = assistant.MODEL_FOLDER, str(tiny_phi3)
     config = logic.configuration()
@@ -393,19 +399,30 @@ def test_cached_models_are_not_downloaded_and_space_is_checked(tmp_path, tiny_ph
     assert weights.cached_snapshot("GoodBaiBai88/M3D-LaMed-Llama-2-7B", cache) is None
 
     sizes = []
-    status = weights.weights_status("GoodBaiBai88/M3D-LaMed-Phi-3-4B", str(tmp_path / "hf"), size_of=sizes.append)
+    status = weights.weights_status("GoodBaiBai88/M3D-LaMed-Phi-3-4B", str(tmp_path / "hf"),
+                                    size_of=lambda repo, revision: sizes.append((repo, revision)))
     assert status.local_path == snapshot and not status.needs_download and sizes == []  # no hub query
+    # a pinned revision counts only when that commit (or the commit a cached branch/tag points to) is there
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "v1.0").write_text("abc123")
+    for pinned in ("abc123", "v1.0"):
+        status = weights.weights_status(f"GoodBaiBai88/M3D-LaMed-Phi-3-4B@{pinned}", str(tmp_path / "hf"),
+                                        size_of=lambda repo, revision: sizes.append((repo, revision)))
+        assert status.local_path == snapshot and sizes == []
+    status = weights.weights_status("GoodBaiBai88/M3D-LaMed-Phi-3-4B@fff999", str(tmp_path / "hf"),
+                                    size_of=lambda repo, revision: sizes.append((repo, revision)))
+    assert status.needs_download and sizes == [("GoodBaiBai88/M3D-LaMed-Phi-3-4B", "fff999")]
 
     free = shutil.disk_usage(tmp_path).free
     status = weights.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
-                                    size_of=lambda repo: 1000)
+                                    size_of=lambda repo, revision: 1000)
     assert status.needs_download and status.download_bytes == 1000 and "will be downloaded" in status.describe()
     with pytest.raises(weights.InsufficientDiskSpaceError, match="only .* free") as error:
         weights.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
-                               size_of=lambda repo: free * 2)
+                               size_of=lambda repo, revision: free * 2)
     assert "local checkpoint" in str(error.value)
     unknown = weights.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
-                                     size_of=lambda repo: None)
+                                     size_of=lambda repo, revision: None)
     assert unknown.download_bytes is None and "unknown size" in unknown.describe()  # offline: no check possible
 
     assert weights.free_bytes(tmp_path / "not" / "yet" / "there") == weights.free_bytes(tmp_path)

@@ -198,6 +198,41 @@ def test_hub_id_offline_says_how_to_use_a_local_folder(monkeypatch, tmp_path):
         load_model("GoodBaiBai88/M3D-LaMed-Phi-3-4B", device="cpu")
 
 
+def test_hub_revision_pinning_from_the_cache(monkeypatch, tmp_path, tiny_phi3):
+    """``owner/name@revision`` or ``revision=`` picks that commit (or the commit a branch/tag points to) from the
+    hub cache; without one the cache's ``main``; the engine's provenance names the commit it ran."""
+    import shutil
+
+    import huggingface_hub.constants as hc
+
+    from M3DAssistantLib.engine import InferenceEngine
+    from M3DAssistantLib.errors import CheckpointError
+    from M3DAssistantLib.model.hub import resolve_checkpoint, split_revision
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--GoodBaiBai88--M3D-LaMed-Phi-3-4B"
+    old, new = "a" * 40, "b" * 40
+    for commit in (old, new):
+        shutil.copytree(tiny_phi3, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(new)
+    (repo / "refs" / "v1.0").write_text(old)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    hub_id = "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
+    assert resolve_checkpoint(hub_id).name == new
+    assert resolve_checkpoint(f"{hub_id}@{old}").name == old
+    assert resolve_checkpoint(f"{hub_id}@v1.0").name == old
+    assert resolve_checkpoint(hub_id, revision="v1.0").name == old
+    with pytest.raises(CheckpointError, match="give the revision once"):
+        resolve_checkpoint(f"{hub_id}@v1.0", revision="main")
+    assert split_revision(str(tmp_path / "my@folder")) == (str(tmp_path / "my@folder"), None)  # a path, not a pin
+
+    engine = InferenceEngine(f"{hub_id}@v1.0", device="cpu", dtype="float32")
+    assert engine.model_revision == old and engine.info()["revision"] == old
+
+
 # ---------------------------------------------------------------------------------------------- key names
 def _official_lamed_config(family):
     from M3DAssistantLib.model.random_checkpoint import official_config

@@ -36,6 +36,7 @@ from . import prompts
 from .errors import CancelledError, InputError
 from .geometry import RasRoi, VolumeToModelMapping, box_to_roi, default_convention, logits_to_mask, roi_to_box
 from .geometry import to_model_input, validate_volume
+from .model.hub import snapshot_revision
 from .oom import translate_out_of_memory
 from .progress import ProgressCallback, report
 from .retrieval import volume_key  # one content hash for every cache (re-exported for the server)
@@ -128,8 +129,8 @@ def _checkpoint_revision(folder: Optional[Path]) -> Optional[str]:
     if folder is None:
         return None
     folder = Path(folder)
-    if folder.parent.name == "snapshots":
-        return folder.name
+    if snapshot_revision(folder):
+        return snapshot_revision(folder)
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / name).is_file():

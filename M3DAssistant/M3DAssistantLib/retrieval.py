@@ -32,6 +32,7 @@ import numpy as np
 from .errors import InputError
 from .geometry import default_convention, to_model_input, validate_ijk_to_ras
 from .preprocessing import WindowArg, resolve_window
+from .model.hub import snapshot_revision
 from .progress import ProgressCallback, report
 from .results import Provenance, RetrievalResult
 
@@ -201,7 +202,7 @@ class Retriever:
         self.config = self.model.config
         weight = self.model.mm_vision_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.revision = revision or _snapshot_revision(getattr(self.model, "checkpoint_path", None))
+        self.revision = snapshot_revision(getattr(self.model, "checkpoint_path", None)) or revision
         self.convention = convention or default_convention(TASK)
         self.progress = progress
         self.cache_size = int(cache_size)
@@ -390,11 +391,3 @@ def _ranking(scores: np.ndarray, labels: list[str]) -> list[tuple[int, str, floa
     """Best first; equal scores keep the candidates' order."""
     order = np.argsort(-scores, kind="stable")
     return [(int(i), labels[i], float(scores[i])) for i in order]
-
-
-def _snapshot_revision(folder: Optional[Path]) -> Optional[str]:
-    """The commit hash of a hub-cache snapshot folder (``.../snapshots/<hash>``); None for a plain folder."""
-    if folder is None:
-        return None
-    folder = Path(folder)
-    return folder.name if folder.parent.name == "snapshots" else None

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from .errors import CheckpointError, M3DError
-from .model.hub import CHECKPOINT_PATTERNS, is_hub_id
+from .model.hub import CHECKPOINT_PATTERNS, is_hub_id, split_revision
 from .model.weights_index import weight_files
 
 logger = logging.getLogger(__name__)
@@ -70,13 +70,21 @@ def worker_environment(hf_home: Optional[str]) -> dict[str, Optional[str]]:
     return {"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HUGGINGFACE_HUB_CACHE": None}
 
 
-def cached_snapshot(repo_id: str, cache_dir: Path) -> Optional[Path]:
-    """The cached snapshot folder of a hub model that has its weights, or None (nothing to download then)."""
+def cached_snapshot(repo_id: str, cache_dir: Path, revision: Optional[str] = None) -> Optional[Path]:
+    """The cached snapshot folder of a hub model that has its weights, or None (nothing to download then).
+
+    ``revision``: only that branch, tag (through the cache's ``refs/``) or commit counts."""
     owner, _, name = repo_id.partition("/")
-    snapshots = Path(cache_dir) / f"models--{owner}--{name}" / "snapshots"
+    repo = Path(cache_dir) / f"models--{owner}--{name}"
+    snapshots = repo / "snapshots"
     if not snapshots.is_dir():
         return None
-    for snapshot in sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+    candidates = sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    if revision is not None:
+        ref = repo / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        candidates = [c for c in candidates if c.name == commit]
+    for snapshot in candidates:
         try:
             if weight_files(snapshot) and (snapshot / "config.json").is_file():
                 return snapshot
@@ -144,19 +152,21 @@ class WeightsStatus:
 
 
 def weights_status(source: str, hf_home: Optional[str] = None,
-                   size_of: Callable[[str], Optional[int]] = download_size) -> WeightsStatus:
-    """Check ``source`` (hub id or folder) before the worker loads it; raises when a download would not fit.
+                   size_of: Callable[[str, Optional[str]], Optional[int]] = download_size) -> WeightsStatus:
+    """Check ``source`` (hub id, ``owner/name@revision``, or folder) before the worker loads it; raises when a
+    download would not fit. ``size_of(repo_id, revision)`` asks the hub for the download size.
 
     :raises InsufficientDiskSpaceError: the hub model is not cached and the cache's disk is too small.
     """
     cache = hub_cache_dir(hf_home)
     path = Path(source).expanduser()
-    if path.is_dir() or not is_hub_id(source):
+    repo_id, revision = split_revision(source)
+    if path.is_dir() or not is_hub_id(repo_id):
         return WeightsStatus(source, cache, local_checkpoint(path), None, free_bytes(path))
-    snapshot = cached_snapshot(source, cache)
+    snapshot = cached_snapshot(repo_id, cache, revision)
     if snapshot is not None:
         return WeightsStatus(source, cache, snapshot, None, free_bytes(cache))
-    size = size_of(source)
+    size = size_of(repo_id, revision)
     free = check_disk_space(cache, size)
     return WeightsStatus(source, cache, None, size, free)
 

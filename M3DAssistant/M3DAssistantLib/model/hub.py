@@ -29,6 +29,29 @@ def is_hub_id(source: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", source) is not None
 
 
+def split_revision(source: str, revision: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """``owner/name@revision`` -> (``owner/name``, ``revision``): a pinned hub checkpoint in one string, so a model
+    field, ``--model`` or ``$M3D_MODEL`` can pin a commit. Anything else comes back unchanged with ``revision``.
+
+    :raises CheckpointError: the string pins one revision and ``revision`` names another.
+    """
+    repo, at, pinned = str(source).rpartition("@")
+    if not at or not is_hub_id(repo) or not re.fullmatch(r"[\w./-]+", pinned):
+        return str(source), revision
+    if revision is not None and revision != pinned:
+        raise CheckpointError(f"{source} pins revision {pinned!r} but revision={revision!r} was also given; "
+                              f"give the revision once")
+    return repo, pinned
+
+
+def snapshot_revision(folder: Union[str, Path, None]) -> Optional[str]:
+    """The commit of a hub-cache snapshot folder (``.../snapshots/<commit>``); None for any other folder."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    return folder.name if folder.parent.name == "snapshots" else None
+
+
 def resolve_checkpoint(
     source: Union[str, Path, None] = None,
     revision: Optional[str] = None,
@@ -37,13 +60,16 @@ def resolve_checkpoint(
 ) -> Path:
     """A local folder holding the checkpoint ``source`` (local folder, or hub id downloaded/cached).
 
-    ``source=None`` uses ``$M3D_MODEL`` and then the default model. ``metadata_only`` fetches only the JSON files
-    of a hub checkpoint (config, weight index, tokenizer config), for ``inspect``.
+    ``source=None`` uses ``$M3D_MODEL`` and then the default model. A hub id may pin its revision (branch, tag or
+    commit) as ``owner/name@revision`` or with ``revision``. ``metadata_only`` fetches only the JSON files of a hub
+    checkpoint (config, weight index, tokenizer config), for ``inspect``.
     """
     source = str(source or os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
     path = Path(source).expanduser()
     if path.is_dir():
         return path
+    source, revision = split_revision(source, revision)
+    path = Path(source).expanduser()
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder that contains config.json.")
     if not is_hub_id(source):
