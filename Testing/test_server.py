@@ -239,6 +239,30 @@ def test_too_large_uploads_are_refused_before_allocation(server, ct):
         M3DClient(server["url"], server["token"]).set_volume(np.tile(array, (3, 1, 1)), ijk_to_ras)
 
 
+def test_uploads_are_compressed_while_sent_and_stop_at_the_upload_limit(tiny_phi3_model):
+    """The client never holds the whole compressed volume: it streams zlib chunks (chunked transfer) that the server
+    inflates as they come; past the server's upload limit it stops with the limit and the flag to change."""
+    from M3DAssistantLib.engine import InferenceEngine
+    from M3DAssistantLib.server import create_app
+
+    token = "upload-test-token-0123456789"
+    app = create_app(InferenceEngine(tiny_phi3_model), token, max_volume_bytes=8 << 20, max_upload_bytes=256 << 10)
+    rng = np.random.default_rng(0)
+    with serve_in_thread(app) as (url, _port):
+        c = M3DClient(url, token)
+        noise = rng.random((16, 128, 128)).astype(np.float32)  # 1 MiB that zlib cannot shrink
+        with pytest.raises(RequestTooLargeError, match="accepts uploads of at most 0.2 MiB.*--max-upload-mb"):
+            c.set_volume(noise, np.eye(4))
+        assert len(app.state.m3d.store) == 0 and c.health()["status"] == "ok"
+        ct_like = np.full((128, 128, 128), -1000, np.int16)  # 4 MiB that compress well
+        ct_like[20:100, 30:100, 30:100] = 40 + np.arange(70, dtype=np.int16) % 7
+        chunks = list(c._compressed_chunks(ct_like, np.inf, chunk_bytes=1 << 20))
+        assert len(chunks) >= 2 and zlib.decompress(b"".join(chunks)) == ct_like.tobytes()
+        c.set_volume(ct_like, np.eye(4))
+        stored = app.state.m3d.store.get(volume_id(ct_like, np.eye(4)))
+        assert stored is not None and np.array_equal(stored.array, ct_like)
+
+
 def test_chunked_bodies_are_counted_too(server):
     """Without Content-Length the limit is enforced while reading."""
     def chunks(total, size=64 * 1024):

@@ -41,7 +41,7 @@ import threading
 import urllib.parse
 import uuid
 import zlib
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -268,8 +268,9 @@ class M3DClient:
         cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         return cls(self._netloc, timeout=timeout)
 
-    def _send(self, method: str, path: str, *, body: Optional[bytes] = None, headers: Optional[dict[str, str]] = None,
-              timeout: Optional[float] = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def _send(self, method: str, path: str, *, body: Union[bytes, Iterable[bytes], None] = None,
+              headers: Optional[dict[str, str]] = None, timeout: Optional[float] = None
+              ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """Send a request; returns the open connection and response (status < 400), else raises our exception."""
         all_headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json",
                        "User-Agent": f"m3d-slicer-client/{__version__}"}
@@ -288,6 +289,9 @@ class M3DClient:
                 f"cannot reach the M3D server at {self.url} ({type(e).__name__}: {e}); check that the worker "
                 f"(m3d serve) is running and the URL and port are right"
             ) from None
+        except BaseException:  # e.g. the upload stream stopped at the size limit
+            conn.close()
+            raise
         if response.status >= 400:
             try:
                 raw = response.read()
@@ -369,13 +373,7 @@ class M3DClient:
                 f"{self.url} accepts at most {limits['max_volume_bytes'] / mib:.1f} MiB and {limits['max_dim']} "
                 f"voxels along an axis; crop it (ROI, slice range) or restart the server with a larger --max-volume-mb"
             )
-        body = zlib.compress(memoryview(array).cast("B"), 1)
-        if len(body) > limits.get("max_upload_bytes", np.inf):
-            raise RequestTooLargeError(
-                f"the compressed volume is {len(body) / mib:.1f} MiB but the server at {self.url} accepts uploads of "
-                f"at most {limits['max_upload_bytes'] / mib:.1f} MiB; crop it or restart the server with a larger "
-                f"--max-upload-mb"
-            )
+        body = self._compressed_chunks(array, limits.get("max_upload_bytes", np.inf))
         headers = {"Content-Type": "application/octet-stream", "X-M3D-Shape": ",".join(map(str, array.shape)),
                    "X-M3D-Dtype": array.dtype.newbyteorder("=").name, "X-M3D-Compression": "zlib",
                    "X-M3D-IJK-To-RAS": ",".join(repr(float(v)) for v in matrix.ravel())}
@@ -385,7 +383,26 @@ class M3DClient:
                                          f"{expected!r}; client and server hash volumes differently (versions?)")
         return expected
 
-    def _upload(self, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+    def _compressed_chunks(self, array: np.ndarray, limit: float, chunk_bytes: int = 8 << 20) -> Iterator[bytes]:
+        """The zlib stream of ``array``'s bytes, compressed while it is sent (chunked transfer): never the whole
+        compressed volume in memory. Stops with RequestTooLargeError once it passes the server's upload limit."""
+        raw = memoryview(array).cast("B")
+        compressor = zlib.compressobj(1)
+        sent = 0
+        for start in range(0, len(raw), chunk_bytes):
+            out = compressor.compress(raw[start:start + chunk_bytes])
+            out += compressor.flush() if start + chunk_bytes >= len(raw) else b""
+            sent += len(out)
+            if sent > limit:
+                mib = 1 << 20
+                raise RequestTooLargeError(
+                    f"the compressed volume is over {sent / mib:.1f} MiB but the server at {self.url} accepts uploads "
+                    f"of at most {limit / mib:.1f} MiB; crop it or restart the server with a larger --max-upload-mb"
+                )
+            if out:
+                yield out
+
+    def _upload(self, body: Iterable[bytes], headers: dict[str, str]) -> dict[str, Any]:
         conn, response = self._send("POST", "/v1/volumes", body=body, headers=headers)
         try:
             return json.loads(response.read())

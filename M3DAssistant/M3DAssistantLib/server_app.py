@@ -55,6 +55,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from . import AI_LABEL, __version__
 from .client import PROTOCOL_VERSION, TASKS, WIRE_DTYPES, encode_mask
@@ -590,8 +591,12 @@ class _Server:
             self._uploading += nbytes
         try:
             body = _VolumeBody(nbytes, compression)  # allocated only now, after every size check
-            async for chunk in request.stream():
-                body.feed(chunk)
+            try:
+                async for chunk in request.stream():
+                    body.feed(chunk)
+            except ClientDisconnect:  # e.g. the client stopped at its own size check: nobody to answer, no error
+                logger.info("an upload of %s was abandoned by the client after %d bytes", dims, body.pos)
+                return Response(status_code=400)
             array = body.finish().view(wire_dtype).reshape(dims)
         finally:
             with self._upload_lock:
