@@ -285,9 +285,9 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # Select default input nodes if nothing is selected yet to save a few clicks for the user
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+            images = self.logic.imageVolumes()
+            if images:
+                self._parameterNode.inputVolume = images[0]
 
     def setParameterNode(self, inputParameterNode: M3DAssistantParameterNode | None) -> None:
         """
@@ -430,8 +430,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif task in ("segment", "segmentExpression"):
             request = getattr(self.logic, task)(volume, prompt, p.outputSegmentation, **options)
         else:  # findSimilar: rank the scene's volumes by the prompt
-            volumes = list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
-            request = self.logic.findSimilar(volumes, prompt, wait=False)
+            request = self.logic.findSimilar(self.logic.imageVolumes(), prompt, wait=False)
         self._history.add(prompt)
         self._fillPromptHistory()
         entry = self._conversation.start(volume.GetID(), task, shown)
@@ -627,7 +626,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
     def choose(self, volumeNode, question: str, choices, *, wait: bool = True, callback=None, errorCallback=None,
                onText=None, **options):
         """
-        Multiple choice: which of ``choices`` (2 to 4 texts) answers the question.
+        Multiple choice: which of ``choices`` (2 to 8 distinct texts) answers the question.
         :return: the chosen option's text (the raw answer when it names none); ``lastResult`` is the ChoiceResult
         """
         kwargs = self._taskOptions(volumeNode, options)
@@ -686,6 +685,11 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         candidates = list(candidates)
         return self._execute("findSimilar", lambda s: s.find_similar(candidates, query, wait=False),
                              wait, callback, errorCallback, candidates)
+
+    def imageVolumes(self) -> list:
+        """The scene's image volumes: scalar volumes that are not label maps (what M3D can read), in scene order."""
+        return [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                if not node.IsA("vtkMRMLLabelMapVolumeNode")]
 
     def cancel(self) -> None:
         """Stop the running task at its next step (the worker keeps running)."""
@@ -874,11 +878,11 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
 
     def workerStatus(self) -> str:
         worker = self.workerProcess()
-        if worker is not None:
-            return _("Worker: {status}").format(status=worker.status_text())
+        if worker is not None:  # the panel's label already says "Worker:"
+            return worker.status_text()
         if self._backend is not None:
             return _("Remote server: {url}").format(url=self._config.get("url", ""))
-        return _("Worker: not running (starts on the first request)")
+        return _("not running (starts on the first request)")
 
     def stopWorker(self) -> None:
         """Stop the local worker (its whole process tree; GPU memory is freed). The next request starts it again."""

@@ -195,7 +195,7 @@ def test_local_configuration_builds_a_lazy_worker(assistant, tiny_phi3, tmp_path
     assert worker.poll().value == "stopped"  # nothing starts before a request or the Start button
     assert worker.device == "cuda" and worker.model == str(tiny_phi3) and worker.python_executable == sys.executable
     assert worker.env["HF_HOME"] == str(tmp_path / "hf cache")
-    assert logic.workerStatus() == "Worker: not running"
+    assert logic.workerStatus() == "not running"
     assert logic.workerStarting() is None
     logic.prepareWorker()  # another Python: no install; a local folder: no download check needed
     logic.shutdown()
@@ -466,3 +466,17 @@ def test_slicer_side_helpers_stay_light():
         """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0 and "light" in result.stdout, result.stdout + result.stderr
+
+
+def test_image_volumes_leave_out_label_maps(assistant):
+    """Find similar ranks (and the panel preselects) image volumes only: a label map in the scene is not one."""
+    import numpy as np
+    import slicer
+
+    first = ct_node()
+    slicer.util.addVolumeFromArray(np.zeros((8, 10, 12), np.uint8), name="labels",
+                                   nodeClassName="vtkMRMLLabelMapVolumeNode")
+    second = ct_node()
+    images = assistant.M3DAssistantLogic(settings=assistant._MemorySettings()).imageVolumes()
+    assert [n.GetID() for n in images][-2:] == [first.GetID(), second.GetID()]
+    assert not any(n.IsA("vtkMRMLLabelMapVolumeNode") for n in images)

@@ -403,6 +403,12 @@ def test_cli_train_estimate_and_merge_are_registered(overfit_run, tmp_path, caps
     assert "Memory estimate" in capsys.readouterr().out
     assert main(["merge", config.output_dir, str(tmp_path / "m"), "--dtype", "bfloat16"]) == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # a lab shares model folders: nothing we write is owner-only (safetensors alone would make it so)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    written = [p for folder in (tmp_path / "m", Path(config.output_dir)) for p in folder.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in written)
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o666 & ~umask)}
 
 
 @pytest.mark.slicer

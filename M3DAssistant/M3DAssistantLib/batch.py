@@ -1,9 +1,9 @@
 """``m3d batch``: the same prompts over a folder of volumes, one result folder per volume, resumable.
 
-Each volume gets ``OUT/<name>/`` with the task outputs (``report.txt``, ``<target>.seg.nrrd``, ``<target>.mrk.json``)
-and ``results.json`` written last: a volume whose ``results.json`` exists is skipped on a re-run. Under
-``accelerate launch`` the volumes are split across the processes by accelerate (``split_between_processes``), each on
-its own device.
+Each volume gets ``OUT/<name>/`` with the task outputs (``report.txt``, ``segment_<target>.seg.nrrd``,
+``locate_<target>.mrk.json``, ...) and ``results.json`` written last: a volume whose ``results.json`` exists is
+skipped on a re-run. Under ``accelerate launch`` the volumes are split across the processes by accelerate
+(``split_between_processes``), each on its own device.
 """
 
 from __future__ import annotations

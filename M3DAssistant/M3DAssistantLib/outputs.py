@@ -163,6 +163,19 @@ def _umask() -> int:
     return mask
 
 
+def ordinary_permissions(path: PathLike) -> None:
+    """Give ``path`` (a file, or every file below a folder) the permissions an ordinary ``open()`` would
+    (``0o666 & ~umask``).
+
+    safetensors and ``tempfile.mkstemp`` create files readable by their owner only, which breaks a model folder that
+    a lab shares between users. For files we just wrote (before they are published under their final name)."""
+    mode = 0o666 & ~_umask()
+    path = Path(path)
+    for file in [path] if path.is_file() else path.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make the rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
     try:

@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 from M3DAssistantLib.errors import CheckpointError, ConfigError, M3DError
 from M3DAssistantLib.progress import ProgressCallback, ProgressEvent
+from M3DAssistantLib.outputs import ordinary_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -682,6 +683,7 @@ def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Pat
     accelerator.save_state(str(tmp), safe_serialization=True, **_state_kwargs(accelerator, "save"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        ordinary_permissions(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -1037,6 +1039,7 @@ def _save_outputs(accelerator, module, config: TrainConfig, output_dir: Path, sa
     if weights:
         save_file(weights, str(tmp / TRAINABLE_FILE), metadata={"format": "pt"})
     config.to_yaml(tmp / CONFIG_FILE)
+    ordinary_permissions(tmp)
     tmp.rename(final)
 
 

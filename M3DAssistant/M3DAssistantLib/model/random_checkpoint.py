@@ -266,6 +266,8 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, weights_format
     """Save weights as the hub repos do: one file, or shards plus an index json."""
     from safetensors.torch import save_file
 
+    from ..outputs import ordinary_permissions
+
     folder = Path(folder)
     state = {k: v.detach().contiguous() for k, v in state.items()}
     ext = "safetensors" if weights_format == "safetensors" else "bin"
@@ -275,6 +277,7 @@ def save_state_dict(state: dict[str, torch.Tensor], folder: Path, weights_format
         path = folder / name
         if ext == "safetensors":
             save_file(part, str(path), metadata={"format": "pt"})
+            ordinary_permissions(path)  # safetensors makes it owner-only
         else:
             torch.save(part, path)
         return path
