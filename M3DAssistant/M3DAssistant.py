@@ -233,6 +233,9 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.hfHomePathLineEdit.connect("currentPathChanged(QString)", self.onHfHomeChanged)
         self.ui.clipModelLineEdit.connect("editingFinished()",
                                           lambda: settings.set("clipModel", self.ui.clipModelLineEdit.text.strip()))
+        self.ui.serverCertificatePathLineEdit.currentPath = settings.get("serverCaFile")
+        self.ui.serverCertificatePathLineEdit.connect("currentPathChanged(QString)",
+                                                      lambda path: settings.set("serverCaFile", path))
         self.ui.modelRevisionLineEdit.text = settings.get("modelRevision")
         self.ui.modelRevisionLineEdit.connect("editingFinished()", lambda: settings.set(
             "modelRevision", self.ui.modelRevisionLineEdit.text.strip()))
@@ -804,7 +807,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             url = p.serverUrl.strip()
             if not url:
                 raise ValueError(_("Enter the remote server's URL (for example http://127.0.0.1:8765)."))
-            return {"remote": True, "url": url, "token": self.serverToken or self.settings.get("serverToken")}
+            return {"remote": True, "url": url, "token": self.serverToken or self.settings.get("serverToken"),
+                    "caFile": self.settings.get("serverCaFile") or None}
         return {"remote": False, "model": self.modelSource(p), "device": RUN_DEVICES.get(p.runOn),
                 "python": self.workerPython(), "hfHome": self.settings.get("hfHome") or None,
                 "clipModel": self.settings.get("clipModel") or None}
@@ -835,7 +839,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             if not config["token"]:
                 raise ValueError(_("Enter the remote server's token (it is kept in memory only, unless you check "
                                    "Remember)."))
-            return ClientBackend(M3DClient(config["url"], config["token"]))
+            return ClientBackend(M3DClient(config["url"], config["token"], ca_file=config["caFile"]))
         from M3DAssistantLib.weights import worker_environment
 
         worker = WorkerProcess(config["python"], config["model"], device=config["device"],

@@ -184,6 +184,19 @@ def test_model_and_where_it_runs(assistant, tiny_phi3, tmp_path):
     assert not any("in-memory-token" in str(v) for v in p.parameterNode.values.values())  # never in the scene
     assert logic.workerStatus().startswith("Remote server")
 
+    # https with a self-signed certificate: the certificate file set in Advanced is what the client trusts
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "server-ca.pem"))
+    p.serverUrl = "https://127.0.0.1:9"
+    logic.settings.set("serverCaFile", str(tmp_path / "server-ca.pem"))
+    assert logic.configuration()["caFile"] == str(tmp_path / "server-ca.pem")
+    assert logic.session().backend._client_for_task()._tls is not None
+    logic.settings.set("serverCaFile", str(tmp_path / "missing.pem"))
+    with pytest.raises(M3DError, match="cannot use .*missing.pem.* as the server's certificate"):
+        logic.session()
+
 
 def test_local_configuration_builds_a_lazy_worker(assistant, tiny_phi3, tmp_path):
     settings = assistant._MemorySettings({"hfHome": str(tmp_path / "hf cache"), "pythonExecutable": sys.executable})

@@ -263,6 +263,38 @@ def test_uploads_are_compressed_while_sent_and_stop_at_the_upload_limit(tiny_phi
         assert stored is not None and np.array_equal(stored.array, ct_like)
 
 
+def test_https_with_a_self_signed_certificate(tiny_phi3, ct, tmp_path):
+    """``--ssl-certfile``: the server speaks only TLS and says https in its ready line; a client that trusts the
+    certificate (ca_file) gets answers, one that does not gets an error saying what to pass; a bad certificate file
+    is refused before the model loads."""
+    import trustme
+
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    args = ["--model", str(tiny_phi3), "--device", "cpu", "--dtype", "float32", "--port", "0"]
+    proc, ready, _, stderr_path = start_server_process([*args, "--ssl-certfile", str(tmp_path / "server.pem")])
+    try:
+        assert ready["url"] == f"https://127.0.0.1:{ready['port']}"
+        trusted = M3DClient(ready["url"], ready["token"], ca_file=str(tmp_path / "ca.pem"))
+        trusted.set_volume(*ct, window="abdomen")
+        assert isinstance(trusted.report(sampling=SHORT), TextResult)
+        with pytest.raises(ServerUnavailableError, match="TLS connection .* failed .*pass its certificate file as "
+                                                         "ca_file"):
+            M3DClient(ready["url"], ready["token"]).health()
+        with pytest.raises(ServerUnavailableError):  # plain http to a TLS port: no answer, no data
+            M3DClient(ready["url"].replace("https", "http"), ready["token"], connect_timeout=5).health()
+    finally:
+        assert stop_server_process(proc) in (0, -signal.SIGTERM)
+    assert "Traceback" not in open(stderr_path).read()
+
+    (tmp_path / "not-a-cert.pem").write_text("hello")
+    result = subprocess.run([sys.executable, "-m", "M3DAssistantLib.server", *args, "--ssl-certfile",
+                             str(tmp_path / "not-a-cert.pem")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cannot use the TLS certificate" in result.stderr
+    assert "M3D_SERVER_READY" not in result.stdout
+
+
 def test_chunked_bodies_are_counted_too(server):
     """Without Content-Length the limit is enforced while reading."""
     def chunks(total, size=64 * 1024):

@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import http.client
 import json
+import ssl
 import threading
 import urllib.parse
 import uuid
@@ -245,15 +246,27 @@ class M3DClient:
         timeout: seconds to wait for any single read (a whole non-streamed answer must arrive within it; streamed
             answers only need events to keep coming).
         connect_timeout: seconds to wait for the connection and for quick calls (health, info, uploads' checks).
+        ca_file: for an ``https://`` server, the certificate (or its CA's) to trust in addition to the system's --
+            what a server started with ``--ssl-certfile`` and a self-signed certificate needs.
     """
 
-    def __init__(self, url: str, token: str, *, timeout: float = 600.0, connect_timeout: float = 10.0):
+    def __init__(self, url: str, token: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
+                 ca_file: Optional[str] = None):
         parts = urllib.parse.urlsplit(url if "//" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"the server URL must look like http://127.0.0.1:8765, got {url!r}")
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self._scheme, self._netloc, self._prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
         self._token = str(token)
+        self._tls = None
+        if parts.scheme == "https":
+            try:  # verified against the system's CAs, plus ca_file; never unverified
+                self._tls = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise InputError(f"cannot use {ca_file!r} as the server's certificate: {e}; give the PEM file the "
+                                 f"server was started with (--ssl-certfile) or its CA's") from None
+        elif ca_file:
+            raise InputError(f"ca_file is for https:// servers; {self.url} is plain http")
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self._info: Optional[dict[str, Any]] = None
         self._volume: Optional[_CurrentVolume] = None
@@ -265,8 +278,9 @@ class M3DClient:
 
     # ----------------------------------------------------------------------------------------------- transport
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        return cls(self._netloc, timeout=timeout)
+        if self._tls is not None:
+            return http.client.HTTPSConnection(self._netloc, timeout=timeout, context=self._tls)
+        return http.client.HTTPConnection(self._netloc, timeout=timeout)
 
     def _send(self, method: str, path: str, *, body: Union[bytes, Iterable[bytes], None] = None,
               headers: Optional[dict[str, str]] = None, timeout: Optional[float] = None
@@ -283,6 +297,12 @@ class M3DClient:
         except TimeoutError:
             conn.close()
             raise _NoAnswer(f"no answer from the M3D server at {self.url} within {seconds:g} s") from None
+        except (ssl.SSLError, ssl.CertificateError) as e:
+            conn.close()
+            raise ServerUnavailableError(
+                f"the TLS connection to {self.url} failed ({e}); if the server uses a self-signed certificate, "
+                f"pass its certificate file as ca_file (in Slicer: the remote server's certificate setting)"
+            ) from None
         except (OSError, http.client.HTTPException) as e:
             conn.close()
             raise ServerUnavailableError(

@@ -130,9 +130,26 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(sock: socket.socket) -> tuple[str, int]:
+def _url(sock: socket.socket, scheme: str = "http") -> tuple[str, int]:
     host, port = sock.getsockname()[:2]
-    return (f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"), int(port)
+    return (f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"), int(port)
+
+
+def _check_tls(certfile: Optional[str], keyfile: Optional[str]) -> bool:
+    """Whether to serve https; the certificate and key are loaded once here, so a bad file fails before the model
+    loads, with a message naming it."""
+    if not certfile and not keyfile:
+        return False
+    if not certfile:
+        raise InputError("--ssl-keyfile needs --ssl-certfile (the certificate that goes with the key)")
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise InputError(f"cannot use the TLS certificate {certfile!r} / key {keyfile!r}: {e}; give a PEM certificate "
+                         f"and its unencrypted private key (--ssl-certfile, --ssl-keyfile)") from None
+    return True
 
 
 def _watch_parent(pid: int, stop: Callable[[], None]) -> None:
@@ -180,6 +197,8 @@ def serve(
     max_queue: Optional[int] = None,
     limits: Optional[dict[str, Any]] = None,
     parent_pid: Optional[int] = None,
+    ssl_certfile: Optional[str] = None,
+    ssl_keyfile: Optional[str] = None,
     log_level: str = "warning",
     ready_stream: Optional[TextIO] = None,
     on_ready: Optional[Callable[[dict[str, Any]], None]] = None,
@@ -189,13 +208,16 @@ def serve(
     ``model``/``device``/``dtype``/``revision``/``clip_model`` as :class:`~M3DAssistantLib.engine.InferenceEngine` (or
     pass a ready ``engine``). ``token``: default ``$M3D_SERVER_TOKEN``, else generated and put in the ready line.
     ``limits``: other :class:`~M3DAssistantLib.server_app.ServerLimits` fields. ``parent_pid``: stop when that process
-    exits. ``on_ready`` receives the ready line's dict (in-process use).
+    exits. ``ssl_certfile``/``ssl_keyfile``: serve https with this PEM certificate and key. ``on_ready`` receives
+    the ready line's dict (in-process use).
     """
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     token, generated = _check_token(host, token, allow_remote)
-    if not is_loopback(host):
+    tls = _check_tls(ssl_certfile, ssl_keyfile)
+    if not is_loopback(host) and not tls:
         print(f"m3d serve: WARNING: listening on {host}, reachable from other machines; traffic (token, images, "
-              f"answers) is not encrypted -- prefer an SSH tunnel to a loopback server", file=sys.stderr)
+              f"answers) is not encrypted -- give --ssl-certfile/--ssl-keyfile, or use an SSH tunnel to a loopback "
+              f"server", file=sys.stderr)
     sock = _bind(host, port)
     try:
         try:
@@ -214,7 +236,7 @@ def serve(
         options["max_upload_bytes"] = ServerLimits.max_upload_bytes if max_upload_bytes is None else max_upload_bytes
         options["max_queue"] = max_queue if max_queue is not None else ServerLimits.max_queue
         app = create_app(engine, token, **options)
-        url, real_port = _url(sock)
+        url, real_port = _url(sock, "https" if tls else "http")
         ready = {"url": url, "host": sock.getsockname()[0], "port": real_port, "protocol": PROTOCOL_VERSION,
                  "pid": os.getpid(), "server_version": __version__}
         if generated:
@@ -232,7 +254,8 @@ def serve(
                         on_ready(dict(ready))
 
         config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("debug", "info"), lifespan="off",
-                                timeout_graceful_shutdown=5, server_header=False)
+                                timeout_graceful_shutdown=5, server_header=False,
+                                ssl_certfile=ssl_certfile if tls else None, ssl_keyfile=ssl_keyfile if tls else None)
         server = Server(config)
         if parent_pid is not None:
             _watch_parent(int(parent_pid), lambda: setattr(server, "should_exit", True))
@@ -265,6 +288,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, model_args: bool = T
     parser.add_argument("--token-file", default=None, help="read the token from this file (first line)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow a --host reachable from other machines (needs an explicit token)")
+    parser.add_argument("--ssl-certfile", default=None,
+                        help="serve https with this PEM certificate (clients of a self-signed one pass it as their "
+                             "CA file)")
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM, unencrypted)")
     parser.add_argument("--max-upload-mb", type=float, default=1024.0, help="largest upload body (default 1024)")
     parser.add_argument("--max-volume-mb", type=float, default=2048.0,
                         help="largest volume after decompression (default 2048)")
@@ -293,7 +320,7 @@ def run_serve(args: argparse.Namespace) -> int:
         args.model, host=args.host, port=args.port, token=token, allow_remote=args.allow_remote, device=args.device,
         dtype=args.dtype, revision=args.revision, clip_model=args.clip_model,
         max_upload_bytes=int(args.max_upload_mb * mb), max_queue=args.max_queue, parent_pid=args.parent_pid,
-        log_level=args.log_level,
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level=args.log_level,
         limits={"max_volume_bytes": int(args.max_volume_mb * mb), "max_volumes": args.max_volumes,
                 "max_new_tokens": args.max_new_tokens_limit},
     )
