@@ -21,6 +21,8 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 
+from M3DAssistantLib.settings import MemorySettings, ModuleSettings  # standard library only
+
 # Nothing heavy is imported here: torch and transformers never load in Slicer's process (the model runs in a worker
 # process, see M3DAssistantLib/worker.py). M3DAssistantLib is imported inside the methods that need it, so nothing is
 # imported or installed when Slicer starts.
@@ -138,22 +140,6 @@ class M3DAssistantParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     maxNewTokens: Annotated[int, WithinRange(1, 1024)] = 256
     choices: str = ""
-
-
-class M3DAssistantSettings:
-    """Per-computer settings (QSettings ``M3DAssistant/...``, never the scene): the worker's Python, the Hugging Face
-    cache folder, the M3D-CLIP model, and the server token only when the user asked to remember it."""
-
-    def get(self, key: str, default: str = "") -> str:
-        value = qt.QSettings().value(f"M3DAssistant/{key}")
-        return default if value is None else str(value)
-
-    def set(self, key: str, value: str) -> None:
-        settings = qt.QSettings()
-        if value:
-            settings.setValue(f"M3DAssistant/{key}", value)
-        else:
-            settings.remove(f"M3DAssistant/{key}")
 
 
 #
@@ -583,12 +569,14 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             ``M3DAssistantLib.model.inspect.inspect_checkpoint``. Tests pass a fake.
         :param backendFactory: ``f(configuration) -> backend`` with the engine's task methods, instead of a worker
             process or a remote server (tests pass a fake).
-        :param settings: per-computer settings with ``get(key, default)`` / ``set(key, value)``; default QSettings.
+        :param settings: per-computer settings (the worker's Python, the model cache folder, the M3D-CLIP model, the
+            pinned revision, the remote server's certificate, and its token only when the user asked to remember
+            it); default :class:`~M3DAssistantLib.settings.ModuleSettings` (QSettings), tests pass ``MemorySettings``.
         """
         ScriptedLoadableModuleLogic.__init__(self)
         self._inspector = inspector
         self._backendFactory = backendFactory
-        self.settings = settings if settings is not None else M3DAssistantSettings()
+        self.settings = settings if settings is not None else ModuleSettings("M3DAssistant")
         self.serverToken = ""  # the remote server's token: in memory only, never in the scene
         self.interactive = True  # confirmation dialogs (never in testing mode)
         self.lastResult = None  # the full typed result of the last finished task
@@ -1171,7 +1159,7 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
             def close(self):
                 self.closed = True
 
-        logic = M3DAssistantLogic(backendFactory=FakeBackend, settings=_MemorySettings())
+        logic = M3DAssistantLogic(backendFactory=FakeBackend, settings=MemorySettings())
         parameterNode = logic.getParameterNode()
         parameterNode.runOn = RUN_CPU
         parameterNode.windowPreset = "Abdomen"
@@ -1244,7 +1232,7 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
                   "multimodal=rc.TINY_MULTIMODAL); rc.write_random_clip_checkpoint(Path(sys.argv[3]), tiny=True)")
         subprocess.run([self._workerPython(), "-c", script, str(LIB_PARENT), str(checkpoint), str(clip)],
                        check=True, timeout=600)
-        logic = M3DAssistantLogic(settings=_MemorySettings({"clipModel": str(clip),
+        logic = M3DAssistantLogic(settings=MemorySettings({"clipModel": str(clip),
                                                             "pythonExecutable": self._workerPython()}))
         parameterNode = logic.getParameterNode()
         parameterNode.modelChoice = MODEL_FOLDER
@@ -1290,16 +1278,3 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
     def _workerPython() -> str:
         """Slicer's Python for the worker (the setting also skips the dependency check: nothing is installed)."""
         return shutil.which("PythonSlicer") or sys.executable
-
-
-class _MemorySettings:
-    """Settings kept in a dict (tests: nothing reaches the computer's QSettings)."""
-
-    def __init__(self, values: dict | None = None) -> None:
-        self.values = dict(values or {})
-
-    def get(self, key: str, default: str = "") -> str:
-        return self.values.get(key, default)
-
-    def set(self, key: str, value: str) -> None:
-        self.values[key] = value

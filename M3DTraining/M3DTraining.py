@@ -134,22 +134,6 @@ class M3DTrainingParameterNode:
     outputFolder: pathlib.Path
 
 
-class M3DTrainingSettings:
-    """Per-computer settings (QSettings ``M3DTraining/...``, never the scene): the training Python and the output
-    folders of recent jobs (looked at when the module opens, to show a job that is still running)."""
-
-    def get(self, key: str, default: str = "") -> str:
-        value = qt.QSettings().value(f"M3DTraining/{key}")
-        return default if value is None else str(value)
-
-    def set(self, key: str, value: str) -> None:
-        settings = qt.QSettings()
-        if value:
-            settings.setValue(f"M3DTraining/{key}", value)
-        else:
-            settings.remove(f"M3DTraining/{key}")
-
-
 #
 # M3DTrainingWidget
 #
@@ -590,11 +574,14 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     def __init__(self, settings: Any = None) -> None:
         """Called when the logic class is instantiated.
 
-        :param settings: per-computer settings with ``get(key, default)`` / ``set(key, value)``; default QSettings
-            (tests pass a dict-backed store).
+        :param settings: per-computer settings (the training Python and the output folders of recent jobs, looked at
+            when the module opens to show a job that is still running); default
+            :class:`~M3DAssistantLib.settings.ModuleSettings` (QSettings), tests pass ``MemorySettings``.
         """
+        from M3DAssistantLib.settings import ModuleSettings
+
         ScriptedLoadableModuleLogic.__init__(self)
-        self.settings = settings if settings is not None else M3DTrainingSettings()
+        self.settings = settings if settings is not None else ModuleSettings("M3DTraining")
         self.interactive = True  # confirmation dialogs (never in testing mode)
         self.gpuResult = None  # GpuQueryResult of the last detection
         self.memoryEstimates = {}  # config signature -> bytes per GPU ("Estimate memory")
@@ -1293,7 +1280,9 @@ class M3DTrainingTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _logic():
-        return M3DTrainingLogic(settings=_MemorySettings())
+        from M3DAssistantLib.settings import MemorySettings
+
+        return M3DTrainingLogic(settings=MemorySettings())
 
     def test_ParameterNode(self):
         """The defaults are the one-GPU preset's; choosing the official preset fills its hyperparameters."""
@@ -1413,16 +1402,3 @@ class M3DTrainingTest(ScriptedLoadableModuleTest):
             if assistant is not None and hasattr(assistant, "MODEL_ADAPTER"):
                 self.assertEqual(parameterNode.modelChoice, assistant.MODEL_ADAPTER)
         self.delayDisplay("Test passed")
-
-
-class _MemorySettings:
-    """Settings kept in a dict (tests: nothing reaches the computer's QSettings)."""
-
-    def __init__(self, values: Optional[dict] = None) -> None:
-        self.values = dict(values or {})
-
-    def get(self, key: str, default: str = "") -> str:
-        return self.values.get(key, default)
-
-    def set(self, key: str, value: str) -> None:
-        self.values[key] = value

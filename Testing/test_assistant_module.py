@@ -24,6 +24,7 @@ from M3DAssistantLib import AI_LABEL, dependencies, tasks, weights
 from M3DAssistantLib.errors import CheckpointError, InputError, M3DError
 from M3DAssistantLib.progress import ProgressEvent
 from M3DAssistantLib.results import ChoiceResult, Provenance, RetrievalResult, SegmentationResult, TextResult
+from M3DAssistantLib.settings import MemorySettings
 
 REPO = Path(__file__).resolve().parent.parent
 MODULE_FILE = REPO / "M3DAssistant" / "M3DAssistant.py"
@@ -98,7 +99,7 @@ def ct_node():
 
 
 def test_logic_options_progress_and_callbacks(assistant):
-    logic = assistant.M3DAssistantLogic(backendFactory=RecordingBackend, settings=assistant._MemorySettings())
+    logic = assistant.M3DAssistantLogic(backendFactory=RecordingBackend, settings=MemorySettings())
     volume = ct_node()
     events, chunks = [], []
     logic.progressCallback = events.append
@@ -144,7 +145,7 @@ def test_window_presets(assistant):
 
 
 def test_model_and_where_it_runs(assistant, tiny_phi3, tmp_path):
-    logic = assistant.M3DAssistantLogic(settings=assistant._MemorySettings({"pythonExecutable": "/venv/bin/python"}))
+    logic = assistant.M3DAssistantLogic(settings=MemorySettings({"pythonExecutable": "/venv/bin/python"}))
     p = logic.getParameterNode()
     assert logic.modelSource() == "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
     p.modelChoice = assistant.MODEL_LLAMA2
@@ -199,7 +200,7 @@ def test_model_and_where_it_runs(assistant, tiny_phi3, tmp_path):
 
 
 def test_local_configuration_builds_a_lazy_worker(assistant, tiny_phi3, tmp_path):
-    settings = assistant._MemorySettings({"hfHome": str(tmp_path / "hf cache"), "pythonExecutable": sys.executable})
+    settings = MemorySettings({"hfHome": str(tmp_path / "hf cache"), "pythonExecutable": sys.executable})
     logic = assistant.M3DAssistantLogic(settings=settings)
     p = logic.getParameterNode()
     p.modelChoice, p.modelSource, p.runOn = assistant.MODEL_FOLDER, str(tiny_phi3), assistant.RUN_GPU
@@ -490,6 +491,6 @@ def test_image_volumes_leave_out_label_maps(assistant):
     slicer.util.addVolumeFromArray(np.zeros((8, 10, 12), np.uint8), name="labels",
                                    nodeClassName="vtkMRMLLabelMapVolumeNode")
     second = ct_node()
-    images = assistant.M3DAssistantLogic(settings=assistant._MemorySettings()).imageVolumes()
+    images = assistant.M3DAssistantLogic(settings=MemorySettings()).imageVolumes()
     assert [n.GetID() for n in images][-2:] == [first.GetID(), second.GetID()]
     assert not any(n.IsA("vtkMRMLLabelMapVolumeNode") for n in images)

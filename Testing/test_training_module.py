@@ -27,6 +27,7 @@ import pytest
 from test_extension_layout import REPO, _run_slicer_self_test, _slicer_stand_in, parameter_node_fields, ui_widgets
 
 from M3DAssistantLib.errors import ConfigError, InputError, M3DError
+from M3DAssistantLib.settings import MemorySettings
 from M3DTrainingLib import panel_state as ps
 
 MIB = 1024**2
@@ -606,7 +607,7 @@ def training(monkeypatch, headless_slicer):
 
 
 def _logic(training, **settings):
-    return training.M3DTrainingLogic(settings=training._MemorySettings(settings))
+    return training.M3DTrainingLogic(settings=MemorySettings(settings))
 
 
 def test_parameter_node_and_ui_cover_the_panel(training):

@@ -62,6 +62,7 @@ from typing import Any
 
 import pytest
 from M3DAssistantLib import AI_LABEL
+from M3DAssistantLib.settings import MemorySettings
 from test_assistant_module import assistant  # noqa: F401  (the module file on real MRML, a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -242,7 +243,7 @@ def test_every_console_call_is_real(assistant):  # noqa: F811
 
     task_options = {"window", "roiNode", "maxNewTokens"}  # the Logic's **options (see _taskOptions)
     receivers = {"logic": assistant.M3DAssistantLogic, "client": M3DClient, "request": TaskRequest}
-    logic = assistant.M3DAssistantLogic(settings=assistant._MemorySettings())
+    logic = assistant.M3DAssistantLogic(settings=MemorySettings())
     fields = _parameter_choices(assistant)
     checked = 0
     for block in tutorial_blocks():
@@ -534,7 +535,7 @@ def console(assistant, headless_slicer, tiny_phi3, tiny_clip, monkeypatch, clone
     monkeypatch.setitem(assistant.OFFICIAL_MODELS, assistant.MODEL_PHI3, str(tiny_phi3))
     monkeypatch.setattr(worker, "WorkerProcess", InProcessWorker)
     monkeypatch.setattr(worker, "LocalWorkerBackend", InProcessWorkerBackend)
-    settings = assistant._MemorySettings({"pythonExecutable": sys.executable, "clipModel": str(tiny_clip)})
+    settings = MemorySettings({"pythonExecutable": sys.executable, "clipModel": str(tiny_clip)})
     logic = assistant.M3DAssistantLogic(settings=settings)
 
     def get_module_logic(name):
