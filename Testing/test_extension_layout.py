@@ -449,9 +449,13 @@ def _slicer_stand_in() -> dict[str, types.ModuleType]:
             wrapper.parameterNode.values[self.name] = value
 
     def parameterNodeWrapper(cls):
-        """Like Slicer's: ``Cls(parameterNode)`` reads and writes the annotated fields (here in a plain dict)."""
+        """Like Slicer's: ``Cls(parameterNode)`` reads and writes the annotated fields (here in a plain dict); a path
+        field without a default is ``Path()``, as in Slicer."""
         for name in cls.__annotations__:
-            setattr(cls, name, _Field(name, cls.__dict__.get(name)))
+            default = cls.__dict__.get(name)
+            if default is None and cls.__annotations__[name] in ("pathlib.Path", Path):
+                default = Path()
+            setattr(cls, name, _Field(name, default))
 
         def __init__(self, parameterNode):
             self.parameterNode = parameterNode

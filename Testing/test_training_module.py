@@ -509,45 +509,6 @@ def test_evaluation_table_node(headless_slicer, tmp_path):
 # M3DTraining.py against the stand-in Slicer (with the slicer-core scene)
 
 
-def _parameter_node_wrapper_stand_in() -> types.ModuleType:
-    """Slicer's @parameterNodeWrapper reduced to what the module uses: typed fields with defaults in a store."""
-
-    class Field:
-        def __init__(self, name, default):
-            self.name, self.default = name, default
-
-        def __get__(self, wrapper, owner=None):
-            return self.default if wrapper is None else wrapper.parameterNode.values.get(self.name, self.default)
-
-        def __set__(self, wrapper, value):
-            wrapper.parameterNode.values[self.name] = value
-
-    def parameterNodeWrapper(cls):
-        for name in cls.__annotations__:
-            default = cls.__dict__.get(name)
-            if default is None and cls.__annotations__[name] in ("pathlib.Path", Path):
-                default = Path()
-            setattr(cls, name, Field(name, default))
-
-        def __init__(self, parameterNode):
-            self.parameterNode = parameterNode
-
-        cls.__init__ = __init__
-        return cls
-
-    class Choice:
-        def __init__(self, choices):
-            self.choices = list(choices)
-
-    class WithinRange:
-        def __init__(self, minimum, maximum):
-            self.minimum, self.maximum = minimum, maximum
-
-    module = types.ModuleType("slicer.parameterNodeWrapper")
-    module.__dict__.update(parameterNodeWrapper=parameterNodeWrapper, Choice=Choice, WithinRange=WithinRange)
-    return module
-
-
 class FakeAssistantLogic:
     """M3DAssistant's logic as far as "Use in M3DAssistant" needs it."""
 
@@ -557,17 +518,6 @@ class FakeAssistantLogic:
 
     def getParameterNode(self):
         return self.parameters
-
-
-class _ScriptedLoadableModuleLogic:
-    def __init__(self, parent=None):
-        pass
-
-    def getParameterNode(self):
-        # One store per logic (Slicer keeps one parameter node per module and scene).
-        if "_stand_in_parameters" not in self.__dict__:
-            self._stand_in_parameters = types.SimpleNamespace(values={})
-        return self._stand_in_parameters
 
 
 @pytest.fixture
@@ -583,8 +533,6 @@ def training(monkeypatch, headless_slicer):
     stand_ins = _slicer_stand_in()
     stand_ins["vtk"].__getattr__ = lambda name: getattr(real_vtk, name)
     stand_ins["vtk"].__path__ = real_vtk.__path__  # `import vtk.util.numpy_support` in slicer.util
-    stand_ins["slicer.parameterNodeWrapper"] = _parameter_node_wrapper_stand_in()
-    stand_ins["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleLogic = _ScriptedLoadableModuleLogic
     stand_ins.setdefault("qt", types.ModuleType("qt"))
     stand_ins["slicer"].mrmlScene = scene
     stand_ins["slicer"].__getattr__ = lambda name: getattr(real_slicer, name)
