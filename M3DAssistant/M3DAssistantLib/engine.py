@@ -129,8 +129,9 @@ def _checkpoint_revision(folder: Optional[Path]) -> Optional[str]:
     if folder is None:
         return None
     folder = Path(folder)
-    if snapshot_revision(folder):
-        return snapshot_revision(folder)
+    commit = snapshot_revision(folder)
+    if commit:
+        return commit
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / name).is_file():
