@@ -529,6 +529,8 @@ def training(monkeypatch, headless_slicer):
     real_slicer = sys.modules["slicer"]  # slicer-core, imported by headless_slicer
     real_util = real_slicer.util
     import vtk as real_vtk
+    import vtk.util.numpy_support  # noqa: F401  (imported now, under the real vtk: imported first while the
+    # stand-in is sys.modules['vtk'], the submodule would attach to the stand-in and the real vtk lack .util later)
 
     stand_ins = _slicer_stand_in()
     stand_ins["vtk"].__getattr__ = lambda name: getattr(real_vtk, name)
