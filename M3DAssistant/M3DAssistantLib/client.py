@@ -256,7 +256,7 @@ class M3DClient:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InputError(f"the server URL must look like http://127.0.0.1:8765, got {url!r}")
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-        self._scheme, self._netloc, self._prefix = parts.scheme, parts.netloc, parts.path.rstrip("/")
+        self._netloc, self._prefix = parts.netloc, parts.path.rstrip("/")
         self._token = str(token)
         self._tls = None
         if parts.scheme == "https":
