@@ -293,6 +293,8 @@ def test_https_with_a_self_signed_certificate(tiny_phi3, ct, tmp_path):
                              str(tmp_path / "not-a-cert.pem")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "cannot use the TLS certificate" in result.stderr
     assert "M3D_SERVER_READY" not in result.stdout
+    with pytest.raises(InputError, match="--ssl-keyfile needs --ssl-certfile"):
+        serve(str(tiny_phi3), device="cpu", ssl_keyfile=str(tmp_path / "server.pem"))
 
 
 def test_chunked_bodies_are_counted_too(server):
