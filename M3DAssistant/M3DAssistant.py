@@ -342,7 +342,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.workerStatusLabel.text = self.logic.workerStatus() if self.logic else ""
 
     def _updateCacheLabel(self) -> None:
-        from M3DAssistantLib.weights import hub_cache_dir
+        from M3DAssistantLib.model.download_check import hub_cache_dir
 
         self.ui.hubCacheValueLabel.text = str(hub_cache_dir(self.logic.settings.get("hfHome") or None))
 
@@ -566,7 +566,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         """Called when the logic class is instantiated.
 
         :param inspector: function that summarises a checkpoint; default
-            ``M3DAssistantLib.model.inspect.inspect_checkpoint``. Tests pass a fake.
+            ``M3DAssistantLib.model.inspection.inspect_checkpoint``. Tests pass a fake.
         :param backendFactory: ``f(configuration) -> backend`` with the engine's task methods, instead of a worker
             process or a remote server (tests pass a fake).
         :param settings: per-computer settings (the worker's Python, the model cache folder, the M3D-CLIP model, the
@@ -778,7 +778,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         source = p.modelSource.strip()
         if not source:
             raise ValueError(_("Choose the model folder first."))
-        from M3DAssistantLib.weights import checkpoint_for_adapter, local_checkpoint
+        from M3DAssistantLib.model.checkpoint_files import checkpoint_for_adapter, local_checkpoint
 
         if p.modelChoice == MODEL_ADAPTER:
             return str(checkpoint_for_adapter(source))
@@ -828,7 +828,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(_("Enter the remote server's token (it is kept in memory only, unless you check "
                                    "Remember)."))
             return ClientBackend(M3DClient(config["url"], config["token"], ca_file=config["caFile"]))
-        from M3DAssistantLib.weights import worker_environment
+        from M3DAssistantLib.model.download_check import worker_environment
 
         worker = WorkerProcess(config["python"], config["model"], device=config["device"],
                                clip_model=config["clipModel"], env=worker_environment(config["hfHome"]),
@@ -944,7 +944,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         """Before a download: where it goes, how big it is, and whether the disk has room (raises if not); asks
         once when interactive."""
         from M3DAssistantLib.errors import CancelledError
-        from M3DAssistantLib.weights import human_bytes, weights_status
+        from M3DAssistantLib.model.download_check import human_bytes, weights_status
 
         status = weights_status(source, hfHome)
         logging.info(f"M3D model: {status.describe()}")
@@ -973,7 +973,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         if inspector is None:
             # Imported here, not at module load: reads only config.json, the weight index and the tokenizer's JSON
             # files; compare_with_model=False keeps torch out of Slicer's process.
-            from M3DAssistantLib.model.inspect import inspect_checkpoint
+            from M3DAssistantLib.model.inspection import inspect_checkpoint
 
             inspector = functools.partial(inspect_checkpoint, compare_with_model=False)
         logging.info(f"Inspecting model {source}")

@@ -71,7 +71,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .model.inspect import format_report, inspect_checkpoint
+    from .model.inspection import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.checkpoint)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
