@@ -944,7 +944,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         """Before a download: where it goes, how big it is, and whether the disk has room (raises if not); asks
         once when interactive."""
         from M3DAssistantLib.errors import CancelledError
-        from M3DAssistantLib.model.download_check import human_bytes, weights_status
+        from M3DAssistantLib.model.download_check import weights_status
+        from M3DAssistantLib.units import format_bytes
 
         status = weights_status(source, hfHome)
         logging.info(f"M3D model: {status.describe()}")
@@ -952,8 +953,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             return
         message = _("{model} is not on this computer yet. It will be downloaded from the Hugging Face hub ({size}) "
                     "into {cache} ({free} free); its progress shows in the panel. Continue?").format(
-            model=source, size=human_bytes(status.download_bytes), cache=status.cache_dir,
-            free=human_bytes(status.free_bytes))
+            model=source, size=format_bytes(status.download_bytes), cache=status.cache_dir,
+            free=format_bytes(status.free_bytes))
         if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("M3D Assistant: download the model")):
             raise CancelledError(_("Download declined. Choose a local checkpoint folder instead."))
 

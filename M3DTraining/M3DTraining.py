@@ -782,14 +782,16 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
         :return: ``(warnings, note)``: what is wrong (empty: nothing) and one line on the memory needed
         """
-        from M3DTrainingLib.panel_state import format_gb, memory_warnings, required_memory
+        from M3DAssistantLib.units import format_bytes
+        from M3DTrainingLib.panel_state import memory_warnings, required_memory
 
         try:
             state = self.panelState(parameterNode)
         except ValueError as error:
             return [str(error)], ""
         required, source = required_memory(state, self.memoryEstimates)
-        note = (_("Memory needed per GPU: about {memory} ({source}).").format(memory=format_gb(required), source=source)
+        note = (_("Memory needed per GPU: about {memory} ({source}).").format(memory=format_bytes(required),
+                                                                              source=source)
                 if required else _("Memory needed: not estimated."))
         if self.gpuResult is None:
             return [], note  # the GPUs are not detected yet: nothing to compare with

@@ -46,8 +46,8 @@ def test_parse_nvidia_smi_sample_output():
     gpus = ps.parse_nvidia_smi(NVIDIA_SMI_SAMPLE)
     assert gpus == [ps.GpuInfo(0, "NVIDIA GeForce RTX 4090", 24564 * MIB),
                     ps.GpuInfo(1, "NVIDIA RTX A6000", 49140 * MIB)]
-    assert gpus[0].label() == "GPU 0: NVIDIA GeForce RTX 4090 (24.0 GB)"
-    assert gpus[1].label() == "GPU 1: NVIDIA RTX A6000 (48.0 GB)"
+    assert gpus[0].label() == "GPU 0: NVIDIA GeForce RTX 4090 (24.0 GiB)"
+    assert gpus[1].label() == "GPU 1: NVIDIA RTX A6000 (48.0 GiB)"
 
 
 def test_parse_nvidia_smi_with_index_without_units_and_noise():
@@ -128,7 +128,7 @@ def test_memory_warnings_name_the_gpu_and_the_fix():
     gpus = [rtx, a100, unknown]
     official = ps.DEFAULT_ESTIMATES["official"]
     (warning,) = ps.memory_warnings(gpus, [0, 1], official, "the estimate")
-    assert warning.startswith("GPU 0 (NVIDIA GeForce RTX 4090) has 24.0 GB, but this training needs about 38.1 GB")
+    assert warning.startswith("GPU 0 (NVIDIA GeForce RTX 4090) has 24.0 GiB, but this training needs about 38.1 GiB")
     assert ps.PRESET_ONE_GPU in warning and "gradient accumulation" in warning
     assert ps.memory_warnings(gpus, [0], ps.DEFAULT_ESTIMATES["one-24gb-gpu"]) == []
     assert ps.memory_warnings(gpus, [1], official) == []
@@ -346,7 +346,7 @@ def test_progress_line_and_durations():
     event = {"stage": "train", "step": 120, "total_steps": 500, "epoch": 1.25, "loss": 0.42133, "lr": 4.1e-05,
              "samples_per_s": 3.25, "eta_s": 3725.0, "gpu_memory_bytes": 18 * GIB}
     assert ps.format_progress(event) == ("step 120/500 \u00b7 epoch 1.25 \u00b7 loss 0.4213 \u00b7 lr 4.10e-05 "
-                                         "\u00b7 3.25 samples/s \u00b7 ETA 1 h 02 min \u00b7 GPU memory 18.0 GB")
+                                         "\u00b7 3.25 samples/s \u00b7 ETA 1 h 02 min \u00b7 GPU memory 18.0 GiB")
     assert ps.format_progress({"step": 3}) == "step 3" and ps.format_progress(None) == ""
     assert [ps.format_duration(s) for s in (None, 5, 125, 7260)] == ["?", "5 s", "2 min 05 s", "2 h 01 min"]
 
@@ -707,17 +707,17 @@ def test_logic_gpus_memory_estimate_and_warnings(training, tmp_path):
     result = logic.detectGpus(nvidiaSmi=smi)
     assert [g.index for g in result.gpus] == [0, 1] and p.gpus == "0"  # first detection: the first GPU
     warnings, note = logic.memoryReport()
-    assert warnings == [] and "about 9.5 GB" in note
+    assert warnings == [] and "about 9.5 GiB" in note
     logic.applyPreset("official")
     assert p.preset == ps.PRESET_OFFICIAL and p.batchSize == 8
     (warning,) = logic.memoryReport()[0]
-    assert warning.startswith("GPU 0 (NVIDIA GeForce RTX 4090) has 24.0 GB")
+    assert warning.startswith("GPU 0 (NVIDIA GeForce RTX 4090) has 24.0 GiB")
     logic.setSelectedGpus([1])
     assert logic.memoryReport()[0] == []  # 48 GB
     text = logic.estimateMemory()  # the fake prints 30 GB for these settings
     assert "total          30.00 GB" in text
     warnings, note = logic.memoryReport()
-    assert warnings == [] and "about 30.0 GB (estimated for these settings)" in note
+    assert warnings == [] and "about 30.0 GiB (estimated for these settings)" in note
     logic.setSelectedGpus([0, 1])
     assert len(logic.memoryReport()[0]) == 1
     # a second detection keeps the user's choice

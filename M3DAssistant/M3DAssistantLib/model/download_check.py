@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from ..errors import CheckpointError, M3DError
+from ..units import format_bytes
 from .checkpoint_files import local_checkpoint, weight_files
 from .hub import CHECKPOINT_PATTERNS, is_hub_id, split_revision
 
@@ -36,17 +37,6 @@ DISK_MARGIN = 1.05  # keep 5 % more than the download needs (temporary files, th
 
 class InsufficientDiskSpaceError(M3DError, OSError):
     """Not enough free space for a model download."""
-
-
-def human_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "unknown size"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f} TB"
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
@@ -126,7 +116,7 @@ def check_disk_space(folder: Path, needed: Optional[int], margin: float = DISK_M
     free = free_bytes(folder)
     if needed is not None and free < needed * margin:
         raise InsufficientDiskSpaceError(
-            f"the model download needs {human_bytes(needed)} but only {human_bytes(free)} is free on the disk of "
+            f"the model download needs {format_bytes(needed)} but only {format_bytes(free)} is free on the disk of "
             f"{folder}. Free some space, choose a Hugging Face cache folder on a larger disk (M3D Assistant > "
             f"Advanced), or download the model on another computer and choose its folder as a local checkpoint.")
     return free
@@ -149,8 +139,8 @@ class WeightsStatus:
     def describe(self) -> str:
         if self.local_path is not None:
             return f"{self.source}: ready at {self.local_path}"
-        return (f"{self.source}: will be downloaded ({human_bytes(self.download_bytes)}) into {self.cache_dir} "
-                f"({human_bytes(self.free_bytes)} free)")
+        return (f"{self.source}: will be downloaded ({format_bytes(self.download_bytes)}) into {self.cache_dir} "
+                f"({format_bytes(self.free_bytes)} free)")
 
 
 def weights_status(source: str, hf_home: Optional[str] = None,
@@ -174,4 +164,4 @@ def weights_status(source: str, hf_home: Optional[str] = None,
 
 
 __all__ = ["InsufficientDiskSpaceError", "WeightsStatus", "hub_cache_dir", "worker_environment", "cached_snapshot",
-           "download_size", "free_bytes", "check_disk_space", "weights_status", "human_bytes"]
+           "download_size", "free_bytes", "check_disk_space", "weights_status"]

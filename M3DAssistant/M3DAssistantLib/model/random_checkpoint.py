@@ -375,18 +375,6 @@ def _write_wordpiece_vocab(folder: Path) -> list[str]:
     return vocab
 
 
-def checkpoint_nbytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover
-
-
 __all__ = [
     "OFFICIAL_LLM_FIELDS",
     "OFFICIAL_MULTIMODAL_FIELDS",
