@@ -845,8 +845,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         config = self._config
         if config["remote"] or self._backendFactory is not None or self._prepared == self._sessionKey:
             return
-        if not self.settings.get("pythonExecutable"):  # another Python manages its own packages
-            self.setupPythonRequirements()
+        self.setupPythonRequirements()  # another Python is only checked: it manages its own packages
         self.checkWeights(config["model"], config["hfHome"])
         self._prepared = self._sessionKey
 
@@ -903,42 +902,32 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         app = getattr(slicer, "app", None)
         return app is not None and app.testingEnabled()
 
+    def pythonDependencies(self, config: dict | None = None):
+        """
+        What the worker's Python needs (``M3DAssistantLib.dependencies``, packages from
+        Resources/Requirements/M3DAssistant.txt): nothing for a remote server, a check of the Worker Python setting's
+        Python (never changed), else Slicer's own Python, installed after one confirmation.
+        """
+        from M3DAssistantLib.dependencies import ASSISTANT_REQUIREMENTS, dependencies_for, read_requirements
+
+        config = config or self.configuration()
+        return dependencies_for(
+            self.settings.get("pythonExecutable") or None, read_requirements(ASSISTANT_REQUIREMENTS),
+            remote=config["remote"], setting=_("Worker Python"), requester="M3D Assistant",
+            purpose=_("M3D Assistant runs the model in a separate Python process, which needs these Python packages "
+                      "in Slicer's Python environment"),
+            declined=_("Installation declined: the local worker cannot run without these packages (or choose a remote "
+                       "server)."),
+            ask=self.interactive)
+
     def setupPythonRequirements(self) -> None:
         """
-        Install what the local worker needs into Slicer's Python, after ONE confirmation listing it all: torch
-        through the PyTorch extension (the build for this computer's GPU), the rest from Resources/requirements.txt
-        with ``slicer.packaging.pip_ensure``. Slicer's own numpy and SimpleITK are never replaced. Nothing is
-        installed in testing mode (a missing package is then an error).
+        Make sure the worker's Python has what it needs. Slicer's own: installed after ONE confirmation listing it
+        all, torch through the PyTorch extension (the build for this computer's GPU), the rest with
+        ``slicer.packaging.pip_ensure``; Slicer's own numpy and SimpleITK are never replaced, and nothing is installed
+        in testing mode (a missing package is then an error). Another Python is checked, not changed.
         """
-        from M3DAssistantLib.dependencies import SKIP_PACKAGES, TORCH_REQUIREMENT, plan_installation
-        from M3DAssistantLib.errors import CancelledError, M3DError
-
-        plan = plan_installation()
-        if not plan.needed:
-            return
-        if self._testing():
-            raise M3DError(f"the M3D worker needs {', '.join(plan.items())}; nothing is installed in testing mode")
-        if self.interactive and not slicer.util.confirmOkCancelDisplay(
-                plan.describe(), windowTitle=_("M3D Assistant: install Python packages"),
-                detailedText="\n".join(plan.items())):
-            raise CancelledError(_("Installation declined: the local worker cannot run without these packages "
-                                   "(or choose a remote server)."))
-        if plan.torch:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise M3DError(_("The M3D worker needs PyTorch: install the PyTorch extension with the Extensions "
-                                 "Manager, restart Slicer and try again.")) from None
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT.removeprefix("torch"))
-            if torch is None:
-                raise M3DError(_("PyTorch was not installed; see the Python console for why."))
-        if plan.packages:
-            if hasattr(slicer, "packaging"):  # Slicer >= 5.12
-                slicer.packaging.pip_ensure(plan.packages, skip_packages=list(SKIP_PACKAGES), prompt_install=False,
-                                            requester="M3D Assistant")
-            else:
-                slicer.util.pip_install(plan.packages)
+        self.pythonDependencies(self._config).ensure()
 
     def checkWeights(self, source: str, hfHome: str | None = None) -> None:
         """Before a download: where it goes, how big it is, and whether the disk has room (raises if not); asks

@@ -355,12 +355,31 @@ def test_requirements_never_touch_slicers_own_packages(tmp_path):
     names = {dependencies.canonical_name(dependencies.requirement_name(r)) for r in dependencies.read_requirements()}
     assert names and not names & {"numpy", "simpleitk", "torch", "vtk"}
     assert {"transformers", "fastapi", "uvicorn", "huggingface-hub", "psutil"} <= names
-    raw = (REPO / "M3DAssistant" / "Resources" / "requirements.txt").read_text()
+    raw = (REPO / "M3DAssistant" / "Resources" / "Requirements" / "M3DAssistant.txt").read_text()
     assert "\nnumpy" not in raw and "SimpleITK" not in raw.replace("# numpy and SimpleITK", "")
 
     custom = tmp_path / "requirements.txt"
     custom.write_text("# comment\n-c constraints.txt\nnumpy>=2\nSimpleITK\ntorch>=2.4\nfoo-bar>=1.0  # why\n")
     assert dependencies.read_requirements(custom) == ["foo-bar>=1.0"]
+
+
+def test_worker_python_is_checked_with_the_one_installer(assistant, tiny_phi3, tmp_path, monkeypatch):
+    """The Worker Python setting's Python is checked before the worker starts (never changed); a remote server needs
+    nothing here. Slicer's own Python, installing: test_dependencies.py."""
+    logic = assistant.M3DAssistantLogic(settings=MemorySettings({"pythonExecutable": sys.executable}))
+    p = logic.getParameterNode()
+    p.modelChoice, p.modelSource, p.runOn = assistant.MODEL_FOLDER, str(tiny_phi3), assistant.RUN_CPU
+    requirements = tmp_path / "M3DAssistant.txt"
+    requirements.write_text("pytest>=1\nno-such-worker-package>=1.0\n")
+    monkeypatch.setattr(dependencies, "ASSISTANT_REQUIREMENTS", requirements)
+    logic.session()
+    with pytest.raises(M3DError, match=r"The worker Python .* lacks no-such-worker-package>=1\.0\. .*clear the "
+                                       r"Worker Python setting"):
+        logic.prepareWorker()
+    assert logic.workerProcess().poll().value == "stopped"  # nothing was started
+    logic.shutdown()
+    p.runOn, p.serverUrl = assistant.RUN_REMOTE, "http://127.0.0.1:9"
+    assert isinstance(logic.pythonDependencies(), dependencies.RemoteServerDependencies)
 
 
 def test_install_plan_lists_everything_once():

@@ -278,15 +278,21 @@ def test_missing_modules_are_found_in_the_training_python():
         ps.missing_modules("/no/such/python", ["json"])
 
 
-def test_training_requirements_follow_pyproject():
-    import tomllib
-
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    wanted = set(extras["inference"]) | set(extras["training"])
-    # what Slicer ships (numpy, SimpleITK, ...) or PyTorchUtils installs (torch) is not pip-installed by the panel
-    slicer_owned = ("torch", "simpleitk", "nibabel", "pydicom", "pillow", "m3d-slicer")
-    wanted = {r for r in wanted if not r.lower().startswith(slicer_owned)}
-    assert set(ps.TRAINING_REQUIREMENTS) == wanted
+def test_training_python_is_checked_with_the_one_installer(training, tmp_path, monkeypatch):
+    """The Training Python setting's Python is checked against Resources/Requirements/M3DTraining.txt, never
+    changed; what it lacks is named with the pip command (the requirement files themselves: test_dependencies.py)."""
+    logic = _logic(training, pythonExecutable=sys.executable)
+    logic.ensureTrainingPython()  # this Python has everything
+    requirements = tmp_path / "M3DTraining.txt"
+    requirements.write_text("pytest>=1\nno-such-trainer-package>=2.0\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "REQUIREMENTS_FILE", requirements)
+        with pytest.raises(M3DError, match=r"The training Python .* lacks no-such-trainer-package>=2\.0\. Install "
+                                           r"them there \(.* -m pip install \"no-such-trainer-package>=2\.0\"\)"):
+            logic.ensureTrainingPython()
+    monkeypatch.setattr(ps, "TRAINING_MODULES", ("json", "no_such_trainer_module"))
+    with pytest.raises(M3DError, match="cannot import no_such_trainer_module"):
+        logic.ensureTrainingPython()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -612,14 +612,6 @@ EVALUATION_MODULES = ("numpy", "torch", "monai", "sacrebleu", "rouge_score", "ma
 LAUNCHER_MODULES = {"yaml": "pyyaml>=6", "psutil": "psutil>=5.9"}
 """What Slicer's own process needs to start and watch a job: writing the config, checking the job's process."""
 
-TRAINING_REQUIREMENTS = (
-    "transformers>=5.24,<6", "tokenizers>=0.22", "sentencepiece>=0.2", "protobuf>=4", "safetensors>=0.4.3",
-    "huggingface_hub>=1.0", "scipy>=1.11", "monai>=1.4", "peft>=0.17", "accelerate>=1.2", "pyyaml>=6", "psutil>=5.9",
-    "sacrebleu>=2.3", "rouge-score>=0.1.2", "matplotlib>=3.7",
-)
-"""pip requirements of training in Slicer's Python besides torch (PyTorchUtils installs that) and what Slicer ships
-(numpy, SimpleITK): pyproject.toml's ``training`` extra."""
-
 
 def library_paths() -> list[str]:
     """Folders that hold M3DTrainingLib and M3DAssistantLib: Slicer puts module folders on its own ``sys.path`` only,
