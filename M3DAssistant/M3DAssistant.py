@@ -1266,5 +1266,5 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _workerPython() -> str:
-        """Slicer's Python for the worker (the setting also skips the dependency check: nothing is installed)."""
+        """Slicer's Python for the worker (as the setting, it is only checked: nothing is installed)."""
         return shutil.which("PythonSlicer") or sys.executable
