@@ -342,7 +342,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.workerStatusLabel.text = self.logic.workerStatus() if self.logic else ""
 
     def _updateCacheLabel(self) -> None:
-        from M3DAssistantLib.weights import hub_cache_dir
+        from M3DAssistantLib.model.download_check import hub_cache_dir
 
         self.ui.hubCacheValueLabel.text = str(hub_cache_dir(self.logic.settings.get("hfHome") or None))
 
@@ -566,7 +566,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         """Called when the logic class is instantiated.
 
         :param inspector: function that summarises a checkpoint; default
-            ``M3DAssistantLib.model.inspect.inspect_checkpoint``. Tests pass a fake.
+            ``M3DAssistantLib.model.inspection.inspect_checkpoint``. Tests pass a fake.
         :param backendFactory: ``f(configuration) -> backend`` with the engine's task methods, instead of a worker
             process or a remote server (tests pass a fake).
         :param settings: per-computer settings (the worker's Python, the model cache folder, the M3D-CLIP model, the
@@ -778,7 +778,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         source = p.modelSource.strip()
         if not source:
             raise ValueError(_("Choose the model folder first."))
-        from M3DAssistantLib.weights import checkpoint_for_adapter, local_checkpoint
+        from M3DAssistantLib.model.checkpoint_files import checkpoint_for_adapter, local_checkpoint
 
         if p.modelChoice == MODEL_ADAPTER:
             return str(checkpoint_for_adapter(source))
@@ -828,7 +828,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(_("Enter the remote server's token (it is kept in memory only, unless you check "
                                    "Remember)."))
             return ClientBackend(M3DClient(config["url"], config["token"], ca_file=config["caFile"]))
-        from M3DAssistantLib.weights import worker_environment
+        from M3DAssistantLib.model.download_check import worker_environment
 
         worker = WorkerProcess(config["python"], config["model"], device=config["device"],
                                clip_model=config["clipModel"], env=worker_environment(config["hfHome"]),
@@ -845,8 +845,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         config = self._config
         if config["remote"] or self._backendFactory is not None or self._prepared == self._sessionKey:
             return
-        if not self.settings.get("pythonExecutable"):  # another Python manages its own packages
-            self.setupPythonRequirements()
+        self.setupPythonRequirements()  # another Python is only checked: it manages its own packages
         self.checkWeights(config["model"], config["hfHome"])
         self._prepared = self._sessionKey
 
@@ -903,48 +902,39 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         app = getattr(slicer, "app", None)
         return app is not None and app.testingEnabled()
 
+    def pythonDependencies(self, config: dict | None = None):
+        """
+        What the worker's Python needs (``M3DAssistantLib.dependencies``, packages from
+        Resources/Requirements/M3DAssistant.txt): nothing for a remote server, a check of the Worker Python setting's
+        Python (never changed), else Slicer's own Python, installed after one confirmation.
+        """
+        from M3DAssistantLib.dependencies import ASSISTANT_REQUIREMENTS, dependencies_for, read_requirements
+
+        config = config or self.configuration()
+        return dependencies_for(
+            self.settings.get("pythonExecutable") or None, read_requirements(ASSISTANT_REQUIREMENTS),
+            remote=config["remote"], setting=_("Worker Python"), requester="M3D Assistant",
+            purpose=_("M3D Assistant runs the model in a separate Python process, which needs these Python packages "
+                      "in Slicer's Python environment"),
+            declined=_("Installation declined: the local worker cannot run without these packages (or choose a remote "
+                       "server)."),
+            ask=self.interactive)
+
     def setupPythonRequirements(self) -> None:
         """
-        Install what the local worker needs into Slicer's Python, after ONE confirmation listing it all: torch
-        through the PyTorch extension (the build for this computer's GPU), the rest from Resources/requirements.txt
-        with ``slicer.packaging.pip_ensure``. Slicer's own numpy and SimpleITK are never replaced. Nothing is
-        installed in testing mode (a missing package is then an error).
+        Make sure the worker's Python has what it needs. Slicer's own: installed after ONE confirmation listing it
+        all, torch through the PyTorch extension (the build for this computer's GPU), the rest with
+        ``slicer.packaging.pip_ensure``; Slicer's own numpy and SimpleITK are never replaced, and nothing is installed
+        in testing mode (a missing package is then an error). Another Python is checked, not changed.
         """
-        from M3DAssistantLib.dependencies import SKIP_PACKAGES, TORCH_REQUIREMENT, plan_installation
-        from M3DAssistantLib.errors import CancelledError, M3DError
-
-        plan = plan_installation()
-        if not plan.needed:
-            return
-        if self._testing():
-            raise M3DError(f"the M3D worker needs {', '.join(plan.items())}; nothing is installed in testing mode")
-        if self.interactive and not slicer.util.confirmOkCancelDisplay(
-                plan.describe(), windowTitle=_("M3D Assistant: install Python packages"),
-                detailedText="\n".join(plan.items())):
-            raise CancelledError(_("Installation declined: the local worker cannot run without these packages "
-                                   "(or choose a remote server)."))
-        if plan.torch:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise M3DError(_("The M3D worker needs PyTorch: install the PyTorch extension with the Extensions "
-                                 "Manager, restart Slicer and try again.")) from None
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT.removeprefix("torch"))
-            if torch is None:
-                raise M3DError(_("PyTorch was not installed; see the Python console for why."))
-        if plan.packages:
-            if hasattr(slicer, "packaging"):  # Slicer >= 5.12
-                slicer.packaging.pip_ensure(plan.packages, skip_packages=list(SKIP_PACKAGES), prompt_install=False,
-                                            requester="M3D Assistant")
-            else:
-                slicer.util.pip_install(plan.packages)
+        self.pythonDependencies(self._config).ensure()
 
     def checkWeights(self, source: str, hfHome: str | None = None) -> None:
         """Before a download: where it goes, how big it is, and whether the disk has room (raises if not); asks
         once when interactive."""
         from M3DAssistantLib.errors import CancelledError
-        from M3DAssistantLib.weights import human_bytes, weights_status
+        from M3DAssistantLib.model.download_check import weights_status
+        from M3DAssistantLib.units import format_bytes
 
         status = weights_status(source, hfHome)
         logging.info(f"M3D model: {status.describe()}")
@@ -952,8 +942,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             return
         message = _("{model} is not on this computer yet. It will be downloaded from the Hugging Face hub ({size}) "
                     "into {cache} ({free} free); its progress shows in the panel. Continue?").format(
-            model=source, size=human_bytes(status.download_bytes), cache=status.cache_dir,
-            free=human_bytes(status.free_bytes))
+            model=source, size=format_bytes(status.download_bytes), cache=status.cache_dir,
+            free=format_bytes(status.free_bytes))
         if not slicer.util.confirmOkCancelDisplay(message, windowTitle=_("M3D Assistant: download the model")):
             raise CancelledError(_("Download declined. Choose a local checkpoint folder instead."))
 
@@ -973,7 +963,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         if inspector is None:
             # Imported here, not at module load: reads only config.json, the weight index and the tokenizer's JSON
             # files; compare_with_model=False keeps torch out of Slicer's process.
-            from M3DAssistantLib.model.inspect import inspect_checkpoint
+            from M3DAssistantLib.model.inspection import inspect_checkpoint
 
             inspector = functools.partial(inspect_checkpoint, compare_with_model=False)
         logging.info(f"Inspecting model {source}")
@@ -1276,5 +1266,5 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def _workerPython() -> str:
-        """Slicer's Python for the worker (the setting also skips the dependency check: nothing is installed)."""
+        """Slicer's Python for the worker (as the setting, it is only checked: nothing is installed)."""
         return shutil.which("PythonSlicer") or sys.executable

@@ -34,6 +34,8 @@ from M3DTrainingLib.panel_state import (
 )
 
 DEFAULTS = PanelState()  # the "One 24 GB GPU" preset: most users have one consumer GPU
+REQUIREMENTS_FILE = pathlib.Path(__file__).resolve().parent / "Resources" / "Requirements" / "M3DTraining.txt"
+"""What the trainer needs besides torch (``M3DAssistantLib.dependencies`` installs it)."""
 POLL_INTERVAL_MS = 1000
 
 
@@ -627,10 +629,6 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
         return PanelState.from_parameter_node(parameterNode or self.getParameterNode())
 
-    def _testing(self) -> bool:
-        app = getattr(slicer, "app", None)
-        return app is not None and app.testingEnabled()
-
     # ------------------------------------------------------------------------------------------ dataset
     def exportDataset(self, parameterNode=None, progress: Optional[Callable] = None):
         """
@@ -782,14 +780,16 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
         :return: ``(warnings, note)``: what is wrong (empty: nothing) and one line on the memory needed
         """
-        from M3DTrainingLib.panel_state import format_gb, memory_warnings, required_memory
+        from M3DAssistantLib.units import format_bytes
+        from M3DTrainingLib.panel_state import memory_warnings, required_memory
 
         try:
             state = self.panelState(parameterNode)
         except ValueError as error:
             return [str(error)], ""
         required, source = required_memory(state, self.memoryEstimates)
-        note = (_("Memory needed per GPU: about {memory} ({source}).").format(memory=format_gb(required), source=source)
+        note = (_("Memory needed per GPU: about {memory} ({source}).").format(memory=format_bytes(required),
+                                                                              source=source)
                 if required else _("Memory needed: not estimated."))
         if self.gpuResult is None:
             return [], note  # the GPUs are not detected yet: nothing to compare with
@@ -838,72 +838,48 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     def ensureLauncherModules(self) -> None:
         """
         What Slicer's own process needs to start and watch a job (PyYAML for the config, psutil for the process):
-        installed after one confirmation when missing.
+        installed after one confirmation when missing (``M3DAssistantLib.dependencies``).
         """
-        import importlib.util
-
-        from M3DAssistantLib.errors import CancelledError, M3DError
+        from M3DAssistantLib.dependencies import SlicerPythonDependencies
         from M3DTrainingLib.panel_state import LAUNCHER_MODULES
 
-        missing = [req for module, req in LAUNCHER_MODULES.items() if importlib.util.find_spec(module) is None]
-        if not missing:
-            return
-        if self._testing():
-            raise M3DError(f"M3D Training needs {', '.join(missing)} in Slicer's Python; nothing is installed in "
-                           "testing mode")
-        if self.interactive and not slicer.util.confirmOkCancelDisplay(
-                _("M3D Training needs these small Python packages in Slicer's Python to start and watch training "
-                  "jobs: {packages}. Install them now?").format(packages=", ".join(missing)),
-                windowTitle=_("M3D Training: install Python packages")):
-            raise CancelledError(_("Installation declined: training jobs cannot be started without these packages."))
-        slicer.util.pip_install(missing if hasattr(slicer, "packaging") else " ".join(missing))
+        SlicerPythonDependencies(
+            list(LAUNCHER_MODULES.values()), torch=None, requester="M3D Training", ask=self.interactive,
+            purpose=_("M3D Training needs these small Python packages in Slicer's Python to start and watch training "
+                      "jobs"),
+            declined=_("Installation declined: training jobs cannot be started without these packages.")).ensure()
+
+    def trainingDependencies(self):
+        """
+        What the training Python needs (``M3DAssistantLib.dependencies``, packages from
+        Resources/Requirements/M3DTraining.txt): Slicer's own Python is installed into after one confirmation; the
+        Training Python setting's Python is checked, never changed.
+        """
+        from M3DAssistantLib.dependencies import dependencies_for, read_requirements
+
+        return dependencies_for(
+            self.settings.get("pythonExecutable") or None, read_requirements(REQUIREMENTS_FILE),
+            setting=_("Training Python"), requester="M3D Training", env=self.helperEnvironment(), ask=self.interactive,
+            purpose=_("Training runs in a separate Python process, which needs these Python packages in Slicer's "
+                      "Python environment"),
+            declined=_("Installation declined: the training cannot run without these packages."))
 
     def ensureTrainingPython(self) -> None:
         """
-        Check that the training Python has what the trainer imports; when it is Slicer's own, offer to install the
-        missing packages (one confirmation; torch through the PyTorch extension, which picks the build for the GPU).
-        Another Python is never changed: the error says what to install there.
+        Make sure the training Python has what the trainer needs (:meth:`trainingDependencies`: one confirmation
+        before installing into Slicer's Python; torch through the PyTorch extension, which picks the build for the
+        GPU; another Python is never changed, the error says what to install there), then that it imports the
+        trainer's modules.
         """
-        from M3DAssistantLib.errors import CancelledError, M3DError
-        from M3DTrainingLib.panel_state import TRAINING_MODULES, TRAINING_REQUIREMENTS, missing_modules
+        from M3DAssistantLib.errors import M3DError
+        from M3DTrainingLib.panel_state import TRAINING_MODULES, missing_modules
 
+        self.trainingDependencies().ensure()
         python = self.trainingPython()
         missing = missing_modules(python, TRAINING_MODULES, env=self.helperEnvironment())
-        if not missing:
-            return
-        if not self.usesSlicerPython():
-            raise M3DError(_("The training Python {python} lacks {modules}. Install them there (for example: "
-                             "{python} -m pip install \"m3d-slicer[training]\"), or clear the Training Python setting "
-                             "to use Slicer's own.").format(python=python, modules=", ".join(missing)))
-        if self._testing():
-            raise M3DError(f"the training needs {', '.join(missing)} in Slicer's Python; nothing is installed in "
-                           "testing mode")
-        if self.interactive and not slicer.util.confirmOkCancelDisplay(
-                _("Training runs in a separate Python process, which needs packages that Slicer's Python lacks "
-                  "({modules}). Install them now? They are downloaded from the Python Package Index (several GB with "
-                  "torch); Slicer's own numpy and SimpleITK are not changed.").format(modules=", ".join(missing)),
-                windowTitle=_("M3D Training: install Python packages"),
-                detailedText="\n".join(TRAINING_REQUIREMENTS)):
-            raise CancelledError(_("Installation declined: the training cannot run without these packages."))
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                raise M3DError(_("Training needs PyTorch: install the PyTorch extension with the Extensions Manager, "
-                                 "restart Slicer and try again.")) from None
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                            torchVersionRequirement=">=2.4") is None:
-                raise M3DError(_("PyTorch was not installed; see the Python console for why."))
-        skip = ["numpy", "SimpleITK", "vtk", "torch", "torchvision", "torchaudio"]
-        if hasattr(slicer, "packaging"):  # Slicer >= 5.12
-            slicer.packaging.pip_ensure(list(TRAINING_REQUIREMENTS), skip_packages=skip, prompt_install=False,
-                                        requester="M3D Training")
-        else:
-            slicer.util.pip_install(" ".join(TRAINING_REQUIREMENTS))
-        missing = missing_modules(python, TRAINING_MODULES, env=self.helperEnvironment())
         if missing:
-            raise M3DError(_("Still missing after the installation: {modules}; see the Python console.").format(
-                modules=", ".join(missing)))
+            raise M3DError(_("The training Python {python} cannot import {modules}; see the Python console.").format(
+                python=python, modules=", ".join(missing)))
 
     # ------------------------------------------------------------------------------------------ jobs
     def startTraining(self, parameterNode=None, checkPython: bool = True):

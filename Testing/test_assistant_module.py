@@ -1,4 +1,4 @@
-"""The M3DAssistant module's Logic and its Lib helpers (tasks, dependencies, weights) without a Slicer application.
+"""The M3DAssistant module's Logic and its Lib helpers (tasks, dependencies, downloads) without a Slicer application.
 
 The module file is imported against real MRML (slicer-core) plus small stand-ins for what only the Slicer application
 has (ScriptedLoadableModule, the parameter-node wrapper, qt), so the module's own self-test of the console API runs
@@ -20,7 +20,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from M3DAssistantLib import AI_LABEL, dependencies, tasks, weights
+from M3DAssistantLib import AI_LABEL, dependencies, tasks
+from M3DAssistantLib.model import checkpoint_files, download_check
 from M3DAssistantLib.errors import CheckpointError, InputError, M3DError
 from M3DAssistantLib.progress import ProgressEvent
 from M3DAssistantLib.results import ChoiceResult, Provenance, RetrievalResult, SegmentationResult, TextResult
@@ -354,12 +355,31 @@ def test_requirements_never_touch_slicers_own_packages(tmp_path):
     names = {dependencies.canonical_name(dependencies.requirement_name(r)) for r in dependencies.read_requirements()}
     assert names and not names & {"numpy", "simpleitk", "torch", "vtk"}
     assert {"transformers", "fastapi", "uvicorn", "huggingface-hub", "psutil"} <= names
-    raw = (REPO / "M3DAssistant" / "Resources" / "requirements.txt").read_text()
+    raw = (REPO / "M3DAssistant" / "Resources" / "Requirements" / "M3DAssistant.txt").read_text()
     assert "\nnumpy" not in raw and "SimpleITK" not in raw.replace("# numpy and SimpleITK", "")
 
     custom = tmp_path / "requirements.txt"
     custom.write_text("# comment\n-c constraints.txt\nnumpy>=2\nSimpleITK\ntorch>=2.4\nfoo-bar>=1.0  # why\n")
     assert dependencies.read_requirements(custom) == ["foo-bar>=1.0"]
+
+
+def test_worker_python_is_checked_with_the_one_installer(assistant, tiny_phi3, tmp_path, monkeypatch):
+    """The Worker Python setting's Python is checked before the worker starts (never changed); a remote server needs
+    nothing here. Slicer's own Python, installing: test_dependencies.py."""
+    logic = assistant.M3DAssistantLogic(settings=MemorySettings({"pythonExecutable": sys.executable}))
+    p = logic.getParameterNode()
+    p.modelChoice, p.modelSource, p.runOn = assistant.MODEL_FOLDER, str(tiny_phi3), assistant.RUN_CPU
+    requirements = tmp_path / "M3DAssistant.txt"
+    requirements.write_text("pytest>=1\nno-such-worker-package>=1.0\n")
+    monkeypatch.setattr(dependencies, "ASSISTANT_REQUIREMENTS", requirements)
+    logic.session()
+    with pytest.raises(M3DError, match=r"The worker Python .* lacks no-such-worker-package>=1\.0\. .*clear the "
+                                       r"Worker Python setting"):
+        logic.prepareWorker()
+    assert logic.workerProcess().poll().value == "stopped"  # nothing was started
+    logic.shutdown()
+    p.runOn, p.serverUrl = assistant.RUN_REMOTE, "http://127.0.0.1:9"
+    assert isinstance(logic.pythonDependencies(), dependencies.RemoteServerDependencies)
 
 
 def test_install_plan_lists_everything_once():
@@ -384,19 +404,19 @@ def test_install_plan_lists_everything_once():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# M3DAssistantLib.weights
+# M3DAssistantLib.model.download_check and .checkpoint_files (local folders)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_hub_cache_location():
     home = Path("~").expanduser()
-    assert weights.hub_cache_dir(environ={}) == home / ".cache" / "huggingface" / "hub"
-    assert weights.hub_cache_dir(environ={"XDG_CACHE_HOME": "/x"}) == Path("/x/huggingface/hub")
-    assert weights.hub_cache_dir(environ={"HF_HOME": "/h", "XDG_CACHE_HOME": "/x"}) == Path("/h/hub")
-    assert weights.hub_cache_dir(environ={"HF_HUB_CACHE": "/c", "HF_HOME": "/h"}) == Path("/c")
-    assert weights.hub_cache_dir("/big disk/hf", environ={"HF_HUB_CACHE": "/c"}) == Path("/big disk/hf/hub")
-    assert weights.worker_environment(None) == {}
-    env = weights.worker_environment("/big disk/hf")
+    assert download_check.hub_cache_dir(environ={}) == home / ".cache" / "huggingface" / "hub"
+    assert download_check.hub_cache_dir(environ={"XDG_CACHE_HOME": "/x"}) == Path("/x/huggingface/hub")
+    assert download_check.hub_cache_dir(environ={"HF_HOME": "/h", "XDG_CACHE_HOME": "/x"}) == Path("/h/hub")
+    assert download_check.hub_cache_dir(environ={"HF_HUB_CACHE": "/c", "HF_HOME": "/h"}) == Path("/c")
+    assert download_check.hub_cache_dir("/big disk/hf", environ={"HF_HUB_CACHE": "/c"}) == Path("/big disk/hf/hub")
+    assert download_check.worker_environment(None) == {}
+    env = download_check.worker_environment("/big disk/hf")
     assert env["HF_HOME"] == str(Path("/big disk/hf")) and env["HF_HUB_CACHE"] == str(Path("/big disk/hf/hub"))
 
 
@@ -409,60 +429,60 @@ def test_cached_models_are_not_downloaded_and_space_is_checked(tmp_path, tiny_ph
     partial.mkdir(parents=True)
     (partial / "config.json").write_text("{}")  # weights not there yet: the download resumes
     shutil.copytree(tiny_phi3, snapshot)
-    assert weights.cached_snapshot("GoodBaiBai88/M3D-LaMed-Phi-3-4B", cache) == snapshot
-    assert weights.cached_snapshot("GoodBaiBai88/M3D-LaMed-Llama-2-7B", cache) is None
+    assert download_check.cached_snapshot("GoodBaiBai88/M3D-LaMed-Phi-3-4B", cache) == snapshot
+    assert download_check.cached_snapshot("GoodBaiBai88/M3D-LaMed-Llama-2-7B", cache) is None
 
     sizes = []
-    status = weights.weights_status("GoodBaiBai88/M3D-LaMed-Phi-3-4B", str(tmp_path / "hf"),
-                                    size_of=lambda repo, revision: sizes.append((repo, revision)))
+    status = download_check.weights_status("GoodBaiBai88/M3D-LaMed-Phi-3-4B", str(tmp_path / "hf"),
+                                           size_of=lambda repo, revision: sizes.append((repo, revision)))
     assert status.local_path == snapshot and not status.needs_download and sizes == []  # no hub query
     # a pinned revision counts only when that commit (or the commit a cached branch/tag points to) is there
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "v1.0").write_text("abc123")
     for pinned in ("abc123", "v1.0"):
-        status = weights.weights_status(f"GoodBaiBai88/M3D-LaMed-Phi-3-4B@{pinned}", str(tmp_path / "hf"),
-                                        size_of=lambda repo, revision: sizes.append((repo, revision)))
+        status = download_check.weights_status(f"GoodBaiBai88/M3D-LaMed-Phi-3-4B@{pinned}", str(tmp_path / "hf"),
+                                               size_of=lambda repo, revision: sizes.append((repo, revision)))
         assert status.local_path == snapshot and sizes == []
-    status = weights.weights_status("GoodBaiBai88/M3D-LaMed-Phi-3-4B@fff999", str(tmp_path / "hf"),
-                                    size_of=lambda repo, revision: sizes.append((repo, revision)))
+    status = download_check.weights_status("GoodBaiBai88/M3D-LaMed-Phi-3-4B@fff999", str(tmp_path / "hf"),
+                                           size_of=lambda repo, revision: sizes.append((repo, revision)))
     assert status.needs_download and sizes == [("GoodBaiBai88/M3D-LaMed-Phi-3-4B", "fff999")]
 
     free = shutil.disk_usage(tmp_path).free
-    status = weights.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
-                                    size_of=lambda repo, revision: 1000)
-    assert status.needs_download and status.download_bytes == 1000 and "will be downloaded" in status.describe()
-    with pytest.raises(weights.InsufficientDiskSpaceError, match="only .* free") as error:
-        weights.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
-                               size_of=lambda repo, revision: free * 2)
+    status = download_check.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
+                                           size_of=lambda repo, revision: 1000)
+    assert status.needs_download and status.download_bytes == 1000
+    assert "will be downloaded (1000 B)" in status.describe()
+    with pytest.raises(download_check.InsufficientDiskSpaceError, match="only .* free") as error:
+        download_check.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
+                                      size_of=lambda repo, revision: free * 2)
     assert "local checkpoint" in str(error.value)
-    unknown = weights.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
-                                     size_of=lambda repo, revision: None)
+    unknown = download_check.weights_status("GoodBaiBai88/M3D-LaMed-Llama-2-7B", str(tmp_path / "hf"),
+                                            size_of=lambda repo, revision: None)
     assert unknown.download_bytes is None and "unknown size" in unknown.describe()  # offline: no check possible
 
-    assert weights.free_bytes(tmp_path / "not" / "yet" / "there") == weights.free_bytes(tmp_path)
-    assert weights.weights_status(str(tiny_phi3)).local_path == tiny_phi3  # a local folder: nothing to download
-    assert weights.human_bytes(7_100_000_000) == "7.1 GB" and weights.human_bytes(None) == "unknown size"
+    assert download_check.free_bytes(tmp_path / "not" / "yet" / "there") == download_check.free_bytes(tmp_path)
+    assert download_check.weights_status(str(tiny_phi3)).local_path == tiny_phi3  # a local folder: nothing to download
 
 
 def test_local_and_fine_tuned_folders(tmp_path, tiny_phi3):
     import shutil
 
-    assert weights.local_checkpoint(tiny_phi3) == tiny_phi3
+    assert checkpoint_files.local_checkpoint(tiny_phi3) == tiny_phi3
     with pytest.raises(CheckpointError, match="no config.json"):
-        weights.local_checkpoint(tmp_path)
+        checkpoint_files.local_checkpoint(tmp_path)
     output = tmp_path / "training run"
     (output / "adapter").mkdir(parents=True)
     (output / "adapter" / "train_config.yaml").write_text("base_model: x\n")
     with pytest.raises(M3DError, match="Merge it once") as error:
-        weights.checkpoint_for_adapter(output)
+        checkpoint_files.checkpoint_for_adapter(output)
     assert str(output / "merged") in str(error.value)
     shutil.copytree(tiny_phi3, output / "merged")
-    assert weights.checkpoint_for_adapter(output) == output / "merged"
-    assert weights.checkpoint_for_adapter(output / "adapter") == output / "merged"
-    assert weights.checkpoint_for_adapter(tiny_phi3) == tiny_phi3  # an already merged model
+    assert checkpoint_files.checkpoint_for_adapter(output) == output / "merged"
+    assert checkpoint_files.checkpoint_for_adapter(output / "adapter") == output / "merged"
+    assert checkpoint_files.checkpoint_for_adapter(tiny_phi3) == tiny_phi3  # an already merged model
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither"):
-        weights.checkpoint_for_adapter(tmp_path / "empty")
+        checkpoint_files.checkpoint_for_adapter(tmp_path / "empty")
 
 
 def test_slicer_side_helpers_stay_light():
@@ -471,7 +491,8 @@ def test_slicer_side_helpers_stay_light():
     code = textwrap.dedent(f"""
         import sys
         sys.path[:0] = {paths!r}
-        import M3DAssistantLib.worker, M3DAssistantLib.tasks, M3DAssistantLib.dependencies, M3DAssistantLib.weights
+        import M3DAssistantLib.worker, M3DAssistantLib.tasks, M3DAssistantLib.dependencies
+        import M3DAssistantLib.model.download_check, M3DAssistantLib.model.checkpoint_files
         import M3DAssistantLib.session
         heavy = sorted(m for m in ("torch", "transformers", "fastapi", "uvicorn", "huggingface_hub", "safetensors")
                        if m in sys.modules)

@@ -190,3 +190,15 @@ def test_evaluate_command_runs_the_model_on_an_exported_split(headless_slicer, d
     report = json.loads((out / "evaluation.json").read_text())
     assert {"report", "seg", "rec"} <= set(report["tasks"])
     assert (out / "evaluation.png").is_file() and "METEOR" in result.stderr  # unavailable offline: said, not hidden
+
+
+def test_unknown_output_extension_is_refused_before_the_model_runs(monkeypatch, ct_path, tmp_path, capsys):
+    """case: -o with an extension no writer knows (liver.nii.gz) -> refused before the model loads, naming the
+    accepted extensions; nothing written"""
+
+    def no_engine(args, bar):
+        raise AssertionError("the model was loaded although the output could not be written")
+
+    monkeypatch.setattr(cli, "_engine", no_engine)
+    assert cli.main(["segment", str(ct_path), "liver", "-o", str(tmp_path / "liver.nii.gz"), "--quiet"]) == 2
+    assert ".seg.nrrd" in capsys.readouterr().err and not list(tmp_path.iterdir())

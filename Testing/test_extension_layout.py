@@ -378,7 +378,7 @@ def test_inspect_model_path_does_not_import_torch(tiny_phi3):
     """What the module's Inspect button runs: a full report on a LaMed checkpoint without torch in the process."""
     result = _run_isolated(f"""
         import sys
-        from M3DAssistantLib.model.inspect import inspect_checkpoint
+        from M3DAssistantLib.model.inspection import inspect_checkpoint
         report = inspect_checkpoint({str(tiny_phi3)!r}, compare_with_model=False)
         assert report["will_load"], report
         assert report["tokens"]["[SEG]"] == report["seg_token_id"]
@@ -551,12 +551,12 @@ def test_assistant_parameter_node_and_logic(load_module, monkeypatch):
         "maxNewTokens": "Annotated[int, WithinRange(1, 1024)]", "choices": "str"}
     assert not [name for name in fields if name.lower().endswith("token")]  # the server token is never in the scene
 
-    # By default the Logic calls M3DAssistantLib.model.inspect.inspect_checkpoint, imported when first needed.
+    # By default the Logic calls M3DAssistantLib.model.inspection.inspect_checkpoint, imported when first needed.
     calls = []
-    fake = types.ModuleType("M3DAssistantLib.model.inspect")
+    fake = types.ModuleType("M3DAssistantLib.model.inspection")
     fake.inspect_checkpoint = lambda source, compare_with_model=True: (
         calls.append((source, compare_with_model)) or {"folder": source, "will_load": False})
-    monkeypatch.setitem(sys.modules, "M3DAssistantLib.model.inspect", fake)
+    monkeypatch.setitem(sys.modules, "M3DAssistantLib.model.inspection", fake)
     logic = loaded.M3DAssistantLogic()
     assert logic.inspectModel(" /models/m3d ") == {"folder": "/models/m3d", "will_load": False}
     assert calls == [("/models/m3d", False)]  # Slicer's process never builds the model (that imports torch)

@@ -59,7 +59,7 @@ def test_llama_fixture_is_sharded_with_index(tiny_llama):
 
 
 def test_bin_checkpoint_loads_same_weights(tiny_phi3, tmp_path):
-    from M3DAssistantLib.model.random_checkpoint import save_state_dict
+    from M3DAssistantLib.model.checkpoint_writer import save_state_dict
     from safetensors.torch import load_file
 
     folder = tmp_path / "bin"

@@ -536,7 +536,7 @@ def test_disk_full_leaves_nothing_half_written(tmp_path, monkeypatch, kind, exis
         target.write_text("previous result")
     budget = 10 if when == "first-bytes" else full_size - 1
     real_fdopen = os.fdopen
-    monkeypatch.setattr(outputs.os, "fdopen", lambda fd, *a, **k: _DiskFull(real_fdopen(fd, *a, **k), budget))
+    monkeypatch.setattr(outputs.atomic.os, "fdopen", lambda fd, *a, **k: _DiskFull(real_fdopen(fd, *a, **k), budget))
     with pytest.raises(OutputWriteError) as info:
         writers()[kind](target, overwrite=existing)
     assert isinstance(info.value, M3DError) and isinstance(info.value, OSError)
@@ -559,7 +559,7 @@ def test_interrupt_and_fsync_failure_leave_no_temp_file(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(outputs.os, "fsync", failing_fsync)
+    monkeypatch.setattr(outputs.atomic.os, "fsync", failing_fsync)
     with pytest.raises(OutputWriteError):
         write_text(tmp_path / "b.txt", "x")
     assert list(tmp_path.iterdir()) == []
@@ -637,3 +637,66 @@ def test_read_roi_without_roi_is_a_clear_error(tmp_path):
     path.write_text('{"markups": [{"type": "Fiducial", "controlPoints": []}]}')
     with pytest.raises(InputError, match="no ROI markup"):
         read_roi(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# write_result: the extension picks the format
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _results():
+    from M3DAssistantLib.geometry import RasRoi
+    from M3DAssistantLib.results import BoxResult, Provenance, SegmentationResult, TextResult
+
+    def prov(task):
+        return Provenance(task=task, model="fake", model_revision=None, dtype="float32", device="cpu", prompt="")
+
+    mask = np.zeros((4, 5, 6), dtype=np.uint8)
+    mask[1:3, 2:4, 3:5] = 1
+    roi = RasRoi(center=np.array([1.0, 2.0, 3.0]), size=np.array([4.0, 5.0, 6.0]))
+    return {
+        "text": TextResult("No abnormality.", prov("report")),
+        "mask": SegmentationResult("It is [SEG].", "liver", mask, prov("segment")),
+        "absent": SegmentationResult("Sorry, there is no liver.", "liver", None, prov("segment"), absent=True),
+        "box": BoxResult("Coordinates are ...", "liver", (0.1, 0.2, 0.3, 0.5, 0.6, 0.7), roi, prov("locate")),
+    }
+
+
+def test_write_result_picks_the_format_by_extension(tmp_path, headless_slicer):
+    from M3DAssistantLib.outputs import FORMATS, read_roi, write_result
+
+    results = _results()
+    m = np.diag([0.8, 0.8, 2.0, 1.0])
+    seg = write_result(tmp_path / "liver.SEG.NRRD", results["mask"], m)  # case-insensitive
+    scene, logics = headless_slicer
+    node = logics["segmentations"].LoadSegmentationFromFile(str(seg), False)
+    assert node.GetSegmentation().GetSegmentIdBySegmentName("liver")
+    assert write_result(tmp_path / "liver.nrrd", results["mask"], m).read_bytes().startswith(b"NRRD0004")
+    np.testing.assert_allclose(read_roi(write_result(tmp_path / "liver.mrk.json", results["box"])).center,
+                               [1.0, 2.0, 3.0])
+    record = json.loads(write_result(tmp_path / "liver.json", results["box"]).read_text())
+    assert record["roi_ras"]["center"] == [1.0, 2.0, 3.0] and record["provenance"]["task"] == "locate"
+    text = write_result(tmp_path / "report.txt", results["text"]).read_text()
+    assert text.startswith("No abnormality.") and text.rstrip().endswith("[AI-generated, not for clinical use]")
+    assert write_result(tmp_path / "mask.txt", results["mask"]).read_text().startswith("It is [SEG].")
+    assert write_result(tmp_path / "absent.seg.nrrd", results["absent"], m) is None  # nothing to write, no file
+    assert not (tmp_path / "absent.seg.nrrd").exists()
+    assert set(FORMATS) == {".seg.nrrd", ".nrrd", ".mrk.json", ".json", ".txt"}
+
+
+def test_write_result_refuses_what_the_extension_cannot_hold(tmp_path):
+    from M3DAssistantLib.outputs import format_for, write_result
+
+    results = _results()
+    with pytest.raises(InputError, match=r"unknown file extension; use \.seg\.nrrd .*\.txt"):
+        write_result(tmp_path / "liver.nii.gz", results["mask"], np.eye(4))
+    with pytest.raises(InputError, match=r"holds a mask, which a report result does not have; use \.json .*\.txt"):
+        write_result(tmp_path / "report.seg.nrrd", results["text"])
+    with pytest.raises(InputError, match=r"holds a box, which a segment result does not have"):
+        write_result(tmp_path / "liver.mrk.json", results["mask"], np.eye(4))
+    with pytest.raises(InputError, match="IJK-to-RAS"):
+        write_result(tmp_path / "liver.seg.nrrd", results["mask"])
+    with pytest.raises(InputError, match="unknown file extension"):
+        format_for(tmp_path / ".json")  # a hidden file, not an extension
+    assert sorted(tmp_path.iterdir()) == []  # nothing was written
+    assert format_for("a.mrk.json").holds == "box" and format_for("a.json").holds == "record"

@@ -46,8 +46,8 @@ def test_parse_nvidia_smi_sample_output():
     gpus = ps.parse_nvidia_smi(NVIDIA_SMI_SAMPLE)
     assert gpus == [ps.GpuInfo(0, "NVIDIA GeForce RTX 4090", 24564 * MIB),
                     ps.GpuInfo(1, "NVIDIA RTX A6000", 49140 * MIB)]
-    assert gpus[0].label() == "GPU 0: NVIDIA GeForce RTX 4090 (24.0 GB)"
-    assert gpus[1].label() == "GPU 1: NVIDIA RTX A6000 (48.0 GB)"
+    assert gpus[0].label() == "GPU 0: NVIDIA GeForce RTX 4090 (24.0 GiB)"
+    assert gpus[1].label() == "GPU 1: NVIDIA RTX A6000 (48.0 GiB)"
 
 
 def test_parse_nvidia_smi_with_index_without_units_and_noise():
@@ -128,7 +128,7 @@ def test_memory_warnings_name_the_gpu_and_the_fix():
     gpus = [rtx, a100, unknown]
     official = ps.DEFAULT_ESTIMATES["official"]
     (warning,) = ps.memory_warnings(gpus, [0, 1], official, "the estimate")
-    assert warning.startswith("GPU 0 (NVIDIA GeForce RTX 4090) has 24.0 GB, but this training needs about 38.1 GB")
+    assert warning.startswith("GPU 0 (NVIDIA GeForce RTX 4090) has 24.0 GiB, but this training needs about 38.1 GiB")
     assert ps.PRESET_ONE_GPU in warning and "gradient accumulation" in warning
     assert ps.memory_warnings(gpus, [0], ps.DEFAULT_ESTIMATES["one-24gb-gpu"]) == []
     assert ps.memory_warnings(gpus, [1], official) == []
@@ -278,15 +278,21 @@ def test_missing_modules_are_found_in_the_training_python():
         ps.missing_modules("/no/such/python", ["json"])
 
 
-def test_training_requirements_follow_pyproject():
-    import tomllib
-
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    wanted = set(extras["inference"]) | set(extras["training"])
-    # what Slicer ships (numpy, SimpleITK, ...) or PyTorchUtils installs (torch) is not pip-installed by the panel
-    slicer_owned = ("torch", "simpleitk", "nibabel", "pydicom", "pillow", "m3d-slicer")
-    wanted = {r for r in wanted if not r.lower().startswith(slicer_owned)}
-    assert set(ps.TRAINING_REQUIREMENTS) == wanted
+def test_training_python_is_checked_with_the_one_installer(training, tmp_path, monkeypatch):
+    """The Training Python setting's Python is checked against Resources/Requirements/M3DTraining.txt, never
+    changed; what it lacks is named with the pip command (the requirement files themselves: test_dependencies.py)."""
+    logic = _logic(training, pythonExecutable=sys.executable)
+    logic.ensureTrainingPython()  # this Python has everything
+    requirements = tmp_path / "M3DTraining.txt"
+    requirements.write_text("pytest>=1\nno-such-trainer-package>=2.0\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "REQUIREMENTS_FILE", requirements)
+        with pytest.raises(M3DError, match=r"The training Python .* lacks no-such-trainer-package>=2\.0\. Install "
+                                           r"them there \(.* -m pip install \"no-such-trainer-package>=2\.0\"\)"):
+            logic.ensureTrainingPython()
+    monkeypatch.setattr(ps, "TRAINING_MODULES", ("json", "no_such_trainer_module"))
+    with pytest.raises(M3DError, match="cannot import no_such_trainer_module"):
+        logic.ensureTrainingPython()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -346,7 +352,7 @@ def test_progress_line_and_durations():
     event = {"stage": "train", "step": 120, "total_steps": 500, "epoch": 1.25, "loss": 0.42133, "lr": 4.1e-05,
              "samples_per_s": 3.25, "eta_s": 3725.0, "gpu_memory_bytes": 18 * GIB}
     assert ps.format_progress(event) == ("step 120/500 \u00b7 epoch 1.25 \u00b7 loss 0.4213 \u00b7 lr 4.10e-05 "
-                                         "\u00b7 3.25 samples/s \u00b7 ETA 1 h 02 min \u00b7 GPU memory 18.0 GB")
+                                         "\u00b7 3.25 samples/s \u00b7 ETA 1 h 02 min \u00b7 GPU memory 18.0 GiB")
     assert ps.format_progress({"step": 3}) == "step 3" and ps.format_progress(None) == ""
     assert [ps.format_duration(s) for s in (None, 5, 125, 7260)] == ["?", "5 s", "2 min 05 s", "2 h 01 min"]
 
@@ -707,17 +713,17 @@ def test_logic_gpus_memory_estimate_and_warnings(training, tmp_path):
     result = logic.detectGpus(nvidiaSmi=smi)
     assert [g.index for g in result.gpus] == [0, 1] and p.gpus == "0"  # first detection: the first GPU
     warnings, note = logic.memoryReport()
-    assert warnings == [] and "about 9.5 GB" in note
+    assert warnings == [] and "about 9.5 GiB" in note
     logic.applyPreset("official")
     assert p.preset == ps.PRESET_OFFICIAL and p.batchSize == 8
     (warning,) = logic.memoryReport()[0]
-    assert warning.startswith("GPU 0 (NVIDIA GeForce RTX 4090) has 24.0 GB")
+    assert warning.startswith("GPU 0 (NVIDIA GeForce RTX 4090) has 24.0 GiB")
     logic.setSelectedGpus([1])
     assert logic.memoryReport()[0] == []  # 48 GB
     text = logic.estimateMemory()  # the fake prints 30 GB for these settings
     assert "total          30.00 GB" in text
     warnings, note = logic.memoryReport()
-    assert warnings == [] and "about 30.0 GB (estimated for these settings)" in note
+    assert warnings == [] and "about 30.0 GiB (estimated for these settings)" in note
     logic.setSelectedGpus([0, 1])
     assert len(logic.memoryReport()[0]) == 1
     # a second detection keeps the user's choice

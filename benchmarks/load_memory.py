@@ -33,7 +33,7 @@ dtype = getattr(torch, dtype_name)
 from M3DAssistantLib.model import load_model
 from M3DAssistantLib.model.configuration_lamed import parse_lamed_config, read_config_json
 from M3DAssistantLib.model.modeling_lamed import build_lamed_model
-from M3DAssistantLib.model.checkpoint import weight_files
+from M3DAssistantLib.model.checkpoint_files import weight_files
 from safetensors.torch import load_file
 import transformers.models.phi3.modeling_phi3, M3DAssistantLib.model.loading, M3DAssistantLib.model.tokenizer  # imports are not loading
 torch.set_num_threads(1)

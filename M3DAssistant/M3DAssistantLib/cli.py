@@ -71,7 +71,7 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .model.inspect import format_report, inspect_checkpoint
+    from .model.inspection import format_report, inspect_checkpoint
 
     report = inspect_checkpoint(args.checkpoint)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
@@ -157,6 +157,8 @@ def cmd_task(args: argparse.Namespace) -> int:
     """report / ask / choose / locate / describe / segment / segment-expression on one volume."""
     from . import outputs
 
+    if getattr(args, "output", None):
+        outputs.format_for(args.output)  # an unknown extension fails now, not after the model has run
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
     _array, ijk_to_ras = _load_volume(engine, args.volume, args)
@@ -212,30 +214,18 @@ def _print_parsed(result) -> None:
 
 
 def _write_outputs(args: argparse.Namespace, result, ijk_to_ras) -> None:
-    """-o: .seg.nrrd for masks, .mrk.json for boxes, .json or text for the rest. Never overwrites without --overwrite."""
+    """-o: the format its extension names (outputs.FORMATS). Never overwrites without --overwrite."""
     from . import outputs
-    from .results import BoxResult, SegmentationResult
 
     out = getattr(args, "output", None)
     if not out:
         return
     path = Path(out)
-    attributes = result.provenance.as_node_attributes()
-    if isinstance(result, SegmentationResult):
-        if result.mask is None:
-            print(f"no mask to write to {path} ({result.parse_error or 'target absent'})", file=sys.stderr)
-            return
-        written = outputs.write_segmentation_nrrd(path, {result.target: result.mask}, ijk_to_ras,
-                                                  attributes=attributes, overwrite=args.overwrite)
-    elif isinstance(result, BoxResult):
-        if result.roi is None:
-            print(f"no box to write to {path} ({result.parse_error or 'target absent'})", file=sys.stderr)
-            return
-        written = outputs.write_roi(path, result.roi, result.target, attributes=attributes, overwrite=args.overwrite)
-    elif path.suffix.lower() == ".json":
-        written = outputs.write_json(path, result.to_dict(), overwrite=args.overwrite)
-    else:
-        written = outputs.write_text(path, f"{result.text}\n\n[{AI_LABEL}]\n", overwrite=args.overwrite)
+    written = outputs.write_result(path, result, ijk_to_ras, overwrite=args.overwrite)
+    if written is None:
+        print(f"no {outputs.format_for(path).holds} to write to {path} ({result.parse_error or 'target absent'})",
+              file=sys.stderr)
+        return
     print(f"wrote {written}", file=sys.stderr)
 
 
@@ -397,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(arg, **kwargs)
         _add_model_args(p)
         _add_generation_args(p)
-        p.add_argument("-o", "--output", help="write the result: .seg.nrrd (masks), .mrk.json (boxes), .json, .txt")
+        p.add_argument("-o", "--output", help="write the result, format by extension: .seg.nrrd or .nrrd (the "
+                       "mask), .mrk.json (the box), .json (the result with provenance), .txt (the answer)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
         p.set_defaults(func=cmd_task)
 

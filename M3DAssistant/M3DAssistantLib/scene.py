@@ -26,7 +26,7 @@ import numpy as np
 from . import AI_LABEL
 from .errors import GeometryError, InputError, M3DError
 from .geometry import RasRoi
-from .outputs import FALLBACK_PALETTE, anatomy_color, parse_color
+from .outputs.colors import FALLBACK_PALETTE, anatomy_color, parse_color
 
 if TYPE_CHECKING:  # MRML classes are only named in annotations (strings), never imported at module level
     import slicer

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
+from M3DAssistantLib.units import format_bytes  # standard library only
+
 PathLike = Union[str, os.PathLike]
 
 log = logging.getLogger(__name__)
@@ -389,7 +391,7 @@ class GpuInfo:
     memory_bytes: Optional[int]
 
     def label(self) -> str:
-        memory = format_gb(self.memory_bytes) if self.memory_bytes else "memory unknown"
+        memory = format_bytes(self.memory_bytes) if self.memory_bytes else "memory unknown"
         return f"GPU {self.index}: {self.name} ({memory})"
 
 
@@ -549,10 +551,6 @@ class GpuDetector:
             time.sleep(0.05)
 
 
-def format_gb(n: Optional[float]) -> str:
-    return "?" if n is None else f"{n / GIB:.1f} GB"
-
-
 def parse_estimate_total(text: str) -> Optional[int]:
     """Bytes of the ``total`` line that ``m3d train --estimate-only`` prints (``MemoryEstimate.format``)."""
     match = re.search(r"^\s*total\s+([\d.]+)\s*GB", text, re.MULTILINE)
@@ -593,9 +591,10 @@ def memory_warnings(gpus: Sequence[GpuInfo], selected: Sequence[int], required_b
                             "training fits.")
         elif required_bytes and required_bytes > HEADROOM * gpu.memory_bytes:
             warnings.append(
-                f"GPU {index} ({gpu.name}) has {format_gb(gpu.memory_bytes)}, but this training needs about "
-                f"{format_gb(required_bytes)} per GPU ({source}): choose the \"{PRESET_ONE_GPU}\" preset, a smaller "
-                "batch with more gradient accumulation, gradient checkpointing, or several GPUs with DeepSpeed ZeRO.")
+                f"GPU {index} ({gpu.name}) has {format_bytes(gpu.memory_bytes)}, but this training needs about "
+                f"{format_bytes(required_bytes)} per GPU ({source}): choose the \"{PRESET_ONE_GPU}\" preset, a "
+                "smaller batch with more gradient accumulation, gradient checkpointing, or several GPUs with DeepSpeed "
+                "ZeRO.")
     return warnings
 
 
@@ -612,14 +611,6 @@ EVALUATION_MODULES = ("numpy", "torch", "monai", "sacrebleu", "rouge_score", "ma
 
 LAUNCHER_MODULES = {"yaml": "pyyaml>=6", "psutil": "psutil>=5.9"}
 """What Slicer's own process needs to start and watch a job: writing the config, checking the job's process."""
-
-TRAINING_REQUIREMENTS = (
-    "transformers>=5.24,<6", "tokenizers>=0.22", "sentencepiece>=0.2", "protobuf>=4", "safetensors>=0.4.3",
-    "huggingface_hub>=1.0", "scipy>=1.11", "monai>=1.4", "peft>=0.17", "accelerate>=1.2", "pyyaml>=6", "psutil>=5.9",
-    "sacrebleu>=2.3", "rouge-score>=0.1.2", "matplotlib>=3.7",
-)
-"""pip requirements of training in Slicer's Python besides torch (PyTorchUtils installs that) and what Slicer ships
-(numpy, SimpleITK): pyproject.toml's ``training`` extra."""
 
 
 def library_paths() -> list[str]:
@@ -781,7 +772,7 @@ def format_progress(event: Optional[dict]) -> str:
     if event.get("eta_s") is not None:
         parts.append(f"ETA {format_duration(event['eta_s'])}")
     if event.get("gpu_memory_bytes"):
-        parts.append(f"GPU memory {format_gb(event['gpu_memory_bytes'])}")
+        parts.append(f"GPU memory {format_bytes(event['gpu_memory_bytes'])}")
     return " \u00b7 ".join(parts)
 
 

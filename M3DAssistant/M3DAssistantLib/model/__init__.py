@@ -19,7 +19,7 @@ _EXPORTS = {
     "resolve_checkpoint": "hub",
     "DEFAULT_MODEL": "hub",
     "DEFAULT_CLIP": "hub",
-    "inspect_checkpoint": "inspect",
+    "inspect_checkpoint": "inspection",
     "encode_prompt": "tokenizer",
     "decode": "tokenizer",
     "parse_lamed_config": "configuration_lamed",

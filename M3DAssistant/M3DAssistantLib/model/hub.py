@@ -106,7 +106,7 @@ def _download(repo_id: str, revision: Optional[str], progress: Optional[Progress
 
 
 def _has_weights(folder: Path) -> bool:
-    from .weights_index import weight_files
+    from .checkpoint_files import weight_files
 
     try:
         weight_files(folder)

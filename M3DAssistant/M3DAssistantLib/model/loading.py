@@ -12,7 +12,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..oom import translate_out_of_memory
 from ..progress import ProgressCallback, report
-from .checkpoint import load_weights
+from .checkpoint_reader import load_weights
 from .configuration_lamed import parse_lamed_config, read_config_json
 from .hub import DEFAULT_CLIP, DEFAULT_MODEL, MODEL_ENV, resolve_checkpoint
 

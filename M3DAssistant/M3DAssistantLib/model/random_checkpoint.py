@@ -8,6 +8,9 @@ in the official order. Sizes are configurable; the vision/SegVol defaults are th
 
 The SentencePiece model is trained on a small built-in corpus, so its vocabulary is small but real (byte fallback,
 dummy prefix, digits split: the Llama recipe).
+
+A test-checkpoint generator (``m3d make-test-checkpoint``, the tests' fixtures): the weights are written by the
+product's :mod:`.checkpoint_writer`, which the training's merge uses too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Optional
 
 import torch
 
+from .checkpoint_writer import save_state_dict
 from .tokenizer import BOX_END, BOX_START, IMAGE_TOKEN, SEG_TOKEN
 
 # The published configs' LLM fields (transformers 4.4x spelling), per family.
@@ -261,50 +265,6 @@ def official_config(family: str, *, llm: Optional[dict] = None, multimodal: Opti
     return config
 
 
-def save_state_dict(state: dict[str, torch.Tensor], folder: Path, weights_format: str = "safetensors",
-                    max_shard_bytes: Optional[int] = None) -> list[Path]:
-    """Save weights as the hub repos do: one file, or shards plus an index json."""
-    from safetensors.torch import save_file
-
-    from ..outputs import ordinary_permissions
-
-    folder = Path(folder)
-    state = {k: v.detach().contiguous() for k, v in state.items()}
-    ext = "safetensors" if weights_format == "safetensors" else "bin"
-    stem = "model" if ext == "safetensors" else "pytorch_model"
-
-    def write(part: dict[str, torch.Tensor], name: str) -> Path:
-        path = folder / name
-        if ext == "safetensors":
-            save_file(part, str(path), metadata={"format": "pt"})
-            ordinary_permissions(path)  # safetensors makes it owner-only
-        else:
-            torch.save(part, path)
-        return path
-
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    if not max_shard_bytes or total <= max_shard_bytes:
-        return [write(state, f"{stem}.{ext}")]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    n = len(shards)
-    weight_map, paths = {}, []
-    for i, part in enumerate(shards, start=1):
-        name = f"{stem}-{i:05d}-of-{n:05d}.{ext}"
-        paths.append(write(part, name))
-        weight_map.update({k: name for k in part})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
-    return paths
-
-
 def write_random_lamed_checkpoint(
     folder: Path,
     family: str = "phi3",
@@ -415,18 +375,6 @@ def _write_wordpiece_vocab(folder: Path) -> list[str]:
     return vocab
 
 
-def checkpoint_nbytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover
-
-
 __all__ = [
     "OFFICIAL_LLM_FIELDS",
     "OFFICIAL_MULTIMODAL_FIELDS",
@@ -436,5 +384,4 @@ __all__ = [
     "write_random_clip_checkpoint",
     "write_tokenizer",
     "train_sentencepiece",
-    "save_state_dict",
 ]

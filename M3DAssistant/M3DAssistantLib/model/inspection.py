@@ -19,7 +19,7 @@ _M3D_TOKENS = ("<im_patch>", "<bx_start>", "<bx_end>", "[SEG]")
 
 def _stored_tensors(folder: Path) -> tuple[dict[str, tuple], list[str], str]:
     """({name: (dtype, shape) or ()}, missing files, layout) from the index or safetensors headers."""
-    from .weights_index import read_safetensors_header, read_weight_index
+    from .checkpoint_files import read_safetensors_header, read_weight_index
 
     for index_name in _INDEX_NAMES:
         index = folder / index_name

@@ -1,4 +1,5 @@
-"""Where model weights live and whether there is room for them, checked before the worker downloads anything.
+"""Before the worker downloads a model: which Hugging Face cache it uses, whether the model is there already, how big
+the download is and whether the disk has room.
 
 The worker downloads hub checkpoints into the Hugging Face cache (``huggingface_hub`` resumes partial downloads).
 This module, light enough for Slicer's own process (standard library; ``huggingface_hub`` only to ask the hub for
@@ -8,9 +9,10 @@ file sizes), answers the questions the panel asks first:
   receives through :func:`worker_environment`),
 * whether a hub model is already there (:func:`cached_snapshot`; then nothing is downloaded),
 * how big the download is (:func:`download_size`, from the hub's file metadata) and whether the disk has room
-  (:func:`check_disk_space`),
-* which folder to load for a local checkpoint or a fine-tuned adapter (:func:`local_checkpoint`,
-  :func:`checkpoint_for_adapter`): offline sites copy a checkpoint folder and choose it, nothing is downloaded.
+  (:func:`check_disk_space`), all summed up by :func:`weights_status`.
+
+Which folder to load for a local checkpoint or a fine-tuned adapter is :mod:`.checkpoint_files`' job
+(:func:`~.checkpoint_files.local_checkpoint`, :func:`~.checkpoint_files.checkpoint_for_adapter`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from .errors import CheckpointError, M3DError
-from .model.hub import CHECKPOINT_PATTERNS, is_hub_id, split_revision
-from .model.weights_index import weight_files
+from ..errors import CheckpointError, M3DError
+from ..units import format_bytes
+from .checkpoint_files import local_checkpoint, weight_files
+from .hub import CHECKPOINT_PATTERNS, is_hub_id, split_revision
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +37,6 @@ DISK_MARGIN = 1.05  # keep 5 % more than the download needs (temporary files, th
 
 class InsufficientDiskSpaceError(M3DError, OSError):
     """Not enough free space for a model download."""
-
-
-def human_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "unknown size"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f} TB"
 
 
 # ------------------------------------------------------------------------------------------------------ the cache
@@ -124,7 +116,7 @@ def check_disk_space(folder: Path, needed: Optional[int], margin: float = DISK_M
     free = free_bytes(folder)
     if needed is not None and free < needed * margin:
         raise InsufficientDiskSpaceError(
-            f"the model download needs {human_bytes(needed)} but only {human_bytes(free)} is free on the disk of "
+            f"the model download needs {format_bytes(needed)} but only {format_bytes(free)} is free on the disk of "
             f"{folder}. Free some space, choose a Hugging Face cache folder on a larger disk (M3D Assistant > "
             f"Advanced), or download the model on another computer and choose its folder as a local checkpoint.")
     return free
@@ -147,8 +139,8 @@ class WeightsStatus:
     def describe(self) -> str:
         if self.local_path is not None:
             return f"{self.source}: ready at {self.local_path}"
-        return (f"{self.source}: will be downloaded ({human_bytes(self.download_bytes)}) into {self.cache_dir} "
-                f"({human_bytes(self.free_bytes)} free)")
+        return (f"{self.source}: will be downloaded ({format_bytes(self.download_bytes)}) into {self.cache_dir} "
+                f"({format_bytes(self.free_bytes)} free)")
 
 
 def weights_status(source: str, hf_home: Optional[str] = None,
@@ -171,55 +163,5 @@ def weights_status(source: str, hf_home: Optional[str] = None,
     return WeightsStatus(source, cache, None, size, free)
 
 
-# --------------------------------------------------------------------------------------------- local folders
-def _is_full_checkpoint(folder: Path) -> bool:
-    if not (folder / "config.json").is_file():
-        return False
-    try:
-        return bool(weight_files(folder))
-    except CheckpointError:
-        return False
-
-
-def local_checkpoint(folder: Path) -> Path:
-    """``folder`` if it is a complete checkpoint (config.json + weights), else CheckpointError saying what is wrong."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such folder; choose the folder that contains the checkpoint's "
-                              f"config.json and weights.")
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} has no config.json; choose the checkpoint folder itself (as downloaded "
-                              f"from the Hugging Face hub).")
-    weight_files(folder)  # names what is missing
-    return folder
-
-
-def checkpoint_for_adapter(folder: Path) -> Path:
-    """The full checkpoint to load for a fine-tuned model from M3DTraining.
-
-    The worker loads full checkpoints in the official layout: a merged model folder is used as it is, and for a
-    training output (``adapter/``) its ``merged`` folder is found. An adapter that was not merged yet gives an
-    error that says how to merge it."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such folder; choose the training output folder (or its merged model).")
-    if _is_full_checkpoint(folder):
-        return folder
-    candidates = [folder / "merged"] + ([folder.parent / "merged"] if folder.name == "adapter" else [])
-    for candidate in candidates:
-        if _is_full_checkpoint(candidate):
-            return candidate
-    if any((f / name).is_file() for f in (folder, folder / "adapter")
-           for name in ("adapter_config.json", "train_config.yaml")):
-        output = folder.parent if folder.name == "adapter" else folder
-        raise M3DError(
-            f"{folder} holds a fine-tuning adapter, but the worker loads full checkpoints. Merge it once into "
-            f"{output / 'merged'} (Python console: from M3DTrainingLib.train import merge; "
-            f"merge(r'{output}', r'{output / 'merged'}')) and choose {output} again: the merged model is then found.")
-    raise CheckpointError(f"{folder} is neither an M3D checkpoint (config.json + weights) nor an M3DTraining output "
-                          f"folder (adapter/).")
-
-
 __all__ = ["InsufficientDiskSpaceError", "WeightsStatus", "hub_cache_dir", "worker_environment", "cached_snapshot",
-           "download_size", "free_bytes", "check_disk_space", "weights_status", "local_checkpoint",
-           "checkpoint_for_adapter", "human_bytes"]
+           "download_size", "free_bytes", "check_disk_space", "weights_status"]

@@ -1,6 +1,8 @@
-"""Checkpoint layout on disk: which weight files a folder has, their index, and safetensors headers.
+"""A checkpoint folder on disk: which weight files it has, their index and safetensors headers, and whether a folder
+(or an M3DTraining output) holds a complete checkpoint to load.
 
-No torch here (``inspect`` runs in Slicer's process); :mod:`.checkpoint` reads the tensors.
+No torch here (``inspection`` and the panel run in Slicer's process); :mod:`.checkpoint_reader` reads the tensors.
+Offline sites copy a checkpoint folder and choose it: :func:`local_checkpoint`, :func:`checkpoint_for_adapter`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import struct
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, M3DError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -104,3 +106,56 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
             )
         infos.append(TensorInfo(name, path, dtype, shape, data_start + begin, nbytes))
     return infos
+
+
+# --------------------------------------------------------------------------------------------- folders to load
+def _is_full_checkpoint(folder: Path) -> bool:
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        return bool(weight_files(folder))
+    except CheckpointError:
+        return False
+
+
+def local_checkpoint(folder: Path) -> Path:
+    """``folder`` if it is a complete checkpoint (config.json + weights), else CheckpointError saying what is wrong."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder; choose the folder that contains the checkpoint's "
+                              f"config.json and weights.")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json; choose the checkpoint folder itself (as downloaded "
+                              f"from the Hugging Face hub).")
+    weight_files(folder)  # names what is missing
+    return folder
+
+
+def checkpoint_for_adapter(folder: Path) -> Path:
+    """The full checkpoint to load for a fine-tuned model from M3DTraining.
+
+    The worker loads full checkpoints in the official layout: a merged model folder is used as it is, and for a
+    training output (``adapter/``) its ``merged`` folder is found. An adapter that was not merged yet gives an
+    error that says how to merge it."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder; choose the training output folder (or its merged model).")
+    if _is_full_checkpoint(folder):
+        return folder
+    candidates = [folder / "merged"] + ([folder.parent / "merged"] if folder.name == "adapter" else [])
+    for candidate in candidates:
+        if _is_full_checkpoint(candidate):
+            return candidate
+    if any((f / name).is_file() for f in (folder, folder / "adapter")
+           for name in ("adapter_config.json", "train_config.yaml")):
+        output = folder.parent if folder.name == "adapter" else folder
+        raise M3DError(
+            f"{folder} holds a fine-tuning adapter, but the worker loads full checkpoints. Merge it once into "
+            f"{output / 'merged'} (Python console: from M3DTrainingLib.train import merge; "
+            f"merge(r'{output}', r'{output / 'merged'}')) and choose {output} again: the merged model is then found.")
+    raise CheckpointError(f"{folder} is neither an M3D checkpoint (config.json + weights) nor an M3DTraining output "
+                          f"folder (adapter/).")
+
+
+__all__ = ["BIN_INDEX", "BIN_SINGLE", "SAFETENSORS_INDEX", "SAFETENSORS_SINGLE", "TensorInfo", "checkpoint_for_adapter",
+           "local_checkpoint", "read_safetensors_header", "read_weight_index", "weight_files"]

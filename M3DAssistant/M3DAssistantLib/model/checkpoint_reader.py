@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..progress import ProgressCallback, report
-from .weights_index import TensorInfo, read_safetensors_header, weight_files
+from .checkpoint_files import TensorInfo, read_safetensors_header, weight_files
 
 _TORCH_DTYPES = {
     "F64": torch.float64,
