@@ -807,7 +807,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         from M3DAssistantLib.errors import M3DError
         from M3DTrainingLib.panel_state import (BackgroundCommand, config_signature, parse_estimate_total,
                                                 train_config_values)
-        from M3DTrainingLib.train import TrainConfig
+        from M3DTrainingLib.config import TrainConfig
 
         self.ensureLauncherModules()
         state = self.panelState(parameterNode)
@@ -946,7 +946,8 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     def jobFolderToShow(self, parameterNode=None) -> str:
         """The output folder whose job the panel shows on opening: the parameter node's when it holds a job, else
         the newest job from an earlier session that still runs ("" when none)."""
-        from M3DTrainingLib.jobs import STATE_FILE, running_jobs
+        from M3DTrainingLib.config import STATE_FILE
+        from M3DTrainingLib.jobs import running_jobs
 
         folder = self.folderText((parameterNode or self.getParameterNode()).outputFolder)
         if folder and (pathlib.Path(folder) / STATE_FILE).is_file():
@@ -974,7 +975,8 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
         :return: the ``Job``, or None when the folder holds no job
         """
-        from M3DTrainingLib.jobs import STATE_FILE, Job
+        from M3DTrainingLib.config import STATE_FILE
+        from M3DTrainingLib.jobs import Job
 
         folder = self.folderText(outputFolder)
         if self.job is not None and folder and pathlib.Path(folder) == pathlib.Path(self.job.output_dir):
@@ -1287,7 +1289,7 @@ class M3DTrainingTest(ScriptedLoadableModuleTest):
     def test_ParameterNode(self):
         """The defaults are the one-GPU preset's; choosing the official preset fills its hyperparameters."""
         self.delayDisplay("Starting the parameter node test")
-        from M3DTrainingLib.train import PRESETS
+        from M3DTrainingLib.config import PRESETS
 
         logic = self._logic()
         p = logic.getParameterNode()

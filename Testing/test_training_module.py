@@ -159,7 +159,8 @@ def test_default_estimates_are_the_trainers_estimates():
     pytest.importorskip("torch")
     from M3DAssistantLib.model import random_checkpoint as rc
     from M3DAssistantLib.model.configuration_lamed import parse_lamed_config
-    from M3DTrainingLib.train import TrainConfig, estimate_memory
+    from M3DTrainingLib.config import TrainConfig
+    from M3DTrainingLib.memory import estimate_memory
 
     phi3 = parse_lamed_config(rc.official_config("phi3", vocab_size=32014, seg_token_id=32013, eos_token_id=32000,
                                                  pad_token_id=32000), source="official Phi-3 4B")
@@ -197,7 +198,7 @@ def test_panel_defaults_are_the_one_gpu_preset():
 
 
 def test_train_config_from_the_panel(tmp_path):
-    from M3DTrainingLib.train import OFFICIAL_PARTS, PRESETS, TrainConfig
+    from M3DTrainingLib.config import OFFICIAL_PARTS, PRESETS, TrainConfig
 
     state = ps.PanelState(dataset_folder=str(tmp_path / "ds"), output_folder=str(tmp_path / "run"), gpus=(0,),
                           deepspeed_stage=2, max_steps=0, learning_rate=1e-4, save_steps=50)
@@ -295,8 +296,7 @@ def test_training_requirements_follow_pyproject():
 
 def test_progress_tail_reads_only_new_lines(tmp_path, monkeypatch):
     from M3DAssistantLib.progress import ProgressEvent
-    from M3DTrainingLib.jobs import ProgressLog
-    from M3DTrainingLib.train import TrainingProgressEvent
+    from M3DTrainingLib.progress_log import ProgressLog, TrainingProgressEvent
 
     path = tmp_path / "progress.jsonl"
     tail = ps.ProgressTail(path)

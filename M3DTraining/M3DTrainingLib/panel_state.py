@@ -170,7 +170,7 @@ def format_gpu_selection(indices: Iterable[int]) -> str:
 
 def preset_panel_values(preset: str) -> dict[str, Any]:
     """The parameter-node hyperparameter values of a preset (key or panel label), from the trainer's presets."""
-    from .train import PRESETS, canonical_preset
+    from .config import PRESETS, canonical_preset
 
     values = PRESETS[canonical_preset(PRESET_CHOICES.get(preset, preset))]
     return {name: values[key] for name, key in PRESET_PARAMETERS.items()}
@@ -223,7 +223,7 @@ def build_train_config(state: PanelState):
     """A validated :class:`M3DTrainingLib.train.TrainConfig` from the panel (raises ``ConfigError`` with the fix)."""
     from M3DAssistantLib.errors import ConfigError
 
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     if not state.dataset_folder:
         raise ConfigError("choose the dataset folder (Dataset section): a folder written by the export.")
@@ -688,7 +688,7 @@ class ProgressTail:
 
     def read_new(self) -> tuple[list[dict], bool]:
         """``(events, restarted)``; ``restarted`` says that earlier events no longer hold (the file was replaced)."""
-        from .jobs import ProgressLog
+        from .progress_log import ProgressLog
 
         try:
             stat = os.stat(self.path)
