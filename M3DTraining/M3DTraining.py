@@ -16,14 +16,14 @@ from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
-# The panel's choices and the Qt-free work behind them (standard library only at import). Nothing heavy is imported
-# here: torch, transformers, peft and accelerate never load in Slicer's process. The trainer runs as a separate,
-# detached process (M3DTrainingLib.jobs); the GPU query, the memory estimate, the evaluation and the merge run as
-# short helper processes.
-from M3DTrainingLib.panel_state import (
+# The panel's choices; the Qt-free work behind the panel is in M3DTrainingLib, one module per job (gpus, panel_config,
+# job_monitor, loss_curve, evaluation_job, ...). Nothing heavy is imported here: torch, transformers, peft and
+# accelerate never load in Slicer's process. The trainer runs as a separate, detached process (M3DTrainingLib.jobs);
+# the GPU query, the memory estimate, the evaluation and the merge run as short helper processes.
+from M3DTrainingLib.config import DEFAULT_BASE_MODEL
+from M3DTrainingLib.panel_config import (
     DEEPSPEED_CHOICES,
     DEEPSPEED_OFF,
-    DEFAULT_BASE_MODEL,
     PRESET_CHOICES,
     PRESET_ONE_GPU,
     SOURCE_CHOICES,
@@ -274,7 +274,7 @@ class M3DTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showLatestEvaluation(self) -> None:
         """When another output folder is chosen: its newest evaluation, if it has one."""
-        from M3DTrainingLib.panel_state import format_evaluation
+        from M3DTrainingLib.evaluation_job import format_evaluation
 
         folder = self.logic.folderText(self._parameterNode.outputFolder)
         if folder == self._shownFolder:
@@ -506,7 +506,7 @@ class M3DTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.evaluationTextEdit.setPlainText(str(result))
             slicer.util.errorDisplay(_("The evaluation failed."), detailedText=str(result))
             return
-        from M3DTrainingLib.panel_state import format_evaluation
+        from M3DTrainingLib.evaluation_job import format_evaluation
 
         self.ui.evaluationTextEdit.setPlainText(format_evaluation(result))
 
@@ -585,10 +585,10 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         self.interactive = True  # confirmation dialogs (never in testing mode)
         self.gpuResult = None  # GpuQueryResult of the last detection
         self.memoryEstimates = {}  # config signature -> bytes per GPU ("Estimate memory")
-        self.monitor = None  # panel_state.JobMonitor of the output folder's job, if there is one
+        self.monitor = None  # job_monitor.JobMonitor of the output folder's job, if there is one
         self.lossNodes = None
         self.lastEvaluation = None
-        self._helpers = None  # panel_state.HelperQueue: GPU query, estimate, evaluation, merge
+        self._helpers = None  # job_monitor.HelperQueue: GPU query, estimate, evaluation, merge
         self._datasetSummaryCache = (None, None, "")
 
     @property
@@ -603,7 +603,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     @property
     def helpers(self):
         if self._helpers is None:
-            from M3DTrainingLib.panel_state import HelperQueue
+            from M3DTrainingLib.job_monitor import HelperQueue
 
             self._helpers = HelperQueue()
         return self._helpers
@@ -614,16 +614,16 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def folderText(folder) -> str:
         """A folder parameter as text; "" when none is chosen (``Path()`` reads as ".")."""
-        from M3DTrainingLib.panel_state import folder_text
+        from M3DTrainingLib.panel_config import folder_text
 
         return folder_text(folder)
 
     def panelState(self, parameterNode=None):
-        """The panel's choices as a :class:`M3DTrainingLib.panel_state.PanelState`.
+        """The panel's choices as a :class:`M3DTrainingLib.panel_config.PanelState`.
 
         :param parameterNode: default: the module's parameter node
         """
-        from M3DTrainingLib.panel_state import PanelState
+        from M3DTrainingLib.panel_config import PanelState
 
         return PanelState.from_parameter_node(parameterNode or self.getParameterNode())
 
@@ -669,7 +669,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
     def datasetSummary(self, folder) -> str:
         """One line on the dataset folder: samples per task (training + validation), or what is wrong."""
-        from M3DTrainingLib.panel_state import dataset_counts, format_dataset_counts
+        from M3DTrainingLib.panel_config import dataset_counts, format_dataset_counts
 
         folder = self.folderText(folder)
         if not folder:
@@ -694,9 +694,9 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         """
         Fill the hyperparameters with a preset's values.
 
-        :param preset: a panel label or a key of ``M3DTrainingLib.train.PRESETS`` ("official", "one-24gb-gpu")
+        :param preset: a panel label or a key of ``M3DTrainingLib.config.PRESETS`` ("official", "one-24gb-gpu")
         """
-        from M3DTrainingLib.panel_state import PRESET_CHOICES, preset_panel_values
+        from M3DTrainingLib.panel_config import PRESET_CHOICES, preset_panel_values
 
         p = parameterNode or self.getParameterNode()
         values = preset_panel_values(preset)
@@ -716,9 +716,9 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         """
         The training config of the panel's choices, validated.
 
-        :return: ``M3DTrainingLib.train.TrainConfig`` (raises ``ConfigError`` naming the problem and the fix)
+        :return: ``M3DTrainingLib.config.TrainConfig`` (raises ``ConfigError`` naming the problem and the fix)
         """
-        from M3DTrainingLib.panel_state import build_train_config
+        from M3DTrainingLib.panel_config import build_train_config
 
         return build_train_config(self.panelState(parameterNode))
 
@@ -731,8 +731,8 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         return not self.settings.get("pythonExecutable")
 
     def helperEnvironment(self, gpus=None) -> dict:
-        """The full environment of a helper process or job (see ``panel_state.helper_environment``)."""
-        from M3DTrainingLib.panel_state import helper_environment
+        """The full environment of a helper process or job (see ``python_env.helper_environment``)."""
+        from M3DTrainingLib.python_env import helper_environment
 
         env = dict(os.environ)
         env.update(helper_environment(gpus))
@@ -748,7 +748,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         :param callback: receives the ``GpuQueryResult`` (or the exception)
         :param nvidiaSmi: path of nvidia-smi (default: found on PATH)
         """
-        from M3DTrainingLib.panel_state import GpuDetector
+        from M3DTrainingLib.gpus import GpuDetector
 
         detector = GpuDetector(self.trainingPython(), nvidia_smi=nvidiaSmi, env=self.helperEnvironment())
 
@@ -766,13 +766,13 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
     def selectedGpus(self, parameterNode=None) -> tuple:
         """The chosen GPU numbers (() for the CPU)."""
-        from M3DTrainingLib.panel_state import parse_gpu_selection
+        from M3DTrainingLib.gpus import parse_gpu_selection
 
         return parse_gpu_selection((parameterNode or self.getParameterNode()).gpus)
 
     def setSelectedGpus(self, indices, parameterNode=None) -> None:
         """Choose GPUs by number; an empty list chooses the CPU."""
-        from M3DTrainingLib.panel_state import format_gpu_selection
+        from M3DTrainingLib.gpus import format_gpu_selection
 
         (parameterNode or self.getParameterNode()).gpus = format_gpu_selection(indices) or "cpu"
 
@@ -782,7 +782,8 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
         :return: ``(warnings, note)``: what is wrong (empty: nothing) and one line on the memory needed
         """
-        from M3DTrainingLib.panel_state import format_gb, memory_warnings, required_memory
+        from M3DTrainingLib.memory import format_gb
+        from M3DTrainingLib.panel_config import memory_warnings, required_memory
 
         try:
             state = self.panelState(parameterNode)
@@ -805,9 +806,10 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         import tempfile
 
         from M3DAssistantLib.errors import M3DError
-        from M3DTrainingLib.panel_state import (BackgroundCommand, config_signature, parse_estimate_total,
-                                                train_config_values)
         from M3DTrainingLib.config import TrainConfig
+        from M3DTrainingLib.helper_process import BackgroundCommand
+        from M3DTrainingLib.memory import parse_estimate_total
+        from M3DTrainingLib.panel_config import config_signature, train_config_values
 
         self.ensureLauncherModules()
         state = self.panelState(parameterNode)
@@ -843,7 +845,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         import importlib.util
 
         from M3DAssistantLib.errors import CancelledError, M3DError
-        from M3DTrainingLib.panel_state import LAUNCHER_MODULES
+        from M3DTrainingLib.requirements import LAUNCHER_MODULES
 
         missing = [req for module, req in LAUNCHER_MODULES.items() if importlib.util.find_spec(module) is None]
         if not missing:
@@ -865,7 +867,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         Another Python is never changed: the error says what to install there.
         """
         from M3DAssistantLib.errors import CancelledError, M3DError
-        from M3DTrainingLib.panel_state import TRAINING_MODULES, TRAINING_REQUIREMENTS, missing_modules
+        from M3DTrainingLib.requirements import TRAINING_MODULES, TRAINING_REQUIREMENTS, missing_modules
 
         python = self.trainingPython()
         missing = missing_modules(python, TRAINING_MODULES, env=self.helperEnvironment())
@@ -917,8 +919,9 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         """
         from M3DAssistantLib.errors import M3DError
         from M3DTrainingLib.jobs import Job
-        from M3DTrainingLib.panel_state import (TRAINING_MODULES, build_train_config, check_dataset_tasks,
-                                                dataset_counts, helper_environment, missing_modules)
+        from M3DTrainingLib.panel_config import build_train_config, check_dataset_tasks, dataset_counts
+        from M3DTrainingLib.python_env import helper_environment
+        from M3DTrainingLib.requirements import TRAINING_MODULES, missing_modules
 
         p = parameterNode or self.getParameterNode()
         state = self.panelState(p)
@@ -994,7 +997,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         self.lossNodes = None
 
     def _setJob(self, job) -> None:
-        from M3DTrainingLib.panel_state import JobMonitor
+        from M3DTrainingLib.job_monitor import JobMonitor
 
         self.detachJob()
         self.monitor = JobMonitor(job)
@@ -1095,13 +1098,13 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         return [str(f) for f in folders if isinstance(f, str)]
 
     def _rememberJob(self, folder) -> None:
-        from M3DTrainingLib.panel_state import remember_folder
+        from M3DTrainingLib.job_monitor import remember_folder
 
         self.settings.set("recentJobs", json.dumps(remember_folder(self._recentJobs(), str(folder))))
 
     # ------------------------------------------------------------------------------------------ loss curve
     def _updateLossNodes(self) -> None:
-        from M3DTrainingLib.panel_state import fill_loss_table, loss_curve_nodes
+        from M3DTrainingLib.loss_curve import fill_loss_table, loss_curve_nodes
 
         scene = getattr(slicer, "mrmlScene", None)
         if self.job is None or scene is None or not hasattr(scene, "AddNewNodeByClass"):
@@ -1129,15 +1132,16 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         :return: the results dict (with ``wait``)
         """
         from M3DAssistantLib.errors import InputError, M3DError
-        from M3DTrainingLib.panel_state import (EVALUATION_FOLDER, BackgroundCommand, evaluation_command,
-                                                next_evaluation_stem, parse_evaluation_output)
+        from M3DTrainingLib.config import EVALUATION_DIR
+        from M3DTrainingLib.evaluation_job import evaluation_command, next_evaluation_stem, parse_evaluation_output
+        from M3DTrainingLib.helper_process import BackgroundCommand
 
         folder = self.folderText(outputFolder) or self.folderText(self.getParameterNode().outputFolder)
         if not folder:
             raise InputError(_("Choose the output folder: the evaluation is written into it."))
         if not os.path.isfile(str(predictions)):
             raise InputError(_("{path} does not exist.").format(path=predictions))
-        target = pathlib.Path(folder) / EVALUATION_FOLDER
+        target = pathlib.Path(folder) / EVALUATION_DIR
         target.mkdir(parents=True, exist_ok=True)
         command = BackgroundCommand(evaluation_command(self.trainingPython(), predictions, target,
                                                        next_evaluation_stem(target)),
@@ -1160,7 +1164,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
         :return: the results dict
         """
-        from M3DTrainingLib.panel_state import evaluation_table_node
+        from M3DTrainingLib.evaluation_job import evaluation_table_node
 
         results = json.loads(pathlib.Path(resultsFile).read_text(encoding="utf-8"))
         self.lastEvaluation = results
@@ -1171,7 +1175,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
     def latestEvaluation(self, outputFolder=None):
         """The newest evaluation results of the output folder, or None."""
-        from M3DTrainingLib.panel_state import latest_evaluation
+        from M3DTrainingLib.evaluation_job import latest_evaluation
 
         folder = self.folderText(outputFolder) or self.folderText(self.getParameterNode().outputFolder)
         path = latest_evaluation(folder) if folder else None
@@ -1180,7 +1184,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------------------------------ M3DAssistant
     def finishedModel(self, outputFolder=None) -> Optional[str]:
         """"merged", "adapter" (to be merged for M3D Assistant) or None (no finished training there)."""
-        from M3DTrainingLib.panel_state import finished_model
+        from M3DTrainingLib.merge import finished_model
 
         folder = self.folderText(outputFolder) or self.folderText(self.getParameterNode().outputFolder)
         return finished_model(folder) if folder else None
@@ -1193,7 +1197,9 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         :return: the merged folder (with ``wait``)
         """
         from M3DAssistantLib.errors import M3DError
-        from M3DTrainingLib.panel_state import BackgroundCommand, merge_command
+        from M3DTrainingLib.config import MERGED_DIR
+        from M3DTrainingLib.helper_process import BackgroundCommand
+        from M3DTrainingLib.merge import merge_command
 
         folder = self.folderText(outputFolder) or self.folderText(self.getParameterNode().outputFolder)
         if self.finishedModel(folder) != "adapter":
@@ -1203,7 +1209,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         def finish(result):
             if not result.ok or self.finishedModel(folder) != "merged":
                 raise M3DError(_("The merge failed: {output}").format(output=result.tail()))
-            return pathlib.Path(folder) / "merged"
+            return pathlib.Path(folder) / MERGED_DIR
 
         if wait:
             return finish(command.wait())
