@@ -1,3 +1,9 @@
+"""M3D Training, the Slicer module: fine-tuning on annotated scenes (Module, parameter node, Widget, Logic, Test).
+
+Why this file is long: Slicer's scripted-module template keeps a module's Module, parameter node, Widget, Logic and
+Test classes in one file, and this file is those classes; the Qt-free work they call is in M3DTrainingLib.
+"""
+
 import json
 import logging
 import os
