@@ -1,3 +1,9 @@
+"""M3D Training, the Slicer module: fine-tuning on annotated scenes (Module, parameter node, Widget, Logic, Test).
+
+Why this file is long: Slicer's scripted-module template keeps a module's Module, parameter node, Widget, Logic and
+Test classes in one file, and this file is those classes; the Qt-free work they call is in M3DTrainingLib.
+"""
+
 import json
 import logging
 import os
@@ -16,14 +22,14 @@ from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
-# The panel's choices and the Qt-free work behind them (standard library only at import). Nothing heavy is imported
-# here: torch, transformers, peft and accelerate never load in Slicer's process. The trainer runs as a separate,
-# detached process (M3DTrainingLib.jobs); the GPU query, the memory estimate, the evaluation and the merge run as
-# short helper processes.
-from M3DTrainingLib.panel_state import (
+# The panel's choices; the Qt-free work behind the panel is in M3DTrainingLib, one module per job (gpus, panel_config,
+# job_monitor, loss_curve, evaluation_job, ...). Nothing heavy is imported here: torch, transformers, peft and
+# accelerate never load in Slicer's process. The trainer runs as a separate, detached process (M3DTrainingLib.jobs);
+# the GPU query, the memory estimate, the evaluation and the merge run as short helper processes.
+from M3DTrainingLib.config import DEFAULT_BASE_MODEL
+from M3DTrainingLib.panel_config import (
     DEEPSPEED_CHOICES,
     DEEPSPEED_OFF,
-    DEFAULT_BASE_MODEL,
     PRESET_CHOICES,
     PRESET_ONE_GPU,
     SOURCE_CHOICES,
@@ -276,7 +282,7 @@ class M3DTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showLatestEvaluation(self) -> None:
         """When another output folder is chosen: its newest evaluation, if it has one."""
-        from M3DTrainingLib.panel_state import format_evaluation
+        from M3DTrainingLib.evaluation_job import format_evaluation
 
         folder = self.logic.folderText(self._parameterNode.outputFolder)
         if folder == self._shownFolder:
@@ -508,7 +514,7 @@ class M3DTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.evaluationTextEdit.setPlainText(str(result))
             slicer.util.errorDisplay(_("The evaluation failed."), detailedText=str(result))
             return
-        from M3DTrainingLib.panel_state import format_evaluation
+        from M3DTrainingLib.evaluation_job import format_evaluation
 
         self.ui.evaluationTextEdit.setPlainText(format_evaluation(result))
 
@@ -587,10 +593,10 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         self.interactive = True  # confirmation dialogs (never in testing mode)
         self.gpuResult = None  # GpuQueryResult of the last detection
         self.memoryEstimates = {}  # config signature -> bytes per GPU ("Estimate memory")
-        self.monitor = None  # panel_state.JobMonitor of the output folder's job, if there is one
+        self.monitor = None  # job_monitor.JobMonitor of the output folder's job, if there is one
         self.lossNodes = None
         self.lastEvaluation = None
-        self._helpers = None  # panel_state.HelperQueue: GPU query, estimate, evaluation, merge
+        self._helpers = None  # job_monitor.HelperQueue: GPU query, estimate, evaluation, merge
         self._datasetSummaryCache = (None, None, "")
 
     @property
@@ -605,7 +611,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     @property
     def helpers(self):
         if self._helpers is None:
-            from M3DTrainingLib.panel_state import HelperQueue
+            from M3DTrainingLib.job_monitor import HelperQueue
 
             self._helpers = HelperQueue()
         return self._helpers
@@ -616,16 +622,16 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def folderText(folder) -> str:
         """A folder parameter as text; "" when none is chosen (``Path()`` reads as ".")."""
-        from M3DTrainingLib.panel_state import folder_text
+        from M3DTrainingLib.panel_config import folder_text
 
         return folder_text(folder)
 
     def panelState(self, parameterNode=None):
-        """The panel's choices as a :class:`M3DTrainingLib.panel_state.PanelState`.
+        """The panel's choices as a :class:`M3DTrainingLib.panel_config.PanelState`.
 
         :param parameterNode: default: the module's parameter node
         """
-        from M3DTrainingLib.panel_state import PanelState
+        from M3DTrainingLib.panel_config import PanelState
 
         return PanelState.from_parameter_node(parameterNode or self.getParameterNode())
 
@@ -667,7 +673,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
     def datasetSummary(self, folder) -> str:
         """One line on the dataset folder: samples per task (training + validation), or what is wrong."""
-        from M3DTrainingLib.panel_state import dataset_counts, format_dataset_counts
+        from M3DTrainingLib.panel_config import dataset_counts, format_dataset_counts
 
         folder = self.folderText(folder)
         if not folder:
@@ -692,9 +698,9 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         """
         Fill the hyperparameters with a preset's values.
 
-        :param preset: a panel label or a key of ``M3DTrainingLib.train.PRESETS`` ("official", "one-24gb-gpu")
+        :param preset: a panel label or a key of ``M3DTrainingLib.config.PRESETS`` ("official", "one-24gb-gpu")
         """
-        from M3DTrainingLib.panel_state import PRESET_CHOICES, preset_panel_values
+        from M3DTrainingLib.panel_config import PRESET_CHOICES, preset_panel_values
 
         p = parameterNode or self.getParameterNode()
         values = preset_panel_values(preset)
@@ -714,9 +720,9 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         """
         The training config of the panel's choices, validated.
 
-        :return: ``M3DTrainingLib.train.TrainConfig`` (raises ``ConfigError`` naming the problem and the fix)
+        :return: ``M3DTrainingLib.config.TrainConfig`` (raises ``ConfigError`` naming the problem and the fix)
         """
-        from M3DTrainingLib.panel_state import build_train_config
+        from M3DTrainingLib.panel_config import build_train_config
 
         return build_train_config(self.panelState(parameterNode))
 
@@ -729,8 +735,8 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         return not self.settings.get("pythonExecutable")
 
     def helperEnvironment(self, gpus=None) -> dict:
-        """The full environment of a helper process or job (see ``panel_state.helper_environment``)."""
-        from M3DTrainingLib.panel_state import helper_environment
+        """The full environment of a helper process or job (see ``python_env.helper_environment``)."""
+        from M3DTrainingLib.python_env import helper_environment
 
         env = dict(os.environ)
         env.update(helper_environment(gpus))
@@ -746,7 +752,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         :param callback: receives the ``GpuQueryResult`` (or the exception)
         :param nvidiaSmi: path of nvidia-smi (default: found on PATH)
         """
-        from M3DTrainingLib.panel_state import GpuDetector
+        from M3DTrainingLib.gpus import GpuDetector
 
         detector = GpuDetector(self.trainingPython(), nvidia_smi=nvidiaSmi, env=self.helperEnvironment())
 
@@ -764,13 +770,13 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
     def selectedGpus(self, parameterNode=None) -> tuple:
         """The chosen GPU numbers (() for the CPU)."""
-        from M3DTrainingLib.panel_state import parse_gpu_selection
+        from M3DTrainingLib.gpus import parse_gpu_selection
 
         return parse_gpu_selection((parameterNode or self.getParameterNode()).gpus)
 
     def setSelectedGpus(self, indices, parameterNode=None) -> None:
         """Choose GPUs by number; an empty list chooses the CPU."""
-        from M3DTrainingLib.panel_state import format_gpu_selection
+        from M3DTrainingLib.gpus import format_gpu_selection
 
         (parameterNode or self.getParameterNode()).gpus = format_gpu_selection(indices) or "cpu"
 
@@ -781,7 +787,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         :return: ``(warnings, note)``: what is wrong (empty: nothing) and one line on the memory needed
         """
         from M3DAssistantLib.units import format_bytes
-        from M3DTrainingLib.panel_state import memory_warnings, required_memory
+        from M3DTrainingLib.panel_config import memory_warnings, required_memory
 
         try:
             state = self.panelState(parameterNode)
@@ -805,9 +811,10 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         import tempfile
 
         from M3DAssistantLib.errors import M3DError
-        from M3DTrainingLib.panel_state import (BackgroundCommand, config_signature, parse_estimate_total,
-                                                train_config_values)
-        from M3DTrainingLib.train import TrainConfig
+        from M3DTrainingLib.config import TrainConfig
+        from M3DTrainingLib.helper_process import BackgroundCommand
+        from M3DTrainingLib.memory import parse_estimate_total
+        from M3DTrainingLib.panel_config import config_signature, train_config_values
 
         self.ensureLauncherModules()
         state = self.panelState(parameterNode)
@@ -841,7 +848,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         installed after one confirmation when missing (``M3DAssistantLib.dependencies``).
         """
         from M3DAssistantLib.dependencies import SlicerPythonDependencies
-        from M3DTrainingLib.panel_state import LAUNCHER_MODULES
+        from M3DTrainingLib.requirements import LAUNCHER_MODULES
 
         SlicerPythonDependencies(
             list(LAUNCHER_MODULES.values()), torch=None, requester="M3D Training", ask=self.interactive,
@@ -872,7 +879,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         trainer's modules.
         """
         from M3DAssistantLib.errors import M3DError
-        from M3DTrainingLib.panel_state import TRAINING_MODULES, missing_modules
+        from M3DTrainingLib.requirements import TRAINING_MODULES, missing_modules
 
         self.trainingDependencies().ensure()
         python = self.trainingPython()
@@ -893,8 +900,9 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         """
         from M3DAssistantLib.errors import M3DError
         from M3DTrainingLib.jobs import Job
-        from M3DTrainingLib.panel_state import (TRAINING_MODULES, build_train_config, check_dataset_tasks,
-                                                dataset_counts, helper_environment, missing_modules)
+        from M3DTrainingLib.panel_config import build_train_config, check_dataset_tasks, dataset_counts
+        from M3DTrainingLib.python_env import helper_environment
+        from M3DTrainingLib.requirements import TRAINING_MODULES, missing_modules
 
         p = parameterNode or self.getParameterNode()
         state = self.panelState(p)
@@ -922,7 +930,8 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     def jobFolderToShow(self, parameterNode=None) -> str:
         """The output folder whose job the panel shows on opening: the parameter node's when it holds a job, else
         the newest job from an earlier session that still runs ("" when none)."""
-        from M3DTrainingLib.jobs import STATE_FILE, running_jobs
+        from M3DTrainingLib.config import STATE_FILE
+        from M3DTrainingLib.jobs import running_jobs
 
         folder = self.folderText((parameterNode or self.getParameterNode()).outputFolder)
         if folder and (pathlib.Path(folder) / STATE_FILE).is_file():
@@ -950,7 +959,8 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
         :return: the ``Job``, or None when the folder holds no job
         """
-        from M3DTrainingLib.jobs import STATE_FILE, Job
+        from M3DTrainingLib.config import STATE_FILE
+        from M3DTrainingLib.jobs import Job
 
         folder = self.folderText(outputFolder)
         if self.job is not None and folder and pathlib.Path(folder) == pathlib.Path(self.job.output_dir):
@@ -968,7 +978,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         self.lossNodes = None
 
     def _setJob(self, job) -> None:
-        from M3DTrainingLib.panel_state import JobMonitor
+        from M3DTrainingLib.job_monitor import JobMonitor
 
         self.detachJob()
         self.monitor = JobMonitor(job)
@@ -1069,13 +1079,13 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         return [str(f) for f in folders if isinstance(f, str)]
 
     def _rememberJob(self, folder) -> None:
-        from M3DTrainingLib.panel_state import remember_folder
+        from M3DTrainingLib.job_monitor import remember_folder
 
         self.settings.set("recentJobs", json.dumps(remember_folder(self._recentJobs(), str(folder))))
 
     # ------------------------------------------------------------------------------------------ loss curve
     def _updateLossNodes(self) -> None:
-        from M3DTrainingLib.panel_state import fill_loss_table, loss_curve_nodes
+        from M3DTrainingLib.loss_curve import fill_loss_table, loss_curve_nodes
 
         scene = getattr(slicer, "mrmlScene", None)
         if self.job is None or scene is None or not hasattr(scene, "AddNewNodeByClass"):
@@ -1103,15 +1113,16 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         :return: the results dict (with ``wait``)
         """
         from M3DAssistantLib.errors import InputError, M3DError
-        from M3DTrainingLib.panel_state import (EVALUATION_FOLDER, BackgroundCommand, evaluation_command,
-                                                next_evaluation_stem, parse_evaluation_output)
+        from M3DTrainingLib.config import EVALUATION_DIR
+        from M3DTrainingLib.evaluation_job import evaluation_command, next_evaluation_stem, parse_evaluation_output
+        from M3DTrainingLib.helper_process import BackgroundCommand
 
         folder = self.folderText(outputFolder) or self.folderText(self.getParameterNode().outputFolder)
         if not folder:
             raise InputError(_("Choose the output folder: the evaluation is written into it."))
         if not os.path.isfile(str(predictions)):
             raise InputError(_("{path} does not exist.").format(path=predictions))
-        target = pathlib.Path(folder) / EVALUATION_FOLDER
+        target = pathlib.Path(folder) / EVALUATION_DIR
         target.mkdir(parents=True, exist_ok=True)
         command = BackgroundCommand(evaluation_command(self.trainingPython(), predictions, target,
                                                        next_evaluation_stem(target)),
@@ -1134,7 +1145,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
         :return: the results dict
         """
-        from M3DTrainingLib.panel_state import evaluation_table_node
+        from M3DTrainingLib.evaluation_job import evaluation_table_node
 
         results = json.loads(pathlib.Path(resultsFile).read_text(encoding="utf-8"))
         self.lastEvaluation = results
@@ -1145,7 +1156,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
 
     def latestEvaluation(self, outputFolder=None):
         """The newest evaluation results of the output folder, or None."""
-        from M3DTrainingLib.panel_state import latest_evaluation
+        from M3DTrainingLib.evaluation_job import latest_evaluation
 
         folder = self.folderText(outputFolder) or self.folderText(self.getParameterNode().outputFolder)
         path = latest_evaluation(folder) if folder else None
@@ -1154,7 +1165,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------------------------------ M3DAssistant
     def finishedModel(self, outputFolder=None) -> Optional[str]:
         """"merged", "adapter" (to be merged for M3D Assistant) or None (no finished training there)."""
-        from M3DTrainingLib.panel_state import finished_model
+        from M3DTrainingLib.merge import finished_model
 
         folder = self.folderText(outputFolder) or self.folderText(self.getParameterNode().outputFolder)
         return finished_model(folder) if folder else None
@@ -1167,7 +1178,9 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         :return: the merged folder (with ``wait``)
         """
         from M3DAssistantLib.errors import M3DError
-        from M3DTrainingLib.panel_state import BackgroundCommand, merge_command
+        from M3DTrainingLib.config import MERGED_DIR
+        from M3DTrainingLib.helper_process import BackgroundCommand
+        from M3DTrainingLib.merge import merge_command
 
         folder = self.folderText(outputFolder) or self.folderText(self.getParameterNode().outputFolder)
         if self.finishedModel(folder) != "adapter":
@@ -1177,7 +1190,7 @@ class M3DTrainingLogic(ScriptedLoadableModuleLogic):
         def finish(result):
             if not result.ok or self.finishedModel(folder) != "merged":
                 raise M3DError(_("The merge failed: {output}").format(output=result.tail()))
-            return pathlib.Path(folder) / "merged"
+            return pathlib.Path(folder) / MERGED_DIR
 
         if wait:
             return finish(command.wait())
@@ -1263,7 +1276,7 @@ class M3DTrainingTest(ScriptedLoadableModuleTest):
     def test_ParameterNode(self):
         """The defaults are the one-GPU preset's; choosing the official preset fills its hyperparameters."""
         self.delayDisplay("Starting the parameter node test")
-        from M3DTrainingLib.train import PRESETS
+        from M3DTrainingLib.config import PRESETS
 
         logic = self._logic()
         p = logic.getParameterNode()

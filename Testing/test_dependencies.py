@@ -73,7 +73,7 @@ def test_requirements_never_name_slicers_own_packages_or_torch(module):
 
 
 def test_the_assistant_file_is_the_default_and_the_launcher_needs_are_training_needs():
-    from M3DTrainingLib.panel_state import LAUNCHER_MODULES
+    from M3DTrainingLib.requirements import LAUNCHER_MODULES
 
     assert dependencies.ASSISTANT_REQUIREMENTS == requirements_file("M3DAssistant")
     assert read_requirements() == raw_lines(requirements_file("M3DAssistant"))

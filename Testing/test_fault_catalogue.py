@@ -552,6 +552,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path):
     and is the one resume picks; the half-written one is never listed"""
     pytest.importorskip("accelerate")
     from M3DTrainingLib import train
+    from M3DTrainingLib.config import CHECKPOINTS_DIR
 
     out = tmp_path / "run"
     good = train._save_checkpoint(_DiskFullAccelerator(False), out, 10, keep=2)
@@ -561,7 +562,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path):
     assert info.value.errno == errno.ENOSPC and "No space left" in str(info.value)
     assert train.list_checkpoints(out) == [good] and train.latest_checkpoint(out) == good
     assert {p.name: p.read_bytes() for p in good.iterdir()} == files
-    assert not (out / train.CHECKPOINTS_DIR / "step-0000020").exists()
+    assert not (out / CHECKPOINTS_DIR / "step-0000020").exists()
     again = train._save_checkpoint(_DiskFullAccelerator(False), out, 20, keep=2)  # space freed: the retry works
     assert train.list_checkpoints(out) == [good, again]
 

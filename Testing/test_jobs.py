@@ -40,8 +40,7 @@ def wait_until(predicate, timeout: float, what: str, poll: float = 0.1):
 
 def test_progress_log_reads_incrementally_and_skips_a_cut_line(tmp_path):
     from M3DAssistantLib.progress import ProgressEvent
-    from M3DTrainingLib.jobs import ProgressLog
-    from M3DTrainingLib.train import TrainingProgressEvent
+    from M3DTrainingLib.progress_log import ProgressLog, TrainingProgressEvent
 
     path = tmp_path / "progress.jsonl"
     log = ProgressLog(path)

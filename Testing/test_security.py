@@ -100,7 +100,7 @@ def test_shell_demo_retrieve_and_training_send_nothing_off_the_machine(tiny_phi3
     _audited(log, "M3DAssistantLib.cli", "retrieve", str(data_dir / "example_ct_sm.nii.gz"), "--texts", "liver",
              "lung", "--clip-model", str(tiny_clip), "--device", "cpu", "--quiet", env=env)
 
-    from M3DTrainingLib.train import TrainConfig
+    from M3DTrainingLib.config import TrainConfig
 
     run = tmp_path / "run"
     config = TrainConfig.from_dict(dict(

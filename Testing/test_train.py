@@ -1,4 +1,4 @@
-"""Training (M3DTrainingLib.train): the official loss, LoRA/trainable parts, presets and memory estimates, a 20-step
+"""Training (M3DTrainingLib.train, .config, .lora, .memory, .merge): the official loss, LoRA/trainable parts, presets and memory estimates, a 20-step
 overfit, the merged checkpoint against base + adapter, and 2-process DDP on CPU (gloo, accelerate launch) against
 one process with the doubled batch. All on the tiny official-layout checkpoint, CPU only.
 
@@ -52,7 +52,7 @@ def subprocess_env() -> dict:
 
 
 def synthetic_config(ckpt: Path, output_dir: Path, **overrides):
-    from M3DTrainingLib.train import TrainConfig
+    from M3DTrainingLib.config import TrainConfig
 
     values = dict(
         base_model=str(ckpt),
@@ -168,7 +168,7 @@ def test_segmentation_gradient_reaches_the_seg_token_state(tiny_phi3):
 # ------------------------------------------------------------------------------------------- config and parts
 def test_config_yaml_presets_overrides_and_errors(tmp_path):
     from M3DAssistantLib.errors import ConfigError
-    from M3DTrainingLib.train import OFFICIAL_PARTS, TrainConfig
+    from M3DTrainingLib.config import OFFICIAL_PARTS, TrainConfig
 
     path = tmp_path / "train.yaml"
     path.write_text("preset: one 24 GB GPU\nbase_model: some/model\ndataset: data\noutput_dir: out\n"
@@ -197,7 +197,7 @@ def test_config_yaml_presets_overrides_and_errors(tmp_path):
 
 
 def test_official_lora_targets_are_every_llm_linear_and_nothing_else(tiny_phi3_model):
-    from M3DTrainingLib.train import official_lora_targets
+    from M3DTrainingLib.lora import official_lora_targets
 
     model, _ = tiny_phi3_model
     targets = official_lora_targets(model)
@@ -209,7 +209,7 @@ def test_official_lora_targets_are_every_llm_linear_and_nothing_else(tiny_phi3_m
 
 def test_prepare_model_trains_lora_and_the_chosen_parts(tiny_phi3, tmp_path):
     from M3DAssistantLib.model import load_model
-    from M3DTrainingLib.train import official_name, prepare_model
+    from M3DTrainingLib.lora import official_name, prepare_model
 
     model, _ = load_model(tiny_phi3, device="cpu", dtype="float32")
     config = synthetic_config(tiny_phi3, tmp_path / "o", preset="one-24gb-gpu", mixed_precision="no")
@@ -227,7 +227,8 @@ def test_prepare_model_trains_lora_and_the_chosen_parts(tiny_phi3, tmp_path):
 def test_memory_estimates_of_the_presets_at_official_size():
     from M3DAssistantLib.model.configuration_lamed import parse_lamed_config
     from M3DAssistantLib.model.random_checkpoint import official_config
-    from M3DTrainingLib.train import TrainConfig, estimate_memory
+    from M3DTrainingLib.config import TrainConfig
+    from M3DTrainingLib.memory import estimate_memory
 
     lamed = parse_lamed_config(official_config("phi3", vocab_size=32015, seg_token_id=32014, eos_token_id=32000,
                                                pad_token_id=32000))
@@ -247,7 +248,7 @@ def test_memory_estimates_of_the_presets_at_official_size():
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_phi3):
     from M3DAssistantLib.model import load_model
-    from M3DTrainingLib.train import prepare_model
+    from M3DTrainingLib.lora import prepare_model
 
     results = []
     for checkpointing in (False, True):
@@ -364,7 +365,7 @@ def logits_for(model, tokenizer, num_image_tokens):
 def test_merged_checkpoint_loads_strictly_and_equals_base_plus_adapter(overfit_run, tiny_phi3, tmp_path):
     from M3DAssistantLib.model import load_model
     from M3DAssistantLib.model.configuration_lamed import parse_lamed_config
-    from M3DTrainingLib.train import load_trained_model, merge
+    from M3DTrainingLib.merge import load_trained_model, merge
 
     config, result, _ = overfit_run
     merged_dir = merge(config.output_dir, tmp_path / "merged")
@@ -416,7 +417,8 @@ def test_trains_on_a_dataset_exported_from_a_slicer_scene(tiny_phi3, headless_sl
     """The real pipeline: annotated scene -> export -> M3DDataset (default factory, its own collate) -> train."""
     test_export = pytest.importorskip("test_export")
     from M3DTrainingLib.export import export_dataset
-    from M3DTrainingLib.train import TrainConfig, train
+    from M3DTrainingLib.config import TrainConfig
+    from M3DTrainingLib.train import train
 
     scene, logics = headless_slicer
     test_export.build_scene(scene, logics, data_dir)

@@ -3,7 +3,7 @@
 The model is M3D-LaMed with a tiny language model and the FULL-size 3D ViT vision tower and SegVol (official sizes,
 32x256x256 input, 256 image tokens), random weights, trained as the official recipe does (LoRA on the LLM; vision
 tower, projector, embeddings, head and SegVol trained fully). One step = ``training_loss`` (LM + Dice + BCE, every
-sample with a mask) + backward + AdamW step, through :func:`M3DTrainingLib.train.prepare_model` (the training code
+sample with a mask) + backward + AdamW step, through :func:`M3DTrainingLib.lora.prepare_model` (the training code
 path, including its ViT-block checkpointing).
 
 Each configuration runs in its own subprocess so that memory numbers do not leak between them:
@@ -37,7 +37,8 @@ def build_module(device: str, checkpointing: bool):
     from M3DAssistantLib.model.configuration_lamed import parse_lamed_config
     from M3DAssistantLib.model.modeling_lamed import build_lamed_model
     from M3DAssistantLib.model.random_checkpoint import TINY_LLM, official_config
-    from M3DTrainingLib.train import TrainConfig, prepare_model
+    from M3DTrainingLib.config import TrainConfig
+    from M3DTrainingLib.lora import prepare_model
 
     config = parse_lamed_config(official_config("phi3", llm=TINY_LLM, vocab_size=32015, seg_token_id=32014,
                                                 eos_token_id=32000, pad_token_id=32000))

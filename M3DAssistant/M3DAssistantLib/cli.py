@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     try:  # training commands (M3DTrainingLib, same distribution; imports no torch at import time)
-        from M3DTrainingLib import train as training
+        from M3DTrainingLib import cli as training
     except ImportError:
         training = None
     if training is not None:

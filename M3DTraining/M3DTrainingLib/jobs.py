@@ -1,17 +1,19 @@
-"""Training jobs: ``m3d train`` / ``accelerate launch … -m M3DTrainingLib.train`` as a detached subprocess.
+"""Training jobs: ``python -m M3DTrainingLib.train`` / ``accelerate launch … -m M3DTrainingLib.train`` as a detached
+subprocess.
 
-A job lives in its output folder, so a panel can close and reconnect later:
+A job lives in its output folder (the run folder of :mod:`.config`), so a panel can close and reconnect later:
 
 * ``job.json``         the state file: command, pid (+ its creation time, to survive pid reuse), launches, cancel flag;
-* ``progress.jsonl``   one JSON object per line, written by the trainer (:class:`ProgressLog`): the fields of a
+* ``progress.jsonl``   one JSON object per line, written by the trainer (:mod:`.progress_log`): the fields of a
                        :class:`~M3DAssistantLib.progress.ProgressEvent` (stage, fraction, message) plus metrics
                        (step, epoch, loss, lr, samples_per_s, eta_s, gpu_memory_bytes, time);
 * ``train.log``        stdout and stderr of every launch, appended (logs are kept);
 * ``train_config.yaml``, ``checkpoints/``, ``adapter/`` from :mod:`.train`.
 
-The process runs in its own session / process group and does not inherit the launcher's console, so it keeps
-running when Slicer (or the shell) closes. Cancel kills the whole process tree (accelerate's launcher and every
-rank) with psutil. Resume relaunches the same command; the trainer continues from its newest checkpoint.
+The trainer is launched by its module path; this module never imports :mod:`.train`. The process runs in its own
+session / process group and does not inherit the launcher's console, so it keeps running when Slicer (or the shell)
+closes. Cancel kills the whole process tree (accelerate's launcher and every rank) with psutil. Resume relaunches the
+same command; the trainer continues from its newest checkpoint.
 
 Only the standard library at import time; psutil is imported when a job's process is inspected.
 """
@@ -30,61 +32,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 from M3DAssistantLib.errors import ConfigError, M3DError
 from M3DAssistantLib.progress import ProgressEvent
 
-STATE_FILE = "job.json"
-PROGRESS_FILE = "progress.jsonl"
-LOG_FILE = "train.log"
-CONFIG_FILE = "train_config.yaml"
+from .config import ADAPTER_DIR, CONFIG_FILE, LOG_FILE, PROGRESS_FILE, STATE_FILE, TrainConfig
+from .progress_log import CANCELLED_STAGE, DONE_STAGE, ERROR_STAGE, ProgressLog
 
-# Terminal stages the trainer writes as its last event.
-DONE_STAGE = "done"
-ERROR_STAGE = "error"
-CANCELLED_STAGE = "cancelled"
-
-
-class ProgressLog:
-    """Appends ProgressEvents (and their subclasses' metric fields) to a JSON-lines file; reads them back.
-
-    Every event is one line written with one ``write`` call and flushed, so a reader never sees half an event
-    except after a kill mid-write, and :meth:`read` skips such a line.
-    """
-
-    def __init__(self, path: Union[str, Path]):
-        self.path = Path(path)
-
-    def __call__(self, event: ProgressEvent) -> None:
-        record = event.to_dict()
-        record.setdefault("time", time.time())
-        line = json.dumps(record, default=_json_default) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-
-    @staticmethod
-    def read(path: Union[str, Path], offset: int = 0) -> tuple[list[dict], int]:
-        """Events from byte ``offset`` on, and the offset after the last complete line (for incremental polling)."""
-        path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except FileNotFoundError:
-            return [], offset
-        events = []
-        end = data.rfind(b"\n") + 1  # an unfinished last line is read on the next poll
-        for raw in data[:end].splitlines():
-            try:
-                events.append(json.loads(raw))
-            except ValueError:
-                continue  # a line cut by a kill
-        return events, offset + end
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+TRAINER_MODULE = "M3DTrainingLib.train"
+"""What a job runs with ``python -m`` (one process) or ``accelerate launch -m`` (several)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +110,7 @@ class Job:
     @classmethod
     def start(
         cls,
-        config: Union["TrainConfig", str, Path],  # noqa: F821 - train.TrainConfig, imported lazily
+        config: Union[TrainConfig, str, Path],
         *,
         python: Optional[str] = None,
         env: Optional[dict] = None,
@@ -169,8 +121,6 @@ class Job:
         an ``accelerate_config``: ``python -m accelerate.commands.launch … -m M3DTrainingLib.train CONFIG``
         (``accelerate launch``). ``python`` is the interpreter (default: this one); ``env`` adds variables.
         """
-        from .train import TrainConfig
-
         if not isinstance(config, TrainConfig):
             config = TrainConfig.from_yaml(config)
         config = config.with_absolute_paths()  # the job runs in its output folder
@@ -180,7 +130,7 @@ class Job:
             if existing.status().state == "running":
                 raise ConfigError(f"{output_dir}: a training job is already running there (pid {existing.pid}); "
                                   "cancel it or choose another output_dir.")
-        if (output_dir / "adapter").exists():
+        if (output_dir / ADAPTER_DIR).exists():
             raise ConfigError(f"{output_dir} already holds a finished run; choose a new output_dir "
                               "(nothing is overwritten).")
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +159,7 @@ class Job:
         """Relaunch the same command; the trainer resumes from the newest checkpoint. Refused while running."""
         if self.status().state == "running":
             raise M3DError(f"{self.output_dir}: the job is still running (pid {self.pid}); nothing to resume.")
-        if (self.output_dir / "adapter").exists():
+        if (self.output_dir / ADAPTER_DIR).exists():
             raise M3DError(f"{self.output_dir}: the run has finished (adapter written); nothing to resume.")
         self.record["cancel_requested"] = False
         self._launch()
@@ -346,7 +296,7 @@ def _create_time(pid: int) -> Optional[float]:
 
 def build_command(config, config_path: Path, python: str) -> list[str]:
     """The trainer's command line: one process directly, several through ``accelerate launch``."""
-    train = ["-m", "M3DTrainingLib.train", str(config_path)]
+    train = ["-m", TRAINER_MODULE, str(config_path)]
     if config.num_processes <= 1 and not config.accelerate_config:
         return [python, *train]
     launch = [python, "-m", "accelerate.commands.launch"]

@@ -1,21 +1,23 @@
-"""Fine-tuning M3D-LaMed as the official recipe does (``m3d-official.md`` §7), on Hugging Face accelerate.
+"""Fine-tuning M3D-LaMed as the official recipe does (``m3d-official.md`` §7), on Hugging Face accelerate: the
+training loop and its checkpoints.
 
-* Stage ``projector`` (official stage 1): the projector and the input embeddings are trained, nothing else.
-* Stage ``lora`` (official stage 2): LoRA (r=16, alpha=32, dropout 0.05) on every ``nn.Linear`` of the language
-  model, and the vision tower, projector, embeddings, LM head and segmentation parts trained fully.
+* What trains (stage ``projector`` / ``lora``, LoRA r=16, alpha=32, dropout 0.05 on every ``nn.Linear`` of the
+  language model, the parts trained fully) is :mod:`.lora`'s; the config and presets are :mod:`.config`'s.
 * Loss: the model's own :meth:`~M3DAssistantLib.model.modeling_lamed.LamedMixin.training_loss` (LM cross-entropy +
-  Dice + BCE on the samples that have a mask) — one model implementation for inference and training.
+  Dice + BCE on the samples that have a mask) -- one model implementation for inference and training.
 * Distribution is accelerate's: ``python -m M3DTrainingLib.train CONFIG.yaml`` runs one process;
   ``accelerate launch [--config_file F] -m M3DTrainingLib.train CONFIG.yaml`` runs 1..N GPUs, several machines or
-  DeepSpeed ZeRO (``deepspeed_stage`` in the config, or the accelerate config). :mod:`.jobs` builds these commands.
+  DeepSpeed ZeRO (``deepspeed_stage`` in the config, or the accelerate config). :mod:`.jobs` builds these commands
+  and runs them detached; this module never imports it (``m3d train`` in :mod:`.cli` chooses between the two).
 * Checkpoints every ``save_steps`` with ``accelerator.save_state`` (trainable weights, optimizer, scheduler, RNG
   states, data position), written atomically; a killed run restarted with the same config resumes at the same step
   and reproduces the same loss curve.
 * Output ``OUTPUT_DIR/adapter/``: the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``), the
   trained non-LoRA weights under their official names (``trainable.safetensors``) and ``train_config.yaml``.
-  :func:`merge` turns it into a full checkpoint in the official layout.
-* Progress: :class:`TrainingProgressEvent` (a :class:`~M3DAssistantLib.progress.ProgressEvent` with metrics) to a
-  callback; the run also appends every event to ``OUTPUT_DIR/progress.jsonl`` (read by :mod:`.jobs` and the module).
+  :func:`M3DTrainingLib.merge.merge` turns it into a full checkpoint in the official layout.
+* Progress: :class:`~.progress_log.TrainingProgressEvent` (a :class:`~M3DAssistantLib.progress.ProgressEvent` with
+  metrics) to a callback; the run also appends every event to ``OUTPUT_DIR/progress.jsonl`` (read by :mod:`.jobs`
+  and the module).
 
 Heavy imports (torch, transformers, peft, accelerate) happen inside the functions, so ``m3d --help`` stays fast.
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import logging
 import math
 import os
@@ -36,602 +37,17 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from M3DAssistantLib.errors import CheckpointError, ConfigError, M3DError
-from M3DAssistantLib.progress import ProgressCallback, ProgressEvent
 from M3DAssistantLib.outputs import ordinary_permissions
+from M3DAssistantLib.progress import ProgressCallback, ProgressEvent
+from M3DAssistantLib.units import format_bytes
+
+from .config import (ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, PROGRESS_FILE, PRESETS, TRAINABLE_FILE, TrainConfig,
+                     checkpoint_dir_name, checkpoint_step)
+from .lora import official_name, prepare_model
+from .memory import HEADROOM, estimate_memory, resolve_mixed_precision
+from .progress_log import ProgressLog, TrainingProgressEvent
 
 logger = logging.getLogger(__name__)
-
-# Module names that hold the multimodal parts, the embeddings and the head: never LoRA targets (official rule).
-NON_LLM_PARTS = ("vision_tower", "mm_projector", "embed_tokens", "lm_head", "seg_projector", "seg_module")
-
-# Parts that can be trained fully (not LoRA), by name -> module-name prefixes in the LaMed model.
-TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
-    "vision_tower": ("model.vision_tower.",),
-    "mm_projector": ("model.mm_projector.",),
-    "embed_tokens": ("model.embed_tokens.",),
-    "lm_head": ("lm_head.",),
-    "seg_projector": ("model.seg_projector.",),
-    "seg_module": ("model.seg_module.",),
-    "seg_encoder": ("model.seg_module.image_encoder.",),
-    "seg_decoder": ("model.seg_module.prompt_encoder.", "model.seg_module.mask_decoder."),
-}
-OFFICIAL_PARTS = {
-    "projector": ("mm_projector", "embed_tokens"),
-    "lora": ("vision_tower", "mm_projector", "embed_tokens", "lm_head", "seg_projector", "seg_module"),
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Everything the official stage-2 script trains; the official runs used 8 GPUs (DeepSpeed, bf16).
-    "official": {
-        "stage": "lora",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.05,
-        "trainable_parts": list(OFFICIAL_PARTS["lora"]),
-        "learning_rate": 5e-5,
-        "lr_scheduler": "cosine",
-        "warmup_ratio": 0.03,
-        "num_epochs": 5,
-        "per_device_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "gradient_checkpointing": False,
-        "mixed_precision": "auto",
-    },
-    # One consumer GPU: LoRA + projector + [SEG] projector + SegVol decoder; both image encoders frozen;
-    # gradient checkpointing, bf16 weights for the frozen parts; effective batch 8 through accumulation.
-    "one-24gb-gpu": {
-        "stage": "lora",
-        "lora_r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.05,
-        "trainable_parts": ["mm_projector", "seg_projector", "seg_decoder"],
-        "learning_rate": 5e-5,
-        "lr_scheduler": "cosine",
-        "warmup_ratio": 0.03,
-        "num_epochs": 5,
-        "per_device_batch_size": 2,
-        "gradient_accumulation_steps": 4,
-        "gradient_checkpointing": True,
-        "mixed_precision": "bf16",
-    },
-}
-PRESET_ALIASES = {"one 24 gb gpu": "one-24gb-gpu", "one-24-gb-gpu": "one-24gb-gpu", "24gb": "one-24gb-gpu"}
-
-ADAPTER_DIR = "adapter"
-CHECKPOINTS_DIR = "checkpoints"
-PROGRESS_FILE = "progress.jsonl"
-CONFIG_FILE = "train_config.yaml"
-TRAINABLE_FILE = "trainable.safetensors"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
-
-
-# ------------------------------------------------------------------------------------------------------- config
-@dataclasses.dataclass
-class TrainConfig:
-    """A training run. Load from YAML with :meth:`from_yaml`; ``preset`` fills defaults, explicit keys win.
-
-    Attributes:
-        base_model: HF hub id or local folder of an M3D-LaMed checkpoint (official layout).
-        dataset: dataset folder (written by :mod:`.export`).
-        output_dir: where checkpoints, the adapter, ``progress.jsonl`` and logs go.
-        preset: "official" or "one-24gb-gpu" (see :data:`PRESETS`); None = the dataclass defaults.
-        stage: "projector" (official stage 1) or "lora" (official stage 2).
-        lora_r / lora_alpha / lora_dropout: LoRA hyperparameters (official 16 / 32 / 0.05).
-        lora_target_modules: module names or suffixes to wrap with LoRA; None = every ``nn.Linear`` of the language
-            model (names without vision_tower / mm_projector / embed_tokens / lm_head / seg_projector / seg_module).
-        trainable_parts: parts trained fully (keys of :data:`TRAINABLE_PARTS`); None = the stage's official set.
-        learning_rate / weight_decay / lr_scheduler / warmup_ratio: AdamW and a transformers scheduler
-            ("cosine", "linear", "constant_with_warmup", ...); warmup steps = ceil(ratio x total steps).
-        num_epochs: passes over the dataset (ignored when ``max_steps`` > 0).
-        per_device_batch_size / gradient_accumulation_steps: effective batch = batch x accumulation x processes.
-        max_steps: stop after this many optimizer steps (> 0), else ``num_epochs``.
-        max_grad_norm: gradient clipping (0 = none).
-        seed: model init (LoRA), data order, dropout.
-        mixed_precision: "auto" (bf16 on a CUDA GPU that supports it, fp32 on CPU), "bf16", "fp16" or "no".
-            With bf16 the frozen weights are held in bf16 and the trained ones in fp32.
-        gradient_checkpointing: recompute activations of the LLM layers and of trained ViT blocks in backward.
-        save_steps / save_total_limit: checkpoint every N optimizer steps, keep the newest K.
-        logging_steps: a progress event every N optimizer steps.
-        num_workers: DataLoader workers (0: exact resume also for datasets that draw from the global RNG).
-        split / augment: passed to the dataset.
-        dataset_factory: "module:attribute" of the dataset class; the dataset is built as
-            ``factory(dataset, tokenizer, num_image_tokens, split=, augment=, seed=, **dataset_kwargs)``.
-        collate_fn: "module:attribute" of the collator; None = the dataset's own ``collate`` method.
-        dataset_kwargs: extra keyword arguments for the dataset.
-        num_processes: processes that :mod:`.jobs` launches through ``accelerate launch`` (one per GPU).
-        accelerate_config: an ``accelerate config`` file for the launch (multi-node, DeepSpeed, GPU ids).
-        deepspeed_stage: 0 = no DeepSpeed; 2 or 3 = ZeRO stage (falls back to DDP when DeepSpeed is missing).
-        device: "auto" (CUDA when available) or "cpu".
-        disable_dropout: set every dropout to 0 (for exact comparisons between runs of different layouts).
-        resume: continue from the newest checkpoint in ``output_dir/checkpoints`` when there is one.
-    """
-
-    base_model: str = "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
-    dataset: str = ""
-    output_dir: str = ""
-    preset: Optional[str] = None
-    stage: str = "lora"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: Optional[list[str]] = None
-    trainable_parts: Optional[list[str]] = None
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    num_epochs: float = 5.0
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    mixed_precision: str = "auto"
-    gradient_checkpointing: bool = False
-    save_steps: int = 1000
-    save_total_limit: int = 2
-    logging_steps: int = 1
-    num_workers: int = 0
-    split: str = "train"
-    augment: bool = True
-    dataset_factory: str = "M3DTrainingLib.data:M3DDataset"
-    collate_fn: Optional[str] = None
-    dataset_kwargs: dict = dataclasses.field(default_factory=dict)
-    num_processes: int = 1
-    accelerate_config: Optional[str] = None
-    deepspeed_stage: int = 0
-    device: str = "auto"
-    disable_dropout: bool = False
-    resume: bool = True
-
-    # ---------------------------------------------------------------------------------------------- building
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "training config") -> "TrainConfig":
-        """Defaults < preset < ``values``. Unknown keys are an error that lists the valid ones."""
-        values = dict(values or {})
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: "
-                              f"{', '.join(sorted(fields))}.")
-        merged: dict[str, Any] = {}
-        preset = values.get("preset")
-        if preset is not None:
-            preset = canonical_preset(preset, source)
-            merged.update(PRESETS[preset])
-            values["preset"] = preset
-        merged.update(values)
-        config = cls(**merged)
-        config.validate(source)
-        return config
-
-    @classmethod
-    def from_yaml(cls, path: "str | Path", overrides: Sequence[str] = ()) -> "TrainConfig":
-        """Read a YAML file; ``overrides`` are ``KEY=VALUE`` strings (VALUE parsed as YAML)."""
-        import yaml
-
-        path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot be read ({e}).") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e}).") from e
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: must be a mapping of keys to values (see M3DTrainingLib.train.TrainConfig).")
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. --set max_steps=100.")
-            values[key.strip()] = yaml.safe_load(raw)
-        # relative paths in the file are relative to the file, as a user writing it expects
-        for key in ("dataset", "output_dir", "accelerate_config"):
-            value = values.get(key)
-            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-                values[key] = str((path.parent / value).resolve())
-        base = values.get("base_model")
-        if isinstance(base, str) and base.startswith((".", "~")):
-            values["base_model"] = str((path.parent / Path(base).expanduser()).resolve())
-        return cls.from_dict(values, source=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def with_absolute_paths(self) -> "TrainConfig":
-        """A copy whose local paths are absolute, so the config works from any working directory (a job's)."""
-        changes: dict[str, Any] = {}
-        for key in ("dataset", "output_dir", "accelerate_config"):
-            value = getattr(self, key)
-            if value:
-                changes[key] = str(Path(value).expanduser().resolve())
-        if Path(self.base_model).expanduser().exists():  # a local folder, not a hub id
-            changes["base_model"] = str(Path(self.base_model).expanduser().resolve())
-        return dataclasses.replace(self, **changes)
-
-    def to_yaml(self, path: "str | Path") -> Path:
-        import yaml
-
-        path = Path(path)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
-        return path
-
-    # ---------------------------------------------------------------------------------------------- checking
-    def validate(self, source: str = "training config") -> None:
-        def bad(message: str) -> ConfigError:
-            return ConfigError(f"{source}: {message}")
-
-        if not self.dataset:
-            raise bad("'dataset' is missing; set it to the dataset folder written by the M3DTraining export.")
-        if not self.output_dir:
-            raise bad("'output_dir' is missing; set it to a new folder for checkpoints and the adapter.")
-        if self.stage not in OFFICIAL_PARTS:
-            raise bad(f"stage {self.stage!r} is not one of 'projector' (official stage 1), 'lora' (stage 2).")
-        unknown = sorted(set(self.parts) - set(TRAINABLE_PARTS))
-        if unknown:
-            raise bad(f"trainable_parts {unknown} unknown; choose from {sorted(TRAINABLE_PARTS)}.")
-        if self.stage == "lora":
-            if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-                raise bad("lora_r must be >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1.")
-            for target in self.lora_target_modules or ():
-                if any(part in target for part in NON_LLM_PARTS if part in self.parts):
-                    raise bad(f"lora_target_modules entry {target!r} lies in a fully trained part; drop one of them.")
-        positive = ("per_device_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps",
-                    "save_total_limit")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise bad(f"{name} must be >= 1.")
-        if self.learning_rate <= 0:
-            raise bad("learning_rate must be > 0.")
-        if self.max_steps <= 0 and self.num_epochs <= 0:
-            raise bad("set num_epochs > 0 or max_steps > 0.")
-        if not 0 <= self.warmup_ratio < 1:
-            raise bad("warmup_ratio must be in [0, 1).")
-        if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
-            raise bad(f"mixed_precision {self.mixed_precision!r}: use auto, bf16, fp16 or no.")
-        if self.deepspeed_stage not in (0, 1, 2, 3):
-            raise bad("deepspeed_stage must be 0 (off), 1, 2 or 3.")
-        if self.device not in ("auto", "cpu"):
-            raise bad("device must be 'auto' (CUDA when available) or 'cpu'.")
-        if self.num_processes < 1:
-            raise bad("num_processes must be >= 1.")
-        for name in ("dataset_factory", "collate_fn"):
-            if getattr(self, name) is not None and ":" not in getattr(self, name):
-                raise bad(f"{name} must look like 'package.module:attribute'.")
-
-    @property
-    def parts(self) -> list[str]:
-        """The fully trained parts (the stage's official set when not given)."""
-        return list(self.trainable_parts if self.trainable_parts is not None else OFFICIAL_PARTS[self.stage])
-
-    @property
-    def trainable_prefixes(self) -> tuple[str, ...]:
-        return tuple(p for part in self.parts for p in TRAINABLE_PARTS[part])
-
-
-def canonical_preset(name: str, source: str = "training config") -> str:
-    key = str(name).strip().lower()
-    key = PRESET_ALIASES.get(key, key)
-    if key not in PRESETS:
-        raise ConfigError(f"{source}: preset {name!r} unknown; use one of {sorted(PRESETS)}.")
-    return key
-
-
-# ------------------------------------------------------------------------------------------- progress events
-@dataclasses.dataclass(frozen=True)
-class TrainingProgressEvent(ProgressEvent):
-    """A :class:`ProgressEvent` with the training metrics; one JSON line of ``progress.jsonl`` each.
-
-    ``stage`` is "estimate", "start", "train", "checkpoint", "save", "done" or "error".
-    """
-
-    step: Optional[int] = None
-    total_steps: Optional[int] = None
-    epoch: Optional[float] = None
-    loss: Optional[float] = None
-    lm_loss: Optional[float] = None
-    dice_loss: Optional[float] = None
-    bce_loss: Optional[float] = None
-    lr: Optional[float] = None
-    samples_per_s: Optional[float] = None
-    eta_s: Optional[float] = None
-    gpu_memory_bytes: Optional[int] = None
-    time: float = dataclasses.field(default_factory=time.time)
-    details: Optional[dict] = None
-
-
-# ----------------------------------------------------------------------------------------- model preparation
-def official_lora_targets(model) -> list[str]:
-    """Full names of every ``nn.Linear`` of the language model (the official ``find_all_linear_names``)."""
-    from torch import nn
-
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not any(part in name for part in NON_LLM_PARTS)
-    ]
-
-
-def _wrap_blocks_with_checkpointing(blocks) -> None:
-    """Recompute each ViT block's activations in backward (non-reentrant torch.utils.checkpoint)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in blocks:
-        if getattr(block, "_m3d_checkpointed", False):
-            continue
-        plain_forward = block.forward
-
-        def forward(x, _plain=plain_forward, _block=block):
-            import torch
-
-            if _block.training and torch.is_grad_enabled():
-                return checkpoint(_plain, x, use_reentrant=False)
-            return _plain(x)
-
-        block.forward = forward
-        block._m3d_checkpointed = True
-
-
-def enable_gradient_checkpointing(model) -> None:
-    """Gradient checkpointing for the LLM layers (transformers' own) and the 3D ViT blocks."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x spelling
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _wrap_blocks_with_checkpointing(model.model.vision_tower.vision_tower.blocks)
-    if getattr(model, "seg_enabled", False):
-        _wrap_blocks_with_checkpointing(model.model.seg_module.image_encoder.blocks)
-
-
-def official_name(name: str) -> str:
-    """A parameter name of the training module -> its name in the official checkpoint layout."""
-    for prefix in ("module.", "model.base_model.model.", "model."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            if prefix == "module.":
-                continue
-            break
-    return name
-
-
-def _training_module_class():
-    import torch
-    from torch import nn
-
-    class LamedTrainingModule(nn.Module):
-        """What accelerate wraps: ``forward(batch) -> (loss, parts)`` through the model's ``training_loss``.
-
-        ``self.model`` is the LaMed model, or its PEFT wrapper in stage "lora". Going through ``forward`` lets
-        DDP/DeepSpeed see the step.
-        """
-
-        def __init__(self, model: nn.Module):
-            super().__init__()
-            self.model = model
-
-        @property
-        def lamed(self) -> nn.Module:
-            return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
-        def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    labels: torch.Tensor, segs: Optional[torch.Tensor] = None):
-            return self.lamed.training_loss(images, input_ids, attention_mask=attention_mask, labels=labels,
-                                            segs=segs)
-
-    return LamedTrainingModule
-
-
-def prepare_model(config: TrainConfig, model):
-    """LoRA and trainable parts as ``config`` says, on a loaded LaMed model. Returns the training module.
-
-    The frozen weights keep their dtype (bf16 under bf16 mixed precision); trained weights are fp32.
-    """
-    import torch
-    from torch import nn
-
-    model.train()
-    model.requires_grad_(False)
-    model.config.use_cache = False
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    wrapped = model
-    if config.stage == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = list(config.lora_target_modules or official_lora_targets(model))
-        lora_config = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        wrapped = get_peft_model(model, lora_config)  # freezes everything but LoRA
-    module = _training_module_class()(wrapped)
-    prefixes = config.trainable_prefixes
-    for name, param in module.named_parameters():
-        if official_name(name).startswith(prefixes):
-            param.requires_grad_(True)
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    if config.disable_dropout:
-        for sub in module.modules():
-            if isinstance(sub, nn.Dropout):
-                sub.p = 0.0
-    if not any(p.requires_grad for p in module.parameters()):
-        raise ConfigError("nothing to train: the stage and trainable_parts select no parameters.")
-    return module
-
-
-def trainable_state_dict(module) -> dict:
-    """The trained non-LoRA weights under their official names."""
-    return {
-        official_name(n): p.detach()
-        for n, p in module.named_parameters()
-        if p.requires_grad and "lora_" not in n
-    }
-
-
-# ----------------------------------------------------------------------------------------------- memory estimate
-@dataclasses.dataclass(frozen=True)
-class MemoryEstimate:
-    """Memory one device needs for a training step (estimated, not measured; ``benchmarks/train_step.py`` measures).
-
-    weights: every parameter (frozen ones at their training dtype); gradients and Adam states (two fp32 moments)
-    of the trained ones; activations kept for backward (LLM layers at ``tokens`` tokens, trained ViTs, SegVol
-    decoder), following Korthikanti et al. 2022 with memory-efficient attention (no seq^2 term).
-    """
-
-    total_params: int
-    trainable_params: int
-    weights_bytes: int
-    gradients_bytes: int
-    optimizer_bytes: int
-    activations_bytes: int
-    tokens: int
-    batch: int
-    dtype: str
-    gradient_checkpointing: bool
-    processes: int
-    deepspeed_stage: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.gradients_bytes + self.optimizer_bytes + self.activations_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["total_bytes"] = self.total_bytes
-        return d
-
-    def format(self) -> str:
-        gb = 1024**3
-        zero = f", ZeRO-{self.deepspeed_stage} over {self.processes} processes" if self.deepspeed_stage else ""
-        lines = [
-            f"Memory estimate per device ({self.dtype}, batch {self.batch} x {self.tokens} tokens, gradient "
-            f"checkpointing {'on' if self.gradient_checkpointing else 'off'}{zero}):",
-            f"  weights       {self.weights_bytes / gb:7.2f} GB  ({self.total_params / 1e9:.2f} B parameters)",
-            f"  gradients     {self.gradients_bytes / gb:7.2f} GB  ({self.trainable_params / 1e6:.1f} M trained)",
-            f"  Adam states   {self.optimizer_bytes / gb:7.2f} GB",
-            f"  activations   {self.activations_bytes / gb:7.2f} GB  (estimate)",
-            f"  total         {self.total_bytes / gb:7.2f} GB",
-        ]
-        return "\n".join(lines)
-
-
-def _layer_activation_bytes(tokens: int, hidden: int, batch: int, bytes_per: int) -> int:
-    """One transformer layer's saved activations: 34·s·b·h bytes at 16 bit (Korthikanti et al. 2022, no seq^2
-    term with flash / memory-efficient attention), scaled to ``bytes_per``."""
-    return int(34 * tokens * batch * hidden * bytes_per / 2)
-
-
-def _stack_activation_bytes(tokens, hidden, layers, batch, bytes_per, checkpointing) -> int:
-    if checkpointing:  # layer inputs kept, one layer recomputed at a time
-        return layers * tokens * batch * hidden * bytes_per + _layer_activation_bytes(tokens, hidden, batch, bytes_per)
-    return layers * _layer_activation_bytes(tokens, hidden, batch, bytes_per)
-
-
-def resolve_mixed_precision(config: TrainConfig, cuda: Optional[bool] = None) -> str:
-    """"bf16" / "fp16" / "no": ``auto`` is bf16 on a bf16-capable CUDA GPU, "no" (fp32) else."""
-    if cuda is None:
-        import torch
-
-        cuda = config.device != "cpu" and torch.cuda.is_available()
-    if config.mixed_precision != "auto":
-        return config.mixed_precision if cuda or config.mixed_precision != "fp16" else "no"
-    if not cuda:
-        return "no"
-    import torch
-
-    if not torch.cuda.is_available():  # estimating for a GPU from a machine without one: assume a current GPU
-        return "bf16"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def estimate_memory(config: TrainConfig, lamed_config=None, *, cuda: bool = True, tokens: int = 512,
-                    processes: Optional[int] = None, mixed_precision: Optional[str] = None) -> MemoryEstimate:
-    """Estimate per-device memory of ``config`` for a GPU run (``cuda=True``) or this machine's run.
-
-    ``lamed_config`` is the base checkpoint's parsed config (read from ``config.base_model`` when None; a hub id
-    fetches only its JSON files). The model is built on the meta device: no weights are read. ``mixed_precision``
-    ("bf16", "fp16", "no") overrides what the config resolves to.
-    """
-    import torch
-
-    from M3DAssistantLib.model.configuration_lamed import parse_lamed_config, read_config_json
-    from M3DAssistantLib.model.hub import resolve_checkpoint
-    from M3DAssistantLib.model.modeling_lamed import build_lamed_model
-
-    if lamed_config is None:
-        folder = resolve_checkpoint(config.base_model, metadata_only=True)
-        lamed_config = parse_lamed_config(read_config_json(folder), source=str(folder / "config.json"))
-    with torch.device("meta"):
-        model = build_lamed_model(lamed_config)
-    mp = mixed_precision or resolve_mixed_precision(config, cuda=cuda)
-    frozen_bytes = 2 if mp in ("bf16", "fp16") else 4
-    act_bytes = frozen_bytes
-    prefixes = config.trainable_prefixes
-    total = trainable = 0
-    for name, param in model.named_parameters():
-        total += param.numel()
-        if name.startswith(prefixes):
-            trainable += param.numel()
-    if config.stage == "lora":
-        targets = config.lora_target_modules
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear):
-                continue
-            chosen = (any(name == t or name.endswith("." + t) for t in targets) if targets
-                      else not any(part in name for part in NON_LLM_PARTS))
-            if chosen:
-                lora = config.lora_r * (module.in_features + module.out_features)
-                trainable += lora
-                total += lora
-    n = processes or config.num_processes
-    zero = config.deepspeed_stage if n > 1 else 0
-    weights = (total - trainable) * frozen_bytes + trainable * 4
-    grads = trainable * 4
-    optimizer = trainable * 8
-    if zero >= 1:
-        optimizer //= n
-    if zero >= 2:
-        grads //= n
-    if zero >= 3:
-        weights //= n
-
-    text = lamed_config.text_config
-    mm = lamed_config.multimodal
-    batch = config.per_device_batch_size
-    ckpt = config.gradient_checkpointing
-    # LLM: activations are needed whenever anything before or inside it is trained (always, in practice)
-    acts = _stack_activation_bytes(tokens, text.hidden_size, text.num_hidden_layers, batch, act_bytes, ckpt)
-    acts += batch * tokens * text.vocab_size * (act_bytes + 4 + 4)  # logits, fp32 upcast for the loss, its grad
-    vit_tokens = math.prod(mm.patch_grid) + 1
-    if "vision_tower" in config.parts:
-        acts += _stack_activation_bytes(vit_tokens, mm.mm_hidden_size, mm.vision_num_layers, batch, act_bytes, ckpt)
-    if mm.segmentation_module is not None:
-        if {"seg_module", "seg_encoder"} & set(config.parts):
-            acts += _stack_activation_bytes(vit_tokens, mm.mm_hidden_size, mm.seg_num_layers, batch, act_bytes,
-                                            ckpt)
-        # decoder: upscaled features (C/4 at 2x, C/8 at 4x, ~3 saved tensors each) and full-size logits in fp32
-        voxels = math.prod(mm.patch_grid)
-        acts += batch * voxels * mm.mm_hidden_size * (8 * 3 // 4 + 64 * 3 // 8) * act_bytes
-        acts += batch * math.prod(mm.image_size) * 4 * 6
-    return MemoryEstimate(
-        total_params=total,
-        trainable_params=trainable,
-        weights_bytes=int(weights),
-        gradients_bytes=int(grads),
-        optimizer_bytes=int(optimizer),
-        activations_bytes=int(acts),
-        tokens=tokens,
-        batch=batch,
-        dtype={"bf16": "bf16 weights (trained in fp32)", "fp16": "fp16", "no": "fp32"}[mp],
-        gradient_checkpointing=ckpt,
-        processes=n,
-        deepspeed_stage=zero,
-    )
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -652,17 +68,13 @@ class TrainState:
         self.batches_in_epoch = int(state["batches_in_epoch"])
 
 
-def _step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
 def list_checkpoints(output_dir: "str | Path") -> list[Path]:
     """Complete checkpoints of a run, oldest first (partial ones, from a kill during saving, are ignored)."""
     folder = Path(output_dir) / CHECKPOINTS_DIR
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p.name) is not None]
+    return sorted(found, key=lambda p: checkpoint_step(p.name))
 
 
 def latest_checkpoint(output_dir: "str | Path") -> Optional[Path]:
@@ -673,8 +85,8 @@ def latest_checkpoint(output_dir: "str | Path") -> Optional[Path]:
 def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
     """``accelerator.save_state`` into a temporary folder, renamed when every process has written its part."""
     root = output_dir / CHECKPOINTS_DIR
-    final = root / _step_dir_name(step)
-    tmp = root / f".tmp-{_step_dir_name(step)}"
+    final = root / checkpoint_dir_name(step)
+    tmp = root / f".tmp-{checkpoint_dir_name(step)}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -729,7 +141,6 @@ def _register_checkpoint_hooks(accelerator, trainable_names: set[str]) -> None:
 
     accelerator.register_save_state_pre_hook(keep_trainable)
     accelerator.register_load_state_pre_hook(check_saved_keys)
-
 
 # --------------------------------------------------------------------------------------------------- training
 @dataclasses.dataclass
@@ -852,8 +263,6 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None) -> T
 
     from M3DAssistantLib.model import load_model
 
-    from .jobs import ProgressLog
-
     config = config.with_absolute_paths()
     output_dir = Path(config.output_dir)
     adapter_dir = output_dir / ADAPTER_DIR
@@ -884,9 +293,9 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None) -> T
         message = estimate.format().splitlines()[0]
         if accelerator.device.type == "cuda":
             available = torch.cuda.get_device_properties(accelerator.device).total_memory
-            if estimate.total_bytes > 0.95 * available:
-                message = (f"the estimate ({estimate.total_bytes / 1024**3:.1f} GB) exceeds this GPU's "
-                           f"{available / 1024**3:.1f} GB: use the one-24gb-gpu preset, a smaller batch with more "
+            if estimate.total_bytes > HEADROOM * available:
+                message = (f"the estimate ({format_bytes(estimate.total_bytes)}) exceeds this GPU's "
+                           f"{format_bytes(available)}: use the one-24gb-gpu preset, a smaller batch with more "
                            "accumulation, gradient checkpointing, or more GPUs with DeepSpeed")
                 logger.warning(message)
         emit(TrainingProgressEvent("estimate", None, message, details=estimate.to_dict()))
@@ -1043,153 +452,16 @@ def _save_outputs(accelerator, module, config: TrainConfig, output_dir: Path, sa
     tmp.rename(final)
 
 
-# ------------------------------------------------------------------------------------------------------- merge
-def _adapter_folder(path: Path) -> Path:
-    path = Path(path)
-    if (path / ADAPTER_DIR / CONFIG_FILE).is_file():
-        return path / ADAPTER_DIR
-    if (path / CONFIG_FILE).is_file() and ((path / TRAINABLE_FILE).is_file()
-                                           or (path / "adapter_config.json").is_file()):
-        return path
-    raise CheckpointError(f"{path}: no trained adapter here (expected {CONFIG_FILE} with adapter_config.json and/or "
-                          f"{TRAINABLE_FILE}); pass a training output_dir or its '{ADAPTER_DIR}' folder.")
 
-
-def load_trained_model(adapter_dir: "str | Path", base_model: Optional[str] = None, device="cpu",
-                       dtype="float32", merge_lora: bool = False):
-    """Base model + trained weights + LoRA adapter, ready for inference: ``(model, tokenizer)``.
-
-    ``merge_lora=False`` returns the PEFT-wrapped model (base + adapter, unmerged); ``True`` merges the LoRA
-    weights into the base layers and returns the plain LaMed model.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from M3DAssistantLib.model import load_model
-
-    folder = _adapter_folder(Path(adapter_dir))
-    config = TrainConfig.from_yaml(folder / CONFIG_FILE)
-    model, tokenizer = load_model(base_model or config.base_model, device=device, dtype=dtype)
-    trained_path = folder / TRAINABLE_FILE
-    if trained_path.is_file():
-        weights = load_file(str(trained_path), device=str(model.device))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(weights) - set(params))
-        if unknown:
-            raise CheckpointError(f"{trained_path}: weights {unknown[:5]} are not in the base model; was it trained "
-                                  f"from another base than {base_model or config.base_model}?")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                if params[name].shape != tensor.shape:
-                    raise CheckpointError(f"{trained_path}: {name} has shape {list(tensor.shape)}, the base model "
-                                          f"{list(params[name].shape)}; wrong base model.")
-                params[name].copy_(tensor)
-    if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-        if merge_lora:
-            model = peft_model.merge_and_unload()
-        else:
-            model = peft_model
-    model.eval().requires_grad_(False)
-    return model, tokenizer
-
-
-def merge(adapter_dir: "str | Path", out_dir: "str | Path", base_model: Optional[str] = None,
-          dtype: Optional[str] = None, progress: Optional[ProgressCallback] = None) -> Path:
-    """Write a FULL checkpoint in the official layout: base + trained weights + merged LoRA.
-
-    ``out_dir`` gets ``config.json`` (:meth:`LamedConfig.to_dict`), ``model.safetensors`` with the official key
-    names, and the base checkpoint's tokenizer files; :func:`~M3DAssistantLib.model.load_model` loads it strictly.
-    ``dtype`` (float32 / bfloat16 / float16) defaults to the base checkpoint's ``torch_dtype``.
-    """
-    import torch
-
-    from M3DAssistantLib.model.loading import parse_dtype
-    from M3DAssistantLib.model.checkpoint_writer import save_state_dict
-    from M3DAssistantLib.progress import report
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir} exists and is not empty; choose a new folder (nothing is overwritten).")
-    report(progress, "merge", 0.0, "loading base model and adapter")
-    model, _ = load_trained_model(adapter_dir, base_model, device="cpu", dtype="float32", merge_lora=True)
-    base_folder = Path(model.checkpoint_path)
-    lamed_config = model.lamed_config
-    target = parse_dtype(dtype or lamed_config.raw.get("torch_dtype") or "float32", torch.device("cpu"))
-    report(progress, "merge", 0.5, "writing merged weights")
-    state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_state_dict(state, tmp, weights_format="safetensors", max_shard_bytes=5 * 1024**3)
-    config = lamed_config.to_dict()
-    config["torch_dtype"] = str(target).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    for name in TOKENIZER_FILES:
-        if (base_folder / name).is_file():
-            shutil.copy2(base_folder / name, tmp / name)
-    shutil.copy2(_adapter_folder(Path(adapter_dir)) / CONFIG_FILE, tmp / CONFIG_FILE)  # provenance
-    if out_dir.exists():
-        out_dir.rmdir()
-    tmp.rename(out_dir)
-    report(progress, "merge", 1.0, f"merged checkpoint in {out_dir}")
-    return out_dir
-
-
-# --------------------------------------------------------------------------------------------------------- CLI
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``m3d train`` (also ``python -m M3DTrainingLib.train``)."""
-    parser.add_argument("config", help="training config YAML (keys: M3DTrainingLib.train.TrainConfig)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, VALUE as YAML (repeatable), e.g. --set max_steps=100")
-    parser.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (overrides the file's preset)")
-    parser.add_argument("--estimate-only", action="store_true", help="print the memory estimate and exit")
-    parser.add_argument("--num-processes", type=int, default=None,
-                        help="launch N processes through accelerate launch (one per GPU; gloo on CPU)")
-    parser.add_argument("--detach", action="store_true",
-                        help="run as a background job that survives this shell; follow OUTPUT_DIR/progress.jsonl")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-
-
-def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = list(args.set or [])
-    if args.preset:
-        overrides.append(f"preset={args.preset}")
-    if args.num_processes:
-        overrides.append(f"num_processes={args.num_processes}")
-    return TrainConfig.from_yaml(args.config, overrides)
-
-
-def _print_event(event: ProgressEvent) -> None:
-    print(f"[{event.stage}] {event.message}", file=sys.stderr, flush=True)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    config = _config_from_args(args)
-    if args.estimate_only:
-        print(estimate_memory(config).format())
-        return 0
-    inside_launch = "LOCAL_RANK" in os.environ
-    if not inside_launch and (args.detach or config.num_processes > 1):
-        from .jobs import Job
-
-        job = Job.start(config)
-        print(f"started training job (pid {job.pid}); progress: {job.progress_path}, log: {job.log_path}")
-        if args.detach:
-            return 0
-        status = job.wait(on_event=None if args.quiet else _print_event)
-        print(f"training {status.state}: {status.message}")
-        return 0 if status.state == "completed" else 1
+# ----------------------------------------------------------------------------------------------- one process
+def run_training(config: TrainConfig, progress: Optional[ProgressCallback] = None) -> TrainResult:
+    """:func:`train`, and when it fails, the reason as the last line of ``progress.jsonl`` (what a job's status and
+    the panel show)."""
     try:
-        result = train(config, progress=None if args.quiet else _print_event)
+        return train(config, progress=progress)
     except BaseException as e:
         _record_failure(config, e)
         raise
-    print(f"trained {result.steps} steps; adapter: {result.adapter_dir}")
-    return 0
 
 
 def _record_failure(config: TrainConfig, error: BaseException) -> None:
@@ -1198,8 +470,6 @@ def _record_failure(config: TrainConfig, error: BaseException) -> None:
         return
     if (Path(config.output_dir) / ADAPTER_DIR).exists():  # refused to touch a finished run: leave its log as is
         return
-    from .jobs import ProgressLog
-
     message = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
     try:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -1208,30 +478,56 @@ def _record_failure(config: TrainConfig, error: BaseException) -> None:
         pass
 
 
-def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``m3d merge``."""
-    parser.add_argument("adapter", help="training output_dir (or its 'adapter' folder)")
-    parser.add_argument("output", help="new folder for the merged checkpoint (official layout)")
-    parser.add_argument("--base-model", default=None, help="base checkpoint (default: the one in train_config.yaml)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the base's torch_dtype)")
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config file and what overrides it: arguments of ``python -m M3DTrainingLib.train`` and ``m3d train``."""
+    parser.add_argument("config", help="training config YAML (keys: M3DTrainingLib.config.TrainConfig)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, VALUE as YAML (repeatable), e.g. --set max_steps=100")
+    parser.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (overrides the file's preset)")
+    parser.add_argument("--estimate-only", action="store_true", help="print the memory estimate and exit")
 
 
-def run_merge(args: argparse.Namespace) -> int:
-    out = merge(args.adapter, args.output, base_model=args.base_model, dtype=args.dtype)
-    print(f"wrote merged checkpoint {out}; use it with --model {out}")
-    return 0
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of :func:`add_config_arguments` (and ``--num-processes`` where the parser has it)."""
+    overrides = list(args.set or [])
+    if args.preset:
+        overrides.append(f"preset={args.preset}")
+    if getattr(args, "num_processes", None):
+        overrides.append(f"num_processes={args.num_processes}")
+    return TrainConfig.from_yaml(args.config, overrides)
+
+
+def print_event(event: ProgressEvent) -> None:
+    """A progress event as one line on stderr."""
+    print(f"[{event.stage}] {event.message}", file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m M3DTrainingLib.train", description=__doc__.splitlines()[0])
-    add_train_arguments(parser)
+    """``python -m M3DTrainingLib.train CONFIG``: train in this process, one rank of an ``accelerate launch`` or
+    alone. What :mod:`.jobs` launches; ``m3d train`` (:mod:`.cli`) also starts several processes and background jobs.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m M3DTrainingLib.train", description="Train in this process (one rank of an accelerate launch).",
+        epilog="Background jobs and several processes: m3d train CONFIG [--detach] [--num-processes N].")
+    add_config_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return run_train(args)
+        config = config_from_args(args)
+        if args.estimate_only:
+            print(estimate_memory(config).format())
+            return 0
+        if config.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+            raise ConfigError(f"num_processes is {config.num_processes}: start the processes with m3d train "
+                              f"{args.config} (it runs accelerate launch), or accelerate launch --num_processes "
+                              f"{config.num_processes} -m M3DTrainingLib.train {args.config}.")
+        result = run_training(config, progress=None if args.quiet else print_event)
     except M3DError as e:
         print(f"m3d train: error: {e}", file=sys.stderr)
         return 2
+    print(f"trained {result.steps} steps; adapter: {result.adapter_dir}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def checkpoint_for_adapter(folder: Path) -> Path:
         output = folder.parent if folder.name == "adapter" else folder
         raise M3DError(
             f"{folder} holds a fine-tuning adapter, but the worker loads full checkpoints. Merge it once into "
-            f"{output / 'merged'} (Python console: from M3DTrainingLib.train import merge; "
+            f"{output / 'merged'} (Python console: from M3DTrainingLib.merge import merge; "
             f"merge(r'{output}', r'{output / 'merged'}')) and choose {output} again: the merged model is then found.")
     raise CheckpointError(f"{folder} is neither an M3D checkpoint (config.json + weights) nor an M3DTraining output "
                           f"folder (adapter/).")
