@@ -164,7 +164,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
         ScriptedLoadableModuleWidget.setup(self)
-        from M3DAssistantLib.tasks import ConversationLog, PromptHistory, StreamBuffer
+        from M3DAssistantLib.panel import ConversationLog, PromptHistory, StreamBuffer
 
         # Load widget from .ui file (created by Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/M3DAssistant.ui"))
@@ -353,7 +353,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._stream.put_progress(ProgressEvent("load", None, message))
 
     def _showProgress(self, event) -> None:
-        from M3DAssistantLib.tasks import progress_text
+        from M3DAssistantLib.panel import progress_text
 
         text, percent = progress_text(event)
         self.ui.statusLabel.text = text
@@ -391,7 +391,8 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startTask(task)
 
     def _startTask(self, task: str) -> None:
-        from M3DAssistantLib.tasks import TASKS, parse_choices, require_prompt
+        from M3DAssistantLib.panel import parse_choices, require_prompt
+        from M3DAssistantLib.tasks import TASKS
 
         p = self._parameterNode
         volume = p.inputVolume
@@ -463,7 +464,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _finishTask(self, task: str, request, entry) -> None:
         from M3DAssistantLib.errors import CancelledError
-        from M3DAssistantLib.tasks import answer_text
+        from M3DAssistantLib.panel import answer_text
 
         self._timer.stop()
         self._running = None
@@ -718,7 +719,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         return preset.lower()
 
     def _execute(self, task: str, start, wait: bool, callback, errorCallback, candidates=None):
-        from M3DAssistantLib.tasks import TaskRequest, api_value, typed_result
+        from M3DAssistantLib.panel import TaskRequest, api_value, typed_result
 
         session = self.session()
         self.prepareWorker()

@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from M3DAssistantLib import AI_LABEL, dependencies, tasks, weights
+from M3DAssistantLib import AI_LABEL, dependencies, panel, tasks, weights
 from M3DAssistantLib.errors import CheckpointError, InputError, M3DError
 from M3DAssistantLib.progress import ProgressEvent
 from M3DAssistantLib.results import ChoiceResult, Provenance, RetrievalResult, SegmentationResult, TextResult
@@ -119,7 +119,7 @@ def test_logic_options_progress_and_callbacks(assistant):
         logic.ask(volume, "?", temperature=2)
 
     request = logic.ask(volume, "Later?", wait=False)  # as the panel runs it
-    assert isinstance(request, tasks.TaskRequest) and request.wait(10) and request.result() == "yes"
+    assert isinstance(request, panel.TaskRequest) and request.wait(10) and request.result() == "yes"
 
     parameters.runOn = assistant.RUN_CPU  # another configuration: a new session; the old backend is closed
     logic.ask(volume, "On the CPU?")
@@ -246,7 +246,7 @@ def test_ui_binds_every_parameter_and_never_the_token():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# M3DAssistantLib.tasks
+# M3DAssistantLib.tasks and M3DAssistantLib.panel
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -261,18 +261,18 @@ def test_tasks_table_matches_the_help_and_the_session():
 
 
 def test_choices_prompts_and_progress_text():
-    assert tasks.parse_choices(" Axial; Coronal ;;Sagittal\nOblique ") == ["Axial", "Coronal", "Sagittal", "Oblique"]
+    assert panel.parse_choices(" Axial; Coronal ;;Sagittal\nOblique ") == ["Axial", "Coronal", "Sagittal", "Oblique"]
     with pytest.raises(InputError, match="at least two"):
-        tasks.parse_choices("Axial")
-    assert tasks.require_prompt("report", "") == ""
-    assert tasks.require_prompt("ask", "  Why?  ") == "Why?"
+        panel.parse_choices("Axial")
+    assert panel.require_prompt("report", "") == ""
+    assert panel.require_prompt("ask", "  Why?  ") == "Why?"
     with pytest.raises(InputError, match="Segment needs a structure"):
-        tasks.require_prompt("segment", "   ")
-    assert tasks.progress_text(ProgressEvent("download", 0.456, "model.safetensors")) == (
+        panel.require_prompt("segment", "   ")
+    assert panel.progress_text(ProgressEvent("download", 0.456, "model.safetensors")) == (
         "Downloading the model: model.safetensors", 46)
-    assert tasks.progress_text(ProgressEvent("generate", 0.2, "12 tokens")) == ("Writing the answer", 20)
-    assert tasks.progress_text(ProgressEvent("load", None, "")) == ("Loading the model", None)
-    assert tasks.progress_text(ProgressEvent("load", None, "x" * 500))[0].endswith("...")
+    assert panel.progress_text(ProgressEvent("generate", 0.2, "12 tokens")) == ("Writing the answer", 20)
+    assert panel.progress_text(ProgressEvent("load", None, "")) == ("Loading the model", None)
+    assert panel.progress_text(ProgressEvent("load", None, "x" * 500))[0].endswith("...")
 
 
 class FakeNode:
@@ -291,29 +291,29 @@ def test_api_values_and_answer_texts():
 
     text = TextResult("Fine.", prov("report"))
     node = FakeNode("ct M3D report")
-    assert tasks.api_value("report", (node, text)) is node and tasks.typed_result("report", (node, text)) is text
-    assert "saved as text node 'ct M3D report'" in tasks.answer_text("report", (node, text))
+    assert panel.api_value("report", (node, text)) is node and panel.typed_result("report", (node, text)) is text
+    assert "saved as text node 'ct M3D report'" in panel.answer_text("report", (node, text))
     choice = ChoiceResult("C. Sagittal", ["Axial", "Coronal", "Sagittal"], "C", "Sagittal", prov("vqa_closed"))
-    assert tasks.api_value("choose", ("Sagittal", choice)) == "Sagittal"
-    assert tasks.answer_text("choose", ("Sagittal", choice)) == "C. Sagittal"
+    assert panel.api_value("choose", ("Sagittal", choice)) == "Sagittal"
+    assert panel.answer_text("choose", ("Sagittal", choice)) == "C. Sagittal"
     mask = np.zeros((2, 3, 4), np.uint8)
     mask[0, 0, :3] = 1
     seg = SegmentationResult("It is [SEG].", "liver", mask, prov("seg"))
     segmentation = FakeNode("M3D segmentation", {"s1": "liver (2)"})
-    assert tasks.api_value("segment", (segmentation, "s1", seg)) == (segmentation, "s1")
-    assert "segment 'liver (2)' added to 'M3D segmentation', 3 voxels" in tasks.answer_text(
+    assert panel.api_value("segment", (segmentation, "s1", seg)) == (segmentation, "s1")
+    assert "segment 'liver (2)' added to 'M3D segmentation', 3 voxels" in panel.answer_text(
         "segment", (segmentation, "s1", seg))
     absent = SegmentationResult("No.", "liver", None, prov("seg"), absent=True)
-    assert tasks.api_value("segmentExpression", (None, None, absent)) == (None, None)
-    assert "nothing was added" in tasks.answer_text("segmentExpression", (None, None, absent))
+    assert panel.api_value("segmentExpression", (None, None, absent)) == (None, None)
+    assert "nothing was added" in panel.answer_text("segmentExpression", (None, None, absent))
     ranking = RetrievalResult("liver", [(1, "b", 0.9), (0, "a", 0.5)], prov("retrieval"))
     candidates = [FakeNode("a"), FakeNode("b")]
-    assert tasks.api_value("findSimilar", ranking, candidates) == [(candidates[1], 0.9), (candidates[0], 0.5)]
-    assert tasks.answer_text("findSimilar", ranking) == "1. b (0.900)\n2. a (0.500)"
+    assert panel.api_value("findSimilar", ranking, candidates) == [(candidates[1], 0.9), (candidates[0], 0.5)]
+    assert panel.answer_text("findSimilar", ranking) == "1. b (0.900)\n2. a (0.500)"
 
 
 def test_stream_buffer_across_threads_and_conversation_html():
-    buffer = tasks.StreamBuffer()
+    buffer = panel.StreamBuffer()
     threads = [threading.Thread(target=lambda i=i: [buffer.put_text(f"{i}") for _ in range(100)]) for i in range(4)]
     for t in threads:
         t.start()
@@ -325,7 +325,7 @@ def test_stream_buffer_across_threads_and_conversation_html():
     assert sorted(text) == sorted("0123" * 100) and progress == ProgressEvent("generate", 0.1)
     assert buffer.drain() == ("", None)
 
-    log = tasks.ConversationLog()
+    log = panel.ConversationLog()
     assert "No questions about ct yet" in log.to_html("vtkMRMLScalarVolumeNode1", "ct")
     entry = log.start("vtkMRMLScalarVolumeNode1", "ask", "Is <this> & that?")
     entry.answer = "Yes\nreally"
@@ -339,7 +339,7 @@ def test_stream_buffer_across_threads_and_conversation_html():
     log.clear("vtkMRMLScalarVolumeNode1")
     assert log.entries("vtkMRMLScalarVolumeNode1") == []
 
-    history = tasks.PromptHistory(size=3)
+    history = panel.PromptHistory(size=3)
     for prompt in ["a", "b", "a", " ", "c", "d"]:
         history.add(prompt)
     assert history.items == ["d", "c", "a"]
@@ -471,7 +471,7 @@ def test_slicer_side_helpers_stay_light():
     code = textwrap.dedent(f"""
         import sys
         sys.path[:0] = {paths!r}
-        import M3DAssistantLib.worker, M3DAssistantLib.tasks, M3DAssistantLib.dependencies, M3DAssistantLib.weights
+        import M3DAssistantLib.worker, M3DAssistantLib.tasks, M3DAssistantLib.panel, M3DAssistantLib.dependencies, M3DAssistantLib.weights
         import M3DAssistantLib.session
         heavy = sorted(m for m in ("torch", "transformers", "fastapi", "uvicorn", "huggingface_hub", "safetensors")
                        if m in sys.modules)

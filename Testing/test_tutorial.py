@@ -239,7 +239,7 @@ def _parameter_choices(module) -> dict[str, list[str] | None]:
 def test_every_console_call_is_real(assistant):  # noqa: F811
     import slicer
     from M3DAssistantLib.client import M3DClient
-    from M3DAssistantLib.tasks import TaskRequest
+    from M3DAssistantLib.panel import TaskRequest
 
     task_options = {"window", "roiNode", "maxNewTokens"}  # the Logic's **options (see _taskOptions)
     receivers = {"logic": assistant.M3DAssistantLogic, "client": M3DClient, "request": TaskRequest}
