@@ -48,11 +48,6 @@ WINDOW_DEFAULT = "Model default"
 WINDOW_DISPLAY = "As displayed"
 WINDOW_CHOICES = [WINDOW_DEFAULT, "Abdomen", "Lung", "Bone", "Brain", WINDOW_DISPLAY]
 
-TASK_BUTTONS = {"report": "reportButton", "ask": "askButton", "choose": "chooseButton", "locate": "locateButton",
-                "describeRegion": "describeRoiButton", "segment": "segmentButton",
-                "segmentExpression": "segmentExpressionButton", "findSimilar": "findSimilarButton"}
-
-
 #
 # M3DAssistant
 #
@@ -159,12 +154,13 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = None  # (task, TaskRequest, ConversationEntry) while a task runs
+        self._running = None  # (task key, TaskRequest, ConversationEntry) while a task runs
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
         ScriptedLoadableModuleWidget.setup(self)
         from M3DAssistantLib.panel import ConversationLog, PromptHistory, StreamBuffer
+        from M3DAssistantLib.tasks import ASK, TASKS
 
         # Load widget from .ui file (created by Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/M3DAssistant.ui"))
@@ -189,17 +185,12 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        # Buttons
-        self._taskButtons = {task: getattr(self.ui, name) for task, name in TASK_BUTTONS.items()}
-        self.ui.reportButton.connect("clicked(bool)", lambda: self.onTaskButton("report"))
-        self.ui.askButton.connect("clicked(bool)", lambda: self.onTaskButton("ask"))
-        self.ui.chooseButton.connect("clicked(bool)", lambda: self.onTaskButton("choose"))
-        self.ui.locateButton.connect("clicked(bool)", lambda: self.onTaskButton("locate"))
-        self.ui.describeRoiButton.connect("clicked(bool)", lambda: self.onTaskButton("describeRegion"))
-        self.ui.segmentButton.connect("clicked(bool)", lambda: self.onTaskButton("segment"))
-        self.ui.segmentExpressionButton.connect("clicked(bool)", lambda: self.onTaskButton("segmentExpression"))
-        self.ui.findSimilarButton.connect("clicked(bool)", lambda: self.onTaskButton("findSimilar"))
-        self.ui.promptComboBox.lineEdit().connect("returnPressed()", lambda: self.onTaskButton("ask"))
+        # Buttons: one per task of the registry, named after it in the .ui (Task.button)
+        self._taskButtons = {task.key: getattr(self.ui, task.button) for task in TASKS.values()}
+        for key, button in self._taskButtons.items():
+            button.text = TASKS[key].label
+            button.connect("clicked(bool)", self._taskButtonHandler(key))
+        self.ui.promptComboBox.lineEdit().connect("returnPressed()", self._taskButtonHandler(ASK.key))
         self.ui.inspectModelButton.connect("clicked(bool)", self.onInspectModelButton)
         self.ui.browseModelButton.connect("clicked(bool)", self.onBrowseModelButton)
         self.ui.startWorkerButton.connect("clicked(bool)", self.onStartWorkerButton)
@@ -380,6 +371,10 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelSource = folder
 
     # ------------------------------------------------------------------------------------------ tasks
+    def _taskButtonHandler(self, task: str):
+        """The slot of a task's button (one closure per task)."""
+        return lambda: self.onTaskButton(task)
+
     def onTaskButton(self, task: str) -> None:
         """Start a task, or cancel it when its button (now "Cancel") is pressed while it runs."""
         if self._running:
@@ -390,42 +385,31 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not start the task."), waitCursor=True):
             self._startTask(task)
 
-    def _startTask(self, task: str) -> None:
-        from M3DAssistantLib.panel import parse_choices, require_prompt
+    def _startTask(self, key: str) -> None:
+        """Run the task on the panel's volume with the panel's inputs (see ``panel.task_arguments``), in the
+        background; the timer shows its text and progress."""
+        from M3DAssistantLib.panel import task_arguments
         from M3DAssistantLib.tasks import TASKS
 
+        task = TASKS[key]
         p = self._parameterNode
         volume = p.inputVolume
         if volume is None:
             raise ValueError(_("Select an input volume first."))
-        prompt = require_prompt(task, self.ui.promptComboBox.currentText)
-        shown = prompt
+        prompt = self.ui.promptComboBox.currentText
+        arguments, shown = task_arguments(task, prompt, choices=p.choices, region=p.describeRoi,
+                                          candidates=self.logic.imageVolumes(), segmentation=p.outputSegmentation)
         self._stream.drain()  # drop what earlier console calls left there
-        options = {"wait": False, "onText": self._stream.put_text}
-        if task == "report":
-            request = self.logic.report(volume, **options)
-        elif task == "ask":
-            request = self.logic.ask(volume, prompt, **options)
-        elif task == "choose":
-            choices = parse_choices(p.choices)
-            shown = f"{prompt} ({'; '.join(choices)})"
-            request = self.logic.choose(volume, prompt, choices, **options)
-        elif task == "locate":
-            request = self.logic.locate(volume, prompt, **options)
-        elif task == "describeRegion":
-            if p.describeRoi is None:
-                raise ValueError(_("Choose the ROI to describe (or create one and draw it on the volume)."))
-            shown = p.describeRoi.GetName()
-            request = self.logic.describeRegion(volume, p.describeRoi, **options)
-        elif task in ("segment", "segmentExpression"):
-            request = getattr(self.logic, task)(volume, prompt, p.outputSegmentation, **options)
-        else:  # findSimilar: rank the scene's volumes by the prompt
-            request = self.logic.findSimilar(self.logic.imageVolumes(), prompt, wait=False)
+        options = {"wait": False}
+        if task.streams:
+            options["onText"] = self._stream.put_text
+        method = getattr(self.logic, task.logic_name)
+        request = method(volume, *arguments, **options) if task.on_volume else method(*arguments, **options)
         self._history.add(prompt)
         self._fillPromptHistory()
-        entry = self._conversation.start(volume.GetID(), task, shown)
-        self._running = (task, request, entry)
-        self.ui.statusLabel.text = _("{task}: starting...").format(task=TASKS[task].label)
+        entry = self._conversation.start(volume.GetID(), key, shown)
+        self._running = (key, request, entry)
+        self.ui.statusLabel.text = _("{task}: starting...").format(task=task.label)
         self.ui.progressBar.setRange(0, 0)
         self._setRunning(task)
         self._timer.start()
@@ -492,13 +476,16 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._setRunning(None)
 
-    def _showResult(self, task: str, output) -> None:
+    def _showResult(self, key: str, output) -> None:
         """New segments go on into the same segmentation; show the new ROI / segmentation."""
-        if task in ("segment", "segmentExpression") and output[0] is not None:
+        from M3DAssistantLib.tasks import TASKS, Output
+
+        shown = TASKS[key].output
+        if shown is Output.SEGMENT and output[0] is not None:
             if self._parameterNode.outputSegmentation is None:
                 self._parameterNode.outputSegmentation = output[0]
             output[0].CreateDefaultDisplayNodes()
-        elif task == "locate" and output[0] is not None:
+        elif shown is Output.ROI_NODE and output[0] is not None:
             center = [0.0, 0.0, 0.0]
             output[0].GetCenterWorld(center)
             slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
@@ -594,6 +581,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         return M3DAssistantParameterNode(super().getParameterNode())
 
     # ------------------------------------------------------------------------------------------ the eight tasks
+    # One thin method per task of the registry (M3DAssistantLib.tasks), named Task.logic_name, over _runTask.
     def report(self, volumeNode, *, wait: bool = True, callback=None, errorCallback=None, onText=None, **options):
         """
         Write a radiology-style report of the volume.
@@ -601,9 +589,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         :param options: ``window``, ``roiNode`` (crop), ``maxNewTokens``; default: the module panel's
         :return: a new ``vtkMRMLTextNode`` (None when the model wrote nothing); ``lastResult`` is the TextResult
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("report", lambda s: s.report(volumeNode, on_text=onText, wait=False, **kwargs),
-                             wait, callback, errorCallback)
+        return self._runTask("report", volumeNode, (), options, wait, callback, errorCallback, onText)
 
     def ask(self, volumeNode, question: str, *, wait: bool = True, callback=None, errorCallback=None, onText=None,
             **options):
@@ -611,9 +597,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Answer a free-text question about the volume; earlier questions about it are the conversation's context.
         :return: the answer (str); ``lastResult`` is the TextResult
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("ask", lambda s: s.ask(volumeNode, question, on_text=onText, wait=False, **kwargs),
-                             wait, callback, errorCallback)
+        return self._runTask("ask", volumeNode, (question,), options, wait, callback, errorCallback, onText)
 
     def choose(self, volumeNode, question: str, choices, *, wait: bool = True, callback=None, errorCallback=None,
                onText=None, **options):
@@ -621,9 +605,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Multiple choice: which of ``choices`` (2 to 8 distinct texts) answers the question.
         :return: the chosen option's text (the raw answer when it names none); ``lastResult`` is the ChoiceResult
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("choose", lambda s: s.choose(volumeNode, question, list(choices), on_text=onText,
-                                                          wait=False, **kwargs), wait, callback, errorCallback)
+        return self._runTask("choose", volumeNode, (question, list(choices)), options, wait, callback, errorCallback,
+                             onText)
 
     def locate(self, volumeNode, expression: str, *, name: str | None = None, wait: bool = True, callback=None,
                errorCallback=None, onText=None, **options):
@@ -631,9 +614,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Find a structure or described region and mark its bounding box.
         :return: a new ``vtkMRMLMarkupsROINode`` in RAS (None when no box came back); ``lastResult`` is the BoxResult
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("locate", lambda s: s.locate(volumeNode, expression, name=name, on_text=onText,
-                                                          wait=False, **kwargs), wait, callback, errorCallback)
+        return self._runTask("locate", volumeNode, (expression,), options, wait, callback, errorCallback, onText,
+                             name=name)
 
     def describeRegion(self, volumeNode, roiNode, *, wait: bool = True, callback=None, errorCallback=None,
                        onText=None, **options):
@@ -641,10 +623,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Describe what lies inside a user-drawn ROI (``vtkMRMLMarkupsROINode``, may be rotated).
         :return: the description (str); ``lastResult`` is the TextResult
         """
-        kwargs = self._taskOptions(volumeNode, options, cropKey="crop_roi_node")
-        return self._execute("describeRegion", lambda s: s.describe_region(volumeNode, roiNode, on_text=onText,
-                                                                           wait=False, **kwargs),
-                             wait, callback, errorCallback)
+        return self._runTask("describeRegion", volumeNode, (roiNode,), options, wait, callback, errorCallback, onText)
 
     def segment(self, volumeNode, target: str, segmentationNode=None, *, wait: bool = True, callback=None,
                 errorCallback=None, onText=None, **options):
@@ -653,9 +632,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         :param segmentationNode: where the segment goes (None: a new segmentation node)
         :return: (segmentation node, segment id), or (None, None) when the model gave no mask
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("segment", lambda s: s.segment(volumeNode, target, segmentationNode, on_text=onText,
-                                                            wait=False, **kwargs), wait, callback, errorCallback)
+        return self._runTask("segment", volumeNode, (target, segmentationNode), options, wait, callback,
+                             errorCallback, onText)
 
     def segmentExpression(self, volumeNode, expression: str, segmentationNode=None, *, wait: bool = True,
                           callback=None, errorCallback=None, onText=None, **options):
@@ -663,10 +641,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Segment what a description refers to ("the lesion in the right lobe"); as :meth:`segment`.
         :return: (segmentation node, segment id), or (None, None) when the model gave no mask
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("segmentExpression", lambda s: s.segment_expression(
-            volumeNode, expression, segmentationNode, on_text=onText, wait=False, **kwargs),
-            wait, callback, errorCallback)
+        return self._runTask("segmentExpression", volumeNode, (expression, segmentationNode), options, wait,
+                             callback, errorCallback, onText)
 
     def findSimilar(self, candidates, query, *, wait: bool = True, callback=None, errorCallback=None):
         """
@@ -674,9 +650,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         :param candidates: volume nodes (then ``query`` is a text) or texts (then ``query`` is a volume node)
         :return: ``[(candidate, score), ...]``, best first; ``lastResult`` is the RetrievalResult
         """
-        candidates = list(candidates)
-        return self._execute("findSimilar", lambda s: s.find_similar(candidates, query, wait=False),
-                             wait, callback, errorCallback, candidates)
+        return self._runTask("findSimilar", None, (list(candidates), query), {}, wait, callback, errorCallback, None)
 
     def imageVolumes(self) -> list:
         """The scene's image volumes: scalar volumes that are not label maps (what M3D can read), in scene order."""
@@ -718,9 +692,23 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             return (display.GetLevel(), display.GetWindow())
         return preset.lower()
 
-    def _execute(self, task: str, start, wait: bool, callback, errorCallback, candidates=None):
+    def _runTask(self, taskName: str, volumeNode, arguments: tuple, options: dict, wait: bool, callback,
+                 errorCallback, onText, **sessionOptions):
+        """The one implementation of the task methods: the session's method of the task (``Task.key``) with the
+        panel's options, run in the background; blocks unless ``wait=False`` or a callback is given."""
         from M3DAssistantLib.panel import TaskRequest, api_value, typed_result
+        from M3DAssistantLib.tasks import ArgumentKind
+        from M3DAssistantLib.tasks import get as getTask
 
+        task = getTask(taskName)
+        candidates = arguments[0] if task.takes(ArgumentKind.CANDIDATES) else None
+        if task.on_volume:
+            # a task that describes an ROI takes the crop ROI under another name (the session's crop_roi_node)
+            cropKey = "crop_roi_node" if task.takes(ArgumentKind.REGION) else "roi_node"
+            kwargs = dict(self._taskOptions(volumeNode, options, cropKey=cropKey), on_text=onText, **sessionOptions)
+            arguments = (volumeNode, *arguments)
+        else:
+            kwargs = sessionOptions
         session = self.session()
         self.prepareWorker()
 
@@ -728,7 +716,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             self.lastResult = typed_result(task, output)
             return api_value(task, output, candidates)
 
-        request = TaskRequest(task, start(session), finish)
+        request = TaskRequest(task.key, getattr(session, task.key)(*arguments, wait=False, **kwargs), finish)
         if callback is not None or errorCallback is not None:
             self._watch(request, callback, errorCallback)
             return request

@@ -237,12 +237,9 @@ def test_ui_binds_every_parameter_and_never_the_token():
     token = widgets["serverTokenLineEdit"]
     assert token.findtext("property[@name='echoMode']/enum") == "QLineEdit::Password"
     source = MODULE_FILE.read_text(encoding="utf-8")
-    for task, spec in tasks.TASKS.items():  # one button per task, with the task's label
-        name = {"report": "reportButton", "ask": "askButton", "choose": "chooseButton", "locate": "locateButton",
-                "describeRegion": "describeRoiButton", "segment": "segmentButton",
-                "segmentExpression": "segmentExpressionButton", "findSimilar": "findSimilarButton"}[task]
-        assert widgets[name].findtext("property[@name='text']/string") == spec.label
-        assert f'"{task}": "{name}"' in source and f"def {task}(" in source
+    for task in tasks.TASKS.values():  # one button per task, named after it (Task.button), with the task's label
+        assert widgets[task.button].findtext("property[@name='text']/string") == task.label
+        assert f"def {task.logic_name}(" in source and f'self._runTask("{task.logic_name}", ' in source
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -256,8 +253,8 @@ def test_tasks_table_matches_the_help_and_the_session():
     assert [spec.label for spec in tasks.TASKS.values()] == [
         "Report", "Ask", "Multiple choice", "Locate", "Describe ROI", "Segment", "Segment by description",
         "Find similar"]
-    for spec in tasks.TASKS.values():
-        assert callable(getattr(AssistantSession, spec.session_method))
+    for task in tasks.TASKS.values():
+        assert callable(getattr(AssistantSession, task.key))
 
 
 def test_choices_prompts_and_progress_text():

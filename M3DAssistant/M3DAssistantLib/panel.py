@@ -11,12 +11,13 @@ import dataclasses
 import html
 import queue
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from . import AI_LABEL
 from .errors import InputError
 from .progress import ProgressEvent
-from .tasks import TASKS
+from .tasks import ArgumentKind, Output, ResultKind, Task
+from .tasks import get as get_task
 
 
 STAGE_LABELS = {
@@ -51,34 +52,64 @@ def parse_choices(text: str) -> list[str]:
     return choices
 
 
-def require_prompt(task: str, prompt: str) -> str:
+def require_prompt(task: Union[Task, str], prompt: str) -> str:
     """The prompt stripped; InputError naming what the task needs when it is empty."""
-    spec = TASKS[task]
+    task = _task(task)
     prompt = (prompt or "").strip()
-    if spec.prompt and not prompt:
-        raise InputError(f"{spec.label} needs {spec.prompt}: type it in the prompt box.")
+    if task.prompt_hint and not prompt:
+        raise InputError(f"{task.label} needs {task.prompt_hint}: type it in the prompt box.")
     return prompt
 
 
-# ------------------------------------------------------------------------------------- results for the console
-def api_value(task: str, output: Any, candidates: Optional[Sequence[Any]] = None) -> Any:
-    """What the Logic's console method returns, from what the session returned.
+def task_arguments(task: Union[Task, str], prompt: str, *, choices: str = "", region: Any = None,
+                   candidates: Sequence[Any] = (), segmentation: Any = None) -> tuple[list[Any], str]:
+    """The Logic method's arguments after the volume, from what the panel holds, and the question as the conversation
+    view shows it. By argument kind: TEXT <- the prompt box, CHOICES <- the choices box, REGION <- the "Describe ROI"
+    node, CANDIDATES <- ``candidates`` (the scene's image volumes); a segment goes into ``segmentation`` (None: a new
+    segmentation node). HISTORY is the Logic's own (the conversation about the volume continues)."""
+    task = _task(task)
+    prompt = require_prompt(task, prompt)
+    arguments: list[Any] = []
+    shown = prompt
+    for argument in task.arguments:
+        if argument.kind is ArgumentKind.TEXT:
+            arguments.append(prompt)
+        elif argument.kind is ArgumentKind.CHOICES:
+            options = parse_choices(choices)
+            arguments.append(options)
+            shown = f"{prompt} ({'; '.join(options)})"
+        elif argument.kind is ArgumentKind.REGION:
+            if region is None:
+                raise InputError("Choose the ROI to describe (or create one and draw it on the volume).")
+            arguments.append(region)
+            shown = _node_name(region)
+        elif argument.kind is ArgumentKind.CANDIDATES:
+            arguments.append(list(candidates))
+    if task.output is Output.SEGMENT:
+        arguments.append(segmentation)
+    return arguments, shown
 
-    report -> text node (or None); ask / choose / describeRegion -> str; locate -> ROI node (or None);
-    segment / segmentExpression -> (segmentation node, segment id) (``(None, None)`` without a mask);
-    findSimilar -> ``[(candidate, score), ...]`` best first, candidates as given (nodes or texts)."""
-    if task in ("segment", "segmentExpression"):
+
+# ------------------------------------------------------------------------------------- results for the console
+def api_value(task: Union[Task, str], output: Any, candidates: Optional[Sequence[Any]] = None) -> Any:
+    """What the Logic's console method returns, from what the session returned, by the task's output:
+
+    a text node (or None); the answer (str); an ROI node (or None); ``(segmentation node, segment id)``
+    (``(None, None)`` without a mask); a ranking ``[(candidate, score), ...]`` best first, candidates as given (nodes
+    or texts)."""
+    output_kind = _task(task).output
+    if output_kind is Output.SEGMENT:
         node, segment_id, _ = output
         return node, segment_id
-    if task == "findSimilar":
+    if output_kind is Output.RANKING:
         return [(candidates[index] if candidates is not None else label, float(score))
                 for index, label, score in output.ranking]
     return output[0]
 
 
-def typed_result(task: str, output: Any) -> Any:
+def typed_result(task: Union[Task, str], output: Any) -> Any:
     """The full typed result (TextResult, ChoiceResult, BoxResult, SegmentationResult, RetrievalResult)."""
-    if task == "findSimilar":
+    if _task(task).output is Output.RANKING:
         return output
     return output[-1]
 
@@ -87,30 +118,35 @@ def _node_name(node: Any) -> str:
     return node.GetName() if hasattr(node, "GetName") else str(node)
 
 
-def answer_text(task: str, output: Any) -> str:
+def answer_text(task: Union[Task, str], output: Any) -> str:
     """The conversation view's line for a finished task (call on the main thread: it reads node names)."""
+    task = _task(task)
     result = typed_result(task, output)
-    if task == "findSimilar":
+    if task.output is Output.RANKING:
         return "\n".join(f"{rank}. {label} ({score:.3f})" for rank, (_, label, score) in
                          enumerate(result.ranking, start=1))
-    if task == "choose":
+    if task.result is ResultKind.CHOICE:
         choice, _ = output
         return f"{result.letter}. {choice}" if result.letter else choice
-    if task == "locate":
+    if task.output is Output.ROI_NODE:
         node = output[0]
         if node is None:
             return f"{result.text.strip()}\n(no box found: nothing was added)"
         return f"{result.text.strip()}\n(box added as ROI '{_node_name(node)}')"
-    if task in ("segment", "segmentExpression"):
+    if task.output is Output.SEGMENT:
         node, segment_id, _ = output
         if node is None:
             return f"{result.text.strip()}\n(no mask: nothing was added)"
         segment = node.GetSegmentation().GetSegment(segment_id) if hasattr(node, "GetSegmentation") else None
         name = segment.GetName() if segment is not None else segment_id
         return f"{result.text.strip()}\n(segment '{name}' added to '{_node_name(node)}', {result.voxel_count} voxels)"
-    if task == "report" and output[0] is not None:
+    if task.output is Output.TEXT_NODE and output[0] is not None:
         return f"{result.text.strip()}\n(saved as text node '{_node_name(output[0])}')"
     return result.text.strip()
+
+
+def _task(task: Union[Task, str]) -> Task:
+    return task if isinstance(task, Task) else get_task(task)
 
 
 class TaskRequest:
@@ -211,7 +247,10 @@ class ConversationLog:
                     f"Answers are {html.escape(AI_LABEL)}.</p>")
         parts = [f"<p style='color:gray'><i>{html.escape(AI_LABEL)}</i></p>"]
         for entry in entries:
-            label = TASKS[entry.task].label if entry.task in TASKS else entry.task
+            try:
+                label = get_task(entry.task).label
+            except InputError:  # not a task of ours: show what was recorded
+                label = entry.task
             question = f": {html.escape(entry.prompt)}" if entry.prompt else ""
             parts.append(f"<p><b>{html.escape(label)}</b>{question}</p>")
             answer = html.escape(entry.answer).replace("\n", "<br>") or "&hellip;"
@@ -234,6 +273,6 @@ class PromptHistory:
             self.items = [prompt] + [p for p in self.items if p != prompt][: self.size - 1]
 
 
-__all__ = ["STAGE_LABELS", "progress_text", "parse_choices", "require_prompt", "api_value",
+__all__ = ["STAGE_LABELS", "progress_text", "parse_choices", "require_prompt", "task_arguments", "api_value",
            "typed_result", "answer_text", "TaskRequest", "StreamBuffer", "ConversationEntry", "ConversationLog",
            "PromptHistory"]

@@ -91,7 +91,6 @@ from M3DAssistantLib import prompts
 from M3DAssistantLib.errors import GeometryError, InputError, M3DError
 from M3DAssistantLib.geometry import (
     DEFAULT_MODEL_SHAPE,
-    default_convention,
     format_box,
     mask_to_box,
     mask_to_model,
@@ -102,6 +101,7 @@ from M3DAssistantLib.geometry import (
 from M3DAssistantLib.model.tokenizer import BOX_END, BOX_START
 from M3DAssistantLib.outputs import write_json, write_text
 from M3DAssistantLib.progress import ProgressCallback, report
+from M3DAssistantLib.tasks import convention_for
 
 log = logging.getLogger(__name__)
 
@@ -724,7 +724,7 @@ class _DatasetWriter:
         self.volume_files = []
 
     def convention_for(self, task: str) -> str:
-        return resolve_convention(self.convention or default_convention(task)).name
+        return resolve_convention(self.convention or convention_for(task)).name
 
     def write_volume(self, vid: str, work: _VolumeWork, reader: _SceneReader) -> list[tuple[str, dict[str, Any]]]:
         """Write a volume's images, masks and texts; return its ``(task, record)`` pairs."""
