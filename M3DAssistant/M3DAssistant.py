@@ -808,7 +808,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
     def _createBackend(self, config: dict):
         if self._backendFactory is not None:
             return self._backendFactory(config)
-        from M3DAssistantLib.worker import ClientBackend, LocalWorkerBackend, WorkerProcess
+        from M3DAssistantLib.backends import ClientBackend, LocalWorkerBackend
+        from M3DAssistantLib.worker import WorkerProcess
 
         if config["remote"]:
             from M3DAssistantLib.client import M3DClient

@@ -468,7 +468,8 @@ def test_slicer_side_helpers_stay_light():
     code = textwrap.dedent(f"""
         import sys
         sys.path[:0] = {paths!r}
-        import M3DAssistantLib.worker, M3DAssistantLib.tasks, M3DAssistantLib.panel, M3DAssistantLib.dependencies, M3DAssistantLib.weights
+        import M3DAssistantLib.worker, M3DAssistantLib.backends, M3DAssistantLib.processes
+        import M3DAssistantLib.tasks, M3DAssistantLib.panel, M3DAssistantLib.dependencies, M3DAssistantLib.weights
         import M3DAssistantLib.session
         heavy = sorted(m for m in ("torch", "transformers", "fastapi", "uvicorn", "huggingface_hub", "safetensors")
                        if m in sys.modules)

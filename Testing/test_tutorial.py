@@ -527,14 +527,14 @@ class InProcessWorkerBackend:
 def console(assistant, headless_slicer, tiny_phi3, tiny_clip, monkeypatch, clone):  # noqa: F811
     """A namespace as Slicer's Python console has it, after part 1 loaded the CT; yields (namespace, logic, volume)."""
     import slicer
-    from M3DAssistantLib import worker
+    from M3DAssistantLib import backends, worker
 
     _scene, logics = headless_slicer
     volume = logics["volumes"].AddArchetypeVolume(str(REPO / "Testing/Data/totalsegmentator/example_ct_sm.nii.gz"),
                                                   "example_ct_sm")  # File > Add Data names it so
     monkeypatch.setitem(assistant.OFFICIAL_MODELS, assistant.MODEL_PHI3, str(tiny_phi3))
     monkeypatch.setattr(worker, "WorkerProcess", InProcessWorker)
-    monkeypatch.setattr(worker, "LocalWorkerBackend", InProcessWorkerBackend)
+    monkeypatch.setattr(backends, "LocalWorkerBackend", InProcessWorkerBackend)
     settings = MemorySettings({"pythonExecutable": sys.executable, "clipModel": str(tiny_clip)})
     logic = assistant.M3DAssistantLogic(settings=settings)
 
