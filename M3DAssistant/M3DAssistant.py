@@ -812,7 +812,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         from M3DAssistantLib.worker import WorkerProcess
 
         if config["remote"]:
-            from M3DAssistantLib.client import M3DClient
+            from M3DAssistantLib.serving.client import M3DClient
 
             if not config["token"]:
                 raise ValueError(_("Enter the remote server's token (it is kept in memory only, unless you check "

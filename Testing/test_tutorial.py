@@ -238,7 +238,7 @@ def _parameter_choices(module) -> dict[str, list[str] | None]:
 
 def test_every_console_call_is_real(assistant):  # noqa: F811
     import slicer
-    from M3DAssistantLib.client import M3DClient
+    from M3DAssistantLib.serving.client import M3DClient
     from M3DAssistantLib.panel import TaskRequest
 
     task_options = {"window", "roiNode", "maxNewTokens"}  # the Logic's **options (see _taskOptions)
@@ -607,7 +607,7 @@ class TutorialServer:
     """The tutorial's serve block in bash; its last line, ``m3d serve ...``, exec'd as the server (127.0.0.1)."""
 
     def __init__(self, clone: Path, model: Path):
-        from M3DAssistantLib.server import parse_ready_line
+        from M3DAssistantLib.serving.server import parse_ready_line
 
         lines = with_model(blocks_of("serve")[0].text, model).strip().splitlines()
         serve = lines[-1]

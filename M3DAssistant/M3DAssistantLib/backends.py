@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 from .errors import CancelledError, M3DError
 from .progress import ProgressCallback, ProgressEvent, report
-from .client import M3DClient, ServerUnavailableError
+from .serving.client import M3DClient, ServerUnavailableError
 from .tasks import STREAMING_TASKS, Task
 from .worker import WorkerCrashedError, WorkerError, WorkerProcess, WorkerState
 

@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: seconds on a CPU; official: the released models' sizes (many GB)")
     p.set_defaults(func=cmd_make_test_checkpoint)
 
-    from .server import add_serve_arguments, run_serve  # light: the FastAPI app is imported when serving
+    from .serving.server import add_serve_arguments, run_serve  # light: the FastAPI app is imported when serving
 
     p = sub.add_parser("serve", help="run the inference worker (HTTP on 127.0.0.1, token required)")
     add_serve_arguments(p)

@@ -1,7 +1,7 @@
 """AssistantSession: the eight M3D tasks on Slicer nodes, without Qt. The module's Logic is a thin layer over it.
 
 A session talks to a *backend*: the in-process :class:`~.engine.InferenceEngine` or the HTTP client of a worker
-(``client.py``), which has the same methods (``set_volume``, ``report``, ``ask``, ``choose``, ``locate``,
+(:mod:`.serving.client`), which has the same methods (``set_volume``, ``report``, ``ask``, ``choose``, ``locate``,
 ``describe_region``, ``segment``, ``segment_expression``, ``retrieve``, ``cancel``). It reads volume nodes and writes
 results through :mod:`.scene` (MRML only), so it runs in Slicer and headless with slicer-core.
 

@@ -3,7 +3,7 @@
 Slicer's own process never imports torch (see DESIGN.md, "Process boundary"). The model runs in a worker process
 started with Slicer's Python (``PythonSlicer``) or any other Python the user points to::
 
-    python -u -m M3DAssistantLib.server --host 127.0.0.1 --port 0 --parent-pid <Slicer's pid> --model ...
+    python -u -m M3DAssistantLib.serving --host 127.0.0.1 --port 0 --parent-pid <Slicer's pid> --model ...
 
 :class:`WorkerProcess` owns that process:
 
@@ -48,18 +48,18 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from .client import M3DClient
 from .errors import CancelledError, M3DError
 from .processes import describe_exit, kill_process_tree
 from .progress import ProgressCallback, ProgressEvent
-from .server import TOKEN_ENV, parse_ready_line
+from .serving.client import M3DClient
+from .serving.server import TOKEN_ENV, parse_ready_line
 
 logger = logging.getLogger(__name__)
 
 MessageCallback = Callable[[str], None]
 
 LIB_PARENT = Path(__file__).resolve().parent.parent
-"""The folder that holds ``M3DAssistantLib``; put on the worker's PYTHONPATH so ``-m M3DAssistantLib.server`` works
+"""The folder that holds ``M3DAssistantLib``; put on the worker's PYTHONPATH so ``-m M3DAssistantLib.serving`` works
 with any Python (Slicer adds it to its own ``sys.path`` only)."""
 
 SERVER_ERROR_PREFIX = "m3d serve: error:"
@@ -286,7 +286,7 @@ class WorkerProcess:
     # ------------------------------------------------------------------------------------------- the command
     def command(self) -> list[str]:
         """The worker's command line (no token: that goes through the environment)."""
-        args = [self.python_executable, "-u", "-m", "M3DAssistantLib.server", "--host", "127.0.0.1", "--port", "0",
+        args = [self.python_executable, "-u", "-m", "M3DAssistantLib.serving", "--host", "127.0.0.1", "--port", "0",
                 "--parent-pid", str(self.parent_pid)]
         for flag, value in (("--model", self.model), ("--device", self.device), ("--dtype", self.dtype),
                             ("--revision", self.revision), ("--clip-model", self.clip_model)):
