@@ -389,7 +389,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Run the task on the panel's volume with the panel's inputs (see ``panel.task_arguments``), in the
         background; the timer shows its text and progress."""
         from M3DAssistantLib.panel import task_arguments
-        from M3DAssistantLib.tasks import TASKS
+        from M3DAssistantLib.tasks import TASKS, Output
 
         task = TASKS[key]
         p = self._parameterNode
@@ -398,13 +398,14 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise ValueError(_("Select an input volume first."))
         prompt = self.ui.promptComboBox.currentText
         arguments, shown = task_arguments(task, prompt, choices=p.choices, region=p.describeRoi,
-                                          candidates=self.logic.imageVolumes(), segmentation=p.outputSegmentation)
+                                          candidates=self.logic.imageVolumes())
         self._stream.drain()  # drop what earlier console calls left there
         options = {"wait": False}
         if task.streams:
             options["onText"] = self._stream.put_text
-        method = getattr(self.logic, task.logic_name)
-        request = method(volume, *arguments, **options) if task.on_volume else method(*arguments, **options)
+        if task.output is Output.SEGMENT:  # new segments go on into the chosen segmentation
+            options["segmentationNode"] = p.outputSegmentation
+        request = self.logic.runTask(key, *([volume] if task.on_volume else []), *arguments, **options)
         self._history.add(prompt)
         self._fillPromptHistory()
         entry = self._conversation.start(volume.GetID(), key, shown)
@@ -581,7 +582,52 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         return M3DAssistantParameterNode(super().getParameterNode())
 
     # ------------------------------------------------------------------------------------------ the eight tasks
-    # One thin method per task of the registry (M3DAssistantLib.tasks), named Task.logic_name, over _runTask.
+    def runTask(self, task: str, *arguments, wait: bool = True, callback=None, errorCallback=None, onText=None,
+                name: str | None = None, segmentationNode=None, **options):
+        """
+        Run any task of the registry (``M3DAssistantLib.tasks``) by name: ``logic.runTask("segment", volumeNode,
+        "liver")`` is ``logic.segment(volumeNode, "liver")``. The task methods below are this with their own
+        signatures and documentation.
+        :param task: the task's key or console name (``"segment_expression"`` or ``"segmentExpression"``)
+        :param arguments: the volume node (except for findSimilar), then the task's arguments in order
+        :param name: the name of a new text or ROI node; :param segmentationNode: where a new segment goes
+        :param options: ``window``, ``roiNode`` (crop), ``maxNewTokens``; default: the module panel's
+        :return: what the task's own method returns; ``lastResult`` is the typed result
+        """
+        from M3DAssistantLib.panel import TaskRequest, api_value, typed_result
+        from M3DAssistantLib.tasks import ArgumentKind
+        from M3DAssistantLib.tasks import get as getTask
+
+        task = getTask(task)
+        candidates = arguments[0] if task.takes(ArgumentKind.CANDIDATES) else None
+        if task.on_volume:
+            if not arguments:
+                raise TypeError(f"{task.logic_name} needs the volume node first")
+            placement = {"name": name, "segmentation_node": segmentationNode}
+            kwargs = dict(self._taskOptions(arguments[0], options), on_text=onText, **placement)
+        else:
+            if options or name is not None or segmentationNode is not None:
+                raise TypeError(f"{task.logic_name} takes no options (window=, roiNode=, maxNewTokens=, name=)")
+            kwargs = {}
+        session = self.session()
+        self.prepareWorker()
+
+        def finish(output):
+            self.lastResult = typed_result(task, output)
+            return api_value(task, output, candidates)
+
+        request = TaskRequest(task.key, session.run_task(task, *arguments, wait=False, **kwargs), finish)
+        if callback is not None or errorCallback is not None:
+            self._watch(request, callback, errorCallback)
+            return request
+        if not wait:
+            return request
+        app = getattr(slicer, "app", None)
+        while not request.wait(0.05):
+            if app is not None:
+                app.processEvents()  # a scripted call blocks, but Slicer keeps drawing
+        return request.result()
+
     def report(self, volumeNode, *, wait: bool = True, callback=None, errorCallback=None, onText=None, **options):
         """
         Write a radiology-style report of the volume.
@@ -589,7 +635,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         :param options: ``window``, ``roiNode`` (crop), ``maxNewTokens``; default: the module panel's
         :return: a new ``vtkMRMLTextNode`` (None when the model wrote nothing); ``lastResult`` is the TextResult
         """
-        return self._runTask("report", volumeNode, (), options, wait, callback, errorCallback, onText)
+        return self.runTask("report", volumeNode, wait=wait, callback=callback, errorCallback=errorCallback,
+                            onText=onText, **options)
 
     def ask(self, volumeNode, question: str, *, wait: bool = True, callback=None, errorCallback=None, onText=None,
             **options):
@@ -597,7 +644,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Answer a free-text question about the volume; earlier questions about it are the conversation's context.
         :return: the answer (str); ``lastResult`` is the TextResult
         """
-        return self._runTask("ask", volumeNode, (question,), options, wait, callback, errorCallback, onText)
+        return self.runTask("ask", volumeNode, question, wait=wait, callback=callback, errorCallback=errorCallback,
+                            onText=onText, **options)
 
     def choose(self, volumeNode, question: str, choices, *, wait: bool = True, callback=None, errorCallback=None,
                onText=None, **options):
@@ -605,8 +653,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Multiple choice: which of ``choices`` (2 to 8 distinct texts) answers the question.
         :return: the chosen option's text (the raw answer when it names none); ``lastResult`` is the ChoiceResult
         """
-        return self._runTask("choose", volumeNode, (question, list(choices)), options, wait, callback, errorCallback,
-                             onText)
+        return self.runTask("choose", volumeNode, question, list(choices), wait=wait, callback=callback,
+                            errorCallback=errorCallback, onText=onText, **options)
 
     def locate(self, volumeNode, expression: str, *, name: str | None = None, wait: bool = True, callback=None,
                errorCallback=None, onText=None, **options):
@@ -614,8 +662,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Find a structure or described region and mark its bounding box.
         :return: a new ``vtkMRMLMarkupsROINode`` in RAS (None when no box came back); ``lastResult`` is the BoxResult
         """
-        return self._runTask("locate", volumeNode, (expression,), options, wait, callback, errorCallback, onText,
-                             name=name)
+        return self.runTask("locate", volumeNode, expression, name=name, wait=wait, callback=callback,
+                            errorCallback=errorCallback, onText=onText, **options)
 
     def describeRegion(self, volumeNode, roiNode, *, wait: bool = True, callback=None, errorCallback=None,
                        onText=None, **options):
@@ -623,7 +671,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Describe what lies inside a user-drawn ROI (``vtkMRMLMarkupsROINode``, may be rotated).
         :return: the description (str); ``lastResult`` is the TextResult
         """
-        return self._runTask("describeRegion", volumeNode, (roiNode,), options, wait, callback, errorCallback, onText)
+        return self.runTask("describeRegion", volumeNode, roiNode, wait=wait, callback=callback,
+                            errorCallback=errorCallback, onText=onText, **options)
 
     def segment(self, volumeNode, target: str, segmentationNode=None, *, wait: bool = True, callback=None,
                 errorCallback=None, onText=None, **options):
@@ -632,8 +681,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         :param segmentationNode: where the segment goes (None: a new segmentation node)
         :return: (segmentation node, segment id), or (None, None) when the model gave no mask
         """
-        return self._runTask("segment", volumeNode, (target, segmentationNode), options, wait, callback,
-                             errorCallback, onText)
+        return self.runTask("segment", volumeNode, target, segmentationNode=segmentationNode, wait=wait,
+                            callback=callback, errorCallback=errorCallback, onText=onText, **options)
 
     def segmentExpression(self, volumeNode, expression: str, segmentationNode=None, *, wait: bool = True,
                           callback=None, errorCallback=None, onText=None, **options):
@@ -641,8 +690,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Segment what a description refers to ("the lesion in the right lobe"); as :meth:`segment`.
         :return: (segmentation node, segment id), or (None, None) when the model gave no mask
         """
-        return self._runTask("segmentExpression", volumeNode, (expression, segmentationNode), options, wait,
-                             callback, errorCallback, onText)
+        return self.runTask("segmentExpression", volumeNode, expression, segmentationNode=segmentationNode,
+                            wait=wait, callback=callback, errorCallback=errorCallback, onText=onText, **options)
 
     def findSimilar(self, candidates, query, *, wait: bool = True, callback=None, errorCallback=None):
         """
@@ -650,7 +699,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         :param candidates: volume nodes (then ``query`` is a text) or texts (then ``query`` is a volume node)
         :return: ``[(candidate, score), ...]``, best first; ``lastResult`` is the RetrievalResult
         """
-        return self._runTask("findSimilar", None, (list(candidates), query), {}, wait, callback, errorCallback, None)
+        return self.runTask("findSimilar", list(candidates), query, wait=wait, callback=callback,
+                            errorCallback=errorCallback)
 
     def imageVolumes(self) -> list:
         """The scene's image volumes: scalar volumes that are not label maps (what M3D can read), in scene order."""
@@ -668,7 +718,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             self._session.clear_history(volumeNode)
 
     # ------------------------------------------------------------------------------------------ running
-    def _taskOptions(self, volumeNode, options: dict, cropKey: str = "roi_node") -> dict:
+    def _taskOptions(self, volumeNode, options: dict) -> dict:
         from M3DAssistantLib.results import SamplingOptions
 
         unknown = set(options) - {"window", "roiNode", "maxNewTokens"}
@@ -676,7 +726,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             raise TypeError(f"unknown option(s) {sorted(unknown)}; use window=, roiNode= or maxNewTokens=")
         p = self.getParameterNode()
         window = options["window"] if "window" in options else self.windowFor(volumeNode, p.windowPreset)
-        return {"window": window, cropKey: options.get("roiNode", p.cropRoi),
+        return {"window": window, "roi_node": options.get("roiNode", p.cropRoi),
                 "sampling": SamplingOptions(max_new_tokens=int(options.get("maxNewTokens", p.maxNewTokens)))}
 
     @staticmethod
@@ -691,42 +741,6 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
                 return None
             return (display.GetLevel(), display.GetWindow())
         return preset.lower()
-
-    def _runTask(self, taskName: str, volumeNode, arguments: tuple, options: dict, wait: bool, callback,
-                 errorCallback, onText, **sessionOptions):
-        """The one implementation of the task methods: the session's method of the task (``Task.key``) with the
-        panel's options, run in the background; blocks unless ``wait=False`` or a callback is given."""
-        from M3DAssistantLib.panel import TaskRequest, api_value, typed_result
-        from M3DAssistantLib.tasks import ArgumentKind
-        from M3DAssistantLib.tasks import get as getTask
-
-        task = getTask(taskName)
-        candidates = arguments[0] if task.takes(ArgumentKind.CANDIDATES) else None
-        if task.on_volume:
-            # a task that describes an ROI takes the crop ROI under another name (the session's crop_roi_node)
-            cropKey = "crop_roi_node" if task.takes(ArgumentKind.REGION) else "roi_node"
-            kwargs = dict(self._taskOptions(volumeNode, options, cropKey=cropKey), on_text=onText, **sessionOptions)
-            arguments = (volumeNode, *arguments)
-        else:
-            kwargs = sessionOptions
-        session = self.session()
-        self.prepareWorker()
-
-        def finish(output):
-            self.lastResult = typed_result(task, output)
-            return api_value(task, output, candidates)
-
-        request = TaskRequest(task.key, getattr(session, task.key)(*arguments, wait=False, **kwargs), finish)
-        if callback is not None or errorCallback is not None:
-            self._watch(request, callback, errorCallback)
-            return request
-        if not wait:
-            return request
-        app = getattr(slicer, "app", None)
-        while not request.wait(0.05):
-            if app is not None:
-                app.processEvents()  # a scripted call blocks, but Slicer keeps drawing
-        return request.result()
 
     def _watch(self, request, callback, errorCallback) -> None:
         """Poll a request from a QTimer; call back on the main thread."""

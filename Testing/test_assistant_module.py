@@ -239,7 +239,7 @@ def test_ui_binds_every_parameter_and_never_the_token():
     source = MODULE_FILE.read_text(encoding="utf-8")
     for task in tasks.TASKS.values():  # one button per task, named after it (Task.button), with the task's label
         assert widgets[task.button].findtext("property[@name='text']/string") == task.label
-        assert f"def {task.logic_name}(" in source and f'self._runTask("{task.logic_name}", ' in source
+        assert f"def {task.logic_name}(" in source and f'self.runTask("{task.logic_name}", ' in source
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -74,8 +74,7 @@ class ClientBackend:
     def _run_task(self, task: Task, arguments: tuple, sampling: Any, on_text: Any) -> Any:
         client = self._client_for_task()
         self._check_cancel()
-        return getattr(client, task.engine_method)(*arguments, sampling=sampling, on_text=on_text,
-                                                   on_progress=self._progress)
+        return client.run_task(task, *arguments, sampling=sampling, on_text=on_text, on_progress=self._progress)
 
     def _send_volume(self, array_kji: Any, ijk_to_ras: Any, window: Any, roi: Any) -> Any:
         client = self._client_for_task()
@@ -229,8 +228,8 @@ class LocalWorkerBackend(ClientBackend):
         client = self._client_for_task()
         self._check_cancel()
         generation = self.worker.generation
-        return self._guard(lambda: getattr(client, task.engine_method)(*arguments, sampling=sampling, on_text=on_text,
-                                                                       on_progress=self._progress), generation)
+        return self._guard(lambda: client.run_task(task, *arguments, sampling=sampling, on_text=on_text,
+                                                   on_progress=self._progress), generation)
 
     def _run_retrieve(self, kwargs: dict) -> Any:
         client = self._client_for_task()

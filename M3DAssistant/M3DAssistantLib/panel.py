@@ -62,11 +62,11 @@ def require_prompt(task: Union[Task, str], prompt: str) -> str:
 
 
 def task_arguments(task: Union[Task, str], prompt: str, *, choices: str = "", region: Any = None,
-                   candidates: Sequence[Any] = (), segmentation: Any = None) -> tuple[list[Any], str]:
-    """The Logic method's arguments after the volume, from what the panel holds, and the question as the conversation
-    view shows it. By argument kind: TEXT <- the prompt box, CHOICES <- the choices box, REGION <- the "Describe ROI"
-    node, CANDIDATES <- ``candidates`` (the scene's image volumes); a segment goes into ``segmentation`` (None: a new
-    segmentation node). HISTORY is the Logic's own (the conversation about the volume continues)."""
+                   candidates: Sequence[Any] = ()) -> tuple[list[Any], str]:
+    """The task's arguments (after the volume) from what the panel holds, and the question as the conversation view
+    shows it. By argument kind: TEXT <- the prompt box, CHOICES <- the choices box, REGION <- the "Describe ROI" node,
+    CANDIDATES <- ``candidates`` (the scene's image volumes). HISTORY is the Logic's own (the conversation about the
+    volume continues)."""
     task = _task(task)
     prompt = require_prompt(task, prompt)
     arguments: list[Any] = []
@@ -85,8 +85,6 @@ def task_arguments(task: Union[Task, str], prompt: str, *, choices: str = "", re
             shown = _node_name(region)
         elif argument.kind is ArgumentKind.CANDIDATES:
             arguments.append(list(candidates))
-    if task.output is Output.SEGMENT:
-        arguments.append(segmentation)
     return arguments, shown
 
 

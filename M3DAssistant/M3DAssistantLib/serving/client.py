@@ -36,6 +36,7 @@ from ..geometry import RasRoi
 from ..progress import ProgressCallback, ProgressEvent
 from ..results import BoxResult, ChoiceResult, RetrievalResult, SamplingOptions, SegmentationResult, TextResult
 from ..tasks import ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, STREAMING_TASKS, Task
+from ..tasks import get as get_task
 from .protocol import (
     PROTOCOL_VERSION,
     AuthenticationError,
@@ -313,44 +314,65 @@ class M3DClient:
                 self._volume = None
 
     # -------------------------------------------------------------------------------------------------- tasks
+    def run_task(self, task: Union[Task, str], *arguments: Any, sampling: Optional[SamplingOptions] = None,
+                 on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None) -> Result:
+        """Any streaming task of the registry (a :class:`~M3DAssistantLib.tasks.Task` or any of its names) on the
+        current volume, with the engine method's arguments: ``client.run_task("segment", "liver")`` is
+        ``client.segment("liver")``. The task methods below are this with their own signatures.
+        ``POST /v1/volumes/{id}/{task.key}``, streamed when ``on_text`` or ``on_progress`` is given."""
+        task = task if isinstance(task, Task) else get_task(task)
+        if not task.streams:
+            raise InputError(f"{task.key} has no task route; use retrieve() for M3D-CLIP")
+        required = sum(argument.required for argument in task.arguments)
+        if not required <= len(arguments) <= len(task.arguments):
+            raise TypeError(f"{task.key} takes {', '.join(a.name for a in task.arguments) or 'no arguments'}; "
+                            f"got {len(arguments)} argument(s)")
+        return self._task(task, arguments, sampling, on_text, on_progress)
+
     def report(self, *, sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None,
                on_progress: Optional[ProgressCallback] = None) -> TextResult:
         """Report generation for the current volume."""
-        return self._task(REPORT, (), sampling, on_text, on_progress)  # type: ignore[return-value]
+        return self.run_task(REPORT, sampling=sampling, on_text=on_text, on_progress=on_progress)  # type: ignore
 
     def ask(self, question: str, history: Sequence[tuple[str, str]] = (), *,
             sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None,
             on_progress: Optional[ProgressCallback] = None) -> TextResult:
         """Open VQA; ``history`` = earlier (question, answer) turns (experimental)."""
-        return self._task(ASK, (question, history), sampling, on_text, on_progress)  # type: ignore[return-value]
+        return self.run_task(ASK, question, history, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def choose(self, question: str, choices: Sequence[str], *, sampling: Optional[SamplingOptions] = None,
                on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None) -> ChoiceResult:
         """Closed VQA: which of ``choices`` answers the question."""
-        return self._task(CHOOSE, (question, choices), sampling, on_text, on_progress)  # type: ignore[return-value]
+        return self.run_task(CHOOSE, question, choices, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def locate(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
                on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None) -> BoxResult:
         """Referring-expression comprehension: a box and its RAS ROI."""
-        return self._task(LOCATE, (expression,), sampling, on_text, on_progress)  # type: ignore[return-value]
+        return self.run_task(LOCATE, expression, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def describe_region(self, roi: RasRoi, *, sampling: Optional[SamplingOptions] = None,
                         on_text: Optional[TextCallback] = None,
                         on_progress: Optional[ProgressCallback] = None) -> TextResult:
         """Referring-expression generation for an RAS box."""
-        return self._task(DESCRIBE_REGION, (roi,), sampling, on_text, on_progress)  # type: ignore[return-value]
+        return self.run_task(DESCRIBE_REGION, roi, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def segment(self, target: str, *, sampling: Optional[SamplingOptions] = None,
                 on_text: Optional[TextCallback] = None,
                 on_progress: Optional[ProgressCallback] = None) -> SegmentationResult:
         """Semantic segmentation: a mask on the volume's grid."""
-        return self._task(SEGMENT, (target,), sampling, on_text, on_progress)  # type: ignore[return-value]
+        return self.run_task(SEGMENT, target, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def segment_expression(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
                            on_text: Optional[TextCallback] = None,
                            on_progress: Optional[ProgressCallback] = None) -> SegmentationResult:
         """Referring-expression segmentation."""
-        return self._task(SEGMENT_EXPRESSION, (expression,), sampling, on_text, on_progress)  # type: ignore
+        return self.run_task(SEGMENT_EXPRESSION, expression, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore
 
     def retrieve(self, *, texts: Optional[Sequence[str]] = None, text: Optional[str] = None,
                  volumes: Optional[Sequence[tuple[np.ndarray, Any]]] = None,
