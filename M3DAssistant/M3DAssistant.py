@@ -412,7 +412,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._running = (key, request, entry)
         self.ui.statusLabel.text = _("{task}: starting...").format(task=task.label)
         self.ui.progressBar.setRange(0, 0)
-        self._setRunning(task)
+        self._setRunning(key)
         self._timer.start()
 
     def _fillPromptHistory(self) -> None:
@@ -582,23 +582,24 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         return M3DAssistantParameterNode(super().getParameterNode())
 
     # ------------------------------------------------------------------------------------------ the eight tasks
-    def runTask(self, task: str, *arguments, wait: bool = True, callback=None, errorCallback=None, onText=None,
+    def runTask(self, task, *arguments, wait: bool = True, callback=None, errorCallback=None, onText=None,
                 name: str | None = None, segmentationNode=None, **options):
         """
         Run any task of the registry (``M3DAssistantLib.tasks``) by name: ``logic.runTask("segment", volumeNode,
         "liver")`` is ``logic.segment(volumeNode, "liver")``. The task methods below are this with their own
         signatures and documentation.
-        :param task: the task's key or console name (``"segment_expression"`` or ``"segmentExpression"``)
+        :param task: the task's key or console name (``"segment_expression"`` or ``"segmentExpression"``), or its
+            ``Task``
         :param arguments: the volume node (except for findSimilar), then the task's arguments in order
         :param name: the name of a new text or ROI node; :param segmentationNode: where a new segment goes
         :param options: ``window``, ``roiNode`` (crop), ``maxNewTokens``; default: the module panel's
         :return: what the task's own method returns; ``lastResult`` is the typed result
         """
         from M3DAssistantLib.panel import TaskRequest, api_value, typed_result
-        from M3DAssistantLib.tasks import ArgumentKind
+        from M3DAssistantLib.tasks import ArgumentKind, Task
         from M3DAssistantLib.tasks import get as getTask
 
-        task = getTask(task)
+        task = task if isinstance(task, Task) else getTask(task)
         candidates = arguments[0] if task.takes(ArgumentKind.CANDIDATES) else None
         if task.on_volume:
             if not arguments:

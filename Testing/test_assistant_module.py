@@ -215,6 +215,189 @@ def test_local_configuration_builds_a_lazy_worker(assistant, tiny_phi3, tmp_path
     logic.shutdown()
 
 
+class AllTasksBackend:
+    """The engine's task methods with fixed answers, recording what each task got (for the widget test)."""
+
+    def __init__(self, config):
+        self.config, self.calls, self.on_progress = config, [], None
+
+    def set_volume(self, array, ijk_to_ras, window=None, roi=None):
+        pass
+
+    def _answer(self, key, result, on_text, *arguments):
+        self.calls.append((key, *arguments))
+        if on_text is not None:
+            on_text(result.text)
+        return result
+
+    def report(self, sampling=None, on_text=None):
+        return self._answer("report", TextResult("No findings.", prov("report")), on_text)
+
+    def ask(self, question, history=(), sampling=None, on_text=None):
+        return self._answer("ask", TextResult("Yes.", prov("vqa_open")), on_text, question, len(history))
+
+    def choose(self, question, choices, sampling=None, on_text=None):
+        return self._answer("choose", ChoiceResult("B. Lung", list(choices), "B", choices[1], prov("vqa_closed")),
+                            on_text, question, list(choices))
+
+    def locate(self, expression, sampling=None, on_text=None):
+        from M3DAssistantLib.geometry import RasRoi
+        from M3DAssistantLib.results import BoxResult
+
+        return self._answer("locate", BoxResult("[0.1,0.1,0.1,0.5,0.5,0.5]", expression, (0.1,) * 3 + (0.5,) * 3,
+                                                RasRoi((1.0, 2.0, 3.0), (4.0, 5.0, 6.0)), prov("rec")),
+                            on_text, expression)
+
+    def describe_region(self, roi, sampling=None, on_text=None):
+        return self._answer("describe_region", TextResult("A kidney.", prov("reg")), on_text, tuple(roi.size))
+
+    def _mask(self, key, target, on_text):
+        import numpy as np
+
+        mask = np.zeros((8, 10, 12), np.uint8)
+        mask[2:4, 3:6, 3:6] = 1
+        return self._answer(key, SegmentationResult("It is [SEG].", target, mask, prov("seg")), on_text, target)
+
+    def segment(self, target, sampling=None, on_text=None):
+        return self._mask("segment", target, on_text)
+
+    def segment_expression(self, expression, sampling=None, on_text=None):
+        return self._mask("segment_expression", expression, on_text)
+
+    def retrieve(self, texts=None, text=None, volumes=None, labels=None):
+        self.calls.append(("retrieve", text, tuple(labels)))
+        return RetrievalResult(text, [(i, name, 1.0 - i / 10) for i, name in enumerate(labels)], prov("retrieval"))
+
+    def cancel(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class QtStandIn:
+    """Any Qt widget: attributes are kept, unknown ones are new stand-ins, calls return the stand-in itself, and
+    ``connect`` keeps the slot so that the test can click."""
+
+    def __init__(self):
+        self.__dict__["slots"] = []
+
+    def __getattr__(self, name):
+        value = QtStandIn()
+        self.__dict__[name] = value
+        return value
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def connect(self, signal, slot):
+        self.slots.append((signal, slot))
+
+
+@pytest.fixture
+def widget(assistant, monkeypatch):
+    """The module's widget after its real setup(), on stand-in Qt widgets, with a Logic on AllTasksBackend."""
+    import slicer
+
+    ui = QtStandIn()
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: QtStandIn())
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
+        setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None, testingEnabled=lambda: True,
+        processEvents=lambda: None), raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(
+        logic=lambda: types.SimpleNamespace(JumpSlicesToLocation=lambda *args: None))), raising=False)
+    monkeypatch.setattr(assistant.qt, "QTimer", QtStandIn, raising=False)
+    monkeypatch.setattr(assistant.qt, "Qt", types.SimpleNamespace(WaitCursor=0), raising=False)
+    monkeypatch.setattr(assistant.ScriptedLoadableModuleWidget, "setup", lambda self: None, raising=False)
+    monkeypatch.setattr(assistant.M3DAssistantParameterNode, "connectGui", lambda self, ui: "tag", raising=False)
+    monkeypatch.setattr(assistant.M3DAssistantParameterNode, "disconnectGui", lambda self, tag: None, raising=False)
+    base = assistant.M3DAssistantLogic
+
+    class Logic(base):
+        def __init__(self):
+            super().__init__(backendFactory=AllTasksBackend, settings=MemorySettings())
+
+    monkeypatch.setattr(assistant, "M3DAssistantLogic", Logic)
+    widget = assistant.M3DAssistantWidget()
+    widget.layout, widget.resourcePath = QtStandIn(), lambda path: path
+    widget.addObserver = widget.removeObserver = lambda *args: None
+    widget.setup()
+    return widget
+
+
+def test_the_panel_runs_every_task_from_its_button(widget):
+    """Each registry task's button, clicked with the panel's inputs, runs the task in the background; the timer
+    collects the streamed answer and the conversation shows the finished one (the widget's generic path)."""
+    import time
+
+    import slicer
+
+    volume = ct_node()
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "my box")
+    roi.SetCenter(1.0, 2.0, 3.0)
+    roi.SetSize(4.0, 5.0, 6.0)
+    p = widget._parameterNode
+    p.inputVolume, p.describeRoi, p.choices = volume, roi, "Liver; Lung; Bone"
+    prompts = {"report": "", "describe_region": "", "find_similar": "liver"}
+    for key, task in tasks.TASKS.items():
+        button = getattr(widget.ui, task.button)
+        assert button.text == task.label and button.slots, key
+        widget.ui.promptComboBox.currentText = prompts.get(key, "the liver")
+        button.slots[0][1]()  # click
+        running = widget._running
+        assert running is not None and running[0] == key and button.text == "Cancel"
+        deadline = time.monotonic() + 10
+        while widget._running is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            widget._onTimer()
+        entry = widget._conversation.entries(volume.GetID())[-1]
+        assert (entry.task, entry.status) == (key, "done"), entry
+        assert entry.answer == panel.answer_text(task, running[1].output)
+        assert button.text == task.label
+    calls = widget.logic._backend.calls
+    assert calls == [("report",), ("ask", "the liver", 0), ("choose", "the liver", ["Liver", "Lung", "Bone"]),
+                     ("locate", "the liver"), ("describe_region", (4.0, 5.0, 6.0)), ("segment", "the liver"),
+                     ("segment_expression", "the liver"), ("retrieve", "liver", ("ct",))]
+    segmentation = p.outputSegmentation  # the first segment made a segmentation; the second went into it
+    assert segmentation is not None and segmentation.GetSegmentation().GetNumberOfSegments() == 2
+    conversation = widget._conversation.entries(volume.GetID())
+    assert [e.prompt for e in conversation] == ["", "the liver", "the liver (Liver; Lung; Bone)", "the liver",
+                                               "my box", "the liver", "the liver", "liver"]
+
+
+def test_a_task_without_its_input_says_what_to_type(widget):
+    import slicer
+
+    widget._parameterNode.inputVolume = ct_node()
+    for key, prompt, message in (("segment", "  ", "Segment needs a structure"),
+                                 ("choose", "Which?", "at least two choices"),
+                                 ("describe_region", "", "Choose the ROI to describe")):
+        widget.ui.promptComboBox.currentText = prompt
+        with pytest.raises(InputError, match=message):
+            getattr(widget.ui, tasks.TASKS[key].button).slots[0][1]()
+        assert widget._running is None
+    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
+def test_the_logic_runs_a_task_given_as_a_registry_entry(assistant):
+    """Logic.runTask takes any Task: a ninth task of the registry runs from the console without more Logic code."""
+    from test_task_registry import NINTH
+
+    class Backend(RecordingBackend):
+        def count_lesions(self, target, sampling=None, on_text=None):
+            self.calls.append(("count_lesions", target))
+            return TextResult("Three.", prov("count"))
+
+    logic = assistant.M3DAssistantLogic(backendFactory=Backend, settings=MemorySettings())
+    assert logic.runTask(NINTH, ct_node(), "liver") == "Three."
+    assert logic._backend.calls[-1] == ("count_lesions", "liver") and logic.lastResult.text == "Three."
+    request = logic.runTask("ask", ct_node(), "Later?", wait=False)  # by name, as the panel runs it
+    assert request.task == "ask" and request.wait(10) and request.result() == "yes"
+    with pytest.raises(TypeError, match="needs the volume node"):
+        logic.runTask("report")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the .ui
 # ---------------------------------------------------------------------------------------------------------------------
