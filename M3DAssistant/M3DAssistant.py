@@ -1,3 +1,5 @@
+# Over 600 lines: Slicer's scripted-module template keeps the Module, parameter node, Widget, Logic and self-Test in
+# one file; the work they do is in M3DAssistantLib.
 import functools
 import hashlib
 import importlib.util

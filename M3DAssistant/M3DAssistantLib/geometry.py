@@ -1,3 +1,4 @@
+# Over 600 lines: every volume <-> model mapping shares one VolumeToModelMapping and sits next to its inverse.
 """Volume <-> model space for M3D-LaMed: one exact affine, in both directions.
 
 M3D-LaMed sees a float32 tensor ``(1, D, H, W) = (1, 32, 256, 256)`` in [0, 1]. A Slicer volume is an array in

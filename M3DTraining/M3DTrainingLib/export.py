@@ -1,3 +1,4 @@
+# Over 600 lines: the scene reader and the dataset writer share the annotation convention documented below.
 """Annotated Slicer scenes -> an M3D-format training dataset folder, and a report of what was (not) exported.
 
 Every volume goes through the same geometry code as inference (:func:`M3DAssistantLib.geometry.to_model_input`, in
