@@ -16,12 +16,13 @@ typed result (the wire's ``kind``), the :class:`Output` the session makes of it 
 
 Adding a ninth task: its prompt builder (and answer parser) in :mod:`.prompts`, its method on
 :class:`~.engine.InferenceEngine` (which builds the prompt, runs the model and makes the typed result), an entry here,
-and a button in the .ui named :attr:`Task.button`. The client, the backends, the server's route and request model, the
-CLI subcommand, batch, the session, the Logic's generic runner and the panel follow from the entry; a task whose
-arguments or result are of a new *kind* also needs that kind handled where kinds are handled. The console API
-(Logic, session, client and engine methods) stays explicit, so that users and IDEs see signatures and docstrings:
-each of those is a thin method over one generic implementation. ``Testing/test_task_registry.py`` checks that every
-layer offers exactly these tasks.
+and a button in the .ui named :attr:`Task.button`. The server's route and request model, the client
+(``M3DClient.run_task``), the backends, the ``m3d`` subcommand, batch, the session (``AssistantSession.run_task``),
+the Logic (``runTask``) and the panel follow from the entry; a task whose arguments or result are of a new *kind*
+also needs that kind handled where kinds are handled. For users and IDEs it then gets one thin, documented method on
+``M3DClient``, ``AssistantSession`` and the Logic, as the eight have (each is one call of the generic method).
+``Testing/test_task_registry.py`` checks that every layer offers exactly these tasks, and walks a ninth one through
+them.
 
 Light: the standard library, numpy (through :mod:`.prompts` and :mod:`.results`); Slicer's process imports it.
 """
@@ -105,7 +106,7 @@ class Argument:
 
     name: str
     kind: ArgumentKind
-    description: Optional[str] = None  # for the OpenAPI schema and the CLI help
+    description: Optional[str] = None  # for the OpenAPI schema
     wire_name: Optional[str] = None
 
     @property
@@ -115,6 +116,7 @@ class Argument:
 
     @property
     def required(self) -> bool:
+        """Every argument but the conversation history (which defaults to none)."""
         return self.kind is not ArgumentKind.HISTORY
 
 
