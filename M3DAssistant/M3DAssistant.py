@@ -1,3 +1,10 @@
+"""M3D Assistant, the Slicer module: the eight M3D tasks on the current volume (Module, parameter node, Widget,
+Logic, Test).
+
+Why this file is long: Slicer's scripted-module template keeps the Module, parameter node, Widget, Logic and self-Test
+in one file; the work they do is in M3DAssistantLib.
+"""
+
 import functools
 import hashlib
 import importlib.util
@@ -47,11 +54,6 @@ RUN_DEVICES = {RUN_AUTO: None, RUN_GPU: "cuda", RUN_CPU: "cpu"}
 WINDOW_DEFAULT = "Model default"
 WINDOW_DISPLAY = "As displayed"
 WINDOW_CHOICES = [WINDOW_DEFAULT, "Abdomen", "Lung", "Bone", "Brain", WINDOW_DISPLAY]
-
-TASK_BUTTONS = {"report": "reportButton", "ask": "askButton", "choose": "chooseButton", "locate": "locateButton",
-                "describeRegion": "describeRoiButton", "segment": "segmentButton",
-                "segmentExpression": "segmentExpressionButton", "findSimilar": "findSimilarButton"}
-
 
 #
 # M3DAssistant
@@ -159,12 +161,13 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = None  # (task, TaskRequest, ConversationEntry) while a task runs
+        self._running = None  # (task key, TaskRequest, ConversationEntry) while a task runs
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
         ScriptedLoadableModuleWidget.setup(self)
-        from M3DAssistantLib.tasks import ConversationLog, PromptHistory, StreamBuffer
+        from M3DAssistantLib.panel import ConversationLog, PromptHistory, StreamBuffer
+        from M3DAssistantLib.tasks import ASK, TASKS
 
         # Load widget from .ui file (created by Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/M3DAssistant.ui"))
@@ -189,17 +192,12 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        # Buttons
-        self._taskButtons = {task: getattr(self.ui, name) for task, name in TASK_BUTTONS.items()}
-        self.ui.reportButton.connect("clicked(bool)", lambda: self.onTaskButton("report"))
-        self.ui.askButton.connect("clicked(bool)", lambda: self.onTaskButton("ask"))
-        self.ui.chooseButton.connect("clicked(bool)", lambda: self.onTaskButton("choose"))
-        self.ui.locateButton.connect("clicked(bool)", lambda: self.onTaskButton("locate"))
-        self.ui.describeRoiButton.connect("clicked(bool)", lambda: self.onTaskButton("describeRegion"))
-        self.ui.segmentButton.connect("clicked(bool)", lambda: self.onTaskButton("segment"))
-        self.ui.segmentExpressionButton.connect("clicked(bool)", lambda: self.onTaskButton("segmentExpression"))
-        self.ui.findSimilarButton.connect("clicked(bool)", lambda: self.onTaskButton("findSimilar"))
-        self.ui.promptComboBox.lineEdit().connect("returnPressed()", lambda: self.onTaskButton("ask"))
+        # Buttons: one per task of the registry, named after it in the .ui (Task.button)
+        self._taskButtons = {task.key: getattr(self.ui, task.button) for task in TASKS.values()}
+        for key, button in self._taskButtons.items():
+            button.text = TASKS[key].label
+            button.connect("clicked(bool)", self._taskButtonHandler(key))
+        self.ui.promptComboBox.lineEdit().connect("returnPressed()", self._taskButtonHandler(ASK.key))
         self.ui.inspectModelButton.connect("clicked(bool)", self.onInspectModelButton)
         self.ui.browseModelButton.connect("clicked(bool)", self.onBrowseModelButton)
         self.ui.startWorkerButton.connect("clicked(bool)", self.onStartWorkerButton)
@@ -353,7 +351,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._stream.put_progress(ProgressEvent("load", None, message))
 
     def _showProgress(self, event) -> None:
-        from M3DAssistantLib.tasks import progress_text
+        from M3DAssistantLib.panel import progress_text
 
         text, percent = progress_text(event)
         self.ui.statusLabel.text = text
@@ -380,6 +378,10 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelSource = folder
 
     # ------------------------------------------------------------------------------------------ tasks
+    def _taskButtonHandler(self, task: str):
+        """The slot of a task's button (one closure per task)."""
+        return lambda: self.onTaskButton(task)
+
     def onTaskButton(self, task: str) -> None:
         """Start a task, or cancel it when its button (now "Cancel") is pressed while it runs."""
         if self._running:
@@ -390,43 +392,34 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not start the task."), waitCursor=True):
             self._startTask(task)
 
-    def _startTask(self, task: str) -> None:
-        from M3DAssistantLib.tasks import TASKS, parse_choices, require_prompt
+    def _startTask(self, key: str) -> None:
+        """Run the task on the panel's volume with the panel's inputs (see ``panel.task_arguments``), in the
+        background; the timer shows its text and progress."""
+        from M3DAssistantLib.panel import task_arguments
+        from M3DAssistantLib.tasks import TASKS, Output
 
+        task = TASKS[key]
         p = self._parameterNode
         volume = p.inputVolume
         if volume is None:
             raise ValueError(_("Select an input volume first."))
-        prompt = require_prompt(task, self.ui.promptComboBox.currentText)
-        shown = prompt
+        prompt = self.ui.promptComboBox.currentText
+        arguments, shown = task_arguments(task, prompt, choices=p.choices, region=p.describeRoi,
+                                          candidates=self.logic.imageVolumes())
         self._stream.drain()  # drop what earlier console calls left there
-        options = {"wait": False, "onText": self._stream.put_text}
-        if task == "report":
-            request = self.logic.report(volume, **options)
-        elif task == "ask":
-            request = self.logic.ask(volume, prompt, **options)
-        elif task == "choose":
-            choices = parse_choices(p.choices)
-            shown = f"{prompt} ({'; '.join(choices)})"
-            request = self.logic.choose(volume, prompt, choices, **options)
-        elif task == "locate":
-            request = self.logic.locate(volume, prompt, **options)
-        elif task == "describeRegion":
-            if p.describeRoi is None:
-                raise ValueError(_("Choose the ROI to describe (or create one and draw it on the volume)."))
-            shown = p.describeRoi.GetName()
-            request = self.logic.describeRegion(volume, p.describeRoi, **options)
-        elif task in ("segment", "segmentExpression"):
-            request = getattr(self.logic, task)(volume, prompt, p.outputSegmentation, **options)
-        else:  # findSimilar: rank the scene's volumes by the prompt
-            request = self.logic.findSimilar(self.logic.imageVolumes(), prompt, wait=False)
+        options = {"wait": False}
+        if task.streams:
+            options["onText"] = self._stream.put_text
+        if task.output is Output.SEGMENT:  # new segments go on into the chosen segmentation
+            options["segmentationNode"] = p.outputSegmentation
+        request = self.logic.runTask(key, *([volume] if task.on_volume else []), *arguments, **options)
         self._history.add(prompt)
         self._fillPromptHistory()
-        entry = self._conversation.start(volume.GetID(), task, shown)
-        self._running = (task, request, entry)
-        self.ui.statusLabel.text = _("{task}: starting...").format(task=TASKS[task].label)
+        entry = self._conversation.start(volume.GetID(), key, shown)
+        self._running = (key, request, entry)
+        self.ui.statusLabel.text = _("{task}: starting...").format(task=task.label)
         self.ui.progressBar.setRange(0, 0)
-        self._setRunning(task)
+        self._setRunning(key)
         self._timer.start()
 
     def _fillPromptHistory(self) -> None:
@@ -463,7 +456,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _finishTask(self, task: str, request, entry) -> None:
         from M3DAssistantLib.errors import CancelledError
-        from M3DAssistantLib.tasks import answer_text
+        from M3DAssistantLib.panel import answer_text
 
         self._timer.stop()
         self._running = None
@@ -491,13 +484,16 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._setRunning(None)
 
-    def _showResult(self, task: str, output) -> None:
+    def _showResult(self, key: str, output) -> None:
         """New segments go on into the same segmentation; show the new ROI / segmentation."""
-        if task in ("segment", "segmentExpression") and output[0] is not None:
+        from M3DAssistantLib.tasks import TASKS, Output
+
+        shown = TASKS[key].output
+        if shown is Output.SEGMENT and output[0] is not None:
             if self._parameterNode.outputSegmentation is None:
                 self._parameterNode.outputSegmentation = output[0]
             output[0].CreateDefaultDisplayNodes()
-        elif task == "locate" and output[0] is not None:
+        elif shown is Output.ROI_NODE and output[0] is not None:
             center = [0.0, 0.0, 0.0]
             output[0].GetCenterWorld(center)
             slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
@@ -593,6 +589,53 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         return M3DAssistantParameterNode(super().getParameterNode())
 
     # ------------------------------------------------------------------------------------------ the eight tasks
+    def runTask(self, task, *arguments, wait: bool = True, callback=None, errorCallback=None, onText=None,
+                name: str | None = None, segmentationNode=None, **options):
+        """
+        Run any task of the registry (``M3DAssistantLib.tasks``) by name: ``logic.runTask("segment", volumeNode,
+        "liver")`` is ``logic.segment(volumeNode, "liver")``. The task methods below are this with their own
+        signatures and documentation.
+        :param task: the task's key or console name (``"segment_expression"`` or ``"segmentExpression"``), or its
+            ``Task``
+        :param arguments: the volume node (except for findSimilar), then the task's arguments in order
+        :param name: the name of a new text or ROI node; :param segmentationNode: where a new segment goes
+        :param options: ``window``, ``roiNode`` (crop), ``maxNewTokens``; default: the module panel's
+        :return: what the task's own method returns; ``lastResult`` is the typed result
+        """
+        from M3DAssistantLib.panel import TaskRequest, api_value, typed_result
+        from M3DAssistantLib.tasks import ArgumentKind, Task
+        from M3DAssistantLib.tasks import get as getTask
+
+        task = task if isinstance(task, Task) else getTask(task)
+        candidates = arguments[0] if task.takes(ArgumentKind.CANDIDATES) else None
+        if task.on_volume:
+            if not arguments:
+                raise TypeError(f"{task.logic_name} needs the volume node first")
+            placement = {"name": name, "segmentation_node": segmentationNode}
+            kwargs = dict(self._taskOptions(arguments[0], options), on_text=onText, **placement)
+        else:
+            if options or name is not None or segmentationNode is not None:
+                raise TypeError(f"{task.logic_name} takes no options (window=, roiNode=, maxNewTokens=, name=)")
+            kwargs = {}
+        session = self.session()
+        self.prepareWorker()
+
+        def finish(output):
+            self.lastResult = typed_result(task, output)
+            return api_value(task, output, candidates)
+
+        request = TaskRequest(task.key, session.run_task(task, *arguments, wait=False, **kwargs), finish)
+        if callback is not None or errorCallback is not None:
+            self._watch(request, callback, errorCallback)
+            return request
+        if not wait:
+            return request
+        app = getattr(slicer, "app", None)
+        while not request.wait(0.05):
+            if app is not None:
+                app.processEvents()  # a scripted call blocks, but Slicer keeps drawing
+        return request.result()
+
     def report(self, volumeNode, *, wait: bool = True, callback=None, errorCallback=None, onText=None, **options):
         """
         Write a radiology-style report of the volume.
@@ -600,9 +643,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         :param options: ``window``, ``roiNode`` (crop), ``maxNewTokens``; default: the module panel's
         :return: a new ``vtkMRMLTextNode`` (None when the model wrote nothing); ``lastResult`` is the TextResult
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("report", lambda s: s.report(volumeNode, on_text=onText, wait=False, **kwargs),
-                             wait, callback, errorCallback)
+        return self.runTask("report", volumeNode, wait=wait, callback=callback, errorCallback=errorCallback,
+                            onText=onText, **options)
 
     def ask(self, volumeNode, question: str, *, wait: bool = True, callback=None, errorCallback=None, onText=None,
             **options):
@@ -610,9 +652,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Answer a free-text question about the volume; earlier questions about it are the conversation's context.
         :return: the answer (str); ``lastResult`` is the TextResult
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("ask", lambda s: s.ask(volumeNode, question, on_text=onText, wait=False, **kwargs),
-                             wait, callback, errorCallback)
+        return self.runTask("ask", volumeNode, question, wait=wait, callback=callback, errorCallback=errorCallback,
+                            onText=onText, **options)
 
     def choose(self, volumeNode, question: str, choices, *, wait: bool = True, callback=None, errorCallback=None,
                onText=None, **options):
@@ -620,9 +661,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Multiple choice: which of ``choices`` (2 to 8 distinct texts) answers the question.
         :return: the chosen option's text (the raw answer when it names none); ``lastResult`` is the ChoiceResult
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("choose", lambda s: s.choose(volumeNode, question, list(choices), on_text=onText,
-                                                          wait=False, **kwargs), wait, callback, errorCallback)
+        return self.runTask("choose", volumeNode, question, list(choices), wait=wait, callback=callback,
+                            errorCallback=errorCallback, onText=onText, **options)
 
     def locate(self, volumeNode, expression: str, *, name: str | None = None, wait: bool = True, callback=None,
                errorCallback=None, onText=None, **options):
@@ -630,9 +670,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Find a structure or described region and mark its bounding box.
         :return: a new ``vtkMRMLMarkupsROINode`` in RAS (None when no box came back); ``lastResult`` is the BoxResult
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("locate", lambda s: s.locate(volumeNode, expression, name=name, on_text=onText,
-                                                          wait=False, **kwargs), wait, callback, errorCallback)
+        return self.runTask("locate", volumeNode, expression, name=name, wait=wait, callback=callback,
+                            errorCallback=errorCallback, onText=onText, **options)
 
     def describeRegion(self, volumeNode, roiNode, *, wait: bool = True, callback=None, errorCallback=None,
                        onText=None, **options):
@@ -640,10 +679,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Describe what lies inside a user-drawn ROI (``vtkMRMLMarkupsROINode``, may be rotated).
         :return: the description (str); ``lastResult`` is the TextResult
         """
-        kwargs = self._taskOptions(volumeNode, options, cropKey="crop_roi_node")
-        return self._execute("describeRegion", lambda s: s.describe_region(volumeNode, roiNode, on_text=onText,
-                                                                           wait=False, **kwargs),
-                             wait, callback, errorCallback)
+        return self.runTask("describeRegion", volumeNode, roiNode, wait=wait, callback=callback,
+                            errorCallback=errorCallback, onText=onText, **options)
 
     def segment(self, volumeNode, target: str, segmentationNode=None, *, wait: bool = True, callback=None,
                 errorCallback=None, onText=None, **options):
@@ -652,9 +689,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         :param segmentationNode: where the segment goes (None: a new segmentation node)
         :return: (segmentation node, segment id), or (None, None) when the model gave no mask
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("segment", lambda s: s.segment(volumeNode, target, segmentationNode, on_text=onText,
-                                                            wait=False, **kwargs), wait, callback, errorCallback)
+        return self.runTask("segment", volumeNode, target, segmentationNode=segmentationNode, wait=wait,
+                            callback=callback, errorCallback=errorCallback, onText=onText, **options)
 
     def segmentExpression(self, volumeNode, expression: str, segmentationNode=None, *, wait: bool = True,
                           callback=None, errorCallback=None, onText=None, **options):
@@ -662,10 +698,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         Segment what a description refers to ("the lesion in the right lobe"); as :meth:`segment`.
         :return: (segmentation node, segment id), or (None, None) when the model gave no mask
         """
-        kwargs = self._taskOptions(volumeNode, options)
-        return self._execute("segmentExpression", lambda s: s.segment_expression(
-            volumeNode, expression, segmentationNode, on_text=onText, wait=False, **kwargs),
-            wait, callback, errorCallback)
+        return self.runTask("segmentExpression", volumeNode, expression, segmentationNode=segmentationNode,
+                            wait=wait, callback=callback, errorCallback=errorCallback, onText=onText, **options)
 
     def findSimilar(self, candidates, query, *, wait: bool = True, callback=None, errorCallback=None):
         """
@@ -673,9 +707,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         :param candidates: volume nodes (then ``query`` is a text) or texts (then ``query`` is a volume node)
         :return: ``[(candidate, score), ...]``, best first; ``lastResult`` is the RetrievalResult
         """
-        candidates = list(candidates)
-        return self._execute("findSimilar", lambda s: s.find_similar(candidates, query, wait=False),
-                             wait, callback, errorCallback, candidates)
+        return self.runTask("findSimilar", list(candidates), query, wait=wait, callback=callback,
+                            errorCallback=errorCallback)
 
     def imageVolumes(self) -> list:
         """The scene's image volumes: scalar volumes that are not label maps (what M3D can read), in scene order."""
@@ -693,7 +726,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             self._session.clear_history(volumeNode)
 
     # ------------------------------------------------------------------------------------------ running
-    def _taskOptions(self, volumeNode, options: dict, cropKey: str = "roi_node") -> dict:
+    def _taskOptions(self, volumeNode, options: dict) -> dict:
         from M3DAssistantLib.results import SamplingOptions
 
         unknown = set(options) - {"window", "roiNode", "maxNewTokens"}
@@ -701,7 +734,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             raise TypeError(f"unknown option(s) {sorted(unknown)}; use window=, roiNode= or maxNewTokens=")
         p = self.getParameterNode()
         window = options["window"] if "window" in options else self.windowFor(volumeNode, p.windowPreset)
-        return {"window": window, cropKey: options.get("roiNode", p.cropRoi),
+        return {"window": window, "roi_node": options.get("roiNode", p.cropRoi),
                 "sampling": SamplingOptions(max_new_tokens=int(options.get("maxNewTokens", p.maxNewTokens)))}
 
     @staticmethod
@@ -716,28 +749,6 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
                 return None
             return (display.GetLevel(), display.GetWindow())
         return preset.lower()
-
-    def _execute(self, task: str, start, wait: bool, callback, errorCallback, candidates=None):
-        from M3DAssistantLib.tasks import TaskRequest, api_value, typed_result
-
-        session = self.session()
-        self.prepareWorker()
-
-        def finish(output):
-            self.lastResult = typed_result(task, output)
-            return api_value(task, output, candidates)
-
-        request = TaskRequest(task, start(session), finish)
-        if callback is not None or errorCallback is not None:
-            self._watch(request, callback, errorCallback)
-            return request
-        if not wait:
-            return request
-        app = getattr(slicer, "app", None)
-        while not request.wait(0.05):
-            if app is not None:
-                app.processEvents()  # a scripted call blocks, but Slicer keeps drawing
-        return request.result()
 
     def _watch(self, request, callback, errorCallback) -> None:
         """Poll a request from a QTimer; call back on the main thread."""
@@ -819,10 +830,11 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
     def _createBackend(self, config: dict):
         if self._backendFactory is not None:
             return self._backendFactory(config)
-        from M3DAssistantLib.worker import ClientBackend, LocalWorkerBackend, WorkerProcess
+        from M3DAssistantLib.backends import ClientBackend, LocalWorkerBackend
+        from M3DAssistantLib.worker import WorkerProcess
 
         if config["remote"]:
-            from M3DAssistantLib.client import M3DClient
+            from M3DAssistantLib.serving.client import M3DClient
 
             if not config["token"]:
                 raise ValueError(_("Enter the remote server's token (it is kept in memory only, unless you check "

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable, Iterator, Optional, Sequence
 
-from M3DAssistantLib.server import parse_ready_line
+from M3DAssistantLib.serving.server import parse_ready_line
 
 START_TIMEOUT = 120.0
 
@@ -30,13 +30,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
 def start_server_process(
     args: Sequence[str], env_extra: Optional[dict] = None, launcher: Sequence[str] = ()
 ) -> tuple[subprocess.Popen, dict, "queue.Queue[str]", str]:
-    """Start ``python [LAUNCHER...] -m M3DAssistantLib.server ARGS`` (``launcher``, e.g. an auditing wrapper, replaces
+    """Start ``python [LAUNCHER...] -m M3DAssistantLib.serving ARGS`` (``launcher``, e.g. an auditing wrapper, replaces
     ``-m``); wait for its ready line. Returns (process, ready line, remaining stdout lines, stderr file)."""
     stderr_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"m3d-serve-{os.getpid()}-{time.time_ns()}.err")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("M3D_SERVER_TOKEN", None)
     env.update(env_extra or {})
-    command = [sys.executable, *(launcher or ["-m"]), "M3DAssistantLib.server", *args]
+    command = [sys.executable, *(launcher or ["-m"]), "M3DAssistantLib.serving", *args]
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     lines: "queue.Queue[str]" = queue.Queue()

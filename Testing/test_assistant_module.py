@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from M3DAssistantLib import AI_LABEL, dependencies, tasks
+from M3DAssistantLib import AI_LABEL, dependencies, panel, tasks
 from M3DAssistantLib.model import checkpoint_files, download_check
 from M3DAssistantLib.errors import CheckpointError, InputError, M3DError
 from M3DAssistantLib.progress import ProgressEvent
@@ -120,7 +120,7 @@ def test_logic_options_progress_and_callbacks(assistant):
         logic.ask(volume, "?", temperature=2)
 
     request = logic.ask(volume, "Later?", wait=False)  # as the panel runs it
-    assert isinstance(request, tasks.TaskRequest) and request.wait(10) and request.result() == "yes"
+    assert isinstance(request, panel.TaskRequest) and request.wait(10) and request.result() == "yes"
 
     parameters.runOn = assistant.RUN_CPU  # another configuration: a new session; the old backend is closed
     logic.ask(volume, "On the CPU?")
@@ -216,6 +216,189 @@ def test_local_configuration_builds_a_lazy_worker(assistant, tiny_phi3, tmp_path
     logic.shutdown()
 
 
+class AllTasksBackend:
+    """The engine's task methods with fixed answers, recording what each task got (for the widget test)."""
+
+    def __init__(self, config):
+        self.config, self.calls, self.on_progress = config, [], None
+
+    def set_volume(self, array, ijk_to_ras, window=None, roi=None):
+        pass
+
+    def _answer(self, key, result, on_text, *arguments):
+        self.calls.append((key, *arguments))
+        if on_text is not None:
+            on_text(result.text)
+        return result
+
+    def report(self, sampling=None, on_text=None):
+        return self._answer("report", TextResult("No findings.", prov("report")), on_text)
+
+    def ask(self, question, history=(), sampling=None, on_text=None):
+        return self._answer("ask", TextResult("Yes.", prov("vqa_open")), on_text, question, len(history))
+
+    def choose(self, question, choices, sampling=None, on_text=None):
+        return self._answer("choose", ChoiceResult("B. Lung", list(choices), "B", choices[1], prov("vqa_closed")),
+                            on_text, question, list(choices))
+
+    def locate(self, expression, sampling=None, on_text=None):
+        from M3DAssistantLib.geometry import RasRoi
+        from M3DAssistantLib.results import BoxResult
+
+        return self._answer("locate", BoxResult("[0.1,0.1,0.1,0.5,0.5,0.5]", expression, (0.1,) * 3 + (0.5,) * 3,
+                                                RasRoi((1.0, 2.0, 3.0), (4.0, 5.0, 6.0)), prov("rec")),
+                            on_text, expression)
+
+    def describe_region(self, roi, sampling=None, on_text=None):
+        return self._answer("describe_region", TextResult("A kidney.", prov("reg")), on_text, tuple(roi.size))
+
+    def _mask(self, key, target, on_text):
+        import numpy as np
+
+        mask = np.zeros((8, 10, 12), np.uint8)
+        mask[2:4, 3:6, 3:6] = 1
+        return self._answer(key, SegmentationResult("It is [SEG].", target, mask, prov("seg")), on_text, target)
+
+    def segment(self, target, sampling=None, on_text=None):
+        return self._mask("segment", target, on_text)
+
+    def segment_expression(self, expression, sampling=None, on_text=None):
+        return self._mask("segment_expression", expression, on_text)
+
+    def retrieve(self, texts=None, text=None, volumes=None, labels=None):
+        self.calls.append(("retrieve", text, tuple(labels)))
+        return RetrievalResult(text, [(i, name, 1.0 - i / 10) for i, name in enumerate(labels)], prov("retrieval"))
+
+    def cancel(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class QtStandIn:
+    """Any Qt widget: attributes are kept, unknown ones are new stand-ins, calls return the stand-in itself, and
+    ``connect`` keeps the slot so that the test can click."""
+
+    def __init__(self):
+        self.__dict__["slots"] = []
+
+    def __getattr__(self, name):
+        value = QtStandIn()
+        self.__dict__[name] = value
+        return value
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def connect(self, signal, slot):
+        self.slots.append((signal, slot))
+
+
+@pytest.fixture
+def widget(assistant, monkeypatch):
+    """The module's widget after its real setup(), on stand-in Qt widgets, with a Logic on AllTasksBackend."""
+    import slicer
+
+    ui = QtStandIn()
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: QtStandIn())
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
+        setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None, testingEnabled=lambda: True,
+        processEvents=lambda: None), raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(
+        logic=lambda: types.SimpleNamespace(JumpSlicesToLocation=lambda *args: None))), raising=False)
+    monkeypatch.setattr(assistant.qt, "QTimer", QtStandIn, raising=False)
+    monkeypatch.setattr(assistant.qt, "Qt", types.SimpleNamespace(WaitCursor=0), raising=False)
+    monkeypatch.setattr(assistant.ScriptedLoadableModuleWidget, "setup", lambda self: None, raising=False)
+    monkeypatch.setattr(assistant.M3DAssistantParameterNode, "connectGui", lambda self, ui: "tag", raising=False)
+    monkeypatch.setattr(assistant.M3DAssistantParameterNode, "disconnectGui", lambda self, tag: None, raising=False)
+    base = assistant.M3DAssistantLogic
+
+    class Logic(base):
+        def __init__(self):
+            super().__init__(backendFactory=AllTasksBackend, settings=MemorySettings())
+
+    monkeypatch.setattr(assistant, "M3DAssistantLogic", Logic)
+    widget = assistant.M3DAssistantWidget()
+    widget.layout, widget.resourcePath = QtStandIn(), lambda path: path
+    widget.addObserver = widget.removeObserver = lambda *args: None
+    widget.setup()
+    return widget
+
+
+def test_the_panel_runs_every_task_from_its_button(widget):
+    """Each registry task's button, clicked with the panel's inputs, runs the task in the background; the timer
+    collects the streamed answer and the conversation shows the finished one (the widget's generic path)."""
+    import time
+
+    import slicer
+
+    volume = ct_node()
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "my box")
+    roi.SetCenter(1.0, 2.0, 3.0)
+    roi.SetSize(4.0, 5.0, 6.0)
+    p = widget._parameterNode
+    p.inputVolume, p.describeRoi, p.choices = volume, roi, "Liver; Lung; Bone"
+    prompts = {"report": "", "describe_region": "", "find_similar": "liver"}
+    for key, task in tasks.TASKS.items():
+        button = getattr(widget.ui, task.button)
+        assert button.text == task.label and button.slots, key
+        widget.ui.promptComboBox.currentText = prompts.get(key, "the liver")
+        button.slots[0][1]()  # click
+        running = widget._running
+        assert running is not None and running[0] == key and button.text == "Cancel"
+        deadline = time.monotonic() + 10
+        while widget._running is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            widget._onTimer()
+        entry = widget._conversation.entries(volume.GetID())[-1]
+        assert (entry.task, entry.status) == (key, "done"), entry
+        assert entry.answer == panel.answer_text(task, running[1].output)
+        assert button.text == task.label
+    calls = widget.logic._backend.calls
+    assert calls == [("report",), ("ask", "the liver", 0), ("choose", "the liver", ["Liver", "Lung", "Bone"]),
+                     ("locate", "the liver"), ("describe_region", (4.0, 5.0, 6.0)), ("segment", "the liver"),
+                     ("segment_expression", "the liver"), ("retrieve", "liver", ("ct",))]
+    segmentation = p.outputSegmentation  # the first segment made a segmentation; the second went into it
+    assert segmentation is not None and segmentation.GetSegmentation().GetNumberOfSegments() == 2
+    conversation = widget._conversation.entries(volume.GetID())
+    assert [e.prompt for e in conversation] == ["", "the liver", "the liver (Liver; Lung; Bone)", "the liver",
+                                               "my box", "the liver", "the liver", "liver"]
+
+
+def test_a_task_without_its_input_says_what_to_type(widget):
+    import slicer
+
+    widget._parameterNode.inputVolume = ct_node()
+    for key, prompt, message in (("segment", "  ", "Segment needs a structure"),
+                                 ("choose", "Which?", "at least two choices"),
+                                 ("describe_region", "", "Choose the ROI to describe")):
+        widget.ui.promptComboBox.currentText = prompt
+        with pytest.raises(InputError, match=message):
+            getattr(widget.ui, tasks.TASKS[key].button).slots[0][1]()
+        assert widget._running is None
+    assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
+def test_the_logic_runs_a_task_given_as_a_registry_entry(assistant):
+    """Logic.runTask takes any Task: a ninth task of the registry runs from the console without more Logic code."""
+    from test_task_registry import NINTH
+
+    class Backend(RecordingBackend):
+        def count_lesions(self, target, sampling=None, on_text=None):
+            self.calls.append(("count_lesions", target))
+            return TextResult("Three.", prov("count"))
+
+    logic = assistant.M3DAssistantLogic(backendFactory=Backend, settings=MemorySettings())
+    assert logic.runTask(NINTH, ct_node(), "liver") == "Three."
+    assert logic._backend.calls[-1] == ("count_lesions", "liver") and logic.lastResult.text == "Three."
+    request = logic.runTask("ask", ct_node(), "Later?", wait=False)  # by name, as the panel runs it
+    assert request.task == "ask" and request.wait(10) and request.result() == "yes"
+    with pytest.raises(TypeError, match="needs the volume node"):
+        logic.runTask("report")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the .ui
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,16 +421,13 @@ def test_ui_binds_every_parameter_and_never_the_token():
     token = widgets["serverTokenLineEdit"]
     assert token.findtext("property[@name='echoMode']/enum") == "QLineEdit::Password"
     source = MODULE_FILE.read_text(encoding="utf-8")
-    for task, spec in tasks.TASKS.items():  # one button per task, with the task's label
-        name = {"report": "reportButton", "ask": "askButton", "choose": "chooseButton", "locate": "locateButton",
-                "describeRegion": "describeRoiButton", "segment": "segmentButton",
-                "segmentExpression": "segmentExpressionButton", "findSimilar": "findSimilarButton"}[task]
-        assert widgets[name].findtext("property[@name='text']/string") == spec.label
-        assert f'"{task}": "{name}"' in source and f"def {task}(" in source
+    for task in tasks.TASKS.values():  # one button per task, named after it (Task.button), with the task's label
+        assert widgets[task.button].findtext("property[@name='text']/string") == task.label
+        assert f"def {task.logic_name}(" in source and f'self.runTask("{task.logic_name}", ' in source
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# M3DAssistantLib.tasks
+# M3DAssistantLib.tasks and M3DAssistantLib.panel
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -257,23 +437,23 @@ def test_tasks_table_matches_the_help_and_the_session():
     assert [spec.label for spec in tasks.TASKS.values()] == [
         "Report", "Ask", "Multiple choice", "Locate", "Describe ROI", "Segment", "Segment by description",
         "Find similar"]
-    for spec in tasks.TASKS.values():
-        assert callable(getattr(AssistantSession, spec.session_method))
+    for task in tasks.TASKS.values():
+        assert callable(getattr(AssistantSession, task.key))
 
 
 def test_choices_prompts_and_progress_text():
-    assert tasks.parse_choices(" Axial; Coronal ;;Sagittal\nOblique ") == ["Axial", "Coronal", "Sagittal", "Oblique"]
+    assert panel.parse_choices(" Axial; Coronal ;;Sagittal\nOblique ") == ["Axial", "Coronal", "Sagittal", "Oblique"]
     with pytest.raises(InputError, match="at least two"):
-        tasks.parse_choices("Axial")
-    assert tasks.require_prompt("report", "") == ""
-    assert tasks.require_prompt("ask", "  Why?  ") == "Why?"
+        panel.parse_choices("Axial")
+    assert panel.require_prompt("report", "") == ""
+    assert panel.require_prompt("ask", "  Why?  ") == "Why?"
     with pytest.raises(InputError, match="Segment needs a structure"):
-        tasks.require_prompt("segment", "   ")
-    assert tasks.progress_text(ProgressEvent("download", 0.456, "model.safetensors")) == (
+        panel.require_prompt("segment", "   ")
+    assert panel.progress_text(ProgressEvent("download", 0.456, "model.safetensors")) == (
         "Downloading the model: model.safetensors", 46)
-    assert tasks.progress_text(ProgressEvent("generate", 0.2, "12 tokens")) == ("Writing the answer", 20)
-    assert tasks.progress_text(ProgressEvent("load", None, "")) == ("Loading the model", None)
-    assert tasks.progress_text(ProgressEvent("load", None, "x" * 500))[0].endswith("...")
+    assert panel.progress_text(ProgressEvent("generate", 0.2, "12 tokens")) == ("Writing the answer", 20)
+    assert panel.progress_text(ProgressEvent("load", None, "")) == ("Loading the model", None)
+    assert panel.progress_text(ProgressEvent("load", None, "x" * 500))[0].endswith("...")
 
 
 class FakeNode:
@@ -292,29 +472,29 @@ def test_api_values_and_answer_texts():
 
     text = TextResult("Fine.", prov("report"))
     node = FakeNode("ct M3D report")
-    assert tasks.api_value("report", (node, text)) is node and tasks.typed_result("report", (node, text)) is text
-    assert "saved as text node 'ct M3D report'" in tasks.answer_text("report", (node, text))
+    assert panel.api_value("report", (node, text)) is node and panel.typed_result("report", (node, text)) is text
+    assert "saved as text node 'ct M3D report'" in panel.answer_text("report", (node, text))
     choice = ChoiceResult("C. Sagittal", ["Axial", "Coronal", "Sagittal"], "C", "Sagittal", prov("vqa_closed"))
-    assert tasks.api_value("choose", ("Sagittal", choice)) == "Sagittal"
-    assert tasks.answer_text("choose", ("Sagittal", choice)) == "C. Sagittal"
+    assert panel.api_value("choose", ("Sagittal", choice)) == "Sagittal"
+    assert panel.answer_text("choose", ("Sagittal", choice)) == "C. Sagittal"
     mask = np.zeros((2, 3, 4), np.uint8)
     mask[0, 0, :3] = 1
     seg = SegmentationResult("It is [SEG].", "liver", mask, prov("seg"))
     segmentation = FakeNode("M3D segmentation", {"s1": "liver (2)"})
-    assert tasks.api_value("segment", (segmentation, "s1", seg)) == (segmentation, "s1")
-    assert "segment 'liver (2)' added to 'M3D segmentation', 3 voxels" in tasks.answer_text(
+    assert panel.api_value("segment", (segmentation, "s1", seg)) == (segmentation, "s1")
+    assert "segment 'liver (2)' added to 'M3D segmentation', 3 voxels" in panel.answer_text(
         "segment", (segmentation, "s1", seg))
     absent = SegmentationResult("No.", "liver", None, prov("seg"), absent=True)
-    assert tasks.api_value("segmentExpression", (None, None, absent)) == (None, None)
-    assert "nothing was added" in tasks.answer_text("segmentExpression", (None, None, absent))
+    assert panel.api_value("segmentExpression", (None, None, absent)) == (None, None)
+    assert "nothing was added" in panel.answer_text("segmentExpression", (None, None, absent))
     ranking = RetrievalResult("liver", [(1, "b", 0.9), (0, "a", 0.5)], prov("retrieval"))
     candidates = [FakeNode("a"), FakeNode("b")]
-    assert tasks.api_value("findSimilar", ranking, candidates) == [(candidates[1], 0.9), (candidates[0], 0.5)]
-    assert tasks.answer_text("findSimilar", ranking) == "1. b (0.900)\n2. a (0.500)"
+    assert panel.api_value("findSimilar", ranking, candidates) == [(candidates[1], 0.9), (candidates[0], 0.5)]
+    assert panel.answer_text("findSimilar", ranking) == "1. b (0.900)\n2. a (0.500)"
 
 
 def test_stream_buffer_across_threads_and_conversation_html():
-    buffer = tasks.StreamBuffer()
+    buffer = panel.StreamBuffer()
     threads = [threading.Thread(target=lambda i=i: [buffer.put_text(f"{i}") for _ in range(100)]) for i in range(4)]
     for t in threads:
         t.start()
@@ -326,7 +506,7 @@ def test_stream_buffer_across_threads_and_conversation_html():
     assert sorted(text) == sorted("0123" * 100) and progress == ProgressEvent("generate", 0.1)
     assert buffer.drain() == ("", None)
 
-    log = tasks.ConversationLog()
+    log = panel.ConversationLog()
     assert "No questions about ct yet" in log.to_html("vtkMRMLScalarVolumeNode1", "ct")
     entry = log.start("vtkMRMLScalarVolumeNode1", "ask", "Is <this> & that?")
     entry.answer = "Yes\nreally"
@@ -340,7 +520,7 @@ def test_stream_buffer_across_threads_and_conversation_html():
     log.clear("vtkMRMLScalarVolumeNode1")
     assert log.entries("vtkMRMLScalarVolumeNode1") == []
 
-    history = tasks.PromptHistory(size=3)
+    history = panel.PromptHistory(size=3)
     for prompt in ["a", "b", "a", " ", "c", "d"]:
         history.add(prompt)
     assert history.items == ["d", "c", "a"]
@@ -491,7 +671,8 @@ def test_slicer_side_helpers_stay_light():
     code = textwrap.dedent(f"""
         import sys
         sys.path[:0] = {paths!r}
-        import M3DAssistantLib.worker, M3DAssistantLib.tasks, M3DAssistantLib.dependencies
+        import M3DAssistantLib.worker, M3DAssistantLib.backends, M3DAssistantLib.processes
+        import M3DAssistantLib.tasks, M3DAssistantLib.panel, M3DAssistantLib.dependencies
         import M3DAssistantLib.model.download_check, M3DAssistantLib.model.checkpoint_files
         import M3DAssistantLib.session
         heavy = sorted(m for m in ("torch", "transformers", "fastapi", "uvicorn", "huggingface_hub", "safetensors")

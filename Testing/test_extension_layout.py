@@ -574,3 +574,16 @@ def test_assistant_parameter_node_and_logic(load_module, monkeypatch):
 
 
 # M3DTraining's parameter node, Logic and self-tests: test_training_module.py (same stand-in, slicer-core scene).
+
+
+def test_pyproject_lists_every_lib_package():
+    """A sub-package missing from pyproject's list would be left out of the wheel (the editable install hides it)."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    on_disk = set()
+    for name, folder in config["package-dir"].items():
+        for init in sorted((REPO / folder).rglob("__init__.py")):
+            relative = init.parent.relative_to(REPO / folder)
+            on_disk.add(".".join((name, *relative.parts)))
+    assert set(config["packages"]) == on_disk

@@ -340,7 +340,7 @@ def app_client(tiny_phi3_model, ct):
     """The server app in this process (fastapi TestClient: no socket) with the CT uploaded."""
     from fastapi.testclient import TestClient
 
-    from M3DAssistantLib.server import create_app
+    from M3DAssistantLib.serving.server import create_app
 
     engine = InferenceEngine(tiny_phi3_model)
     app = create_app(engine, "catalogue-token-0123456789", max_queue=2, max_new_tokens=16,

@@ -16,19 +16,6 @@ PRODUCT_FOLDERS = ("M3DAssistant", "M3DTraining")
 MAX_LINES = 600
 REASON_MARKER = "Why this file is long:"
 
-# Over the limit today, in parts of the code that other work on issue #12 restructures: emptied when that work is
-# merged. An entry that is no longer over the limit (or no longer exists) fails the test, so the list only shrinks.
-ALLOWED_FOR_NOW = {
-    "M3DAssistant/M3DAssistant.py",
-    "M3DAssistant/M3DAssistantLib/client.py",
-    "M3DAssistant/M3DAssistantLib/geometry.py",
-    "M3DAssistant/M3DAssistantLib/scene.py",
-    "M3DAssistant/M3DAssistantLib/server_app.py",
-    "M3DAssistant/M3DAssistantLib/worker.py",
-    "M3DTraining/M3DTrainingLib/export.py",
-}
-
-
 def line_count(path: Path) -> int:
     return len(path.read_text(encoding="utf-8").splitlines())
 
@@ -58,12 +45,6 @@ def test_no_product_file_is_long_without_a_reason():
     assert not unexplained, (
         f"over {MAX_LINES} lines without a reason: {unexplained}; split the file by job, or start a line of its "
         f"module docstring with {REASON_MARKER!r} and the reason")
-
-
-def test_the_allow_list_only_holds_files_still_over_the_limit():
-    long_now = too_long(REPO)
-    stale = sorted(p for p in ALLOWED_FOR_NOW if p not in long_now)
-    assert not stale, f"no longer over {MAX_LINES} lines without a reason (or gone): remove from ALLOWED_FOR_NOW: {stale}"
 
 
 def test_the_check_counts_lines_and_reads_the_reason(tmp_path):

@@ -19,7 +19,6 @@ from M3DAssistantLib.geometry import (
     RasRoi,
     VolumeToModelMapping,
     box_to_roi,
-    default_convention,
     format_box,
     logits_to_mask,
     mask_to_box,
@@ -29,6 +28,7 @@ from M3DAssistantLib.geometry import (
     roi_to_box,
     to_model_input,
 )
+from M3DAssistantLib.tasks import convention_for
 from test_geometry_helpers import (
     canonical,
     dice,
@@ -412,8 +412,8 @@ def test_conventions_and_task_defaults():
     assert DEFAULT_CONVENTION == "m3d-cap-v1"
     assert CONVENTIONS["m3d-cap-v1"].directions == ("I", "P", "L")
     assert CONVENTIONS["m3d-seg-v1"].directions == ("S", "P", "L")
-    assert default_convention("seg") == "m3d-seg-v1" and default_convention("report") == "m3d-cap-v1"
-    assert default_convention("something new") == DEFAULT_CONVENTION
+    assert convention_for("seg") == "m3d-seg-v1" and convention_for("report") == "m3d-cap-v1"  # the task registry's
+    assert convention_for("something new") == DEFAULT_CONVENTION
     vol = blob_volume()
     t_cap, map_cap = to_model_input(vol, np.eye(4), model_shape=SMALL)
     t_seg, map_seg = to_model_input(vol, np.eye(4), model_shape=SMALL, convention="m3d-seg-v1")

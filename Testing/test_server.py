@@ -1,6 +1,6 @@
 """m3d serve + M3DClient end to end over real HTTP on 127.0.0.1, with the tiny checkpoint and the real test CT.
 
-* ``server`` runs ``python -m M3DAssistantLib.server --port 0`` in a subprocess (as the Slicer module does) and reads
+* ``server`` runs ``python -m M3DAssistantLib.serving --port 0`` in a subprocess (as the Slicer module does) and reads
   its ready line; every task, streaming, auth, limits, queueing, cancel and concurrency go through it.
 * ``local_server`` runs the same app in this process (uvicorn in a thread, still real HTTP on loopback) around an
   engine whose answers a test can force (random weights never say [SEG] or a box), and is the target of the bounded
@@ -29,8 +29,8 @@ import pytest
 from forcing import force_answer
 from serving import serve_in_thread, start_server_process, stop_server_process, wait_for
 from M3DAssistantLib import AI_LABEL
-from M3DAssistantLib import client as client_module
-from M3DAssistantLib.client import (
+from M3DAssistantLib.serving import client as client_module
+from M3DAssistantLib.serving.client import (
     PROTOCOL_VERSION,
     AuthenticationError,
     M3DClient,
@@ -38,16 +38,17 @@ from M3DAssistantLib.client import (
     RequestTooLargeError,
     ServerBusyError,
     ServerUnavailableError,
-    decode_mask,
-    encode_mask,
     volume_id,
 )
+from M3DAssistantLib.serving.protocol import decode_mask, encode_mask
 from M3DAssistantLib.errors import CancelledError, GeometryError, InputError
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import BoxResult, ChoiceResult, SamplingOptions, SegmentationResult, TextResult
-from M3DAssistantLib.server import is_loopback, serve
+from M3DAssistantLib.serving.server import is_loopback, serve
 
 SHORT = SamplingOptions(max_new_tokens=6)
+# the task routes are derived from the task registry; users' scripts depend on these exact names
+TASK_ROUTES = ("report", "ask", "choose", "locate", "describe_region", "segment", "segment_expression")
 LONG = SamplingOptions(max_new_tokens=512, min_new_tokens=512)  # 1-10 s on the tiny model: only ever cancelled
 
 
@@ -198,7 +199,7 @@ ROUTES = [("GET", "/v1/health"), ("GET", "/v1/info"), ("GET", "/v1/openapi.json"
           ("GET", "/v1/volumes/" + "0" * 32), ("DELETE", "/v1/volumes/" + "0" * 32), ("POST", "/v1/cancel"),
           ("GET", "/v1/nothing-here"), ("GET", "/docs"), ("POST", "/v1/retrieve"),
           ("POST", f"/v1/volumes/{'0' * 32}/retrieve")] + [
-    ("POST", f"/v1/volumes/{'0' * 32}/{task}") for task in client_module.TASKS]
+    ("POST", f"/v1/volumes/{'0' * 32}/{task}") for task in TASK_ROUTES]
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer wrong-token", "Basic dXNlcjpwYXNz", "Bearer", "bearer  "])
@@ -243,7 +244,7 @@ def test_uploads_are_compressed_while_sent_and_stop_at_the_upload_limit(tiny_phi
     """The client never holds the whole compressed volume: it streams zlib chunks (chunked transfer) that the server
     inflates as they come; past the server's upload limit it stops with the limit and the flag to change."""
     from M3DAssistantLib.engine import InferenceEngine
-    from M3DAssistantLib.server import create_app
+    from M3DAssistantLib.serving.server import create_app
 
     token = "upload-test-token-0123456789"
     app = create_app(InferenceEngine(tiny_phi3_model), token, max_volume_bytes=8 << 20, max_upload_bytes=256 << 10)
@@ -289,7 +290,7 @@ def test_https_with_a_self_signed_certificate(tiny_phi3, ct, tmp_path):
     assert "Traceback" not in open(stderr_path).read()
 
     (tmp_path / "not-a-cert.pem").write_text("hello")
-    result = subprocess.run([sys.executable, "-m", "M3DAssistantLib.server", *args, "--ssl-certfile",
+    result = subprocess.run([sys.executable, "-m", "M3DAssistantLib.serving", *args, "--ssl-certfile",
                              str(tmp_path / "not-a-cert.pem")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "cannot use the TLS certificate" in result.stderr
     assert "M3D_SERVER_READY" not in result.stdout
@@ -511,7 +512,7 @@ def test_unreachable_server_is_a_clear_error():
 
 
 def test_port_taken_is_a_clear_error(server, tiny_phi3):
-    result = subprocess.run([sys.executable, "-m", "M3DAssistantLib.server", "--model", str(tiny_phi3),
+    result = subprocess.run([sys.executable, "-m", "M3DAssistantLib.serving", "--model", str(tiny_phi3),
                              "--port", str(server["port"])], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and f"port {server['port']}" in result.stderr and "in use" in result.stderr
     assert "M3D_SERVER_READY" not in result.stdout
@@ -527,7 +528,7 @@ def test_remote_bind_needs_the_flag_and_a_token(tmp_path):
         serve(host="192.0.2.1", allow_remote=True, token="short")
     with pytest.raises(InputError, match="visible ASCII"):
         serve(token="has space")
-    result = subprocess.run([sys.executable, "-m", "M3DAssistantLib.server", "--host", "0.0.0.0"],
+    result = subprocess.run([sys.executable, "-m", "M3DAssistantLib.serving", "--host", "0.0.0.0"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "refusing to listen on '0.0.0.0'" in result.stderr
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.8.0.1")
@@ -565,7 +566,7 @@ def test_client_timeout_cancels_the_request(server, client, ct):
 def test_light_modules_stay_light():
     """Slicer's process imports the client; the CLI imports server.py to register its options: neither may pull in
     torch, transformers, FastAPI, pydantic, uvicorn, httpx or requests."""
-    code = ("import sys, M3DAssistantLib.client, M3DAssistantLib.server; "
+    code = ("import sys, M3DAssistantLib.serving.client, M3DAssistantLib.serving.server; "
             "heavy = {'torch', 'transformers', 'fastapi', 'pydantic', 'uvicorn', 'starlette', 'httpx', 'requests'}; "
             "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -577,7 +578,7 @@ def test_light_modules_stay_light():
 def local_server(tiny_phi3_model, tiny_clip):
     """The app in this process (uvicorn in a thread) on 127.0.0.1, for forced answers and the schema fuzz."""
     from M3DAssistantLib.engine import InferenceEngine
-    from M3DAssistantLib.server import create_app
+    from M3DAssistantLib.serving.server import create_app
 
     engine = InferenceEngine(tiny_phi3_model, clip_model=tiny_clip)
     token = "local-test-token-0123456789"
@@ -639,7 +640,7 @@ def test_volume_id_matches_what_the_server_stores(local_server, ct, dtype):
 
 
 def test_sampling_fields_match_the_engine():
-    from M3DAssistantLib.server_app import SamplingModel
+    from M3DAssistantLib.serving.schemas import SamplingModel
 
     assert set(SamplingModel.model_fields) == {f.name for f in dataclasses.fields(SamplingOptions)}
 
@@ -659,7 +660,7 @@ def test_openapi_schema_is_published_with_bearer_auth(test_client):
     paths = set(schema["paths"])
     assert {"/v1/health", "/v1/info", "/v1/volumes", "/v1/volumes/{volume_id}", "/v1/cancel", "/v1/retrieve",
             "/v1/volumes/{volume_id}/retrieve"} <= paths
-    assert {f"/v1/volumes/{{volume_id}}/{t}" for t in client_module.TASKS} <= paths
+    assert {f"/v1/volumes/{{volume_id}}/{t}" for t in TASK_ROUTES} <= paths
     assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
     assert all("422" not in op["responses"] for item in schema["paths"].values() for op in item.values())
     assert test_client.get("/docs").status_code == 404  # no pages that load scripts from a CDN

@@ -18,7 +18,7 @@ import pytest
 
 from serving import serve_in_thread
 
-from M3DAssistantLib.client import M3DClient, ServerBusyError
+from M3DAssistantLib.serving.client import M3DClient, ServerBusyError
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import SamplingOptions
 from M3DAssistantLib.volume_io import read_volume
@@ -57,7 +57,7 @@ def _rss() -> int:
 
 def test_soak_200_requests_4_clients(tiny_phi3_model, data_dir):
     from M3DAssistantLib.engine import InferenceEngine
-    from M3DAssistantLib.server import create_app
+    from M3DAssistantLib.serving.server import create_app
 
     array, ijk_to_ras = read_volume(data_dir / "example_ct_sm.nii.gz")
     centre = ijk_to_ras @ np.array([array.shape[2] / 2, array.shape[1] / 2, array.shape[0] / 2, 1.0])

@@ -238,8 +238,8 @@ def _parameter_choices(module) -> dict[str, list[str] | None]:
 
 def test_every_console_call_is_real(assistant):  # noqa: F811
     import slicer
-    from M3DAssistantLib.client import M3DClient
-    from M3DAssistantLib.tasks import TaskRequest
+    from M3DAssistantLib.serving.client import M3DClient
+    from M3DAssistantLib.panel import TaskRequest
 
     task_options = {"window", "roiNode", "maxNewTokens"}  # the Logic's **options (see _taskOptions)
     receivers = {"logic": assistant.M3DAssistantLogic, "client": M3DClient, "request": TaskRequest}
@@ -527,14 +527,14 @@ class InProcessWorkerBackend:
 def console(assistant, headless_slicer, tiny_phi3, tiny_clip, monkeypatch, clone):  # noqa: F811
     """A namespace as Slicer's Python console has it, after part 1 loaded the CT; yields (namespace, logic, volume)."""
     import slicer
-    from M3DAssistantLib import worker
+    from M3DAssistantLib import backends, worker
 
     _scene, logics = headless_slicer
     volume = logics["volumes"].AddArchetypeVolume(str(REPO / "Testing/Data/totalsegmentator/example_ct_sm.nii.gz"),
                                                   "example_ct_sm")  # File > Add Data names it so
     monkeypatch.setitem(assistant.OFFICIAL_MODELS, assistant.MODEL_PHI3, str(tiny_phi3))
     monkeypatch.setattr(worker, "WorkerProcess", InProcessWorker)
-    monkeypatch.setattr(worker, "LocalWorkerBackend", InProcessWorkerBackend)
+    monkeypatch.setattr(backends, "LocalWorkerBackend", InProcessWorkerBackend)
     settings = MemorySettings({"pythonExecutable": sys.executable, "clipModel": str(tiny_clip)})
     logic = assistant.M3DAssistantLogic(settings=settings)
 
@@ -607,7 +607,7 @@ class TutorialServer:
     """The tutorial's serve block in bash; its last line, ``m3d serve ...``, exec'd as the server (127.0.0.1)."""
 
     def __init__(self, clone: Path, model: Path):
-        from M3DAssistantLib.server import parse_ready_line
+        from M3DAssistantLib.serving.server import parse_ready_line
 
         lines = with_model(blocks_of("serve")[0].text, model).strip().splitlines()
         serve = lines[-1]

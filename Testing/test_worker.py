@@ -1,4 +1,4 @@
-"""The local worker's lifecycle with REAL subprocesses (``python -m M3DAssistantLib.server`` on the tiny checkpoint):
+"""The local worker's lifecycle with REAL subprocesses (``python -m M3DAssistantLib.serving`` on the tiny checkpoint):
 start, reuse across requests, crash (kill -9) -> restart on the next request, a request running when the worker dies,
 cancel, stop kills the whole process tree, startup failures give the server's own message (not a timeout).
 
@@ -24,15 +24,15 @@ psutil = pytest.importorskip("psutil")
 
 from M3DAssistantLib.errors import CancelledError  # noqa: E402
 from M3DAssistantLib.results import SamplingOptions, TextResult  # noqa: E402
-from M3DAssistantLib.server import TOKEN_ENV  # noqa: E402
+from M3DAssistantLib.serving.server import TOKEN_ENV  # noqa: E402
+from M3DAssistantLib.backends import LocalWorkerBackend  # noqa: E402
+from M3DAssistantLib.processes import describe_exit  # noqa: E402
 from M3DAssistantLib.worker import (  # noqa: E402
     LIB_PARENT,
-    LocalWorkerBackend,
     WorkerCrashedError,
     WorkerProcess,
     WorkerStartError,
     WorkerState,
-    describe_exit,
 )
 
 SHORT = SamplingOptions(max_new_tokens=6)
@@ -292,7 +292,7 @@ def test_command_and_environment_keep_the_token_off_the_command_line():
                            clip_model="/data/clip", extra_args=["--max-queue", "2"],
                            env={"HF_HOME": "/big disk/hf", "HF_HUB_OFFLINE": None}, parent_pid=4242)
     command = worker.command()
-    assert command[:4] == ["/opt/Slicer 5.12/bin/PythonSlicer", "-u", "-m", "M3DAssistantLib.server"]
+    assert command[:4] == ["/opt/Slicer 5.12/bin/PythonSlicer", "-u", "-m", "M3DAssistantLib.serving"]
     for pair in (["--host", "127.0.0.1"], ["--port", "0"], ["--parent-pid", "4242"], ["--model", "/data/my model"],
                  ["--device", "cuda"], ["--dtype", "bfloat16"], ["--clip-model", "/data/clip"]):
         i = command.index(pair[0])
@@ -305,7 +305,7 @@ def test_command_and_environment_keep_the_token_off_the_command_line():
         del os.environ["HF_HUB_OFFLINE"]
     assert env[TOKEN_ENV] == "secret-token" and not any("secret-token" in arg for arg in command)
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(LIB_PARENT)
-    assert (LIB_PARENT / "M3DAssistantLib" / "server.py").is_file()
+    assert (LIB_PARENT / "M3DAssistantLib" / "serving" / "__main__.py").is_file()  # what -m runs
     assert env["HF_HOME"] == "/big disk/hf" and "HF_HUB_OFFLINE" not in env
     assert worker.poll() is WorkerState.STOPPED and worker.status_text() == "not running"
 

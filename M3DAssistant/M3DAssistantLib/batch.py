@@ -17,35 +17,57 @@ from typing import Callable, Optional, Sequence
 
 from . import AI_LABEL
 from .errors import InputError, M3DError
+from .tasks import STREAMING_TASKS, ArgumentKind, ResultKind, Task
 
 logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-TASKS = ("report", "ask", "locate", "segment", "segment_expression")
+
+BATCH_TASKS: dict[str, Task] = {
+    task.key: task for task in STREAMING_TASKS
+    if all(a.kind is ArgumentKind.TEXT for a in task.arguments if a.required) and
+    sum(a.required for a in task.arguments) <= 1
+}
+"""The tasks a batch can run: those that need at most one text (report, ask, locate, segment, segment_expression)."""
+
+
+def batch_task_forms() -> str:
+    """``report | ask:QUESTION | ...``: how ``--task`` names each batch task."""
+    forms = []
+    for task in BATCH_TASKS.values():
+        text = task.takes(ArgumentKind.TEXT)
+        forms.append(f"{task.key}:{text.name.upper()}" if text is not None else task.key)
+    return " | ".join(forms)
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """One prompt to run on every volume: ``report``, ``ask:QUESTION``, ``locate:TARGET``, ``segment:TARGET``,
-    ``segment_expression:TEXT``."""
+class BatchTask:
+    """One prompt to run on every volume: ``report``, ``ask:QUESTION``, ``locate:EXPRESSION``, ``segment:TARGET``,
+    ``segment_expression:EXPRESSION`` (see :data:`BATCH_TASKS`)."""
 
-    task: str
+    task: Task
     argument: str = ""
 
     @classmethod
-    def parse(cls, text: str) -> "TaskSpec":
-        task, _, argument = text.partition(":")
-        task = task.strip().replace("-", "_")
-        if task not in TASKS:
-            raise InputError(f"unknown batch task {task!r}; use one of {', '.join(TASKS)} (e.g. 'segment:liver').")
-        if task != "report" and not argument.strip():
-            raise InputError(f"batch task {task!r} needs an argument, e.g. '{task}:liver'.")
+    def parse(cls, text: str) -> "BatchTask":
+        key, _, argument = text.partition(":")
+        key = key.strip().replace("-", "_")
+        if key not in BATCH_TASKS:
+            raise InputError(f"unknown batch task {key!r}; use one of {', '.join(BATCH_TASKS)} (e.g. 'segment:liver').")
+        task = BATCH_TASKS[key]
+        if task.takes(ArgumentKind.TEXT) is not None and not argument.strip():
+            raise InputError(f"batch task {key!r} needs an argument, e.g. '{key}:liver'.")
         return cls(task, argument.strip())
+
+    @property
+    def arguments(self) -> tuple:
+        """The engine method's arguments."""
+        return (self.argument,) if self.task.takes(ArgumentKind.TEXT) is not None else ()
 
     @property
     def slug(self) -> str:
         safe = "".join(c if c.isalnum() else "_" for c in self.argument.lower()).strip("_")[:40]
-        return f"{self.task}_{safe}" if safe else self.task
+        return f"{self.task.key}_{safe}" if safe else self.task.key
 
 
 def find_volumes(folder: Path) -> list[Path]:
@@ -75,7 +97,7 @@ def volume_name(path: Path) -> str:
 def run_batch(
     engine,
     volumes: Sequence[Path],
-    specs: Sequence[TaskSpec],
+    specs: Sequence[BatchTask],
     out_dir: Path,
     *,
     sampling=None,
@@ -115,27 +137,21 @@ def run_batch(
     return status
 
 
-def _run_one(engine, spec: TaskSpec, sampling):
-    if spec.task == "report":
-        return engine.report(sampling=sampling)
-    if spec.task == "ask":
-        return engine.ask(spec.argument, sampling=sampling)
-    if spec.task == "locate":
-        return engine.locate(spec.argument, sampling=sampling)
-    if spec.task == "segment":
-        return engine.segment(spec.argument, sampling=sampling)
-    return engine.segment_expression(spec.argument, sampling=sampling)
+def _run_one(engine, spec: BatchTask, sampling):
+    return getattr(engine, spec.task.engine_method)(*spec.arguments, sampling=sampling)
 
 
-def _write_files(outputs, folder: Path, spec: TaskSpec, result, ijk_to_ras) -> None:
+def _write_files(outputs, folder: Path, spec: BatchTask, result, ijk_to_ras) -> None:
+    """The file Slicer opens for the result, by its kind: a mask as .seg.nrrd, a box as .mrk.json, a text as .txt."""
     attributes = result.provenance.as_node_attributes()
-    if spec.task in ("segment", "segment_expression") and result.mask is not None:
+    kind = spec.task.result
+    if kind is ResultKind.SEGMENTATION and result.mask is not None:
         outputs.write_segmentation_nrrd(folder / f"{spec.slug}.seg.nrrd", {spec.argument: result.mask}, ijk_to_ras,
                                         attributes=attributes, overwrite=True)
-    elif spec.task == "locate" and result.roi is not None:
+    elif kind is ResultKind.BOX and result.roi is not None:
         outputs.write_roi(folder / f"{spec.slug}.mrk.json", result.roi, spec.argument, attributes=attributes,
                           overwrite=True)
-    elif spec.task in ("report", "ask"):
+    elif kind is ResultKind.TEXT:
         outputs.write_text(folder / f"{spec.slug}.txt", f"{result.text}\n\n[{AI_LABEL}]\n", overwrite=True)
 
 

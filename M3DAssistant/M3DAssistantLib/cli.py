@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 from . import AI_LABEL
 from .errors import M3DError
 from .progress import ProgressEvent
+from .tasks import FIND_SIMILAR, STREAMING_TASKS, TRAINING_NAMES, ArgumentKind, Task
 
 SAMPLE_CT = Path(__file__).resolve().parents[2] / "Testing" / "Data" / "totalsegmentator" / "example_ct_sm.nii.gz"
 
@@ -153,33 +154,54 @@ def _finish_stream(args: argparse.Namespace) -> None:
         print(f"[{AI_LABEL}]", file=sys.stderr)
 
 
-def cmd_task(args: argparse.Namespace) -> int:
-    """report / ask / choose / locate / describe / segment / segment-expression on one volume."""
+def _add_task_command(sub: "argparse._SubParsersAction", task: Task) -> argparse.ArgumentParser:
+    """The subcommand of a streaming task: the volume, then the task's arguments by kind (TEXT: positional, CHOICES:
+    ``--NAME A B ...``, REGION: ``--NAME FILE.mrk.json``; HISTORY is not offered on the command line)."""
+    p = sub.add_parser(task.cli_command, help=task.help)
+    p.add_argument("volume", help="NIfTI / NRRD file or DICOM folder")
+    for argument in task.arguments:
+        if argument.kind is ArgumentKind.TEXT:
+            p.add_argument(argument.name)
+        elif argument.kind is ArgumentKind.CHOICES:
+            p.add_argument(f"--{argument.name}", nargs="+", required=True)
+        elif argument.kind is ArgumentKind.REGION:
+            p.add_argument(f"--{argument.name}", required=True)
+    _add_model_args(p)
+    _add_generation_args(p)
+    p.add_argument("-o", "--output", help="write the result, format by extension: .seg.nrrd or .nrrd (the "
+                   "mask), .mrk.json (the box), .json (the result with provenance), .txt (the answer)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_task, task=task)
+    return p
+
+
+def _task_arguments(task: Task, args: argparse.Namespace) -> list:
+    """The engine method's arguments from the command line (an ROI file is read here, before the model loads)."""
     from . import outputs
 
+    values = []
+    for argument in task.arguments:
+        if argument.kind is ArgumentKind.REGION:
+            values.append(outputs.read_roi(Path(getattr(args, argument.name))))
+        elif argument.kind is not ArgumentKind.HISTORY:
+            values.append(getattr(args, argument.name))
+    return values
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    """One streaming task (report, ask, choose, locate, describe, segment, segment-expression) on one volume."""
+    from . import outputs
+
+    task: Task = args.task
     if getattr(args, "output", None):
         outputs.format_for(args.output)  # an unknown extension fails now, not after the model has run
+    arguments = _task_arguments(task, args)
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
     _array, ijk_to_ras = _load_volume(engine, args.volume, args)
     sampling, on_text = _sampling(args), _stream_printer(args)
-    task = args.command
     try:
-        if task == "report":
-            result = engine.report(sampling=sampling, on_text=on_text)
-        elif task == "ask":
-            result = engine.ask(args.question, sampling=sampling, on_text=on_text)
-        elif task == "choose":
-            result = engine.choose(args.question, args.choices, sampling=sampling, on_text=on_text)
-        elif task == "locate":
-            result = engine.locate(args.expression, sampling=sampling, on_text=on_text)
-        elif task == "describe":
-            roi = outputs.read_roi(Path(args.roi))
-            result = engine.describe_region(roi, sampling=sampling, on_text=on_text)
-        elif task == "segment":
-            result = engine.segment(args.target, sampling=sampling, on_text=on_text)
-        else:
-            result = engine.segment_expression(args.expression, sampling=sampling, on_text=on_text)
+        result = getattr(engine, task.engine_method)(*arguments, sampling=sampling, on_text=on_text)
     finally:
         bar.close()
     _finish_stream(args)
@@ -252,9 +274,9 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import TaskSpec, find_volumes, run_batch, split_for_this_process
+    from .batch import BatchTask, find_volumes, run_batch, split_for_this_process
 
-    specs = [TaskSpec.parse(t) for t in args.task]
+    specs = [BatchTask.parse(t) for t in args.task]
     volumes, device = split_for_this_process(find_volumes(Path(args.folder)))
     if device is not None:
         args.device = device
@@ -354,6 +376,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .batch import batch_task_forms
     parser = argparse.ArgumentParser(prog="m3d", description="M3D-LaMed 3D medical vision-language model. "
                                      f"Outputs are {AI_LABEL}.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -371,37 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="m3d-demo-output", help="where to write the files (never overwritten)")
     p.set_defaults(func=cmd_demo, max_new_tokens=64)
 
-    tasks = [
-        ("report", "write a findings report", []),
-        ("ask", "answer an open question", [("question", {})]),
-        ("choose", "answer a multiple-choice question", [("question", {}), ("--choices", {"nargs": "+", "required": True})]),
-        ("locate", "find a target: 3D box (-o ROI.mrk.json)", [("expression", {})]),
-        ("describe", "say what is inside a box (--roi ROI.mrk.json)", [("--roi", {"required": True})]),
-        ("segment", "segment a named structure (-o NAME.seg.nrrd)", [("target", {})]),
-        ("segment-expression", "segment what a description refers to (-o NAME.seg.nrrd)", [("expression", {})]),
-    ]
-    for name, help_text, extra in tasks:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("volume", help="NIfTI / NRRD file or DICOM folder")
-        for arg, kwargs in extra:
-            p.add_argument(arg, **kwargs)
-        _add_model_args(p)
-        _add_generation_args(p)
-        p.add_argument("-o", "--output", help="write the result, format by extension: .seg.nrrd or .nrrd (the "
-                       "mask), .mrk.json (the box), .json (the result with provenance), .txt (the answer)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-        p.set_defaults(func=cmd_task)
+    for task in STREAMING_TASKS:
+        _add_task_command(sub, task)
 
     p = sub.add_parser("batch", help="run prompts over a folder of volumes (resumable; accelerate launch for GPUs)")
     p.add_argument("folder", help="folder of NIfTI/NRRD files and/or DICOM series folders")
-    p.add_argument("--task", action="append", required=True,
-                   help="report | ask:QUESTION | locate:TARGET | segment:TARGET | segment_expression:TEXT (repeat)")
+    p.add_argument("--task", action="append", required=True, help=f"{batch_task_forms()} (repeat)")
     p.add_argument("-o", "--output-dir", required=True, help="one subfolder per volume; done volumes are skipped")
     _add_model_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_batch)
 
-    p = sub.add_parser("retrieve", help="M3D-CLIP: rank texts for a volume, or volumes for a text")
+    p = sub.add_parser(FIND_SIMILAR.cli_command, help=FIND_SIMILAR.help)
     p.add_argument("volumes", nargs="+", help="volume file(s) / DICOM folder(s)")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--texts", nargs="+", help="texts to rank for the (single) volume")
@@ -421,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: seconds on a CPU; official: the released models' sizes (many GB)")
     p.set_defaults(func=cmd_make_test_checkpoint)
 
-    from .server import add_serve_arguments, run_serve  # light: the FastAPI app is imported when serving
+    from .serving.server import add_serve_arguments, run_serve  # light: the FastAPI app is imported when serving
 
     p = sub.add_parser("serve", help="run the inference worker (HTTP on 127.0.0.1, token required)")
     add_serve_arguments(p)
@@ -440,8 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="dataset folder written by m3d export")
     p.add_argument("-o", "--output", required=True, help="new folder for evaluation.json and the plot")
     p.add_argument("--split", default="validation")
-    p.add_argument("--tasks", nargs="+", default=None, help="only these tasks (report vqa_open vqa_closed rec reg seg "
-                   "refseg)")
+    p.add_argument("--tasks", nargs="+", default=None, help=f"only these tasks ({' '.join(TRAINING_NAMES)})")
     p.add_argument("--limit", type=int, default=None, help="at most this many samples")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--quiet", action="store_true")

@@ -34,7 +34,7 @@ import torch
 
 from . import prompts
 from .errors import CancelledError, InputError
-from .geometry import RasRoi, VolumeToModelMapping, box_to_roi, default_convention, logits_to_mask, roi_to_box
+from .geometry import RasRoi, VolumeToModelMapping, box_to_roi, logits_to_mask, roi_to_box
 from .geometry import to_model_input, validate_volume
 from .model.hub import snapshot_revision
 from .oom import translate_out_of_memory
@@ -49,6 +49,9 @@ from .results import (
     SegmentationResult,
     TextResult,
 )
+from .tasks import (ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, STREAMING_TASKS,
+                    Task)
+from .tasks import get as get_task
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +154,8 @@ class InferenceEngine:
         cache_prefix: with ``caching``, also reuse the KV cache of BOS + image tokens (default True; off only to
             measure what it brings).
         max_volumes: how many volumes keep their cached features (least recently used are dropped).
-        convention: force one orientation convention for every task (default: the task's own, see geometry).
+        convention: force one orientation convention for every task (default: the task's own, see
+            :attr:`.tasks.Task.convention`).
         progress: receives :class:`~M3DAssistantLib.progress.ProgressEvent` for loading and every request.
     """
 
@@ -259,9 +263,10 @@ class InferenceEngine:
             raise InputError("no volume is set; call set_volume(array, ijk_to_ras) first.")
         return self._volumes[self._current]
 
-    def _view(self, task: str) -> _View:
+    def _view(self, task: Union[Task, str]) -> _View:
+        """The volume as the model sees it for ``task`` (a Task or any of its names: its convention)."""
         volume = self._volume()
-        convention = self.convention or default_convention(task)
+        convention = self.convention or (task if isinstance(task, Task) else get_task(task)).convention
         view = volume.views.get(convention) if self.caching else None
         if view is None:
             report(self.progress, "preprocess", None, f"resampling to {self.model_shape} ({convention})")
@@ -348,11 +353,11 @@ class InferenceEngine:
             result["logits"] = torch.stack(output.logits, dim=1)[0]
         return result
 
-    def _provenance(self, task: str, prompt: str, view: Optional[_View], sampling: Optional[SamplingOptions],
+    def _provenance(self, task: Task, prompt: str, view: Optional[_View], sampling: Optional[SamplingOptions],
                     started: float) -> Provenance:
         mapping = view.mapping if view is not None else None
         return Provenance(
-            task=task, model=self.model_source, model_revision=self.model_revision,
+            task=task.training_name, model=self.model_source, model_revision=self.model_revision,
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), prompt=prompt,
             convention=f"{mapping.convention}@v{mapping.version}" if mapping is not None else None,
             intensity=repr(mapping.intensity) if mapping is not None else None,
@@ -360,14 +365,15 @@ class InferenceEngine:
             seed=sampling.seed if sampling is not None else None, duration_s=round(time.perf_counter() - started, 3),
         )
 
-    def _run(self, task: str, prompt: str, sampling: Optional[SamplingOptions], seg: bool,
+    def _run(self, task: Task, prompt: str, sampling: Optional[SamplingOptions],
              on_text: Optional[TextCallback]) -> tuple[dict[str, Any], _View, Provenance]:
         sampling = sampling or SamplingOptions()
         started = time.perf_counter()
-        with self._lock, translate_out_of_memory(self.device, self.dtype, self.model_source, f"the {task} request"):
+        with self._lock, translate_out_of_memory(self.device, self.dtype, self.model_source,
+                                                 f"the {task.training_name} request"):
             self._cancel.clear()
             view = self._view(task)
-            out = self._generate(view, prompt, sampling, seg, on_text)
+            out = self._generate(view, prompt, sampling, task.segments, on_text)
             return out, view, self._provenance(task, prompt, view, sampling, started)
 
     # -------------------------------------------------------------------------------------------------- tasks
@@ -377,8 +383,8 @@ class InferenceEngine:
 
     def report(self, *, sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None) -> TextResult:
         """Report generation: findings text for the current volume."""
-        prompt = prompts.report_prompt()
-        out, _, prov = self._run("report", prompt, sampling, False, on_text)
+        prompt = REPORT.build_prompt()
+        out, _, prov = self._run(REPORT, prompt, sampling, on_text)
         return TextResult(out["text"], prov)
 
     def ask(self, question: str, history: Sequence[tuple[str, str]] = (), *,
@@ -391,7 +397,7 @@ class InferenceEngine:
         history = list(history)
         dropped = 0
         while True:
-            prompt = prompts.conversation_prompt(history, question) if history else prompts.question_prompt(question)
+            prompt = prompts.conversation_prompt(history, question) if history else ASK.build_prompt(question)
             try:
                 encode_prompt(self.tokenizer, prompt, self.model.num_image_tokens)
                 break
@@ -400,7 +406,7 @@ class InferenceEngine:
                     raise
                 history.pop(0)
                 dropped += 1
-        out, _, prov = self._run("vqa_open", prompt, sampling, False, on_text)
+        out, _, prov = self._run(ASK, prompt, sampling, on_text)
         if dropped:
             prov.notes.append(f"dropped the {dropped} oldest turn(s) to fit the 512-token context")
         return TextResult(out["text"], prov)
@@ -408,18 +414,18 @@ class InferenceEngine:
     def choose(self, question: str, choices: Sequence[str], *, sampling: Optional[SamplingOptions] = None,
                on_text: Optional[TextCallback] = None) -> ChoiceResult:
         """Closed VQA: which of ``choices`` (2 to 8; the model was trained with 4) answers the question."""
-        prompt = prompts.choice_prompt(question, choices)
+        prompt = CHOOSE.build_prompt(question, choices)
         clean_choices = prompts.validate_choices(choices)
-        out, _, prov = self._run("vqa_closed", prompt, sampling, False, on_text)
-        parsed = prompts.parse_choice_answer(out["text"], clean_choices)
+        out, _, prov = self._run(CHOOSE, prompt, sampling, on_text)
+        parsed = CHOOSE.parse_answer(out["text"], clean_choices)
         return ChoiceResult(out["text"], clean_choices, parsed.letter, parsed.choice, prov, parsed.error)
 
     def locate(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
                on_text: Optional[TextCallback] = None) -> BoxResult:
         """Referring-expression comprehension: a 3D box (model coordinates and RAS ROI) for a target or description."""
-        prompt = prompts.locate_prompt(expression)
-        out, view, prov = self._run("rec", prompt, sampling, False, on_text)
-        parsed = prompts.parse_box_answer(out["text"])
+        prompt = LOCATE.build_prompt(expression)
+        out, view, prov = self._run(LOCATE, prompt, sampling, on_text)
+        parsed = LOCATE.parse_answer(out["text"])
         roi = box_to_roi(parsed.box, view.mapping) if parsed.box is not None else None
         return BoxResult(out["text"], expression, parsed.box, roi, prov, parsed.absent, parsed.error)
 
@@ -427,27 +433,28 @@ class InferenceEngine:
                         on_text: Optional[TextCallback] = None) -> TextResult:
         """Referring-expression generation: what is inside a box drawn in RAS (e.g. a Slicer ROI)."""
         with self._lock:
-            box = roi_to_box(roi, self._view("reg").mapping)
-        prompt = prompts.describe_region_prompt(box)
-        out, _, prov = self._run("reg", prompt, sampling, False, on_text)
+            box = roi_to_box(roi, self._view(DESCRIBE_REGION).mapping)
+        prompt = DESCRIBE_REGION.build_prompt(box)
+        out, _, prov = self._run(DESCRIBE_REGION, prompt, sampling, on_text)
         return TextResult(out["text"], prov)
 
     def segment(self, target: str, *, sampling: Optional[SamplingOptions] = None,
                 on_text: Optional[TextCallback] = None) -> SegmentationResult:
         """Semantic segmentation of a named structure: a mask on the original voxel grid."""
-        return self._segment("seg", target, prompts.segment_prompt(target), sampling, on_text)
+        return self._segment(SEGMENT, target, sampling, on_text)
 
     def segment_expression(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
                            on_text: Optional[TextCallback] = None) -> SegmentationResult:
         """Referring-expression segmentation ("the lesion in the right lobe of the liver")."""
-        return self._segment("refseg", expression, prompts.segment_expression_prompt(expression), sampling, on_text)
+        return self._segment(SEGMENT_EXPRESSION, expression, sampling, on_text)
 
-    def _segment(self, task: str, target: str, prompt: str, sampling: Optional[SamplingOptions],
+    def _segment(self, task: Task, target: str, sampling: Optional[SamplingOptions],
                  on_text: Optional[TextCallback]) -> SegmentationResult:
+        prompt = task.build_prompt(target)
         if not self.model.seg_enabled:
             raise InputError("this checkpoint has no segmentation module (segmentation_module: null in config.json).")
-        out, view, prov = self._run(task, prompt, sampling, True, on_text)
-        parsed = prompts.parse_segmentation_answer(out["text"])
+        out, view, prov = self._run(task, prompt, sampling, on_text)
+        parsed = task.parse_answer(out["text"])
         mask = None
         logits = out["seg_logits"]
         if parsed.has_seg and logits is not None and torch.isfinite(logits).any():
@@ -480,8 +487,9 @@ class InferenceEngine:
         ``for item in engine.stream("report"): ...`` yields ``str`` chunks and finally the typed result; an error in
         the task is raised from the iterator.
         """
-        if method not in ("report", "ask", "choose", "locate", "describe_region", "segment", "segment_expression"):
-            raise InputError(f"{method!r} is not a streamable task")
+        if method not in {task.key for task in STREAMING_TASKS}:
+            raise InputError(f"{method!r} is not a streamable task; use one of "
+                             f"{', '.join(task.key for task in STREAMING_TASKS)}")
         items: "queue.Queue[tuple[str, Any]]" = queue.Queue()
         func = getattr(self, method)
 

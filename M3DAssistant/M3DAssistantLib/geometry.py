@@ -24,6 +24,8 @@ voxels: its edges lie at ``index - 0.5`` and ``index + 0.5`` model voxels.
 
 Only numpy is needed at run time; the resampling is separable and gathers only the voxels it interpolates, which is
 why it is many times faster than the MONAI chain while giving the same numbers.
+
+Why this file is long: every volume <-> model mapping shares one VolumeToModelMapping and sits next to its inverse.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ __all__ = [
     "DEFAULT_CONVENTION",
     "DEFAULT_MODEL_SHAPE",
     "GEOMETRY_VERSION",
-    "TASK_CONVENTIONS",
     "WINDOW_PRESETS",
     "Box",
     "Convention",
@@ -61,7 +62,6 @@ __all__ = [
     "box_to_model_bounds",
     "box_to_roi",
     "canonical_axes",
-    "default_convention",
     "format_box",
     "ijk_to_ras_inverse",
     "logits_to_mask",
@@ -121,20 +121,6 @@ CONVENTIONS: dict[str, Convention] = {
 _CONVENTION_ALIASES = {"m3d-cap": "m3d-cap-v1", "m3d-seg": "m3d-seg-v1"}
 DEFAULT_CONVENTION = "m3d-cap-v1"
 
-TASK_CONVENTIONS: dict[str, str] = {
-    # Report generation and VQA come from M3D-Cap / M3D-VQA (Radiopaedia); boxes and masks from M3D-Seg.
-    "report": "m3d-cap-v1",
-    "caption": "m3d-cap-v1",
-    "vqa": "m3d-cap-v1",
-    "vqa_closed": "m3d-cap-v1",
-    "vqa_open": "m3d-cap-v1",
-    "rec": "m3d-seg-v1",
-    "reg": "m3d-seg-v1",
-    "seg": "m3d-seg-v1",
-    "refseg": "m3d-seg-v1",
-}
-
-
 def resolve_convention(convention: Optional[str]) -> Convention:
     """Name (or alias, or None for the default) -> :class:`Convention`."""
     name = DEFAULT_CONVENTION if convention is None else str(convention).strip().lower()
@@ -145,11 +131,6 @@ def resolve_convention(convention: Optional[str]) -> Convention:
             f"(or the aliases {', '.join(_CONVENTION_ALIASES)})"
         )
     return CONVENTIONS[name]
-
-
-def default_convention(task: Optional[str]) -> str:
-    """The convention whose training data a task was learned from (unknown task -> :data:`DEFAULT_CONVENTION`)."""
-    return TASK_CONVENTIONS.get((task or "").strip().lower(), DEFAULT_CONVENTION)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

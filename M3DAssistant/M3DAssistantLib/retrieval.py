@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import numpy as np
 
 from .errors import InputError
-from .geometry import default_convention, to_model_input, validate_ijk_to_ras
+from .geometry import to_model_input, validate_ijk_to_ras
 from .preprocessing import WindowArg, resolve_window
 from .model.hub import snapshot_revision
 from .progress import ProgressCallback, report
 from .results import Provenance, RetrievalResult
+from .tasks import FIND_SIMILAR
 
 if TYPE_CHECKING:  # torch is imported lazily: it is heavy
     import torch
@@ -42,8 +43,6 @@ if TYPE_CHECKING:  # torch is imported lazily: it is heavy
 __all__ = ["Retriever", "VolumeInput", "recall_at_k", "volume_key"]
 
 logger = logging.getLogger(__name__)
-
-TASK = "retrieval"
 
 VolumeInput = Union[tuple[np.ndarray, np.ndarray], np.ndarray]
 """A volume as ``(array_kji, ijk_to_ras)``, or its precomputed embedding (1-D, the model's hidden size)."""
@@ -203,7 +202,7 @@ class Retriever:
         weight = self.model.mm_vision_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.revision = snapshot_revision(getattr(self.model, "checkpoint_path", None)) or revision
-        self.convention = convention or default_convention(TASK)
+        self.convention = convention or FIND_SIMILAR.convention
         self.progress = progress
         self.cache_size = int(cache_size)
         # key -> (embedding [hidden] float32, mapping convention, intensity JSON)
@@ -375,7 +374,7 @@ class Retriever:
     def _provenance(self, prompt: str, convention: Optional[str], intensity: Optional[str],
                     started: float) -> Provenance:
         return Provenance(
-            task=TASK,
+            task=FIND_SIMILAR.training_name,
             model=self.source,
             model_revision=self.revision,
             dtype=str(self.dtype).removeprefix("torch."),

@@ -15,6 +15,9 @@ Rules every writer follows:
 * **Provenance travels with the node** as ``M3D.*`` node attributes (segments: ``M3D.*`` segment tags), including the
   label "AI-generated, not for clinical use", which text nodes also carry in their text.
 * **Nodes go where the user looks for them:** next to the volume in the subject hierarchy (same study).
+
+Why this file is long: every read and write of MRML nodes (volumes, segments, ROIs, text, study placement) is
+here, so the Slicer API details that slicer-core tests live in one file.
 """
 
 from __future__ import annotations

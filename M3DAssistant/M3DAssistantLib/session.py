@@ -1,7 +1,7 @@
 """AssistantSession: the eight M3D tasks on Slicer nodes, without Qt. The module's Logic is a thin layer over it.
 
 A session talks to a *backend*: the in-process :class:`~.engine.InferenceEngine` or the HTTP client of a worker
-(``client.py``), which has the same methods (``set_volume``, ``report``, ``ask``, ``choose``, ``locate``,
+(:mod:`.serving.client`), which has the same methods (``set_volume``, ``report``, ``ask``, ``choose``, ``locate``,
 ``describe_region``, ``segment``, ``segment_expression``, ``retrieve``, ``cancel``). It reads volume nodes and writes
 results through :mod:`.scene` (MRML only), so it runs in Slicer and headless with slicer-core.
 
@@ -29,8 +29,9 @@ The session assumes it is the only user of its backend (it remembers which volum
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -42,9 +43,11 @@ from .results import (
     ChoiceResult,
     RetrievalResult,
     SamplingOptions,
-    SegmentationResult,
     TextResult,
 )
+from .tasks import ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, ArgumentKind, Output
+from .tasks import ResultKind, Task
+from .tasks import get as get_task
 
 if TYPE_CHECKING:
     import slicer
@@ -72,6 +75,38 @@ class _Call:
     volume: Optional[_Volume]
     run: Callable[[], Any]
     finish: Callable[[Any], Any]
+
+
+def _read_region(roi_node: Any) -> RasRoi:
+    """An ROI argument as the backend takes it (read on the calling thread: it touches MRML)."""
+    return roi_node if isinstance(roi_node, RasRoi) else scene.roi_from_node(roi_node)
+
+
+def _place_output(task: Task, result: Any, volume_node: Any, text: Optional[str], *, name: Optional[str] = None,
+                  segmentation_node: Any = None, color: Any = None) -> Any:
+    """What a task method returns, by the task's :class:`~.tasks.Output`; nodes are made only from a real result
+    (a text, a box, a non-empty mask), never empty or made-up ones. A new node is named ``name``, else "<volume> M3D
+    <task>" (a text node), the task's ``text`` argument (an ROI: what was located) or the result's target (a
+    segment)."""
+    if task.output is Output.TEXT_NODE:
+        name = name or f"{volume_node.GetName()} M3D {task.key}"
+        node = scene.add_text(result, name, volume_node=volume_node) if result.text.strip() else None
+        return node, result
+    if task.output is Output.ANSWER:
+        if task.result is ResultKind.CHOICE:
+            return (result.choice if result.choice is not None else result.text), result
+        return result.text, result
+    if task.output is Output.ROI_NODE:
+        name = name or text or task.label
+        node = scene.add_roi(result, name, volume_node=volume_node) if result.roi is not None else None
+        return node, result
+    if task.output is Output.SEGMENT:
+        if result.mask is None or result.voxel_count == 0:
+            return None, None, result
+        node, segment_id = scene.add_segment(result, volume_node, name=name or result.target,
+                                             segmentation_node=segmentation_node, color=color)
+        return node, segment_id, result
+    return result
 
 
 class PendingRequest:
@@ -229,21 +264,55 @@ class AssistantSession:
             self._conversations.pop(volume_node.GetID(), None)
 
     # ----------------------------------------------------------------------------------------------------- tasks
+    def run_task(self, task: Union[Task, str], *arguments: Any, window: Any = _UNSET, roi_node: Any = _UNSET,
+                 sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET, wait: bool = True,
+                 history: Optional[Sequence[tuple[str, str]]] = None, name: Optional[str] = None,
+                 segmentation_node: Any = None, color: Any = None) -> Any:
+        """Any task of the registry (a :class:`~.tasks.Task` or any of its names): the volume node, then the task's
+        arguments in order (``session.run_task("segment", volume_node, "liver")`` is
+        ``session.segment(volume_node, "liver")``). The task methods below are this, with their own signatures.
+
+        What the call needs from the scene is read here (the volume, an ROI node to describe); the backend's method
+        of the task runs (any thread); its result becomes the task's :class:`~.tasks.Output` (a text node, the
+        answer, an ROI node, a segment, a ranking). ``window``, ``roi_node`` (crop), ``sampling`` and ``on_text``
+        override the session's defaults; ``history`` as in :meth:`ask`; ``name``, ``segmentation_node`` and
+        ``color`` say where a new node or segment goes."""
+        task = task if isinstance(task, Task) else get_task(task)
+        if not task.on_volume:
+            return self.find_similar(*arguments, wait=wait)
+        volume_node, *values = arguments
+        positional = [a for a in task.arguments if a.kind is not ArgumentKind.HISTORY]
+        if len(values) != len(positional):
+            raise TypeError(f"{task.key} takes the volume node and {len(positional)} argument(s) "
+                            f"({', '.join(a.name for a in positional) or 'none'}), got {len(values)}")
+        self._check_idle()
+        values = [_read_region(value) if argument.kind is ArgumentKind.REGION else value
+                  for argument, value in zip(positional, values)]
+        text = next((v for a, v in zip(positional, values) if a.kind is ArgumentKind.TEXT), None)  # the prompt
+        volume = self._prepare_volume(volume_node, window, roi_node)
+        kwargs = self._kwargs(sampling, on_text)
+        record = None
+        history_argument = task.takes(ArgumentKind.HISTORY)
+        if history_argument is not None:  # a conversation: this session's turns about the volume, or the given ones
+            record = (volume_node.GetID(), text) if history is None else None
+            kwargs[history_argument.name] = self.history(volume_node) if history is None else list(history)
+        run = functools.partial(getattr(self.backend, task.engine_method), *values, **kwargs)
+
+        def finish(result: Any) -> Any:
+            if record is not None:
+                node_id, question = record
+                self._conversations.setdefault(node_id, []).append((question, result.text))
+            return _place_output(task, result, volume_node, text, name=name, segmentation_node=segmentation_node,
+                                 color=color)
+
+        return self._dispatch(_Call(volume, run, finish), wait)
+
     def report(self, volume_node: Any, *, name: Optional[str] = None, window: Any = _UNSET, roi_node: Any = _UNSET,
                sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
                wait: bool = True) -> tuple[Optional["slicer.vtkMRMLTextNode"], TextResult]:
         """Report generation -> (a new text node, or None when the model wrote nothing; the result)."""
-        self._check_idle()
-        volume = self._prepare_volume(volume_node, window, roi_node)
-        kwargs = self._kwargs(sampling, on_text)
-        name = name or f"{volume_node.GetName()} M3D report"
-
-        def finish(result: TextResult):
-            if not result.text.strip():
-                return None, result
-            return scene.add_text(result, name, volume_node=volume_node), result
-
-        return self._dispatch(_Call(volume, lambda: self.backend.report(**kwargs), finish), wait)
+        return self.run_task(REPORT, volume_node, name=name, window=window, roi_node=roi_node, sampling=sampling,
+                             on_text=on_text, wait=wait)
 
     def ask(self, volume_node: Any, question: str, history: Optional[Sequence[tuple[str, str]]] = None, *,
             window: Any = _UNSET, roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None,
@@ -252,49 +321,22 @@ class AssistantSession:
 
         ``history=None`` continues this session's conversation about the volume (the turn is then added to it);
         pass a list (``[]`` for none) to use exactly those earlier turns instead, without recording this one."""
-        self._check_idle()
-        volume = self._prepare_volume(volume_node, window, roi_node)
-        kwargs = self._kwargs(sampling, on_text)
-        record = history is None
-        turns = self.history(volume_node) if record else list(history)
-        node_id = volume_node.GetID()
-
-        def finish(result: TextResult):
-            if record:
-                self._conversations.setdefault(node_id, []).append((question, result.text))
-            return result.text, result
-
-        return self._dispatch(_Call(volume, lambda: self.backend.ask(question, history=turns, **kwargs), finish),
-                              wait)
+        return self.run_task(ASK, volume_node, question, history=history, window=window, roi_node=roi_node,
+                             sampling=sampling, on_text=on_text, wait=wait)
 
     def choose(self, volume_node: Any, question: str, choices: Sequence[str], *, window: Any = _UNSET,
                roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
                wait: bool = True) -> tuple[str, ChoiceResult]:
         """Multiple choice -> (the chosen option's text, or the raw answer when it names none; result)."""
-        self._check_idle()
-        volume = self._prepare_volume(volume_node, window, roi_node)
-        kwargs = self._kwargs(sampling, on_text)
-        choices = list(choices)
-
-        def finish(result: ChoiceResult):
-            return (result.choice if result.choice is not None else result.text), result
-
-        return self._dispatch(_Call(volume, lambda: self.backend.choose(question, choices, **kwargs), finish), wait)
+        return self.run_task(CHOOSE, volume_node, question, list(choices), window=window, roi_node=roi_node,
+                             sampling=sampling, on_text=on_text, wait=wait)
 
     def locate(self, volume_node: Any, expression: str, *, name: Optional[str] = None, window: Any = _UNSET,
                roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
                wait: bool = True) -> tuple[Optional["slicer.vtkMRMLMarkupsROINode"], BoxResult]:
         """Find a structure or described region -> (a new ROI node, or None when no box came back; result)."""
-        self._check_idle()
-        volume = self._prepare_volume(volume_node, window, roi_node)
-        kwargs = self._kwargs(sampling, on_text)
-
-        def finish(result: BoxResult):
-            if result.roi is None:
-                return None, result
-            return scene.add_roi(result, name or expression, volume_node=volume_node), result
-
-        return self._dispatch(_Call(volume, lambda: self.backend.locate(expression, **kwargs), finish), wait)
+        return self.run_task(LOCATE, volume_node, expression, name=name, window=window, roi_node=roi_node,
+                             sampling=sampling, on_text=on_text, wait=wait)
 
     def describe_region(self, volume_node: Any, roi_node: Any, *, window: Any = _UNSET, crop_roi_node: Any = _UNSET,
                         sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
@@ -302,12 +344,8 @@ class AssistantSession:
         """What is in a user-drawn ROI (markups ROI node, possibly rotated, or a RasRoi) -> (text, result).
 
         ``crop_roi_node`` is the crop option (``roi_node`` of the other tasks), named apart from the described ROI."""
-        self._check_idle()
-        roi = roi_node if isinstance(roi_node, RasRoi) else scene.roi_from_node(roi_node)
-        volume = self._prepare_volume(volume_node, window, crop_roi_node)
-        kwargs = self._kwargs(sampling, on_text)
-        return self._dispatch(_Call(volume, lambda: self.backend.describe_region(roi, **kwargs),
-                                    lambda result: (result.text, result)), wait)
+        return self.run_task(DESCRIBE_REGION, volume_node, roi_node, window=window, roi_node=crop_roi_node,
+                             sampling=sampling, on_text=on_text, wait=wait)
 
     def segment(self, volume_node: Any, target: str, segmentation_node: Any = None, *, name: Optional[str] = None,
                 color: Any = None, window: Any = _UNSET, roi_node: Any = _UNSET,
@@ -315,32 +353,18 @@ class AssistantSession:
         """Segment a named structure -> (segmentation node, segment id, result); ``(None, None, result)`` when
         the model gave no mask (absent target, no [SEG], or an empty mask): nothing is created, not even in a given
         ``segmentation_node``. A new segment never replaces an existing one (``liver (2)``)."""
-        return self._segment("segment", volume_node, target, segmentation_node, name, color, window, roi_node,
-                             sampling, on_text, wait)
+        return self.run_task(SEGMENT, volume_node, target, segmentation_node=segmentation_node, name=name,
+                             color=color, window=window, roi_node=roi_node, sampling=sampling, on_text=on_text,
+                             wait=wait)
 
     def segment_expression(self, volume_node: Any, expression: str, segmentation_node: Any = None, *,
                            name: Optional[str] = None, color: Any = None, window: Any = _UNSET,
                            roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None,
                            on_text: Any = _UNSET, wait: bool = True):
         """Segment what a description refers to ("the lesion in the right lobe") -> as :meth:`segment`."""
-        return self._segment("segment_expression", volume_node, expression, segmentation_node, name, color, window,
-                             roi_node, sampling, on_text, wait)
-
-    def _segment(self, method: str, volume_node: Any, target: str, segmentation_node: Any, name: Optional[str],
-                 color: Any, window: Any, roi_node: Any, sampling: Optional[SamplingOptions], on_text: Any,
-                 wait: bool):
-        self._check_idle()
-        volume = self._prepare_volume(volume_node, window, roi_node)
-        kwargs = self._kwargs(sampling, on_text)
-
-        def finish(result: SegmentationResult):
-            if result.mask is None or result.voxel_count == 0:
-                return None, None, result
-            node, segment_id = scene.add_segment(result, volume_node, name=name or result.target,
-                                                 segmentation_node=segmentation_node, color=color)
-            return node, segment_id, result
-
-        return self._dispatch(_Call(volume, lambda: getattr(self.backend, method)(target, **kwargs), finish), wait)
+        return self.run_task(SEGMENT_EXPRESSION, volume_node, expression, segmentation_node=segmentation_node,
+                             name=name, color=color, window=window, roi_node=roi_node, sampling=sampling,
+                             on_text=on_text, wait=wait)
 
     def find_similar(self, candidates: Sequence[Any], query: Any, *, wait: bool = True) -> RetrievalResult:
         """M3D-CLIP retrieval, ranked best first.

@@ -1,262 +1,275 @@
-"""The module panel's non-Qt parts: the task table, what each task returns to the Python console, streamed text
-collected across threads, the per-volume conversation and progress in words.
+"""The task registry: each of the eight M3D tasks, named once, with what every layer needs to know about it.
 
-The Widget and Logic in ``M3DAssistant.py`` stay thin: they wire these to Qt widgets and MRML nodes. Everything here
-is plain Python (no ``slicer``, no Qt), so it is tested without Slicer.
+A task has one :class:`Task` entry below; every other spelling of it is derived from that entry:
+
+* ``key`` (``segment_expression``): the engine, client, backend and session method, the HTTP route
+  ``POST /v1/volumes/{id}/{key}``, the batch form ``--task key:TEXT``;
+* ``logic_name`` (``segmentExpression``, derived: camelCase of ``key``): the module Logic's console method;
+* ``cli_command`` (``segment-expression``, derived: ``key`` with dashes unless declared): the ``m3d`` subcommand;
+* ``training_name`` (``refseg``): the dataset section, training, evaluation and ``Provenance.task``;
+* ``button`` (``segmentExpressionButton``, derived from ``logic_name``): the panel's button in the .ui;
+* ``label`` (``Segment by description``): the button text and the conversation view;
+
+and, for the layers that must treat tasks differently, *kinds* instead of names: the :class:`ResultKind` of its
+typed result (the wire's ``kind``), the :class:`Output` the session makes of it in the scene, and the
+:class:`ArgumentKind` of each argument (how the panel, the CLI, the client and the server read and send it).
+
+Adding a ninth task: its prompt builder (and answer parser) in :mod:`.prompts`, its method on
+:class:`~.engine.InferenceEngine` (which builds the prompt, runs the model and makes the typed result), an entry here,
+and a button in the .ui named :attr:`Task.button`. The server's route and request model, the client
+(``M3DClient.run_task``), the backends, the ``m3d`` subcommand, batch, the session (``AssistantSession.run_task``),
+the Logic (``runTask``) and the panel follow from the entry; a task whose arguments or result are of a new *kind*
+also needs that kind handled where kinds are handled. For users and IDEs it then gets one thin, documented method on
+``M3DClient``, ``AssistantSession`` and the Logic, as the eight have (each is one call of the generic method).
+``Testing/test_task_registry.py`` checks that every layer offers exactly these tasks, and walks a ninth one through
+them.
+
+Light: the standard library, numpy (through :mod:`.prompts` and :mod:`.results`); Slicer's process imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
-import queue
-import threading
-from typing import Any, Callable, Optional, Sequence
+import enum
+import re
+from typing import Any, Callable, Optional
 
-from . import AI_LABEL
+from . import prompts
 from .errors import InputError
-from .progress import ProgressEvent
+from .geometry import DEFAULT_CONVENTION
+from .results import BoxResult, ChoiceResult, RetrievalResult, SegmentationResult, TextResult
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    """One of the eight tasks as the panel and the console API see it."""
+class ResultKind(str, enum.Enum):
+    """The typed result a task returns; the value is the ``kind`` field of the server's answers."""
 
-    key: str  # the Logic's method name (console API)
-    label: str  # button text
-    session_method: str  # AssistantSession method
-    prompt: Optional[str] = None  # what the prompt box must hold (None: no prompt)
-    needs_describe_roi: bool = False
-    needs_choices: bool = False
+    TEXT = "text"
+    CHOICE = "choice"
+    BOX = "box"
+    SEGMENTATION = "segmentation"
+    RETRIEVAL = "retrieval"
+
+    @property
+    def result_type(self) -> type:
+        return RESULT_TYPES[self]
 
 
-TASKS: dict[str, TaskSpec] = {spec.key: spec for spec in (
-    TaskSpec("report", "Report", "report"),
-    TaskSpec("ask", "Ask", "ask", prompt="a question"),
-    TaskSpec("choose", "Multiple choice", "choose", prompt="a question", needs_choices=True),
-    TaskSpec("locate", "Locate", "locate", prompt="what to find (e.g. liver)"),
-    TaskSpec("describeRegion", "Describe ROI", "describe_region", needs_describe_roi=True),
-    TaskSpec("segment", "Segment", "segment", prompt="a structure (e.g. liver)"),
-    TaskSpec("segmentExpression", "Segment by description", "segment_expression",
-             prompt="a description (e.g. the lesion in the right lobe)"),
-    TaskSpec("findSimilar", "Find similar", "find_similar", prompt="a text to rank the loaded volumes by"),
-)}
-
-STAGE_LABELS = {
-    "load": "Loading the model",
-    "download": "Downloading the model",
-    "upload": "Sending the volume",
-    "preprocess": "Preparing the image",
-    "encode": "Reading the image",
-    "generate": "Writing the answer",
-    "segment": "Segmenting",
+RESULT_TYPES: dict[ResultKind, type] = {
+    ResultKind.TEXT: TextResult, ResultKind.CHOICE: ChoiceResult, ResultKind.BOX: BoxResult,
+    ResultKind.SEGMENTATION: SegmentationResult, ResultKind.RETRIEVAL: RetrievalResult,
 }
 
 
-def progress_text(event: ProgressEvent) -> tuple[str, Optional[int]]:
-    """(status text, percent or None for "busy") for a progress bar."""
-    label = STAGE_LABELS.get(event.stage, event.stage.capitalize() or "Working")
-    percent = None if event.fraction is None else round(100 * min(max(event.fraction, 0.0), 1.0))
-    message = event.message.strip()
-    if event.stage == "generate":  # "12 tokens" is noise next to the streamed text
-        message = ""
-    if len(message) > 240:
-        message = message[:237] + "..."
-    return (f"{label}: {message}" if message else label), percent
+def result_kind(result: Any) -> ResultKind:
+    """The kind of a typed result (TextResult -> ``text``, ...)."""
+    for kind, cls in RESULT_TYPES.items():
+        if type(result) is cls:
+            return kind
+    raise TypeError(f"{type(result).__name__} is not a task result; expected one of "
+                    f"{', '.join(cls.__name__ for cls in RESULT_TYPES.values())}")
 
 
-def parse_choices(text: str) -> list[str]:
-    """The multiple-choice options typed in one line: separated by ``;`` or new lines (``Axial; Coronal; Sagittal``)."""
-    parts = [p.strip() for p in text.replace("\n", ";").split(";")]
-    choices = [p for p in parts if p]
-    if len(choices) < 2:
-        raise InputError("give at least two choices, separated by ';' (e.g. Axial; Coronal; Sagittal; Oblique)")
-    return choices
+class Output(enum.Enum):
+    """What :class:`~.session.AssistantSession` (and so the Logic and the panel) makes of a finished task."""
+
+    TEXT_NODE = "text node"  # a new text node with the text (None when the model wrote nothing)
+    ANSWER = "answer"  # the answer as a string (a choice: the chosen option's text)
+    ROI_NODE = "ROI node"  # a new markups ROI node with the box (None when no box came back)
+    SEGMENT = "segment"  # a new segment: (segmentation node, segment id), (None, None) without a mask
+    RANKING = "ranking"  # [(candidate, score), ...] best first
 
 
-def require_prompt(task: str, prompt: str) -> str:
-    """The prompt stripped; InputError naming what the task needs when it is empty."""
-    spec = TASKS[task]
-    prompt = (prompt or "").strip()
-    if spec.prompt and not prompt:
-        raise InputError(f"{spec.label} needs {spec.prompt}: type it in the prompt box.")
-    return prompt
+class ArgumentKind(enum.Enum):
+    """How an argument is entered, sent and checked. Each layer handles kinds, never task names:
+
+    * ``TEXT``: one text. Panel: the prompt box; CLI: a positional argument; wire: a JSON string.
+    * ``HISTORY``: earlier (question, answer) turns, optional. Session: the conversation about the volume; wire: a
+      list of ``[question, answer]`` pairs; not on the CLI.
+    * ``CHOICES``: 2 to 8 option texts. Panel: the choices box (``;``-separated); CLI: ``--NAME A B C``; wire: a list.
+    * ``REGION``: a box in RAS. Panel: the "Describe ROI" node; session: a markups ROI node or
+      :class:`~.geometry.RasRoi`; CLI: ``--NAME FILE.mrk.json``; wire: ``{"center", "size", "axes"}``.
+    * ``CANDIDATES``: what retrieval ranks (volume nodes or texts). Panel: the scene's image volumes.
+    """
+
+    TEXT = "text"
+    HISTORY = "history"
+    CHOICES = "choices"
+    REGION = "region"
+    CANDIDATES = "candidates"
 
 
-# ------------------------------------------------------------------------------------- results for the console
-def api_value(task: str, output: Any, candidates: Optional[Sequence[Any]] = None) -> Any:
-    """What the Logic's console method returns, from what the session returned.
+@dataclasses.dataclass(frozen=True)
+class Argument:
+    """One argument of a task method, in the order the methods take them.
 
-    report -> text node (or None); ask / choose / describeRegion -> str; locate -> ROI node (or None);
-    segment / segmentExpression -> (segmentation node, segment id) (``(None, None)`` without a mask);
-    findSimilar -> ``[(candidate, score), ...]`` best first, candidates as given (nodes or texts)."""
-    if task in ("segment", "segmentExpression"):
-        node, segment_id, _ = output
-        return node, segment_id
-    if task == "findSimilar":
-        return [(candidates[index] if candidates is not None else label, float(score))
-                for index, label, score in output.ranking]
-    return output[0]
+    ``name`` is the engine's and client's parameter name; ``wire_name`` the JSON field when it differs."""
 
+    name: str
+    kind: ArgumentKind
+    description: Optional[str] = None  # for the OpenAPI schema
+    wire_name: Optional[str] = None
 
-def typed_result(task: str, output: Any) -> Any:
-    """The full typed result (TextResult, ChoiceResult, BoxResult, SegmentationResult, RetrievalResult)."""
-    if task == "findSimilar":
-        return output
-    return output[-1]
+    @property
+    def field(self) -> str:
+        """The JSON field of the server's request body."""
+        return self.wire_name or self.name
 
-
-def _node_name(node: Any) -> str:
-    return node.GetName() if hasattr(node, "GetName") else str(node)
+    @property
+    def required(self) -> bool:
+        """Every argument but the conversation history (which defaults to none)."""
+        return self.kind is not ArgumentKind.HISTORY
 
 
-def answer_text(task: str, output: Any) -> str:
-    """The conversation view's line for a finished task (call on the main thread: it reads node names)."""
-    result = typed_result(task, output)
-    if task == "findSimilar":
-        return "\n".join(f"{rank}. {label} ({score:.3f})" for rank, (_, label, score) in
-                         enumerate(result.ranking, start=1))
-    if task == "choose":
-        choice, _ = output
-        return f"{result.letter}. {choice}" if result.letter else choice
-    if task == "locate":
-        node = output[0]
-        if node is None:
-            return f"{result.text.strip()}\n(no box found: nothing was added)"
-        return f"{result.text.strip()}\n(box added as ROI '{_node_name(node)}')"
-    if task in ("segment", "segmentExpression"):
-        node, segment_id, _ = output
-        if node is None:
-            return f"{result.text.strip()}\n(no mask: nothing was added)"
-        segment = node.GetSegmentation().GetSegment(segment_id) if hasattr(node, "GetSegmentation") else None
-        name = segment.GetName() if segment is not None else segment_id
-        return f"{result.text.strip()}\n(segment '{name}' added to '{_node_name(node)}', {result.voxel_count} voxels)"
-    if task == "report" and output[0] is not None:
-        return f"{result.text.strip()}\n(saved as text node '{_node_name(output[0])}')"
-    return result.text.strip()
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task, as every layer sees it. See the module docstring for the names and where they are used."""
+
+    key: str  # snake_case: engine / client / session method, HTTP route, batch name
+    label: str  # the panel's button text
+    training_name: str  # dataset section, training, evaluation, Provenance.task
+    result: ResultKind
+    output: Output
+    convention: str  # the default orientation convention of its volume input (geometry.CONVENTIONS)
+    summary: Optional[str]  # one line: the HTTP route's summary (None: no route of its own)
+    help: str  # one line: the CLI subcommand's help
+    arguments: tuple[Argument, ...] = ()
+    prompt_hint: Optional[str] = None  # what the prompt box must hold ("a question"); None: no prompt needed
+    build_prompt: Optional[Callable[..., str]] = None  # prompts.*_prompt: the text after the image tokens
+    parse_answer: Optional[Callable[..., Any]] = None  # prompts.parse_*_answer, when the answer has structure
+    streams: bool = True  # M3D-LaMed generates the answer: streamable, sampling options, an HTTP route, a CLI command
+    in_datasets: bool = True  # exported, trained and evaluated by M3DTraining
+    on_volume: bool = True  # the methods take the volume (node) first
+    engine_method: Optional[str] = None  # the engine / client method, when it is not ``key``
+    cli_command: Optional[str] = None  # the m3d subcommand, when it is not ``key`` with dashes
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z]+(_[a-z]+)*", self.key):
+            raise ValueError(f"task key {self.key!r} must be snake_case")
+        if self.engine_method is None:
+            object.__setattr__(self, "engine_method", self.key)
+        if self.cli_command is None and self.streams:
+            object.__setattr__(self, "cli_command", self.key.replace("_", "-"))
+
+    @property
+    def logic_name(self) -> str:
+        """The module Logic's console method (camelCase of :attr:`key`)."""
+        first, *rest = self.key.split("_")
+        return first + "".join(part.capitalize() for part in rest)
+
+    @property
+    def button(self) -> str:
+        """The object name of the task's button in ``M3DAssistant.ui``."""
+        return f"{self.logic_name}Button"
+
+    @property
+    def request_model(self) -> str:
+        """The name of the server's request body model (``SegmentExpressionRequest``)."""
+        return "".join(part.capitalize() for part in self.key.split("_")) + "Request"
+
+    @property
+    def segments(self) -> bool:
+        """Whether the model's segmentation module runs (the answer carries a mask)."""
+        return self.result is ResultKind.SEGMENTATION
+
+    def takes(self, kind: ArgumentKind) -> Optional[Argument]:
+        """The argument of this kind, if the task takes one."""
+        return next((a for a in self.arguments if a.kind is kind), None)
 
 
-class TaskRequest:
-    """A task running in the background (the session's PendingRequest) plus how to turn its output into the
-    console API's value. Poll :meth:`done`; call :meth:`result` on the main thread (it creates the nodes)."""
+_CAP, _SEG = "m3d-cap-v1", "m3d-seg-v1"  # report and VQA come from M3D-Cap / M3D-VQA; boxes and masks from M3D-Seg
+_TEXT = ArgumentKind.TEXT
 
-    def __init__(self, task: str, pending: Any, finish: Callable[[Any], Any]):
-        self.task = task
-        self.pending = pending
-        self._finish = finish
-        self._collected = False
-        self._value: Any = None
-        self.output: Any = None  # what the session returned (nodes + typed result)
+REPORT = Task(
+    "report", "Report", "report", ResultKind.TEXT, Output.TEXT_NODE, _CAP,
+    summary="Report generation", help="write a findings report",
+    build_prompt=prompts.report_prompt)
+ASK = Task(
+    "ask", "Ask", "vqa_open", ResultKind.TEXT, Output.ANSWER, _CAP,
+    summary="Open question (VQA)", help="answer an open question",
+    arguments=(Argument("question", _TEXT),
+               Argument("history", ArgumentKind.HISTORY, "earlier [question, answer] turns (experimental)")),
+    prompt_hint="a question", build_prompt=prompts.question_prompt)
+CHOOSE = Task(
+    "choose", "Multiple choice", "vqa_closed", ResultKind.CHOICE, Output.ANSWER, _CAP,
+    summary="Multiple choice (closed VQA)", help="answer a multiple-choice question",
+    arguments=(Argument("question", _TEXT), Argument("choices", ArgumentKind.CHOICES)),
+    prompt_hint="a question", build_prompt=prompts.choice_prompt, parse_answer=prompts.parse_choice_answer)
+LOCATE = Task(
+    "locate", "Locate", "rec", ResultKind.BOX, Output.ROI_NODE, _SEG,
+    summary="Box for a target or description (REC)", help="find a target: 3D box (-o ROI.mrk.json)",
+    arguments=(Argument("expression", _TEXT),),
+    prompt_hint="what to find (e.g. liver)", build_prompt=prompts.locate_prompt, parse_answer=prompts.parse_box_answer)
+DESCRIBE_REGION = Task(
+    "describe_region", "Describe ROI", "reg", ResultKind.TEXT, Output.ANSWER, _SEG,
+    summary="Describe an RAS box (REG)", help="say what is inside a box (--roi ROI.mrk.json)",
+    arguments=(Argument("roi", ArgumentKind.REGION, "the RAS box to describe", wire_name="region"),),
+    build_prompt=prompts.describe_region_prompt, cli_command="describe")
+SEGMENT = Task(
+    "segment", "Segment", "seg", ResultKind.SEGMENTATION, Output.SEGMENT, _SEG,
+    summary="Segment a named structure", help="segment a named structure (-o NAME.seg.nrrd)",
+    arguments=(Argument("target", _TEXT),),
+    prompt_hint="a structure (e.g. liver)", build_prompt=prompts.segment_prompt,
+    parse_answer=prompts.parse_segmentation_answer)
+SEGMENT_EXPRESSION = Task(
+    "segment_expression", "Segment by description", "refseg", ResultKind.SEGMENTATION, Output.SEGMENT, _SEG,
+    summary="Segment a description", help="segment what a description refers to (-o NAME.seg.nrrd)",
+    arguments=(Argument("expression", _TEXT),),
+    prompt_hint="a description (e.g. the lesion in the right lobe)",
+    build_prompt=prompts.segment_expression_prompt, parse_answer=prompts.parse_segmentation_answer)
+FIND_SIMILAR = Task(
+    "find_similar", "Find similar", "retrieval", ResultKind.RETRIEVAL, Output.RANKING, DEFAULT_CONVENTION,
+    summary=None, help="M3D-CLIP: rank texts for a volume, or volumes for a text",
+    arguments=(Argument("candidates", ArgumentKind.CANDIDATES), Argument("query", _TEXT)),
+    prompt_hint="a text to rank the loaded volumes by", streams=False, in_datasets=False, on_volume=False,
+    engine_method="retrieve", cli_command="retrieve")
 
-    def done(self) -> bool:
-        return self.pending.done()
+TASKS: dict[str, Task] = {task.key: task for task in (
+    REPORT, ASK, CHOOSE, LOCATE, DESCRIBE_REGION, SEGMENT, SEGMENT_EXPRESSION, FIND_SIMILAR)}
+"""Every task by key, in the panel's order."""
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        return self.pending.wait(timeout)
+STREAMING_TASKS: tuple[Task, ...] = tuple(task for task in TASKS.values() if task.streams)
+"""The M3D-LaMed tasks: engine, client and backend methods with sampling and ``on_text``, one HTTP route each,
+one ``m3d`` subcommand each."""
 
-    def cancel(self) -> None:
-        self.pending.cancel()
-
-    def result(self) -> Any:
-        if not self._collected:
-            self.output = self.pending.result()  # raises the request's error
-            self._value = self._finish(self.output)
-            self._collected = True
-        return self._value
-
-
-# ------------------------------------------------------------------------------------- streamed text, by thread
-class StreamBuffer:
-    """Text chunks and progress events put from the request's thread, drained by the GUI timer on the main thread."""
-
-    def __init__(self) -> None:
-        self._queue: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
-
-    def put_text(self, chunk: str) -> None:
-        self._queue.put(("text", chunk))
-
-    def put_progress(self, event: ProgressEvent) -> None:
-        self._queue.put(("progress", event))
-
-    def drain(self) -> tuple[str, Optional[ProgressEvent]]:
-        """All text since the last call, and the latest progress event (None if none came)."""
-        text, progress = [], None
-        while True:
-            try:
-                kind, item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "text":
-                text.append(item)
-            else:
-                progress = item
-        return "".join(text), progress
-
-
-# ------------------------------------------------------------------------------------------ the conversation view
-@dataclasses.dataclass
-class ConversationEntry:
-    task: str
-    prompt: str
-    answer: str = ""
-    status: str = "running"  # running | done | cancelled | failed
+TRAINING_NAMES: tuple[str, ...] = tuple(task.training_name for task in TASKS.values() if task.in_datasets)
+"""The tasks of M3D datasets (``dataset.json`` sections) as export, training and evaluation name them, in order."""
 
 
-class ConversationLog:
-    """What was asked about each volume in this Slicer session, with the answers (streamed while they come)."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, list[ConversationEntry]] = {}
-        self._lock = threading.Lock()
-
-    def start(self, volume_key: str, task: str, prompt: str) -> ConversationEntry:
-        entry = ConversationEntry(task, prompt)
-        with self._lock:
-            self._entries.setdefault(volume_key, []).append(entry)
-        return entry
-
-    def entries(self, volume_key: Optional[str]) -> list[ConversationEntry]:
-        with self._lock:
-            return list(self._entries.get(volume_key or "", []))
-
-    def clear(self, volume_key: Optional[str] = None) -> None:
-        with self._lock:
-            if volume_key is None:
-                self._entries.clear()
-            else:
-                self._entries.pop(volume_key, None)
-
-    def to_html(self, volume_key: Optional[str], volume_name: str = "") -> str:
-        """The conversation about one volume as simple HTML for a QTextBrowser."""
-        entries = self.entries(volume_key)
-        if not entries:
-            return (f"<p style='color:gray'>No questions about {html.escape(volume_name or 'this volume')} yet. "
-                    f"Answers are {html.escape(AI_LABEL)}.</p>")
-        parts = [f"<p style='color:gray'><i>{html.escape(AI_LABEL)}</i></p>"]
-        for entry in entries:
-            label = TASKS[entry.task].label if entry.task in TASKS else entry.task
-            question = f": {html.escape(entry.prompt)}" if entry.prompt else ""
-            parts.append(f"<p><b>{html.escape(label)}</b>{question}</p>")
-            answer = html.escape(entry.answer).replace("\n", "<br>") or "&hellip;"
-            style = {"failed": "color:#b00020", "cancelled": "color:gray"}.get(entry.status, "")
-            suffix = {"running": " &hellip;", "cancelled": " <i>(cancelled)</i>"}.get(entry.status, "")
-            parts.append(f"<p style='margin-left:12px;{style}'>{answer}{suffix}</p>")
-        return "\n".join(parts)
+def _names(task: Task) -> set[str]:
+    return {task.key, task.logic_name, task.training_name} | ({task.cli_command} if task.cli_command else set())
 
 
-class PromptHistory:
-    """The prompts typed in this Slicer session, most recent first, without duplicates (kept in memory only)."""
-
-    def __init__(self, size: int = 30) -> None:
-        self.size = size
-        self.items: list[str] = []
-
-    def add(self, prompt: str) -> None:
-        prompt = prompt.strip()
-        if prompt:
-            self.items = [prompt] + [p for p in self.items if p != prompt][: self.size - 1]
+_BY_NAME: dict[str, Task] = {}
+for _task in TASKS.values():
+    for _name in _names(_task):
+        if _BY_NAME.setdefault(_name, _task) is not _task:
+            raise ValueError(f"{_name!r} names two tasks")
 
 
-__all__ = ["TaskSpec", "TASKS", "STAGE_LABELS", "progress_text", "parse_choices", "require_prompt", "api_value",
-           "typed_result", "answer_text", "TaskRequest", "StreamBuffer", "ConversationEntry", "ConversationLog",
-           "PromptHistory"]
+def get(name: str) -> Task:
+    """The task with this name in any of its spellings (``segment_expression``, ``segmentExpression``,
+    ``segment-expression``, ``refseg``); InputError naming the tasks otherwise."""
+    task = _BY_NAME.get(str(name).strip())
+    if task is None:
+        raise InputError(f"unknown task {name!r}; the tasks are {', '.join(TASKS)}")
+    return task
+
+
+def by_training_name(name: str) -> Task:
+    """The dataset task ``name`` (``report``, ``vqa_open``, ..., ``refseg``); InputError naming them otherwise."""
+    task = _BY_NAME.get(str(name).strip())
+    if task is None or task.training_name != name or not task.in_datasets:
+        raise InputError(f"unknown task {name!r}; the tasks are {', '.join(TRAINING_NAMES)}")
+    return task
+
+
+def convention_for(name: Optional[str]) -> str:
+    """The default orientation convention of a task, by any of its names; the default convention otherwise."""
+    name = (name or "").strip()
+    task = _BY_NAME.get(name) or _BY_NAME.get(name.lower())
+    return task.convention if task is not None else DEFAULT_CONVENTION
+
+
+__all__ = ["ResultKind", "RESULT_TYPES", "result_kind", "Output", "ArgumentKind", "Argument", "Task", "REPORT", "ASK",
+           "CHOOSE", "LOCATE", "DESCRIBE_REGION", "SEGMENT", "SEGMENT_EXPRESSION", "FIND_SIMILAR", "TASKS",
+           "STREAMING_TASKS", "TRAINING_NAMES", "get", "by_training_name", "convention_for"]

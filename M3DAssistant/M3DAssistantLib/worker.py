@@ -3,7 +3,7 @@
 Slicer's own process never imports torch (see DESIGN.md, "Process boundary"). The model runs in a worker process
 started with Slicer's Python (``PythonSlicer``) or any other Python the user points to::
 
-    python -u -m M3DAssistantLib.server --host 127.0.0.1 --port 0 --parent-pid <Slicer's pid> --model ...
+    python -u -m M3DAssistantLib.serving --host 127.0.0.1 --port 0 --parent-pid <Slicer's pid> --model ...
 
 :class:`WorkerProcess` owns that process:
 
@@ -23,17 +23,12 @@ started with Slicer's Python (``PythonSlicer``) or any other Python the user poi
   stopped at interpreter exit (``atexit``), and the server itself exits when Slicer's process disappears
   (``--parent-pid``), so a crashed Slicer leaves nothing behind.
 * **crash and restart**: :meth:`WorkerProcess.ensure_running` restarts a worker that died (reporting it through
-  ``on_message`` and the log) and returns a fresh :class:`~M3DAssistantLib.client.M3DClient`.
+  ``on_message`` and the log) and returns a fresh :class:`~M3DAssistantLib.serving.client.M3DClient`.
 
-:class:`LocalWorkerBackend` puts a worker behind the engine's task methods, so an
-:class:`~M3DAssistantLib.session.AssistantSession` uses it like an in-process engine: the worker starts lazily on the
-first request, is reused across prompts and volumes, and is restarted on the next request after a crash (the volume is
-sent again automatically). A request that was running when the worker died raises :class:`WorkerCrashedError`; the
-session writes nodes only after a successful result, so nothing half-written reaches the scene.
-:class:`ClientBackend` does the same for a remote server (no process to manage).
+:class:`~M3DAssistantLib.backends.LocalWorkerBackend` puts a worker behind the engine's task methods.
 
-Standard library and psutil only (psutil is optional: without it only the direct child is killed). Runs inside
-Slicer's process; nothing here touches Qt or MRML.
+Standard library and psutil only (psutil is optional: without it only the direct child is killed, see
+:mod:`.processes`). Runs inside Slicer's process; nothing here touches Qt or MRML.
 """
 
 from __future__ import annotations
@@ -45,7 +40,6 @@ import logging
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -54,17 +48,18 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from .client import M3DClient, ServerUnavailableError
 from .errors import CancelledError, M3DError
-from .progress import ProgressCallback, ProgressEvent, report
-from .server import TOKEN_ENV, parse_ready_line
+from .processes import describe_exit, kill_process_tree
+from .progress import ProgressCallback, ProgressEvent
+from .serving.client import M3DClient
+from .serving.server import TOKEN_ENV, parse_ready_line
 
 logger = logging.getLogger(__name__)
 
 MessageCallback = Callable[[str], None]
 
 LIB_PARENT = Path(__file__).resolve().parent.parent
-"""The folder that holds ``M3DAssistantLib``; put on the worker's PYTHONPATH so ``-m M3DAssistantLib.server`` works
+"""The folder that holds ``M3DAssistantLib``; put on the worker's PYTHONPATH so ``-m M3DAssistantLib.serving`` works
 with any Python (Slicer adds it to its own ``sys.path`` only)."""
 
 SERVER_ERROR_PREFIX = "m3d serve: error:"
@@ -93,22 +88,6 @@ class WorkerState(enum.Enum):
     READY = "ready"  # listening; requests can be sent
     FAILED = "failed"  # exited before it was ready (see last_error)
     CRASHED = "crashed"  # exited after it was ready (see last_error)
-
-
-def describe_exit(code: Optional[int]) -> str:
-    """A returncode in words: ``exit code 2``, ``killed by SIGKILL (often: out of memory)``."""
-    if code is None:
-        return "still running"
-    if code < 0:  # POSIX: terminated by a signal
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (often: the system ran out of memory)" if name == "SIGKILL" else ""
-        return f"killed by {name}{hint}"
-    if code in (128 + 9, 128 + 15) and os.name != "nt":  # a shell launcher reports its child's signal this way
-        return f"exit code {code} (killed{' by SIGKILL, often: out of memory' if code == 137 else ''})"
-    return f"exit code {code}"
 
 
 class _Run:
@@ -307,7 +286,7 @@ class WorkerProcess:
     # ------------------------------------------------------------------------------------------- the command
     def command(self) -> list[str]:
         """The worker's command line (no token: that goes through the environment)."""
-        args = [self.python_executable, "-u", "-m", "M3DAssistantLib.server", "--host", "127.0.0.1", "--port", "0",
+        args = [self.python_executable, "-u", "-m", "M3DAssistantLib.serving", "--host", "127.0.0.1", "--port", "0",
                 "--parent-pid", str(self.parent_pid)]
         for flag, value in (("--model", self.model), ("--device", self.device), ("--dtype", self.dtype),
                             ("--revision", self.revision), ("--clip-model", self.clip_model)):
@@ -552,265 +531,4 @@ class WorkerProcess:
                 logger.exception("on_message callback failed")
 
 
-def kill_pid_tree(pid: int, timeout: float = 10.0, extra: Sequence[Any] = ()) -> None:
-    """Terminate process ``pid`` and all its descendants, then kill what is left after ``timeout`` s (psutil).
-
-    ``extra``: more psutil.Process objects to stop (e.g. a server whose launcher already exited). Also used for
-    training jobs (M3DTrainingLib.jobs)."""
-    import psutil
-
-    processes = []
-    try:
-        root = psutil.Process(pid)
-        processes = root.children(recursive=True) + [root]  # children first: they are lost once root is gone
-    except psutil.NoSuchProcess:
-        pass
-    known = {p.pid for p in processes}
-    processes += [p for p in extra if p is not None and p.pid not in known]
-    for process in processes:
-        try:
-            process.terminate()  # uvicorn shuts down cleanly on SIGTERM; Windows: TerminateProcess
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.AccessDenied:
-            logger.warning("not allowed to stop process %s", process.pid)
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5.0)
-
-
-def kill_process_tree(popen: subprocess.Popen, timeout: float = 10.0, extra: Sequence[Any] = ()) -> None:
-    """Terminate ``popen`` and all its descendants (see :func:`kill_pid_tree`) and reap it."""
-    try:
-        kill_pid_tree(popen.pid, timeout, extra)
-    except ImportError:  # without psutil only the direct child can be stopped
-        if popen.poll() is None:
-            popen.terminate()
-            try:
-                popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-    try:
-        popen.wait(5.0)
-    except subprocess.TimeoutExpired:
-        logger.warning("the M3D worker (process %s) did not exit", popen.pid)
-
-
-# ------------------------------------------------------------------------------------------------------ backends
-class ClientBackend:
-    """The engine's task methods (what :class:`~M3DAssistantLib.session.AssistantSession` calls) answered by an
-    :class:`M3DClient`, e.g. of a remote server. Adds server-side progress: ``on_progress`` receives
-    :class:`~M3DAssistantLib.progress.ProgressEvent` (from the request's thread)."""
-
-    def __init__(self, client: Optional[M3DClient] = None, *, on_progress: Optional[ProgressCallback] = None):
-        self._fixed_client = client
-        self.on_progress = on_progress
-        self._cancel = threading.Event()
-        self._busy = 0  # calls in progress: a cancel outside a call is ignored (it must not hit the next request)
-        self._busy_lock = threading.Lock()
-
-    # ------------------------------------------------------------------------------------------ plumbing
-    def _client_for_task(self) -> M3DClient:
-        if self._fixed_client is None:
-            raise WorkerError("no M3D server client")
-        return self._fixed_client
-
-    def _call(self, work: Callable[[], Any], check_after: bool = False) -> Any:
-        """Run one backend call, honouring a cancel that arrives before the server has the request
-        (``check_after``: also one that arrived during the call, e.g. while a volume was uploaded)."""
-        with self._busy_lock:
-            self._busy += 1
-        try:
-            result = work()
-            if check_after:
-                self._check_cancel()
-            return result
-        finally:
-            with self._busy_lock:
-                self._busy -= 1
-                if self._busy == 0:
-                    self._cancel.clear()
-
-    def _check_cancel(self) -> None:
-        if self._cancel.is_set():
-            raise CancelledError("cancelled")
-
-    def _progress(self, event: ProgressEvent) -> None:
-        if self.on_progress is not None:
-            self.on_progress(event)
-
-    def _run_task(self, method: str, args: tuple, sampling: Any, on_text: Any) -> Any:
-        client = self._client_for_task()
-        self._check_cancel()
-        return getattr(client, method)(*args, sampling=sampling, on_text=on_text, on_progress=self._progress)
-
-    def _send_volume(self, array_kji: Any, ijk_to_ras: Any, window: Any, roi: Any) -> Any:
-        client = self._client_for_task()
-        self._check_cancel()
-        report(self.on_progress, "upload", None, "sending the volume")
-        return client.set_volume(array_kji, ijk_to_ras, window=window, roi=roi)
-
-    def _run_retrieve(self, kwargs: dict) -> Any:
-        client = self._client_for_task()
-        self._check_cancel()
-        report(self.on_progress, "encode", None, "ranking with M3D-CLIP")
-        return client.retrieve(**kwargs)
-
-    # --------------------------------------------------------------------------------------- engine methods
-    def info(self) -> dict[str, Any]:
-        return self._call(lambda: self._client_for_task().info())
-
-    def set_volume(self, array_kji: Any, ijk_to_ras: Any, *, window: Any = None, roi: Any = None) -> Any:
-        return self._call(lambda: self._send_volume(array_kji, ijk_to_ras, window, roi), check_after=True)
-
-    def _task(self, method: str, *args: Any, sampling: Any = None, on_text: Any = None) -> Any:
-        return self._call(lambda: self._run_task(method, args, sampling, on_text))
-
-    def report(self, *, sampling: Any = None, on_text: Any = None) -> Any:
-        return self._task("report", sampling=sampling, on_text=on_text)
-
-    def ask(self, question: str, history: Sequence[tuple[str, str]] = (), *, sampling: Any = None,
-            on_text: Any = None) -> Any:
-        return self._task("ask", question, list(history), sampling=sampling, on_text=on_text)
-
-    def choose(self, question: str, choices: Sequence[str], *, sampling: Any = None, on_text: Any = None) -> Any:
-        return self._task("choose", question, list(choices), sampling=sampling, on_text=on_text)
-
-    def locate(self, expression: str, *, sampling: Any = None, on_text: Any = None) -> Any:
-        return self._task("locate", expression, sampling=sampling, on_text=on_text)
-
-    def describe_region(self, roi: Any, *, sampling: Any = None, on_text: Any = None) -> Any:
-        return self._task("describe_region", roi, sampling=sampling, on_text=on_text)
-
-    def segment(self, target: str, *, sampling: Any = None, on_text: Any = None) -> Any:
-        return self._task("segment", target, sampling=sampling, on_text=on_text)
-
-    def segment_expression(self, expression: str, *, sampling: Any = None, on_text: Any = None) -> Any:
-        return self._task("segment_expression", expression, sampling=sampling, on_text=on_text)
-
-    def retrieve(self, **kwargs: Any) -> Any:
-        return self._call(lambda: self._run_retrieve(kwargs))
-
-    def cancel(self) -> None:
-        """Stop the running request at its next decoding step (from any thread, without waiting: the GUI calls it);
-        the worker keeps running."""
-        with self._busy_lock:
-            if self._busy:
-                self._cancel.set()
-        client = self._current_client()
-        if client is not None:
-            threading.Thread(target=self._cancel_on_server, args=(client,), name="m3d-cancel", daemon=True).start()
-
-    @staticmethod
-    def _cancel_on_server(client: M3DClient) -> None:
-        try:
-            client.cancel()
-        except M3DError:  # nothing to cancel, or the server is gone: the request fails on its own
-            pass
-
-    def _current_client(self) -> Optional[M3DClient]:
-        return self._fixed_client
-
-    def close(self) -> None:
-        """Nothing to release for a remote server (it is not ours to stop)."""
-
-
-class LocalWorkerBackend(ClientBackend):
-    """The engine's task methods answered by a local :class:`WorkerProcess`, started on the first request.
-
-    After a crash the next request restarts the worker and sends the current volume again; a request that was
-    running when it died raises :class:`WorkerCrashedError` (nothing is retried behind the user's back: an
-    out-of-memory crash would just happen again).
-    """
-
-    def __init__(self, worker: WorkerProcess, *, on_progress: Optional[ProgressCallback] = None):
-        super().__init__(None, on_progress=on_progress)
-        self.worker = worker
-        self._volume: Optional[tuple[tuple, dict]] = None  # the last set_volume call, to repeat after a restart
-        self._volume_generation: Optional[int] = None
-
-    def _ensure(self) -> M3DClient:
-        return self.worker.ensure_running(cancel_event=self._cancel, on_progress=self._progress)
-
-    def _client_for_task(self) -> M3DClient:
-        client = self._ensure()
-        if self._volume is not None and self._volume_generation != self.worker.generation:
-            args, kwargs = self._volume  # the worker restarted since the volume was sent: send it again
-            report(self.on_progress, "upload", None, "sending the volume to the restarted M3D worker")
-            generation = self.worker.generation
-            self._guard(lambda: client.set_volume(*args, **kwargs), generation)
-            self._volume_generation = generation
-        return client
-
-    def _guard(self, call: Callable[[], Any], generation: int) -> Any:
-        """Run ``call``; a connection lost because the worker died becomes WorkerCrashedError."""
-        try:
-            return call()
-        except ServerUnavailableError:
-            if self._worker_died(generation):
-                if self.worker.poll() is WorkerState.STOPPED:
-                    raise CancelledError("the M3D worker was stopped") from None
-                raise WorkerCrashedError(
-                    f"The M3D worker stopped while answering ({self.worker.last_error}). Nothing was added to the "
-                    f"scene; the worker restarts on the next request.", self.worker.last_log_tail) from None
-            raise
-
-    def _worker_died(self, generation: int, grace: float = 3.0) -> bool:
-        """Whether the worker of ``generation`` is gone (the broken connection may come just before its exit)."""
-        deadline = time.monotonic() + grace
-        while True:
-            if self.worker.generation != generation:
-                return True
-            if self.worker.poll() in (WorkerState.CRASHED, WorkerState.FAILED, WorkerState.STOPPED):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-
-    def _send_volume(self, array_kji: Any, ijk_to_ras: Any, window: Any, roi: Any) -> Any:
-        kwargs = {"window": window, "roi": roi}
-        self._volume = ((array_kji, ijk_to_ras), kwargs)
-        self._volume_generation = None
-        client = self._ensure()
-        self._check_cancel()
-        generation = self.worker.generation
-        report(self.on_progress, "upload", None, "sending the volume to the M3D worker")
-        try:
-            remote = client.set_volume(array_kji, ijk_to_ras, **kwargs)
-        except ServerUnavailableError:
-            if not self._worker_died(generation, grace=1.0):
-                raise
-            # It died while idle or while receiving the volume: nothing was computed, so restart and send again.
-            client = self._ensure()
-            generation = self.worker.generation
-            remote = self._guard(lambda: client.set_volume(array_kji, ijk_to_ras, **kwargs), generation)
-        self._volume_generation = generation
-        return remote
-
-    def _run_task(self, method: str, args: tuple, sampling: Any, on_text: Any) -> Any:
-        client = self._client_for_task()
-        self._check_cancel()
-        generation = self.worker.generation
-        return self._guard(lambda: getattr(client, method)(*args, sampling=sampling, on_text=on_text,
-                                                           on_progress=self._progress), generation)
-
-    def _run_retrieve(self, kwargs: dict) -> Any:
-        client = self._client_for_task()
-        self._check_cancel()
-        report(self.on_progress, "encode", None, "ranking with M3D-CLIP")
-        return self._guard(lambda: client.retrieve(**kwargs), self.worker.generation)
-
-    def _current_client(self) -> Optional[M3DClient]:
-        return self.worker.client() if self.worker.poll() is WorkerState.READY else None
-
-    def close(self) -> None:
-        """Stop the worker (its process tree)."""
-        self.worker.stop()
-
-
-__all__ = ["WorkerProcess", "WorkerState", "WorkerError", "WorkerStartError", "WorkerCrashedError",
-           "ClientBackend", "LocalWorkerBackend", "kill_pid_tree", "kill_process_tree", "describe_exit", "LIB_PARENT"]
+__all__ = ["WorkerProcess", "WorkerState", "WorkerError", "WorkerStartError", "WorkerCrashedError", "LIB_PARENT"]

@@ -49,6 +49,7 @@ from M3DAssistantLib.geometry import Box, mask_to_box
 from M3DAssistantLib.model.tokenizer import MAX_SEQUENCE_LENGTH, SEG_TOKEN, encode_prompt
 
 from .export import DATASET_FORMAT, DATASET_VERSION, TASKS, box_text
+from .export import REC, REFSEG, REG, REPORT, SEG, VQA_CLOSED, VQA_OPEN  # the dataset's task names
 
 log = logging.getLogger(__name__)
 
@@ -84,36 +85,36 @@ def states_laterality(*texts: Optional[str]) -> bool:
 def answer_text(task: str, target: Optional[str] = None, box: Optional[Sequence[float]] = None,
                 answer: Optional[str] = None, letter: Optional[str] = None) -> str:
     """The training answer of a task (module docstring table); ``box`` None for rec/seg means the target is absent."""
-    if task in ("report", "vqa_open"):
+    if task in (REPORT, VQA_OPEN):
         return " ".join(str(answer).split())
-    if task == "vqa_closed":
+    if task == VQA_CLOSED:
         return CLOSED_ANSWER.format(letter=letter, answer=answer)
-    if task == "rec":
+    if task == REC:
         return REC_ANSWER.format(box=box_text(box)) if box is not None else ABSENT_ANSWER.format(target=target)
-    if task == "reg":
+    if task == REG:
         return REG_ANSWER.format(target=target) if box is not None else ABSENT_ANSWER.format(target=target)
-    if task == "seg":
+    if task == SEG:
         return SEG_ANSWER if box is not None else ABSENT_ANSWER.format(target=target)
-    if task == "refseg":
+    if task == REFSEG:
         return answer if answer else REFSEG_ANSWER.format(target=target)
     raise InputError(f"unknown task {task!r}; the tasks are {', '.join(TASKS)}")
 
 
 def prompt_text(task: str, record: dict[str, Any], box: Optional[Sequence[float]]) -> str:
     """The prompt after the image tokens, from the inference prompt builders."""
-    if task == "report":
+    if task == REPORT:
         return prompts.report_prompt()
-    if task == "vqa_open":
+    if task == VQA_OPEN:
         return prompts.question_prompt(record["Question"])
-    if task == "vqa_closed":
+    if task == VQA_CLOSED:
         return prompts.choice_prompt(record["Question"], _choices(record))
-    if task == "rec" or (task == "reg" and box is None):  # official REG without a target: the REC question
+    if task == REC or (task == REG and box is None):  # official REG without a target: the REC question
         return prompts.locate_prompt(record["target"])
-    if task == "reg":
+    if task == REG:
         return prompts.describe_region_prompt(box)
-    if task == "seg":
+    if task == SEG:
         return prompts.segment_prompt(record["target"])
-    if task == "refseg":
+    if task == REFSEG:
         return prompts.segment_expression_prompt(record["Question"])
     raise InputError(f"unknown task {task!r}; the tasks are {', '.join(TASKS)}")
 
@@ -243,14 +244,14 @@ class M3DDataset(torch.utils.data.Dataset):
 
     def _record_texts(self, task: str, record: dict[str, Any]) -> dict[str, Any]:
         """Text fields of a record, the report read from its file."""
-        if task == "report":
+        if task == REPORT:
             rel = record["text"]
             if rel not in self._texts:
                 self._texts[rel] = " ".join(self._path(rel).read_text(encoding="utf-8").split())
             return {"answer": self._texts[rel]}
-        if task in ("vqa_open", "vqa_closed"):
+        if task in (VQA_OPEN, VQA_CLOSED):
             return {"answer": str(record["Answer"]), "letter": record.get("Answer Choice")}
-        if task == "refseg":
+        if task == REFSEG:
             return {"answer": record.get("Answer"), "target": record.get("target")}
         return {"target": record.get("target")}
 
@@ -308,7 +309,7 @@ class M3DDataset(torch.utils.data.Dataset):
         box = mask_to_box(mask_b) if mask_b is not None else None
         question = prompt_text(task, record, box)
         answer = answer_text(task, box=box, **fields)
-        if task in ("seg", "refseg") and mask_b is not None:
+        if task in (SEG, REFSEG) and mask_b is not None:
             segs = mask_b.to(torch.float32)
         else:
             segs = torch.zeros_like(image_t)

@@ -47,6 +47,7 @@ from M3DAssistantLib.errors import GeometryError, InputError
 from M3DAssistantLib.geometry import DEFAULT_MODEL_SHAPE, box_to_model_bounds
 from M3DAssistantLib.outputs import atomic_write_bytes, write_json
 from M3DAssistantLib.prompts import parse_box_answer
+from M3DAssistantLib.tasks import TASKS, TRAINING_NAMES, ResultKind
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,13 @@ __all__ = [
     "write_evaluation",
 ]
 
-TEXT_TASKS = ("report", "vqa_open", "reg")
-SEG_TASKS = ("seg", "refseg")
+# the dataset tasks by the kind of their answer (the task registry's result kinds): each kind has its metrics
+_BY_KIND = {kind: tuple(task.training_name for task in TASKS.values() if task.in_datasets and task.result is kind)
+            for kind in ResultKind}
+TEXT_TASKS = _BY_KIND[ResultKind.TEXT]  # report, vqa_open, reg: BLEU, ROUGE, METEOR, BERTScore
+CHOICE_TASKS = _BY_KIND[ResultKind.CHOICE]  # vqa_closed: accuracy
+BOX_TASKS = _BY_KIND[ResultKind.BOX]  # rec: IoU
+SEG_TASKS = _BY_KIND[ResultKind.SEGMENTATION]  # seg, refseg: Dice
 IOU_THRESHOLD = 0.5
 
 
@@ -306,7 +312,7 @@ def predict_dataset(
         output_ids, logits = output if seg else (output, None)
         record: dict[str, Any] = {"task": example.task, "prediction": decode(tokenizer, output_ids[0]),
                                   "reference": example.answer, "question": example.question}
-        if example.task == "rec":
+        if example.task in BOX_TASKS:
             record["reference_box"] = list(example.box) if example.box is not None else None
         if seg:
             record["logits"] = logits[0].float().cpu()
@@ -337,9 +343,8 @@ def evaluate_predictions(
     by_task: dict[str, list[int]] = {}
     for i, record in enumerate(records):
         task = record.get("task")
-        if task not in TEXT_TASKS + SEG_TASKS + ("vqa_closed", "rec"):
-            raise InputError(f"record {i} has task {task!r}; known tasks: report, vqa_open, vqa_closed, rec, reg, "
-                             "seg, refseg")
+        if task not in TRAINING_NAMES:
+            raise InputError(f"record {i} has task {task!r}; known tasks: {', '.join(TRAINING_NAMES)}")
         by_task.setdefault(task, []).append(i)
         samples.append({"index": i, "task": task})
 
@@ -370,18 +375,18 @@ def evaluate_predictions(
             for i, s in zip(text_indices, scores):
                 samples[i]["bertscore_f1"] = s
 
-    for i in by_task.get("vqa_closed", []):
+    for i in (i for t in CHOICE_TASKS for i in by_task.get(t, [])):
         record = records[i]
         letter = record.get("answer_choice")
         if not letter:
             m = re.match(r"\s*([A-H])\.", record.get("reference") or "")
             if m is None:
-                raise InputError(f"record {i} (vqa_closed) needs 'answer_choice' (the correct letter) or a reference "
-                                 "like 'C. Liver'")
+                raise InputError(f"record {i} ({record['task']}) needs 'answer_choice' (the correct letter) or a "
+                                 "reference like 'C. Liver'")
             letter = m.group(1)
         samples[i]["correct"] = float(closed_vqa_correct(_text(record, "prediction", i), letter))
 
-    for i in by_task.get("rec", []):
+    for i in (i for t in BOX_TASKS for i in by_task.get(t, [])):
         record = records[i]
         prediction = _text(record, "prediction", i)
         if "reference_box" in record:

@@ -69,6 +69,8 @@ Choice``/``Answer``; M3D-Seg ``image``/``label``; M3D-RefSeg ``Image``/``Mask``/
 plus our fields (``target``, ``box`` numbers and ``box_text`` in the official text form, ``volume``, ``node``);
 ``export_report.json`` and ``export_report.txt``. Boxes are stored as numbers: the training text is written after
 augmentation (:mod:`.data`).
+
+Why this file is long: the scene reader and the dataset writer share the annotation convention documented above.
 """
 
 from __future__ import annotations
@@ -87,11 +89,10 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from M3DAssistantLib import AI_LABEL
-from M3DAssistantLib import prompts
+from M3DAssistantLib import prompts, tasks
 from M3DAssistantLib.errors import GeometryError, InputError, M3DError
 from M3DAssistantLib.geometry import (
     DEFAULT_MODEL_SHAPE,
-    default_convention,
     format_box,
     mask_to_box,
     mask_to_model,
@@ -102,6 +103,7 @@ from M3DAssistantLib.geometry import (
 from M3DAssistantLib.model.tokenizer import BOX_END, BOX_START
 from M3DAssistantLib.outputs import write_json, write_text
 from M3DAssistantLib.progress import ProgressCallback, report
+from M3DAssistantLib.tasks import TRAINING_NAMES, convention_for
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +121,13 @@ __all__ = [
 
 DATASET_FORMAT = "m3d-slicer-dataset"
 DATASET_VERSION = 1
-TASKS = ("report", "vqa_open", "vqa_closed", "rec", "reg", "seg", "refseg")
+TASKS = TRAINING_NAMES  # the dataset's sections, in order: the task registry's training names
+# each task's name in the dataset (dataset.json sections, the "task" of a sample; M3D.task of an ROI is REC or REG)
+REPORT, VQA_OPEN, VQA_CLOSED, REC, REG, SEG, REFSEG = (task.training_name for task in (
+    tasks.REPORT, tasks.ASK, tasks.CHOOSE, tasks.LOCATE, tasks.DESCRIBE_REGION, tasks.SEGMENT,
+    tasks.SEGMENT_EXPRESSION))
 SPLITS = ("train", "validation")
-SEGMENT_TASKS = ("seg", "rec", "reg")
+SEGMENT_TASKS = (SEG, REC, REG)
 ATTRIBUTE_VOLUME = "M3D.volume"
 ATTRIBUTE_TASK = "M3D.task"
 ATTRIBUTE_KIND = "M3D.kind"
@@ -570,9 +576,10 @@ class _SceneReader:
 
         if _is_ai(node):
             return self.skip(node, "roi", _ai_reason())
-        task = (_attr(node, ATTRIBUTE_TASK) or "rec").lower()
-        if task not in ("rec", "reg"):
-            return self.skip(node, "roi", f"unsupported node: M3D.task={task!r}; an ROI is 'rec' (default) or 'reg'")
+        task = (_attr(node, ATTRIBUTE_TASK) or REC).lower()
+        if task not in (REC, REG):
+            return self.skip(node, "roi", f"unsupported node: M3D.task={task!r}; an ROI is {REC!r} (default) or "
+                                          f"{REG!r}")
         if _is_generic(node.GetName() or ""):
             return self.skip(node, "roi", "unmatched name: the ROI's name is generic; name it after the structure it "
                                           "boxes (e.g. 'liver')")
@@ -608,7 +615,7 @@ class _SceneReader:
             report_text = " ".join(text.split())
             if not report_text:
                 return self.skip(node, "text", "the report is empty")
-            volume.annotations.append(_Annotation("report", node.GetName(), text=report_text))
+            volume.annotations.append(_Annotation(REPORT, node.GetName(), text=report_text))
             return
         items, problems = parse_qa_text(text)
         for problem in problems:
@@ -656,7 +663,7 @@ class _SceneReader:
                 if answer and "[SEG]" not in answer:
                     raise InputError("the answer of a 'Segment:' block must contain [SEG] (or leave 'A:' out)")
                 prompts.segment_expression_prompt(question)
-                volume.annotations.append(_Annotation("refseg", f"{node_name} ({where})", question=question,
+                volume.annotations.append(_Annotation(REFSEG, f"{node_name} ({where})", question=question,
                                                       answer=answer or None, target=item["segment"]))
             elif not answer:
                 raise InputError("question without an answer ('A:')")
@@ -664,11 +671,11 @@ class _SceneReader:
                 choices = prompts.validate_choices(item["choices"])
                 prompts.choice_prompt(question, choices)
                 letter, chosen = _closed_answer(answer, choices)
-                volume.annotations.append(_Annotation("vqa_closed", f"{node_name} ({where})", question=question,
+                volume.annotations.append(_Annotation(VQA_CLOSED, f"{node_name} ({where})", question=question,
                                                       answer=chosen, choices=choices, letter=letter))
             else:
                 prompts.question_prompt(question)
-                volume.annotations.append(_Annotation("vqa_open", f"{node_name} ({where})", question=question,
+                volume.annotations.append(_Annotation(VQA_OPEN, f"{node_name} ({where})", question=question,
                                                       answer=" ".join(answer.split())))
         except InputError as e:
             self.skip(f"{node_name} ({where})", "qa", str(e))
@@ -724,7 +731,7 @@ class _DatasetWriter:
         self.volume_files = []
 
     def convention_for(self, task: str) -> str:
-        return resolve_convention(self.convention or default_convention(task)).name
+        return resolve_convention(self.convention or convention_for(task)).name
 
     def write_volume(self, vid: str, work: _VolumeWork, reader: _SceneReader) -> list[tuple[str, dict[str, Any]]]:
         """Write a volume's images, masks and texts; return its ``(task, record)`` pairs."""
@@ -769,7 +776,7 @@ class _DatasetWriter:
                 continue
             targets_seen.add(a.target.casefold())
             new: list[tuple[str, dict[str, Any]]] = []
-            for task in dict.fromkeys(self.segment_tasks + ("refseg",)):  # refseg: the mask, if a block names it
+            for task in dict.fromkeys(self.segment_tasks + (REFSEG,)):  # refseg: the mask, if a block names it
                 conv = self.convention_for(task)
                 key = (conv, a.target.casefold())
                 if key not in masks:
@@ -781,7 +788,7 @@ class _DatasetWriter:
                     rel = self._unique_file(f"masks/{image_id}_{_slug(a.target, 'target')}.npy")
                     self._save(rel, model_mask[None])
                     masks[key] = (rel, box)
-                if task != "refseg":
+                if task != REFSEG:
                     rel, box = masks[key]
                     new.append((task, {"image": image_path(task), "label": rel, "target": a.target,
                                        "box": list(box), "box_text": box_text(box), "volume": vid,
@@ -793,18 +800,18 @@ class _DatasetWriter:
                                            "foreground crop of the volume)")
 
         for a in (a for a in work.annotations if a.task != "segment"):
-            if a.task == "report":
+            if a.task == REPORT:
                 rel = self._unique_file(f"texts/{vid}_report.txt")
                 self._save(rel, a.text + "\n")
-                out.append(("report", {"image": image_path("report"), "text": rel, "volume": vid, "node": a.node}))
-            elif a.task in ("vqa_open", "vqa_closed"):
+                out.append((REPORT, {"image": image_path(REPORT), "text": rel, "volume": vid, "node": a.node}))
+            elif a.task in (VQA_OPEN, VQA_CLOSED):
                 record: dict[str, Any] = {"Image Path": image_path(a.task), "Question": a.question}
-                if a.task == "vqa_closed":
+                if a.task == VQA_CLOSED:
                     record.update({f"Choice {letter}": c for letter, c in zip(prompts.CHOICE_LETTERS, a.choices)})
                     record["Answer Choice"] = a.letter
                 record.update({"Answer": a.answer, "Question Type": "user", "volume": vid, "node": a.node})
                 out.append((a.task, record))
-            elif a.task in ("rec", "reg"):
+            elif a.task in (REC, REG):
                 _, mapping = view(a.task)
                 try:
                     box = roi_to_box(a.roi, mapping, snap=True)
@@ -817,17 +824,17 @@ class _DatasetWriter:
                 if a.target.casefold() in targets_seen:
                     reader.skip(a.node, "qa", f"'Absent: {a.target}' contradicts a segment of that name; left out")
                     continue
-                for task in ("rec", "seg"):
+                for task in (REC, SEG):
                     out.append((task, {"image": image_path(task), "label": None, "target": a.target, "box": None,
                                        "volume": vid, "node": a.node}))
-            elif a.task == "refseg":
+            elif a.task == REFSEG:
                 name = target_text(a.target)
-                found = masks.get((self.convention_for("refseg"), name.casefold()))
+                found = masks.get((self.convention_for(REFSEG), name.casefold()))
                 if found is None:
                     reader.skip(a.node, "qa", f"unmatched name: no non-empty segment named {a.target!r} on this "
                                               "volume for the 'Segment:' line")
                     continue
-                out.append(("refseg", {"Image": image_path("refseg"), "Mask": found[0], "Mask_ID": 1,
+                out.append((REFSEG, {"Image": image_path(REFSEG), "Mask": found[0], "Mask_ID": 1,
                                        "Question": a.question, "Answer": a.answer, "target": name,
                                        "box": list(found[1]), "volume": vid, "node": a.node}))
         return out

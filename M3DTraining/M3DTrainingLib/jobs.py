@@ -280,7 +280,7 @@ class Job:
 
 def kill_process_tree(pid: int, timeout: float = 10.0) -> None:
     """Terminate ``pid`` and all its descendants (SIGTERM, then SIGKILL for those still alive)."""
-    from M3DAssistantLib.worker import kill_pid_tree  # one implementation for workers and training jobs
+    from M3DAssistantLib.processes import kill_pid_tree  # one implementation for workers and training jobs
 
     kill_pid_tree(pid, timeout)
 

@@ -1,40 +1,24 @@
 """M3DClient: the engine's task methods over HTTP, for Slicer's own process. Standard library + numpy only.
 
-Slicer never imports torch: it talks to a worker (``m3d serve``, see :mod:`M3DAssistantLib.server`) through this
-client, which offers the same typed methods as :class:`~M3DAssistantLib.engine.InferenceEngine` and returns the same
-result dataclasses (:mod:`M3DAssistantLib.results`), with masks, boxes and ROIs rebuilt::
+Slicer never imports torch: it talks to a worker (``m3d serve``, see :mod:`.server`) through this client, which
+offers the same typed methods as :class:`~M3DAssistantLib.engine.InferenceEngine` and returns the same result
+dataclasses (:mod:`M3DAssistantLib.results`), with masks, boxes and ROIs rebuilt::
 
     client = M3DClient("http://127.0.0.1:8765", token)
     client.set_volume(slicer.util.arrayFromVolume(node), ijk_to_ras, window="abdomen")  # uploaded once
     client.report(on_text=print)               # streamed
     client.segment("liver").mask               # uint8 K,J,I on the volume's grid
 
-Protocol (version :data:`PROTOCOL_VERSION`; the server's OpenAPI schema is at ``/v1/openapi.json``):
-
-* every request carries ``Authorization: Bearer <token>``;
-* the first call checks the server's protocol version (``GET /v1/info``) and refuses a mismatch with a message that
-  names both versions;
-* a volume is identified by its content hash (:func:`volume_id`, part of the protocol; the server passes it to the
-  engine as ``content_key``). :meth:`M3DClient.set_volume` asks the server whether it has that id and uploads only
-  if not: ``POST /v1/volumes`` with the raw C-order voxels (little-endian), zlib-compressed, and the headers
-  ``X-M3D-Shape: K,J,I``, ``X-M3D-Dtype: int16``, ``X-M3D-IJK-To-RAS: 16 numbers, row-major`` and
-  ``X-M3D-Compression: zlib`` (or ``none``);
-* tasks are ``POST /v1/volumes/{id}/{task}`` with a JSON body; ``?stream=true`` answers with server-sent events
-  ``progress``, ``text``, ``result`` and ``error``; retrieval is ``POST /v1/volumes/{id}/retrieve`` (texts for a
-  volume) and ``POST /v1/retrieve`` (uploaded volumes for a text);
-* a segmentation result carries its mask as :func:`encode_mask` describes (packbits + zlib + base64).
-
-Errors come back as our exceptions with the server's message: 400 -> InputError (or its subclass named by the
-server), 401 -> :class:`AuthenticationError`, 404 -> :class:`VolumeNotFoundError`, 409 -> CancelledError,
-413 -> :class:`RequestTooLargeError`, 503 -> :class:`ServerBusyError`, other 5xx -> the M3DError subclass the server
-names (e.g. ModelNotAvailableError) or :class:`ServerError`, no connection -> :class:`ServerUnavailableError`.
+What travels is :mod:`.protocol`. Errors come back as our exceptions with the server's message (defined there and
+importable from here): 400 -> InputError (or its subclass named by the server), 401 -> :class:`AuthenticationError`,
+404 -> :class:`VolumeNotFoundError`, 409 -> CancelledError, 413 -> :class:`RequestTooLargeError`,
+503 -> :class:`ServerBusyError`, other 5xx -> the M3DError subclass the server names (e.g. ModelNotAvailableError) or
+:class:`ServerError`, no connection -> :class:`ServerUnavailableError`.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
 import http.client
 import json
 import ssl
@@ -46,176 +30,39 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from . import __version__, errors
-from .errors import CancelledError, InputError, M3DError
-from .geometry import RasRoi, validate_volume
-from .progress import ProgressCallback, ProgressEvent
-from .results import (
-    BoxResult,
-    ChoiceResult,
-    Provenance,
-    RetrievalResult,
-    SamplingOptions,
-    SegmentationResult,
-    TextResult,
+from .. import __version__
+from ..errors import InputError, M3DError
+from ..geometry import RasRoi
+from ..progress import ProgressCallback, ProgressEvent
+from ..results import BoxResult, ChoiceResult, RetrievalResult, SamplingOptions, SegmentationResult, TextResult
+from ..tasks import ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, STREAMING_TASKS, Task
+from ..tasks import get as get_task
+from .protocol import (
+    PROTOCOL_VERSION,
+    AuthenticationError,
+    ProtocolMismatchError,
+    RequestTooLargeError,
+    Result,
+    ServerBusyError,
+    ServerError,
+    ServerUnavailableError,
+    VolumeNotFoundError,
+    raise_for_status,
+    request_body,
+    result_from_dict,
+    roi_json,
+    sse_events,
+    volume_id,
+    window_json,
+    wire_array,
+    wire_matrix,
 )
 
-PROTOCOL_VERSION = 1
-"""Version of the HTTP protocol between :class:`M3DClient` and ``m3d serve``; bumped on any incompatible change."""
-
-TASKS = ("report", "ask", "choose", "locate", "describe_region", "segment", "segment_expression")
-
-# dtypes a volume travels as (little-endian); anything else is converted by the client (see _wire_array)
-WIRE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
-
-MASK_ENCODING = "packbits-zlib-base64"
-
 TextCallback = Callable[[str], None]
-Result = Union[TextResult, ChoiceResult, BoxResult, SegmentationResult, RetrievalResult]
-
-
-# ------------------------------------------------------------------------------------------------------ errors
-class AuthenticationError(M3DError):
-    """The server refused the token (HTTP 401)."""
-
-
-class VolumeNotFoundError(M3DError):
-    """The server does not have this volume (HTTP 404): it was deleted, evicted, or the worker restarted."""
-
-
-class RequestTooLargeError(InputError):
-    """The upload or request exceeds the server's limits (HTTP 413)."""
-
-
-class ServerBusyError(M3DError):
-    """The server's queue is full (HTTP 503); try again when the running requests are done."""
-
-
-class ServerUnavailableError(M3DError):
-    """The server cannot be reached, or answered something that is not the M3D protocol."""
-
-
-class ProtocolMismatchError(M3DError):
-    """Client and server speak different protocol versions."""
 
 
 class _NoAnswer(ServerUnavailableError):
     """The request was sent but no answer came within the timeout."""
-
-
-class ServerError(M3DError):
-    """The server failed on its side (HTTP 5xx other than 503); the message says what it reported."""
-
-
-# ------------------------------------------------------------------------------------- wire helpers (shared)
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """A binary mask as JSON: ``{"encoding": "packbits-zlib-base64", "shape": [K, J, I], "data": str}``.
-
-    ``data`` = base64(zlib(numpy.packbits(mask != 0 in C order, bitorder="big"))). Decode with :func:`decode_mask`,
-    or by hand: ``np.unpackbits(np.frombuffer(zlib.decompress(base64.b64decode(data)), np.uint8),
-    count=K*J*I).reshape(K, J, I)``.
-    """
-    mask = np.asarray(mask)
-    bits = np.packbits(np.ascontiguousarray(mask != 0).reshape(-1), bitorder="big")
-    return {"encoding": MASK_ENCODING, "shape": [int(s) for s in mask.shape],
-            "data": base64.b64encode(zlib.compress(bits.tobytes(), 6)).decode("ascii")}
-
-
-def decode_mask(payload: dict[str, Any]) -> np.ndarray:
-    """Inverse of :func:`encode_mask`: a uint8 array of 0/1 with the encoded shape."""
-    if payload.get("encoding") != MASK_ENCODING:
-        raise ServerUnavailableError(f"unknown mask encoding {payload.get('encoding')!r}; expected {MASK_ENCODING}")
-    shape = tuple(int(s) for s in payload["shape"])
-    count = int(np.prod(shape, dtype=np.int64))
-    packed = np.frombuffer(zlib.decompress(base64.b64decode(payload["data"])), dtype=np.uint8)
-    if packed.size != (count + 7) // 8:
-        raise ServerUnavailableError(f"the mask holds {packed.size} bytes, not the {(count + 7) // 8} of {shape}")
-    return np.unpackbits(packed, count=count, bitorder="big").reshape(shape)
-
-
-def _wire_array(array_kji: Any) -> np.ndarray:
-    """The volume as it travels: C-contiguous, little-endian, one of :data:`WIRE_DTYPES` (the server rebuilds
-    exactly this array, so both sides hash the same bytes)."""
-    array = validate_volume(array_kji)  # booleans come back as uint8
-    if array.dtype == np.float16:
-        array = array.astype(np.float32)
-    elif array.dtype.kind in "iu" and array.dtype.itemsize == 8:
-        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
-        info = np.iinfo(np.int32)
-        array = array.astype(np.int32) if info.min <= lo and hi <= info.max else array.astype(np.float64)
-    if array.dtype.newbyteorder("=").name not in WIRE_DTYPES:
-        raise InputError(f"volumes of dtype {array.dtype} cannot be sent; convert to one of {', '.join(WIRE_DTYPES)}")
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-
-
-def volume_id(array_kji: np.ndarray, ijk_to_ras: Any) -> str:
-    """The volume id of the protocol: blake2b-128 of the array as it travels (dtype, shape, C-order bytes) and of the
-    IJK->RAS matrix (float64). Client and server compute it on the same bytes, so the client knows the id before
-    uploading."""
-    array = _wire_array(array_kji)
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(memoryview(array).cast("B"))
-    digest.update(np.asarray(ijk_to_ras, dtype=np.float64).tobytes())
-    return digest.hexdigest()
-
-
-def _matrix(ijk_to_ras: Any) -> np.ndarray:
-    try:
-        matrix = np.array(ijk_to_ras, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise errors.GeometryError(f"the IJK->RAS matrix must be a 4x4 array of numbers, got {ijk_to_ras!r}") from None
-    if matrix.shape != (4, 4):
-        raise errors.GeometryError(f"the IJK->RAS matrix must be 4x4, got shape {matrix.shape}")
-    return matrix
-
-
-def _roi_json(roi: Optional[RasRoi]) -> Optional[dict[str, Any]]:
-    if roi is None:
-        return None
-    if not isinstance(roi, RasRoi):
-        raise errors.GeometryError(f"roi must be a RasRoi, got {type(roi).__name__}")
-    return {"center": [float(v) for v in roi.center], "size": [float(v) for v in roi.size],
-            "axes": np.asarray(roi.axes, dtype=float).tolist()}
-
-
-def _window_json(window: Any) -> Any:
-    if window is None or isinstance(window, str):
-        return window
-    try:
-        return [float(v) for v in window]
-    except (TypeError, ValueError):
-        raise InputError(f"window must be a preset name or a (center, width) pair, got {window!r}") from None
-
-
-def _provenance(data: dict[str, Any]) -> Provenance:
-    names = {f.name for f in dataclasses.fields(Provenance)}
-    return Provenance(**{k: v for k, v in data.items() if k in names})
-
-
-def result_from_dict(data: dict[str, Any]) -> Result:
-    """Rebuild the typed result of a task from the server's JSON (the inverse of ``to_dict`` + mask)."""
-    prov = _provenance(data["provenance"])
-    kind = data.get("kind")
-    if kind == "choice":
-        return ChoiceResult(data["text"], list(data["choices"]), data.get("letter"), data.get("choice"), prov,
-                            data.get("parse_error"))
-    if kind == "box":
-        roi = data.get("roi_ras")
-        box = data.get("box")
-        return BoxResult(data["text"], data["target"], tuple(float(v) for v in box) if box is not None else None,
-                         RasRoi(roi["center"], roi["size"], roi["axes"]) if roi is not None else None, prov,
-                         bool(data.get("absent")), data.get("parse_error"))
-    if kind == "segmentation":
-        mask = decode_mask(data["mask"]) if data.get("mask") is not None else None
-        return SegmentationResult(data["text"], data["target"], mask, prov, bool(data.get("absent")),
-                                  data.get("parse_error"))
-    if kind == "text":
-        return TextResult(data["text"], prov)
-    if kind == "retrieval":
-        return RetrievalResult(data["query"], [(int(r["index"]), str(r["label"]), float(r["score"]))
-                                               for r in data["ranking"]], prov)
-    raise ServerUnavailableError(f"the server sent a result of unknown kind {kind!r}")
 
 
 # ------------------------------------------------------------------------------------------------ the client
@@ -319,7 +166,7 @@ class M3DClient:
                 raw = b""
             finally:
                 conn.close()
-            _raise_for_status(response.status, raw, self.url, method, path)
+            raise_for_status(response.status, raw, self.url, method, path)
         return conn, response
 
     def _json(self, method: str, path: str, payload: Any = None, *, timeout: Optional[float] = None,
@@ -382,7 +229,7 @@ class M3DClient:
     def upload_volume(self, array_kji: np.ndarray, ijk_to_ras: Any) -> str:
         """Upload a volume (always) and return its id."""
         self._handshake()
-        array, matrix = _wire_array(array_kji), _matrix(ijk_to_ras)
+        array, matrix = wire_array(array_kji), wire_matrix(ijk_to_ras)
         expected = volume_id(array, matrix)
         limits = (self._info or {}).get("limits", {})
         mib = 1 << 20
@@ -438,9 +285,9 @@ class M3DClient:
         ``window``, ``roi`` and ``slice_range`` are the preprocessing used by every later task, as in the engine.
         ``content_key``: :func:`volume_id` of the volume if the caller already computed it.
         """
-        array, matrix = _wire_array(array_kji), _matrix(ijk_to_ras)
+        array, matrix = wire_array(array_kji), wire_matrix(ijk_to_ras)
         key = content_key or volume_id(array, matrix)
-        options = {"window": _window_json(window), "roi": _roi_json(roi),
+        options = {"window": window_json(window), "roi": roi_json(roi),
                    "slice_range": [int(v) for v in slice_range] if slice_range is not None else None}
         uploaded = False
         if not self.has_volume(key):
@@ -467,46 +314,65 @@ class M3DClient:
                 self._volume = None
 
     # -------------------------------------------------------------------------------------------------- tasks
+    def run_task(self, task: Union[Task, str], *arguments: Any, sampling: Optional[SamplingOptions] = None,
+                 on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None) -> Result:
+        """Any streaming task of the registry (a :class:`~M3DAssistantLib.tasks.Task` or any of its names) on the
+        current volume, with the engine method's arguments: ``client.run_task("segment", "liver")`` is
+        ``client.segment("liver")``. The task methods below are this with their own signatures.
+        ``POST /v1/volumes/{id}/{task.key}``, streamed when ``on_text`` or ``on_progress`` is given."""
+        task = task if isinstance(task, Task) else get_task(task)
+        if not task.streams:
+            raise InputError(f"{task.key} has no task route; use retrieve() for M3D-CLIP")
+        required = sum(argument.required for argument in task.arguments)
+        if not required <= len(arguments) <= len(task.arguments):
+            raise TypeError(f"{task.key} takes {', '.join(a.name for a in task.arguments) or 'no arguments'}; "
+                            f"got {len(arguments)} argument(s)")
+        return self._task(task, arguments, sampling, on_text, on_progress)
+
     def report(self, *, sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None,
                on_progress: Optional[ProgressCallback] = None) -> TextResult:
         """Report generation for the current volume."""
-        return self._task("report", {}, sampling, on_text, on_progress)  # type: ignore[return-value]
+        return self.run_task(REPORT, sampling=sampling, on_text=on_text, on_progress=on_progress)  # type: ignore
 
     def ask(self, question: str, history: Sequence[tuple[str, str]] = (), *,
             sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None,
             on_progress: Optional[ProgressCallback] = None) -> TextResult:
         """Open VQA; ``history`` = earlier (question, answer) turns (experimental)."""
-        body = {"question": question, "history": [[str(q), str(a)] for q, a in history]}
-        return self._task("ask", body, sampling, on_text, on_progress)  # type: ignore[return-value]
+        return self.run_task(ASK, question, history, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def choose(self, question: str, choices: Sequence[str], *, sampling: Optional[SamplingOptions] = None,
                on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None) -> ChoiceResult:
         """Closed VQA: which of ``choices`` answers the question."""
-        body = {"question": question, "choices": list(choices)}
-        return self._task("choose", body, sampling, on_text, on_progress)  # type: ignore[return-value]
+        return self.run_task(CHOOSE, question, choices, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def locate(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
                on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None) -> BoxResult:
         """Referring-expression comprehension: a box and its RAS ROI."""
-        return self._task("locate", {"expression": expression}, sampling, on_text, on_progress)  # type: ignore
+        return self.run_task(LOCATE, expression, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def describe_region(self, roi: RasRoi, *, sampling: Optional[SamplingOptions] = None,
                         on_text: Optional[TextCallback] = None,
                         on_progress: Optional[ProgressCallback] = None) -> TextResult:
         """Referring-expression generation for an RAS box."""
-        return self._task("describe_region", {"region": _roi_json(roi)}, sampling, on_text, on_progress)  # type: ignore
+        return self.run_task(DESCRIBE_REGION, roi, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def segment(self, target: str, *, sampling: Optional[SamplingOptions] = None,
                 on_text: Optional[TextCallback] = None,
                 on_progress: Optional[ProgressCallback] = None) -> SegmentationResult:
         """Semantic segmentation: a mask on the volume's grid."""
-        return self._task("segment", {"target": target}, sampling, on_text, on_progress)  # type: ignore
+        return self.run_task(SEGMENT, target, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore[return-value]
 
     def segment_expression(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
                            on_text: Optional[TextCallback] = None,
                            on_progress: Optional[ProgressCallback] = None) -> SegmentationResult:
         """Referring-expression segmentation."""
-        return self._task("segment_expression", {"expression": expression}, sampling, on_text, on_progress)  # type: ignore
+        return self.run_task(SEGMENT_EXPRESSION, expression, sampling=sampling, on_text=on_text,
+                             on_progress=on_progress)  # type: ignore
 
     def retrieve(self, *, texts: Optional[Sequence[str]] = None, text: Optional[str] = None,
                  volumes: Optional[Sequence[tuple[np.ndarray, Any]]] = None,
@@ -532,7 +398,7 @@ class M3DClient:
         if text is not None and volumes is not None:
             ids = []
             for array, ijk_to_ras in volumes:
-                wire, matrix = _wire_array(array), _matrix(ijk_to_ras)
+                wire, matrix = wire_array(array), wire_matrix(ijk_to_ras)
                 key = volume_id(wire, matrix)
                 if not self.has_volume(key):
                     self.upload_volume(wire, matrix)
@@ -543,8 +409,9 @@ class M3DClient:
 
     def stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[Union[str, Result]]:
         """Yield a task's text as it is generated, then its typed result (as ``InferenceEngine.stream``)."""
-        if method not in TASKS:
-            raise InputError(f"{method!r} is not a streamable task; use one of {', '.join(TASKS)}")
+        if method not in {task.key for task in STREAMING_TASKS}:
+            raise InputError(f"{method!r} is not a streamable task; use one of "
+                             f"{', '.join(task.key for task in STREAMING_TASKS)}")
         items: list[str] = []
         holder: dict[str, Any] = {}
         done = threading.Event()
@@ -586,22 +453,23 @@ class M3DClient:
         return {"cancelled": cancelled}
 
     # ------------------------------------------------------------------------------------------- task plumbing
-    def _task(self, task: str, body: dict[str, Any], sampling: Optional[SamplingOptions],
+    def _task(self, task: Task, arguments: Sequence[Any], sampling: Optional[SamplingOptions],
               on_text: Optional[TextCallback], on_progress: Optional[ProgressCallback]) -> Result:
+        """The one implementation of the task methods: ``POST /v1/volumes/{id}/{task.key}`` on the current volume."""
         self._handshake()
         with self._lock:
             current = self._volume
         if current is None:
             raise InputError("no volume is set; call set_volume(array, ijk_to_ras) first.")
-        payload = dict(current.options, **body)
+        payload = dict(current.options, **request_body(task, arguments))
         if sampling is not None:
             payload["sampling"] = sampling.to_dict()
         try:
-            return self._request_task(task, current.remote.volume_id, payload, on_text, on_progress)
+            return self._request_task(task.key, current.remote.volume_id, payload, on_text, on_progress)
         except VolumeNotFoundError:
             # The worker restarted or evicted the volume: upload it again, once.
             self.upload_volume(current.array, current.ijk_to_ras)
-            return self._request_task(task, current.remote.volume_id, payload, on_text, on_progress)
+            return self._request_task(task.key, current.remote.volume_id, payload, on_text, on_progress)
 
     def _request_task(self, task: str, key: str, payload: dict[str, Any], on_text: Optional[TextCallback],
                       on_progress: Optional[ProgressCallback]) -> Result:
@@ -645,7 +513,7 @@ class M3DClient:
 
     def _read_events(self, response: http.client.HTTPResponse, on_text: Optional[TextCallback],
                      on_progress: Optional[ProgressCallback]) -> Result:
-        for event, data in _sse_events(response):
+        for event, data in sse_events(response):
             if event == "text":
                 if on_text is not None:
                     on_text(data["text"])
@@ -655,71 +523,12 @@ class M3DClient:
             elif event == "result":
                 return result_from_dict(data)
             elif event == "error":
-                _raise_for_status(int(data.get("status", 500)), json.dumps(data).encode(), self.url, "POST", "")
+                raise_for_status(int(data.get("status", 500)), json.dumps(data).encode(), self.url, "POST", "")
         raise ServerUnavailableError(f"the stream from {self.url} ended without a result; the worker may have stopped")
 
 
-def _sse_events(response: http.client.HTTPResponse) -> Iterator[tuple[str, Any]]:
-    """Server-sent events as (event name, decoded JSON data)."""
-    event, data = "message", []
-    while True:
-        raw = response.readline()
-        if not raw:
-            return
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if data:
-                yield event, json.loads("\n".join(data))
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "event":
-                event = value
-            elif field == "data":
-                data.append(value)
-
-
-def _raise_for_status(status: int, raw: bytes, url: str, method: str, path: str) -> None:
-    """Turn an HTTP error answer into our exception, with the server's message."""
-    try:
-        body = json.loads(raw) if raw else {}
-    except ValueError:
-        body = {"detail": raw[:300].decode("utf-8", "replace")}
-    if not isinstance(body, dict):
-        body = {"detail": str(body)}
-    detail = body.get("detail") or f"HTTP {status}"
-    if not isinstance(detail, str):
-        detail = json.dumps(detail)
-    name = body.get("error", "")
-    if status == 400:
-        cls = getattr(errors, name, None)
-        if not (isinstance(cls, type) and issubclass(cls, InputError)):
-            cls = InputError
-        raise cls(detail)
-    if status == 401:
-        raise AuthenticationError(f"the M3D server at {url} refused the token: {detail}")
-    if status == 404:
-        if name == "VolumeNotFoundError":
-            raise VolumeNotFoundError(detail)
-        raise ServerUnavailableError(f"{url} has no {method} {path} ({detail}); is this an M3D server of protocol "
-                                     f"{PROTOCOL_VERSION}?")
-    if status == 409:
-        raise CancelledError(detail)
-    if status == 413:
-        raise RequestTooLargeError(detail)
-    if status == 503:
-        raise ServerBusyError(detail)
-    cls = getattr(errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, M3DError) and cls is not M3DError:
-        raise cls(f"{detail} (on the M3D server at {url})")  # e.g. ModelNotAvailableError for a missing CLIP
-    raise ServerError(f"the M3D server at {url} failed (HTTP {status}): {detail}")
-
-
-__all__ = [
-    "PROTOCOL_VERSION", "TASKS", "M3DClient", "RemoteVolume", "AuthenticationError", "VolumeNotFoundError",
+__all__ = [  # the protocol's errors and volume_id too: what a user of the client catches and computes
+    "M3DClient", "RemoteVolume", "PROTOCOL_VERSION", "AuthenticationError", "VolumeNotFoundError",
     "RequestTooLargeError", "ServerBusyError", "ServerUnavailableError", "ProtocolMismatchError", "ServerError",
-    "encode_mask", "decode_mask", "volume_id", "result_from_dict",
+    "volume_id",
 ]

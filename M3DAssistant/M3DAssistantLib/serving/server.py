@@ -1,6 +1,6 @@
 """``m3d serve``: the inference worker. One loaded model, reached over HTTP by :class:`.client.M3DClient`.
 
-Slicer starts it with its own Python (``python -m M3DAssistantLib.server --port 0``), reads the one line that
+Slicer starts it with its own Python (``python -m M3DAssistantLib.serving --port 0``), reads the one line that
 announces it is ready, and talks to it on loopback with a token::
 
     M3D_SERVER_READY {"url": "http://127.0.0.1:41733", "host": "127.0.0.1", "port": 41733, "protocol": 1,
@@ -18,7 +18,7 @@ volumes stay in memory (no request reaches the filesystem). Traffic is plain HTT
 tunnel to a loopback server over ``--allow-remote``.
 
 This module imports only the standard library and numpy at import time (the CLI registers its arguments without loading
-FastAPI or torch); the app itself is :mod:`M3DAssistantLib.server_app`.
+FastAPI or torch); the app itself is :mod:`.app`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 
-from . import __version__
-from .client import PROTOCOL_VERSION
-from .errors import InputError, M3DError
+from .. import __version__
+from ..errors import InputError, M3DError
+from .protocol import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -55,8 +55,8 @@ __all__ = ["PROTOCOL_VERSION", "READY_PREFIX", "create_app", "serve", "add_serve
 
 
 def create_app(engine: Any, token: str, **kwargs: Any) -> "FastAPI":
-    """The FastAPI app for ``engine``; see :func:`M3DAssistantLib.server_app.create_app` for the limits."""
-    from .server_app import create_app as _create_app
+    """The FastAPI app for ``engine``; see :func:`.app.create_app` for the limits."""
+    from .app import create_app as _create_app
 
     return _create_app(engine, token, **kwargs)
 
@@ -207,7 +207,7 @@ def serve(
 
     ``model``/``device``/``dtype``/``revision``/``clip_model`` as :class:`~M3DAssistantLib.engine.InferenceEngine` (or
     pass a ready ``engine``). ``token``: default ``$M3D_SERVER_TOKEN``, else generated and put in the ready line.
-    ``limits``: other :class:`~M3DAssistantLib.server_app.ServerLimits` fields. ``parent_pid``: stop when that process
+    ``limits``: other :class:`~.guard.ServerLimits` fields. ``parent_pid``: stop when that process
     exits. ``ssl_certfile``/``ssl_keyfile``: serve https with this PEM certificate and key. ``on_ready`` receives
     the ready line's dict (in-process use).
     """
@@ -223,13 +223,13 @@ def serve(
         try:
             import uvicorn
 
-            from .server_app import ServerLimits
+            from .guard import ServerLimits
         except ImportError as e:
             raise M3DError(f"m3d serve needs FastAPI and uvicorn ({e}); install them with "
                            f"pip install 'm3d-slicer[server]'") from None
 
         if engine is None:
-            from .engine import InferenceEngine
+            from ..engine import InferenceEngine
 
             engine = InferenceEngine(model, device=device, dtype=dtype, revision=revision, clip_model=clip_model)
         options = dict(limits or {})

@@ -1,0 +1,276 @@
+"""The module panel's non-Qt parts: what each task returns to the Python console, streamed text collected across
+threads, the per-volume conversation, the prompt history and progress in words.
+
+The Widget and Logic in ``M3DAssistant.py`` stay thin: they wire these to Qt widgets and MRML nodes. Everything here
+is plain Python (no ``slicer``, no Qt), so it is tested without Slicer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import queue
+import threading
+from typing import Any, Callable, Optional, Sequence, Union
+
+from . import AI_LABEL
+from .errors import InputError
+from .progress import ProgressEvent
+from .tasks import ArgumentKind, Output, ResultKind, Task
+from .tasks import get as get_task
+
+
+STAGE_LABELS = {
+    "load": "Loading the model",
+    "download": "Downloading the model",
+    "upload": "Sending the volume",
+    "preprocess": "Preparing the image",
+    "encode": "Reading the image",
+    "generate": "Writing the answer",
+    "segment": "Segmenting",
+}
+
+
+def progress_text(event: ProgressEvent) -> tuple[str, Optional[int]]:
+    """(status text, percent or None for "busy") for a progress bar."""
+    label = STAGE_LABELS.get(event.stage, event.stage.capitalize() or "Working")
+    percent = None if event.fraction is None else round(100 * min(max(event.fraction, 0.0), 1.0))
+    message = event.message.strip()
+    if event.stage == "generate":  # "12 tokens" is noise next to the streamed text
+        message = ""
+    if len(message) > 240:
+        message = message[:237] + "..."
+    return (f"{label}: {message}" if message else label), percent
+
+
+def parse_choices(text: str) -> list[str]:
+    """The multiple-choice options typed in one line: separated by ``;`` or new lines (``Axial; Coronal; Sagittal``)."""
+    parts = [p.strip() for p in text.replace("\n", ";").split(";")]
+    choices = [p for p in parts if p]
+    if len(choices) < 2:
+        raise InputError("give at least two choices, separated by ';' (e.g. Axial; Coronal; Sagittal; Oblique)")
+    return choices
+
+
+def require_prompt(task: Union[Task, str], prompt: str) -> str:
+    """The prompt stripped; InputError naming what the task needs when it is empty."""
+    task = _task(task)
+    prompt = (prompt or "").strip()
+    if task.prompt_hint and not prompt:
+        raise InputError(f"{task.label} needs {task.prompt_hint}: type it in the prompt box.")
+    return prompt
+
+
+def task_arguments(task: Union[Task, str], prompt: str, *, choices: str = "", region: Any = None,
+                   candidates: Sequence[Any] = ()) -> tuple[list[Any], str]:
+    """The task's arguments (after the volume) from what the panel holds, and the question as the conversation view
+    shows it. By argument kind: TEXT <- the prompt box, CHOICES <- the choices box, REGION <- the "Describe ROI" node,
+    CANDIDATES <- ``candidates`` (the scene's image volumes). HISTORY is the Logic's own (the conversation about the
+    volume continues)."""
+    task = _task(task)
+    prompt = require_prompt(task, prompt)
+    arguments: list[Any] = []
+    shown = prompt
+    for argument in task.arguments:
+        if argument.kind is ArgumentKind.TEXT:
+            arguments.append(prompt)
+        elif argument.kind is ArgumentKind.CHOICES:
+            options = parse_choices(choices)
+            arguments.append(options)
+            shown = f"{prompt} ({'; '.join(options)})"
+        elif argument.kind is ArgumentKind.REGION:
+            if region is None:
+                raise InputError("Choose the ROI to describe (or create one and draw it on the volume).")
+            arguments.append(region)
+            shown = _node_name(region)
+        elif argument.kind is ArgumentKind.CANDIDATES:
+            arguments.append(list(candidates))
+    return arguments, shown
+
+
+# ------------------------------------------------------------------------------------- results for the console
+def api_value(task: Union[Task, str], output: Any, candidates: Optional[Sequence[Any]] = None) -> Any:
+    """What the Logic's console method returns, from what the session returned, by the task's output:
+
+    a text node (or None); the answer (str); an ROI node (or None); ``(segmentation node, segment id)``
+    (``(None, None)`` without a mask); a ranking ``[(candidate, score), ...]`` best first, candidates as given (nodes
+    or texts)."""
+    output_kind = _task(task).output
+    if output_kind is Output.SEGMENT:
+        node, segment_id, _ = output
+        return node, segment_id
+    if output_kind is Output.RANKING:
+        return [(candidates[index] if candidates is not None else label, float(score))
+                for index, label, score in output.ranking]
+    return output[0]
+
+
+def typed_result(task: Union[Task, str], output: Any) -> Any:
+    """The full typed result (TextResult, ChoiceResult, BoxResult, SegmentationResult, RetrievalResult)."""
+    if _task(task).output is Output.RANKING:
+        return output
+    return output[-1]
+
+
+def _node_name(node: Any) -> str:
+    return node.GetName() if hasattr(node, "GetName") else str(node)
+
+
+def answer_text(task: Union[Task, str], output: Any) -> str:
+    """The conversation view's line for a finished task (call on the main thread: it reads node names)."""
+    task = _task(task)
+    result = typed_result(task, output)
+    if task.output is Output.RANKING:
+        return "\n".join(f"{rank}. {label} ({score:.3f})" for rank, (_, label, score) in
+                         enumerate(result.ranking, start=1))
+    if task.result is ResultKind.CHOICE:
+        choice, _ = output
+        return f"{result.letter}. {choice}" if result.letter else choice
+    if task.output is Output.ROI_NODE:
+        node = output[0]
+        if node is None:
+            return f"{result.text.strip()}\n(no box found: nothing was added)"
+        return f"{result.text.strip()}\n(box added as ROI '{_node_name(node)}')"
+    if task.output is Output.SEGMENT:
+        node, segment_id, _ = output
+        if node is None:
+            return f"{result.text.strip()}\n(no mask: nothing was added)"
+        segment = node.GetSegmentation().GetSegment(segment_id) if hasattr(node, "GetSegmentation") else None
+        name = segment.GetName() if segment is not None else segment_id
+        return f"{result.text.strip()}\n(segment '{name}' added to '{_node_name(node)}', {result.voxel_count} voxels)"
+    if task.output is Output.TEXT_NODE and output[0] is not None:
+        return f"{result.text.strip()}\n(saved as text node '{_node_name(output[0])}')"
+    return result.text.strip()
+
+
+def _task(task: Union[Task, str]) -> Task:
+    return task if isinstance(task, Task) else get_task(task)
+
+
+class TaskRequest:
+    """A task running in the background (the session's PendingRequest) plus how to turn its output into the
+    console API's value. Poll :meth:`done`; call :meth:`result` on the main thread (it creates the nodes)."""
+
+    def __init__(self, task: str, pending: Any, finish: Callable[[Any], Any]):
+        self.task = task
+        self.pending = pending
+        self._finish = finish
+        self._collected = False
+        self._value: Any = None
+        self.output: Any = None  # what the session returned (nodes + typed result)
+
+    def done(self) -> bool:
+        return self.pending.done()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self.pending.wait(timeout)
+
+    def cancel(self) -> None:
+        self.pending.cancel()
+
+    def result(self) -> Any:
+        if not self._collected:
+            self.output = self.pending.result()  # raises the request's error
+            self._value = self._finish(self.output)
+            self._collected = True
+        return self._value
+
+
+# ------------------------------------------------------------------------------------- streamed text, by thread
+class StreamBuffer:
+    """Text chunks and progress events put from the request's thread, drained by the GUI timer on the main thread."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
+
+    def put_text(self, chunk: str) -> None:
+        self._queue.put(("text", chunk))
+
+    def put_progress(self, event: ProgressEvent) -> None:
+        self._queue.put(("progress", event))
+
+    def drain(self) -> tuple[str, Optional[ProgressEvent]]:
+        """All text since the last call, and the latest progress event (None if none came)."""
+        text, progress = [], None
+        while True:
+            try:
+                kind, item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "text":
+                text.append(item)
+            else:
+                progress = item
+        return "".join(text), progress
+
+
+# ------------------------------------------------------------------------------------------ the conversation view
+@dataclasses.dataclass
+class ConversationEntry:
+    task: str
+    prompt: str
+    answer: str = ""
+    status: str = "running"  # running | done | cancelled | failed
+
+
+class ConversationLog:
+    """What was asked about each volume in this Slicer session, with the answers (streamed while they come)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, list[ConversationEntry]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, volume_key: str, task: str, prompt: str) -> ConversationEntry:
+        entry = ConversationEntry(task, prompt)
+        with self._lock:
+            self._entries.setdefault(volume_key, []).append(entry)
+        return entry
+
+    def entries(self, volume_key: Optional[str]) -> list[ConversationEntry]:
+        with self._lock:
+            return list(self._entries.get(volume_key or "", []))
+
+    def clear(self, volume_key: Optional[str] = None) -> None:
+        with self._lock:
+            if volume_key is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(volume_key, None)
+
+    def to_html(self, volume_key: Optional[str], volume_name: str = "") -> str:
+        """The conversation about one volume as simple HTML for a QTextBrowser."""
+        entries = self.entries(volume_key)
+        if not entries:
+            return (f"<p style='color:gray'>No questions about {html.escape(volume_name or 'this volume')} yet. "
+                    f"Answers are {html.escape(AI_LABEL)}.</p>")
+        parts = [f"<p style='color:gray'><i>{html.escape(AI_LABEL)}</i></p>"]
+        for entry in entries:
+            try:
+                label = get_task(entry.task).label
+            except InputError:  # not a task of ours: show what was recorded
+                label = entry.task
+            question = f": {html.escape(entry.prompt)}" if entry.prompt else ""
+            parts.append(f"<p><b>{html.escape(label)}</b>{question}</p>")
+            answer = html.escape(entry.answer).replace("\n", "<br>") or "&hellip;"
+            style = {"failed": "color:#b00020", "cancelled": "color:gray"}.get(entry.status, "")
+            suffix = {"running": " &hellip;", "cancelled": " <i>(cancelled)</i>"}.get(entry.status, "")
+            parts.append(f"<p style='margin-left:12px;{style}'>{answer}{suffix}</p>")
+        return "\n".join(parts)
+
+
+class PromptHistory:
+    """The prompts typed in this Slicer session, most recent first, without duplicates (kept in memory only)."""
+
+    def __init__(self, size: int = 30) -> None:
+        self.size = size
+        self.items: list[str] = []
+
+    def add(self, prompt: str) -> None:
+        prompt = prompt.strip()
+        if prompt:
+            self.items = [prompt] + [p for p in self.items if p != prompt][: self.size - 1]
+
+
+__all__ = ["STAGE_LABELS", "progress_text", "parse_choices", "require_prompt", "task_arguments", "api_value",
+           "typed_result", "answer_text", "TaskRequest", "StreamBuffer", "ConversationEntry", "ConversationLog",
+           "PromptHistory"]

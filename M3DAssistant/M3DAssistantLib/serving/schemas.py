@@ -1,0 +1,142 @@
+"""The HTTP API's request and answer models (pydantic), and the parameters and error answers its routes declare.
+
+The task request models (``ReportRequest``, ``AskRequest``, ...) are built from the task registry
+(:func:`task_request_model`): :class:`TaskOptions` plus one field per argument of the task, typed by its
+:class:`~M3DAssistantLib.tasks.ArgumentKind`. Built rather than written out so that a new task gets its request model
+from its registry entry alone; the OpenAPI schema names them as before (``Testing/test_server.py`` pins it).
+"""
+
+import functools
+from typing import Annotated, Any, Optional, Union
+
+import numpy as np
+from fastapi import Body, Header, Path
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, create_model
+
+from ..geometry import RasRoi
+from ..tasks import STREAMING_TASKS, ArgumentKind, Task
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Text = Annotated[str, Field(max_length=200_000)]
+Vec3 = tuple[FiniteFloat, FiniteFloat, FiniteFloat]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    detail: str = Field(description="what went wrong and how to fix it")
+    error: str = Field(description="exception name, e.g. InputError, GeometryError, VolumeNotFoundError")
+
+
+class SamplingModel(_Strict):
+    """How tokens are chosen (greedy by default)."""
+
+    max_new_tokens: int = Field(256, ge=1, le=4096, description="capped by the server's limits.max_new_tokens")
+    min_new_tokens: int = Field(0, ge=0, le=4096, description="> 0 suppresses the end of the answer until then")
+    do_sample: bool = False
+    temperature: FiniteFloat = Field(1.0, gt=0, le=100)
+    top_p: FiniteFloat = Field(0.9, gt=0, le=1)
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
+
+
+class RoiModel(_Strict):
+    """A box in RAS (mm): centre, full edge lengths, and the 3x3 ``axes`` matrix as a list of rows (its columns are
+    the box's edge directions; identity when omitted)."""
+
+    center: Vec3
+    size: Vec3
+    axes: Optional[tuple[Vec3, Vec3, Vec3]] = None
+
+
+class TaskOptions(_Strict):
+    """Preprocessing of the volume (as ``InferenceEngine.set_volume``) and sampling."""
+
+    window: Union[Annotated[str, Field(max_length=64)], tuple[FiniteFloat, FiniteFloat], None] = Field(
+        None, description='a preset ("abdomen", "lung", ...), "percentile", "minmax", or [center, width] in HU')
+    roi: Optional[RoiModel] = Field(None, description="crop the volume to this RAS box first")
+    slice_range: Optional[tuple[int, int]] = Field(None, description="half-open [start, stop) range of K indices")
+    sampling: SamplingModel = Field(default_factory=SamplingModel)
+
+
+class RetrieveTextsRequest(_Strict):
+    """Rank texts for this volume with M3D-CLIP."""
+
+    texts: list[Annotated[str, Field(max_length=10_000)]] = Field(min_length=1, max_length=1024)
+    labels: Optional[list[Annotated[str, Field(max_length=1_000)]]] = Field(None, max_length=1024)
+    window: Union[Annotated[str, Field(max_length=64)], tuple[FiniteFloat, FiniteFloat], None] = None
+
+
+class RetrieveVolumesRequest(_Strict):
+    """Rank uploaded volumes for a text with M3D-CLIP."""
+
+    text: Text
+    volume_ids: list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]] = Field(min_length=1, max_length=256)
+    labels: Optional[list[Annotated[str, Field(max_length=1_000)]]] = Field(None, max_length=256)
+    window: Union[Annotated[str, Field(max_length=64)], tuple[FiniteFloat, FiniteFloat], None] = None
+
+
+class CancelRequest(_Strict):
+    request_id: Optional[str] = Field(None, max_length=64, description="omit to cancel every request")
+
+
+# ------------------------------------------------------------------------------------------------ task requests
+_CHOICE = Annotated[str, Field(max_length=10_000)]
+
+
+def _argument_field(kind: ArgumentKind, description: Optional[str]) -> tuple[Any, Any]:
+    """(type, pydantic Field) of a task argument's JSON field, by its kind."""
+    if kind is ArgumentKind.TEXT:
+        return Text, Field(description=description)
+    if kind is ArgumentKind.HISTORY:
+        return list[tuple[Text, Text]], Field(default_factory=list, max_length=64, description=description)
+    if kind is ArgumentKind.CHOICES:
+        return list[_CHOICE], Field(max_length=64, description=description)
+    if kind is ArgumentKind.REGION:
+        return RoiModel, Field(description=description)
+    raise ValueError(f"no request field for {kind} arguments")
+
+
+@functools.lru_cache(maxsize=None)
+def task_request_model(task: Task) -> type[TaskOptions]:
+    """The request body of ``POST /v1/volumes/{id}/{task.key}``: the volume's options and sampling
+    (:class:`TaskOptions`), then the task's arguments under their JSON names."""
+    fields = {argument.field: _argument_field(argument.kind, argument.description) for argument in task.arguments}
+    return create_model(task.request_model, __base__=TaskOptions, __module__=__name__, **fields)
+
+
+TASK_REQUESTS: dict[str, type[TaskOptions]] = {task.key: task_request_model(task) for task in STREAMING_TASKS}
+
+
+def ras_roi(model: RoiModel) -> RasRoi:
+    return RasRoi(model.center, model.size, model.axes if model.axes is not None else np.eye(3))
+
+
+def engine_arguments(task: Task, body: TaskOptions) -> tuple:
+    """The engine method's positional arguments from a request body, by argument kind."""
+    values = []
+    for argument in task.arguments:
+        value = getattr(body, argument.field)
+        if argument.kind is ArgumentKind.HISTORY:
+            value = [tuple(turn) for turn in value]
+        elif argument.kind is ArgumentKind.CHOICES:
+            value = list(value)
+        elif argument.kind is ArgumentKind.REGION:
+            value = ras_roi(value)
+        values.append(value)
+    return tuple(values)
+
+
+# ----------------------------------------------------------------------------------- route parameters and errors
+ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
+    (400, "bad input"), (401, "missing or wrong token"), (413, "too large"))}
+VOLUME_ERRORS = {**ERRORS, 404: {"model": ErrorBody, "description": "unknown volume"}}
+TASK_ERRORS = {**VOLUME_ERRORS, 409: {"model": ErrorBody, "description": "cancelled"},
+               503: {"model": ErrorBody, "description": "queue full"}}
+OPTIONAL_BODY = Body(None)
+VOLUME_ID = Path(pattern=r"^[0-9a-f]{32}$", description="content hash returned by POST /v1/volumes")
+REQUEST_ID = Header(None, alias="X-M3D-Request-Id", max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                    description="your id for this request, to cancel it with POST /v1/cancel")
