@@ -5,8 +5,8 @@ convention of the task, within one engine = one model):
 
 * the model input tensor and its :class:`~M3DAssistantLib.geometry.VolumeToModelMapping`,
 * the vision tower + projector output (the image tokens),
-* the key/value cache of the shared prefix (BOS + image tokens): every question starts from a *copy* of it, because
-  transformers' generation appends to the cache in place,
+* the key/value cache of the shared prefix (positions 0..N: the first token and the image features): every question
+  starts from a *copy* of it, because transformers' generation appends to the cache in place,
 * SegVol's image embedding (computed on the first segmentation).
 
 The official scripts recompute all of this for every question; ``caching=False`` does the same (for checks and the
@@ -81,7 +81,7 @@ class _View:
     images: torch.Tensor  # [1, 1, D, H, W], model dtype/device
     mapping: VolumeToModelMapping
     image_features: Optional[torch.Tensor] = None  # [1, N, hidden]
-    prefix_cache: Any = None  # transformers Cache over BOS + N image tokens
+    prefix_cache: Any = None  # transformers Cache over positions 0..N (first token + N image features)
     seg_embedding: Optional[torch.Tensor] = None
 
 
@@ -148,7 +148,7 @@ class InferenceEngine:
         device, dtype, revision: as :func:`M3DAssistantLib.model.load_model`.
         clip_model: hub id or folder of M3D-CLIP for :meth:`retrieve` (loaded on first use).
         caching: reuse image features, prefix KV cache and SegVol embedding across prompts (default True).
-        cache_prefix: with ``caching``, also reuse the KV cache of BOS + image tokens (default True; off only to
+        cache_prefix: with ``caching``, also reuse the KV cache of the first token + image features (default True; off only to
             measure what it brings).
         max_volumes: how many volumes keep their cached features (least recently used are dropped).
         convention: force one orientation convention for every task (default: the task's own, see geometry).
