@@ -59,8 +59,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", default=None,
-                        help="intensity window: abdomen, lung, bone, brain, minmax, or CENTER,WIDTH in HU "
-                             "(default: the official percentile clipping)")
+                        help="intensity window for every task: abdomen, lung, bone, brain, minmax, percentile, "
+                             "volume-percentile, or CENTER,WIDTH in HU (default: each task as its training data -- "
+                             "report/VQA the DICOM WindowCenter/Width, else abdomen for CT; boxes and segmentation "
+                             "the M3D-Seg percentiles; referring segmentation the M3D-RefSeg percentiles)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -120,10 +122,12 @@ def _engine(args: argparse.Namespace, bar: "ProgressBar"):
 
 
 def _load_volume(engine, path: str, args: argparse.Namespace):
-    from .volume_io import read_volume
+    from .volume_io import read_volume, read_volume_metadata
 
     array, ijk_to_ras = read_volume(Path(path))
-    engine.set_volume(array, ijk_to_ras, window=_window(args.window))
+    meta = read_volume_metadata(Path(path))  # DICOM display window and modality: the report/VQA default window
+    engine.set_volume(array, ijk_to_ras, window=_window(args.window), display_window=meta.display_window,
+                      modality=meta.modality)
     return array, ijk_to_ras
 
 
