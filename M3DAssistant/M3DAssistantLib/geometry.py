@@ -41,8 +41,11 @@ import numpy as np
 from .errors import GeometryError, InputError
 from .preprocessing import (
     WINDOW_PRESETS,
+    DisplayWindow,
     IntensityMapping,
+    IntensitySpec,
     WindowArg,
+    default_window,
     intensity_mapping,
     resolve_window,
 )
@@ -61,6 +64,7 @@ __all__ = [
     "box_to_model_bounds",
     "box_to_roi",
     "PLANES",
+    "TaskPreprocessing",
     "canonical_axes",
     "convention_directions",
     "default_convention",
@@ -69,6 +73,7 @@ __all__ = [
     "logits_to_mask",
     "mask_to_box",
     "mask_to_model",
+    "model_plane_for",
     "model_bounds_to_box",
     "model_mask_to_volume",
     "parse_box",
@@ -76,6 +81,7 @@ __all__ = [
     "roi_to_box",
     "slice_axis",
     "slice_plane",
+    "task_preprocessing",
     "to_model_input",
     "validate_box",
     "validate_ijk_to_ras",
@@ -222,6 +228,63 @@ def slice_plane(ijk_to_ras: Any) -> str:
     m = validate_ijk_to_ras(ijk_to_ras)
     normal = np.abs(m[:3, slice_axis(m)])
     return {0: "sagittal", 1: "coronal", 2: "axial"}[int(np.argmax(normal))]
+
+
+def model_plane_for(ijk_to_ras: Any, convention: Optional[str] = None) -> str:
+    """The plane of the slices the model is shown for this volume under ``convention``: the right answer to "which
+    plane is this image in?" for what the model sees (m3d-cap-v1 and the M3D-Seg/RefSeg conventions always show
+    axial slices; m3d-cap-v2 shows the volume's own plane)."""
+    directions = convention_directions(validate_ijk_to_ras(ijk_to_ras), resolve_convention(convention))
+    return {0: "sagittal", 1: "coronal", 2: "axial"}[_DIRECTIONS[directions[0]][0]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPreprocessing:
+    """How a task will see a volume, before anything runs: for a panel to show, and for the provenance to match."""
+
+    task: str
+    convention: str
+    volume_plane: str  # the volume's own slice plane (slice_plane)
+    model_plane: str  # the plane of the slices the model is shown
+    window: IntensitySpec
+
+    def describe(self) -> str:
+        """One line, e.g. ``m3d-cap-v2: coronal slices (the volume's own plane); window display (Slicer) 40/400``."""
+        own = " (the volume's own plane)" if self.model_plane == self.volume_plane else \
+            f" (the volume is {self.volume_plane})"
+        w = self.window
+        if w.scheme != "window":
+            window = w.name
+        elif w.name == "custom":
+            window = f"{w.center:g}/{w.width:g}"
+        else:
+            window = f"{w.name} {w.center:g}/{w.width:g}"
+        return f"{self.convention}: {self.model_plane} slices{own}; window {window}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "convention": self.convention, "volume_plane": self.volume_plane,
+                "model_plane": self.model_plane, "window": dataclasses.asdict(self.window)}
+
+
+def task_preprocessing(
+    task: str,
+    ijk_to_ras: Any,
+    *,
+    convention: Optional[str] = None,
+    window: WindowArg = None,
+    display_window: Optional[DisplayWindow] = None,
+    modality: Optional[str] = None,
+    value_range: Optional[tuple[float, float]] = None,
+) -> TaskPreprocessing:
+    """What :class:`~M3DAssistantLib.engine.InferenceEngine` will use for ``task`` on this volume: the task's
+    convention (or ``convention``) and the task's default window (or ``window``), from the same rules
+    (:func:`default_convention`, :func:`~M3DAssistantLib.preprocessing.default_window`). Cheap: no voxel is read
+    (pass ``value_range`` = (min, max) for the CT test and the overlap check of a display window)."""
+    m = validate_ijk_to_ras(ijk_to_ras)
+    conv = resolve_convention(convention or default_convention(task))
+    spec = resolve_window(window) if window is not None else default_window(
+        task, display_window=display_window, modality=modality, value_range=value_range)
+    return TaskPreprocessing(task, conv.name, slice_plane(m), model_plane_for(m, conv.name), spec)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
