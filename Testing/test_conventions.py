@@ -315,7 +315,8 @@ def test_each_task_gets_its_training_datas_window_and_orientation(default_engine
     answer = engine.ask("Is the liver enlarged?", sampling=short)
     assert engine.counters["vision_tower"] == 1  # report and VQA share one view: same convention and window
     assert report.provenance.convention == answer.provenance.convention == "m3d-cap-v2@v1"
-    assert "'name': 'display (DICOM)'" in report.provenance.intensity and "'center': 40.0" in report.provenance.intensity
+    intensity = report.provenance.intensity
+    assert "'name': 'display (DICOM)'" in intensity and "'center': 40.0" in intensity
     box = engine.locate("liver", sampling=short)
     assert box.provenance.convention == "m3d-seg-v1@v1" and "'scheme': 'percentile'" in box.provenance.intensity
     seg = engine.segment_expression("the cyst in the right kidney", sampling=short)

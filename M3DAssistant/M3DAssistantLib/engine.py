@@ -165,8 +165,8 @@ class InferenceEngine:
         device, dtype, revision: as :func:`M3DAssistantLib.model.load_model`.
         clip_model: hub id or folder of M3D-CLIP for :meth:`retrieve` (loaded on first use).
         caching: reuse image features, prefix KV cache and SegVol embedding across prompts (default True).
-        cache_prefix: with ``caching``, also reuse the KV cache of the first token + image features (default True; off only to
-            measure what it brings).
+        cache_prefix: with ``caching``, also reuse the KV cache of the first token + image features (default True;
+            off only to measure what it brings).
         max_volumes: how many volumes keep their cached features (least recently used are dropped).
         convention: force one orientation convention for every task (default: the task's own, see geometry).
         progress: receives :class:`~M3DAssistantLib.progress.ProgressEvent` for loading and every request.

@@ -109,7 +109,9 @@ def box_iou(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) 
     return inter / union, inter / enclosing
 
 
-def roi_voxel_bounds(roi: RasRoi, ijk_to_ras: np.ndarray, shape_kji: Sequence[int]) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def roi_voxel_bounds(
+    roi: RasRoi, ijk_to_ras: np.ndarray, shape_kji: Sequence[int]
+) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The (K, J, I) bounds of the voxels whose centres lie in ``roi``; None when it holds none."""
     m = validate_ijk_to_ras(ijk_to_ras)
     ijk = (np.linalg.inv(m) @ np.c_[roi.corners(), np.ones(8)].T)[:3].T
@@ -270,8 +272,9 @@ def load_labels(labels_path: Union[str, os.PathLike], names_path: Optional[Union
     try:
         names = {str(v): int(k) for k, v in json.loads(Path(names_path).read_text(encoding="utf-8")).items()}
     except (OSError, ValueError) as e:
-        raise InputError(f"{names_path}: cannot read the label names ({e}); it must be JSON {{\"1\": \"spleen\", ...}}") \
-            from None
+        raise InputError(
+            f"{names_path}: cannot read the label names ({e}); it must be JSON {{\"1\": \"spleen\", ...}}"
+        ) from None
     return labels, names
 
 

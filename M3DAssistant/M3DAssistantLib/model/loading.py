@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -109,14 +109,16 @@ def load_model(
 GENERATION_CONFIG = "generation_config.json"
 
 
-def checkpoint_generation_config(folder: Path, special, vocab_size: int):
-    """``(GenerationConfig, path of the file or None)``: the generation defaults transformers' ``from_pretrained`` would give the official code for this checkpoint.
+def checkpoint_generation_config(folder: Path, special: Any, vocab_size: int) -> tuple[Any, Optional[str]]:
+    """``(GenerationConfig, path of the file or None)``: the generation defaults transformers' ``from_pretrained``
+    would give the official code for this checkpoint.
 
     ``generation_config.json`` when the checkpoint has one, used whole: its ``eos_token_id`` list (Phi-3's names
     ``<|end|>`` and ``<|assistant|>`` beside ``<|endoftext|>``, so the model stops where the official one stops)
     and any other field that changes outputs (e.g. ``repetition_penalty``). Fields it leaves unset fall back to the
-    tokenizer's EOS and pad token. Options passed to ``generate`` (our :class:`~M3DAssistantLib.results.SamplingOptions`)
-    still override it, as they do in transformers. Without the file: EOS and pad from the tokenizer.
+    tokenizer's EOS and pad token. Options passed to ``generate`` (our
+    :class:`~M3DAssistantLib.results.SamplingOptions`) still override it, as they do in transformers. Without the
+    file: EOS and pad from the tokenizer.
     """
     from transformers import GenerationConfig
 
