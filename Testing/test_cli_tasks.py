@@ -42,7 +42,7 @@ def test_report_json_has_provenance_and_label(tiny_phi3, ct_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["task"] == "report" and data["provenance"]["label"] == AI_LABEL
-    assert data["provenance"]["convention"] == "m3d-cap-v1@v1"
+    assert data["provenance"]["convention"] == "m3d-cap-v2@v1"
 
 
 def test_segment_writes_a_seg_nrrd_slicer_reads_on_the_ct_grid(forced_cli, ct_path, tmp_path, headless_slicer):
@@ -67,16 +67,16 @@ def test_locate_writes_roi_and_describe_reads_it_back(forced_cli, ct_path, tmp_p
     from M3DAssistantLib.outputs import read_roi
 
     out = tmp_path / "liver.mrk.json"
-    box = "[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]"
+    box = "[0.125, 0.203, 0.297, 0.5, 0.594, 0.703]"  # on the training grid (d in k/32, h and w in k/256)
     code = forced_cli(f" Coordinates are <bx_start>{box}<bx_end>.", "locate", ct_path, "liver", "-o", out,
-                      "--max-new-tokens", "40", "--json", "--quiet")
+                      "--max-new-tokens", "60", "--json", "--quiet")
     assert code == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["box"] == [0.1, 0.2, 0.3, 0.5, 0.6, 0.7]
+    assert result["box"] == [0.125, 0.203, 0.297, 0.5, 0.594, 0.703]
     roi = read_roi(out)
     np.testing.assert_allclose(roi.center, result["roi_ras"]["center"], atol=1e-6)
     np.testing.assert_allclose(roi.size, result["roi_ras"]["size"], atol=1e-6)
-    # describe the same box: the prompt carries the box text the model gave
+    # describe the same box: the prompt carries the box text the model gave (a box on the grid snaps to itself)
     assert forced_cli(" The target is liver.", "describe", ct_path, "--roi", out, "--max-new-tokens", "8",
                       "--json", "--quiet") == 0
     described = json.loads(capsys.readouterr().out)

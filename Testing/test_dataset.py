@@ -162,7 +162,7 @@ def test_answers_follow_the_official_templates(folder, tokenizer):
     assert texts[("seg", "gallbladder")].answer == "Sorry, there is no gallbladder."
     assert not texts[("seg", "gallbladder")].segs.any()
     liver_seg = texts[("seg", "liver")]
-    assert liver_seg.question == " What is liver in this image? Please output the segmentation mask."
+    assert liver_seg.question == " What is liver in this image? Please respond with segmentation mask."
     assert liver_seg.answer == "It is [SEG]."
     assert torch.equal(liver_seg.segs, torch.from_numpy(np.load(folder / "masks/ct_seg_liver.npy")).float())
     assert texts[("reg", "spleen")].answer == "The target is spleen."

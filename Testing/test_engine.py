@@ -26,7 +26,7 @@ def test_report_and_provenance(engine, ct):
     assert prov.task == "report" and prov.label == AI_LABEL and prov.model.endswith("phi3")
     assert prov.model_revision.startswith("local-") and prov.dtype == "float32" and prov.device == "cpu"
     assert prov.prompt == "Please generate a medical report based on this image."
-    assert prov.convention == "m3d-cap-v1@v1" and prov.sampling["max_new_tokens"] == 6
+    assert prov.convention == "m3d-cap-v2@v1" and prov.sampling["max_new_tokens"] == 6
     assert result.to_dict()["provenance"]["label"] == AI_LABEL
 
 
@@ -56,7 +56,7 @@ TASKS = {
     "report": (lambda e, s: e._generate(e._view("report"), " Please generate a medical report based on this image.", s, False, None, True), None),
     "ask": (lambda e, s: e._generate(e._view("vqa_open"), " Is there a lesion?", s, False, None, True), None),
     "locate": (lambda e, s: e._generate(e._view("rec"), " Where is liver in this image? Please output the box.", s, False, None, True), None),
-    "segment": (lambda e, s: e._generate(e._view("seg"), " What is liver in this image? Please output the segmentation mask.", s, True, None, True), " It is [SEG]."),
+    "segment": (lambda e, s: e._generate(e._view("seg"), " What is liver in this image? Please respond with segmentation mask.", s, True, None, True), " It is [SEG]."),
 }
 
 
@@ -92,8 +92,11 @@ def test_segment_maps_mask_to_the_original_grid(engine, ct):
     assert result.mask is not None and result.mask.shape == ct[0].shape and result.mask.dtype == np.uint8
     assert result.provenance.convention == "m3d-seg-v1@v1"
     assert engine.counters["seg_encoder"] == 1
-    result2 = engine.segment_expression("the large organ in the right upper abdomen", sampling=SHORT)
+    engine.segment("spleen", sampling=SHORT)
     assert engine.counters["seg_encoder"] == 1  # SegVol embedding reused
+    result2 = engine.segment_expression("the large organ in the right upper abdomen", sampling=SHORT)
+    assert result2.provenance.convention == "m3d-refseg-v1@v1"  # M3D-RefSeg's own orientation: a new view
+    assert engine.counters["seg_encoder"] == 2
     assert result2.mask is None and result2.parse_error  # random answer: no [SEG], no mask, no exception
 
 

@@ -146,7 +146,7 @@ def test_export_writes_the_official_layout_with_inference_geometry(exported):
 
     array = slicer.util.arrayFromVolume(ct)
     ijk_to_ras = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(ct))
-    for short, convention in (("cap", "m3d-cap-v1"), ("seg", "m3d-seg-v1")):
+    for short, convention in (("m3d_cap_v2", "m3d-cap-v2"), ("seg", "m3d-seg-v1"), ("m3d_refseg_v1", "m3d-refseg-v1")):
         expected, mapping = to_model_input(array, ijk_to_ras, model_shape=SHAPE, convention=convention)
         image = np.load(folder / "images" / f"ct_{short}.npy")
         assert image.dtype == np.float32 and image.shape == (1, *SHAPE)
@@ -181,17 +181,22 @@ def test_export_writes_the_official_layout_with_inference_geometry(exported):
     assert reg_roi["box"] == list(roi_to_box(roi_from_node(reg), seg_mapping, snap=True))
 
     (report,) = train["report"]
-    assert report["image"] == "images/ct_cap.npy"
+    assert report["image"] == "images/ct_m3d_cap_v2.npy"
     assert (folder / report["text"]).read_text().strip() == "The liver is normal in size. No focal lesion."
     (open_q,) = train["vqa_open"]
-    assert open_q == {"Image Path": "images/ct_cap.npy", "Question": "What organ is the largest in this image?",
+    assert open_q == {"Image Path": "images/ct_m3d_cap_v2.npy", "Question": "What organ is the largest in this image?",
                       "Answer": "The liver.", "Question Type": "user", "volume": "ct",
                       "node": "CT questions (line 1)"}
     (closed,) = train["vqa_closed"]
     assert [closed[f"Choice {c}"] for c in "ABCD"] == ["Axial", "Coronal", "Sagittal", "Oblique"]
     assert closed["Answer Choice"] == "A" and closed["Answer"] == "Axial"
     (refseg,) = train["refseg"]
-    assert refseg["Mask"] == seg_records["liver"]["label"] and refseg["Mask_ID"] == 1 and refseg["Answer"] is None
+    # referring segmentation: image and mask in M3D-RefSeg's own orientation (m3d-refseg-v1), as at inference
+    assert refseg["Image"] == "images/ct_m3d_refseg_v1.npy" and refseg["Mask"] == "masks/ct_m3d_refseg_v1_liver.npy"
+    assert refseg["Mask_ID"] == 1 and refseg["Answer"] is None
+    _, refseg_mapping = to_model_input(array, ijk_to_ras, model_shape=SHAPE, convention="m3d-refseg-v1")
+    expected_mask = mask_to_model(slicer.util.arrayFromSegmentBinaryLabelmap(seg, "liver", ct), refseg_mapping) != 0
+    np.testing.assert_array_equal(np.load(folder / refseg["Mask"])[0], expected_mask)
 
 
 @pytest.mark.slicer

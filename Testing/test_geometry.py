@@ -19,6 +19,7 @@ from M3DAssistantLib.geometry import (
     RasRoi,
     VolumeToModelMapping,
     box_to_roi,
+    convention_directions,
     format_box,
     logits_to_mask,
     mask_to_box,
@@ -76,7 +77,7 @@ def test_model_voxel_centres_match_torch_interpolate(convention, perm, flips, sp
     m = make_affine(perm, flips, spacing, angles, origin=(-12.5, 30.25, 7.0))
     vol = blob_volume()
     _, mapping = to_model_input(vol, m, window="minmax", model_shape=SMALL, convention=convention)
-    directions = CONVENTIONS[mapping.convention].directions
+    directions = convention_directions(m, CONVENTIONS[mapping.convention])  # a plane-native one: this volume's plane
 
     can = canonical(vol, m, directions)
     _, start, end = mt.CropForeground(return_coords=True)(can[None].astype(np.float32) + 1000)
@@ -412,13 +413,20 @@ def test_conventions_and_task_defaults():
     assert DEFAULT_CONVENTION == "m3d-cap-v1"
     assert CONVENTIONS["m3d-cap-v1"].directions == ("I", "P", "L")
     assert CONVENTIONS["m3d-seg-v1"].directions == ("S", "P", "L")
-    assert convention_for("seg") == "m3d-seg-v1" and convention_for("report") == "m3d-cap-v1"  # the task registry's
+    assert CONVENTIONS["m3d-refseg-v1"].directions == ("S", "R", "A")
+    assert CONVENTIONS["m3d-cap-v2"].plane_directions == {
+        "axial": ("I", "P", "L"), "coronal": ("A", "I", "L"), "sagittal": ("L", "I", "P")}
+    # the task registry's defaults, by training name
+    assert {t: convention_for(t) for t in ("report", "vqa_open", "vqa_closed", "rec", "reg", "seg", "refseg")} == {
+        "report": "m3d-cap-v2", "vqa_open": "m3d-cap-v2", "vqa_closed": "m3d-cap-v2", "rec": "m3d-seg-v1",
+        "reg": "m3d-seg-v1", "seg": "m3d-seg-v1", "refseg": "m3d-refseg-v1"}
     assert convention_for("something new") == DEFAULT_CONVENTION
     vol = blob_volume()
     t_cap, map_cap = to_model_input(vol, np.eye(4), model_shape=SMALL)
     t_seg, map_seg = to_model_input(vol, np.eye(4), model_shape=SMALL, convention="m3d-seg-v1")
     np.testing.assert_allclose(t_cap[0, ::-1], t_seg[0], atol=1e-6)  # they differ by the D direction only
-    with pytest.raises(GeometryError, match="unknown orientation convention 'lps'; use one of m3d-cap-v1, m3d-seg-v1"):
+    with pytest.raises(GeometryError, match="unknown orientation convention 'lps'; use one of m3d-cap-v1, m3d-cap-v2, "
+                                            "m3d-seg-v1, m3d-refseg-v1"):
         to_model_input(vol, np.eye(4), convention="lps")
 
 

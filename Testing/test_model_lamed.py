@@ -347,17 +347,24 @@ def test_images_of_wrong_shape_are_refused(tiny_phi3_model):
         model(images=torch.rand(1, 1, 32, 256, 256), input_ids=ids)
 
 
-def test_prompt_without_bos_gets_one(tiny_phi3, tmp_path):
+def test_prompt_without_bos_is_the_plain_tokenizer_call(tiny_phi3, tmp_path):
+    """As the official code: no BOS of our own; the splice overwrites the first question token (position N)."""
     folder = _copy(tiny_phi3, tmp_path)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["add_bos_token"] = False
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     model, tokenizer = load_model(folder, device="cpu")
     assert tokenizer.m3d_special_tokens.adds_bos is False
-    ids = encode_prompt(tokenizer, QUESTION, model.num_image_tokens)
-    assert ids[0] == tokenizer.bos_token_id and ids[1 : 1 + model.num_image_tokens] == [tokenizer.m3d_special_tokens.image] * 8
-    # the first question token is not overwritten by the splice
-    assert ids[1 + model.num_image_tokens] != tokenizer.m3d_special_tokens.image
+    n = model.num_image_tokens
+    ids = encode_prompt(tokenizer, QUESTION, n)
+    assert ids == tokenizer("<im_patch>" * n + QUESTION).input_ids
+    assert ids[:n] == [tokenizer.m3d_special_tokens.image] * n and tokenizer.bos_token_id not in ids
+    images = torch.rand(1, 1, *model.multimodal.image_size)
+    embeds = model.splice_image_features(torch.tensor([ids]), model.encode_images(images))
+    token_embeds = model.get_input_embeddings()(torch.tensor([ids]))
+    torch.testing.assert_close(embeds[:, 0], token_embeds[:, 0])  # the first <im_patch> stays at position 0
+    assert not torch.allclose(embeds[:, n], token_embeds[:, n])  # the first question token is overwritten
+    torch.testing.assert_close(embeds[:, n + 1:], token_embeds[:, n + 1:])
 
 
 def test_prompt_longer_than_context_is_refused(tiny_phi3_model):

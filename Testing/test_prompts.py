@@ -19,7 +19,7 @@ def test_spacing_rules():
         " Which plane? Choices: A. Axial B. Coronal C. Sagittal D. Oblique")
     assert prompts.locate_prompt("liver") == " Where is liver in this image? Please output the box."
     assert prompts.locate_prompt("an organ that filters blood and makes bile.").startswith(" Description: ")
-    assert prompts.segment_prompt("liver") == " What is liver in this image? Please output the segmentation mask."
+    assert prompts.segment_prompt("liver") == " What is liver in this image? Please respond with segmentation mask."
     assert prompts.segment_expression_prompt("the cyst in the right kidney") == (
         " the cyst in the right kidney. Please answer and segment.")
     assert prompts.segment_expression_prompt("Please segment where the cyst is.") == " Please segment where the cyst is."

@@ -145,7 +145,7 @@ def test_provenance_and_json(retriever, volumes, tiny_clip):
     result = retriever.rank_volumes("liver lesion", volumes[:2], window="abdomen")
     p = result.provenance
     assert (p.task, p.model, p.dtype, p.device, p.label) == ("retrieval", str(tiny_clip), "float32", "cpu", AI_LABEL)
-    assert p.prompt == "liver lesion" and p.convention == "m3d-cap-v1" and p.time and p.duration_s >= 0
+    assert p.prompt == "liver lesion" and p.convention == "m3d-cap-v2" and p.time and p.duration_s >= 0
     assert json.loads(p.intensity)["name"] == "abdomen"  # the same fixed window for both volumes
     data = json.loads(json.dumps(result.to_dict()))
     assert data["task"] == "retrieval" and [r["label"] for r in data["ranking"]] in (

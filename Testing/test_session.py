@@ -415,9 +415,10 @@ def test_every_task_on_the_real_ct_makes_the_right_nodes(headless_slicer, ct, en
         choice, result = session.choose(ct, "Which plane is this?", ["Axial", "Coronal", "Sagittal", "Oblique"])
     assert choice == "Sagittal" and result.letter == "C"
 
-    with forced_answer(engine, " Coordinates are <bx_start>[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]<bx_end>."):
-        roi_node, box = session.locate(ct, "liver", sampling=SamplingOptions(max_new_tokens=40))
-    assert box.box == (0.1, 0.2, 0.3, 0.5, 0.6, 0.7)
+    # a box on the training grid (d in k/32, h and w in k/256), as the model gives them
+    with forced_answer(engine, " Coordinates are <bx_start>[0.125, 0.203, 0.297, 0.5, 0.594, 0.703]<bx_end>."):
+        roi_node, box = session.locate(ct, "liver", sampling=SamplingOptions(max_new_tokens=60))
+    assert box.box == (0.125, 0.203, 0.297, 0.5, 0.594, 0.703)
     assert roi_node.IsA("vtkMRMLMarkupsROINode") and roi_node.GetName() == "liver"
     np.testing.assert_allclose(scene.roi_from_node(roi_node).corners(), box.roi.corners(), atol=1e-6)
     assert roi_node.GetAttribute("M3D.task") == "rec" and roi_node.GetAttribute("M3D.convention") == "m3d-seg-v1@v1"

@@ -90,13 +90,14 @@ def test_every_spelling_finds_its_task_and_nothing_else():
 
 
 def test_conventions_come_from_the_registry():
-    assert {t.key: t.convention for t in tasks.TASKS.values()} == {
-        "report": "m3d-cap-v1", "ask": "m3d-cap-v1", "choose": "m3d-cap-v1", "locate": "m3d-seg-v1",
-        "describe_region": "m3d-seg-v1", "segment": "m3d-seg-v1", "segment_expression": "m3d-seg-v1",
-        "find_similar": DEFAULT_CONVENTION}
+    assert {t.key: (t.convention, t.window) for t in tasks.TASKS.values()} == {
+        "report": ("m3d-cap-v2", "display"), "ask": ("m3d-cap-v2", "display"), "choose": ("m3d-cap-v2", "display"),
+        "locate": ("m3d-seg-v1", "percentile"), "describe_region": ("m3d-seg-v1", "percentile"),
+        "segment": ("m3d-seg-v1", "percentile"), "segment_expression": ("m3d-refseg-v1", "volume-percentile"),
+        "find_similar": ("m3d-cap-v2", "percentile")}
     for task in tasks.TASKS.values():  # by any name, as the engine (key) and the export (training name) ask
         assert tasks.convention_for(task.key) == tasks.convention_for(task.training_name) == task.convention
-    assert tasks.convention_for("REFSEG") == "m3d-seg-v1"
+    assert tasks.convention_for("REFSEG") == "m3d-refseg-v1"
     assert tasks.convention_for(None) == tasks.convention_for("vqa") == DEFAULT_CONVENTION
 
 
@@ -332,7 +333,7 @@ def test_panel_reads_each_task_arguments_by_kind():
 # on M3DClient, AssistantSession and the Logic (and a button named Task.button in the .ui); the generic paths tested
 # here do not need them.
 NINTH = tasks.Task(
-    "count_lesions", "Count lesions", "count", ResultKind.TEXT, Output.ANSWER, "m3d-seg-v1",
+    "count_lesions", "Count lesions", "count", ResultKind.TEXT, Output.ANSWER, "m3d-seg-v1", "percentile",
     summary="Count the lesions of a structure", help="count the lesions of a structure",
     arguments=(tasks.Argument("target", ArgumentKind.TEXT),), prompt_hint="a structure (e.g. liver)",
     build_prompt=lambda target: f" How many lesions are in the {prompts._clean(target, 'the target')}?")

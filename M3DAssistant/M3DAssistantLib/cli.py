@@ -60,8 +60,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", default=None,
-                        help="intensity window: abdomen, lung, bone, brain, minmax, or CENTER,WIDTH in HU "
-                             "(default: the official percentile clipping)")
+                        help="intensity window for every task: abdomen, lung, bone, brain, minmax, percentile, "
+                             "volume-percentile, or CENTER,WIDTH in HU (default: each task as its training data -- "
+                             "report/VQA the DICOM WindowCenter/Width, else abdomen for CT; boxes and segmentation "
+                             "the M3D-Seg percentiles; referring segmentation the M3D-RefSeg percentiles)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -121,10 +123,12 @@ def _engine(args: argparse.Namespace, bar: "ProgressBar"):
 
 
 def _load_volume(engine, path: str, args: argparse.Namespace):
-    from .volume_io import read_volume
+    from .volume_io import read_volume, read_volume_metadata
 
     array, ijk_to_ras = read_volume(Path(path))
-    engine.set_volume(array, ijk_to_ras, window=_window(args.window))
+    meta = read_volume_metadata(Path(path))  # DICOM display window and modality: the report/VQA default window
+    engine.set_volume(array, ijk_to_ras, window=_window(args.window), display_window=meta.display_window,
+                      modality=meta.modality)
     return array, ijk_to_ras
 
 
@@ -375,6 +379,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    """Segmentation, boxes and a plane question on a CT with ground truth, scored; a JSON report and a table."""
+    from . import outputs
+    from .selfcheck import DEFAULT_STRUCTURES, Structure, format_report, run_selfcheck
+
+    structures = DEFAULT_STRUCTURES
+    if args.structures:
+        known = {s.name: s for s in DEFAULT_STRUCTURES}
+        structures = tuple(known.get(name, Structure(name, (name,))) for name in args.structures)
+    bar = ProgressBar(not args.quiet)
+    try:
+        engine = _engine(args, bar)
+        result = run_selfcheck(engine, volume=args.volume, labels=args.labels, label_names=args.label_names,
+                               structures=structures, conventions=args.conventions,
+                               max_new_tokens=args.max_new_tokens, progress=bar)
+    finally:
+        bar.close()
+    path = outputs.write_json(outputs.unique_path(Path(args.output)), result.to_dict())
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_report(result))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0 if result.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .batch import batch_task_forms
     parser = argparse.ArgumentParser(prog="m3d", description="M3D-LaMed 3D medical vision-language model. "
@@ -416,6 +443,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser("selfcheck", help="check this installation on a CT with ground truth: Dice, box IoU and a "
+                                         "plane question per convention (exit 1 when results look wrong)")
+    _add_model_args(p)
+    p.add_argument("--conventions", choices=["default", "all"], default="default",
+                   help="default: each task's own convention; all: every task under every convention")
+    p.add_argument("--volume", default=None, help="CT file or DICOM folder (default: the bundled TotalSegmentator CT)")
+    p.add_argument("--labels", default=None, help="label map on the volume's grid (with --volume)")
+    p.add_argument("--label-names", default=None, help='JSON {"1": "spleen", ...} naming the label values')
+    p.add_argument("--structures", nargs="+", default=None,
+                   help="targets to segment and locate (default: liver, spleen, right/left kidney, stomach, aorta)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--output", default="m3d-selfcheck.json", help="JSON report (a new name if it exists)")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_selfcheck)
 
     p = sub.add_parser("make-test-checkpoint",
                        help="write a random-weight checkpoint in the official layout (for offline tests)")

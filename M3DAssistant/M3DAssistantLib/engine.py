@@ -1,12 +1,15 @@
 """InferenceEngine: load M3D-LaMed once, encode a volume once, answer many prompts about it.
 
-What is reused per volume (keyed by the volume's content hash, the preprocessing parameters and the orientation
-convention of the task, within one engine = one model):
+Each task sees the volume as its training data showed it: the task's orientation convention
+(:attr:`~M3DAssistantLib.tasks.Task.convention`) and, unless the caller chose a window, its intensity scheme
+(:func:`~M3DAssistantLib.preprocessing.default_window`: the display window for report/VQA, percentiles for
+boxes and masks). What is reused per volume (keyed by the volume's content hash, the preprocessing parameters, and
+the task's orientation convention and intensity scheme, within one engine = one model):
 
 * the model input tensor and its :class:`~M3DAssistantLib.geometry.VolumeToModelMapping`,
 * the vision tower + projector output (the image tokens),
-* the key/value cache of the shared prefix (BOS + image tokens): every question starts from a *copy* of it, because
-  transformers' generation appends to the cache in place,
+* the key/value cache of the shared prefix (positions 0..N: the first token and the image features): every question
+  starts from a *copy* of it, because transformers' generation appends to the cache in place,
 * SegVol's image embedding (computed on the first segmentation).
 
 The official scripts recompute all of this for every question; ``caching=False`` does the same (for checks and the
@@ -38,6 +41,7 @@ from .geometry import RasRoi, VolumeToModelMapping, box_to_roi, logits_to_mask, 
 from .geometry import to_model_input, validate_volume
 from .model.hub import snapshot_revision
 from .oom import translate_out_of_memory
+from .preprocessing import DisplayWindow, IntensitySpec, default_window, resolve_window
 from .progress import ProgressCallback, report
 from .retrieval import volume_key  # one content hash for every cache (re-exported for the server)
 from .results import (
@@ -64,9 +68,11 @@ class VolumeHandle:
 
     key: str
     shape: tuple[int, int, int]
-    window: Any
+    window: Any  # the caller's choice for every task; None: each task's default (default_window)
     roi: Optional[RasRoi]
     slice_range: Optional[tuple[int, int]]
+    display_window: Optional[DisplayWindow] = None  # what the reader sees (Slicer W/L, DICOM WindowCenter/Width)
+    modality: Optional[str] = None  # DICOM Modality when known ("CT", "MR", ...)
 
 
 @dataclasses.dataclass
@@ -74,7 +80,18 @@ class _Volume:
     handle: VolumeHandle
     array: np.ndarray
     ijk_to_ras: np.ndarray
-    views: dict[str, "_View"] = dataclasses.field(default_factory=dict)  # by convention
+    views: dict[tuple[str, IntensitySpec], "_View"] = dataclasses.field(default_factory=dict)  # by (convention, window)
+    value_range: Optional[tuple[float, float]] = None  # min and max voxel, computed when a default window needs them
+
+    def window_for(self, task: Task) -> IntensitySpec:
+        """The caller's window, else the task's default for this volume."""
+        h = self.handle
+        if h.window is not None:
+            return resolve_window(h.window)
+        if self.value_range is None:
+            self.value_range = (float(self.array.min()), float(self.array.max()))
+        return default_window(task.window, display_window=h.display_window, modality=h.modality,
+                              value_range=self.value_range)
 
 
 @dataclasses.dataclass
@@ -84,7 +101,7 @@ class _View:
     images: torch.Tensor  # [1, 1, D, H, W], model dtype/device
     mapping: VolumeToModelMapping
     image_features: Optional[torch.Tensor] = None  # [1, N, hidden]
-    prefix_cache: Any = None  # transformers Cache over BOS + N image tokens
+    prefix_cache: Any = None  # transformers Cache over positions 0..N (first token + N image features)
     seg_embedding: Optional[torch.Tensor] = None
 
 
@@ -151,8 +168,8 @@ class InferenceEngine:
         device, dtype, revision: as :func:`M3DAssistantLib.model.load_model`.
         clip_model: hub id or folder of M3D-CLIP for :meth:`retrieve` (loaded on first use).
         caching: reuse image features, prefix KV cache and SegVol embedding across prompts (default True).
-        cache_prefix: with ``caching``, also reuse the KV cache of BOS + image tokens (default True; off only to
-            measure what it brings).
+        cache_prefix: with ``caching``, also reuse the KV cache of the first token + image features (default True;
+            off only to measure what it brings).
         max_volumes: how many volumes keep their cached features (least recently used are dropped).
         convention: force one orientation convention for every task (default: the task's own, see
             :attr:`.tasks.Task.convention`).
@@ -226,24 +243,35 @@ class InferenceEngine:
         roi: Optional[RasRoi] = None,
         slice_range: Optional[tuple[int, int]] = None,
         content_key: Optional[str] = None,
+        display_window: Union[DisplayWindow, tuple[float, float], None] = None,
+        modality: Optional[str] = None,
     ) -> VolumeHandle:
         """Make this volume the current one. Its model input and features are computed on first use and kept;
         setting the same content with the same window/ROI again reuses them (nothing is recomputed).
 
+        ``window``: one intensity scheme for every task (a preset, ``(center, width)``, ...), overriding the
+        per-task defaults; None (default) gives each task the scheme of its training data
+        (:func:`~M3DAssistantLib.preprocessing.default_window`). ``display_window``: the window the user sees the
+        volume in -- Slicer's window/level, or the DICOM WindowCenter/WindowWidth from
+        :func:`~M3DAssistantLib.volume_io.read_volume_metadata` -- which report and VQA then use; ``modality``: the
+        DICOM Modality when known (without it, CT is recognised by its values).
         ``content_key``: a caller that already hashed the volume (the server, per uploaded volume) passes
         :func:`volume_key` of it to skip hashing again."""
         array = validate_volume(array_kji)
         matrix = np.asarray(ijk_to_ras, dtype=np.float64)
+        if display_window is not None and not isinstance(display_window, DisplayWindow):
+            display_window = DisplayWindow(*display_window)
         roi_key = None if roi is None else (tuple(np.round(roi.center, 6)), tuple(np.round(roi.size, 6)),
                                             tuple(np.round(np.asarray(roi.axes).ravel(), 6)))
         content = content_key or volume_key(array, matrix)
-        params = repr((window, roi_key, slice_range))
+        params = repr((window, roi_key, slice_range, display_window, modality))
         key = hashlib.blake2b(f"{content}|{params}|{self.model_source}".encode(), digest_size=12).hexdigest()
         with self._lock:
             if key in self._volumes:
                 self._volumes.move_to_end(key)
             else:
-                handle = VolumeHandle(key, tuple(array.shape), window, roi, slice_range)  # type: ignore[arg-type]
+                handle = VolumeHandle(key, tuple(array.shape), window, roi, slice_range,  # type: ignore[arg-type]
+                                      display_window, modality)
                 self._volumes[key] = _Volume(handle, array, matrix)
                 while len(self._volumes) > self.max_volumes:
                     self._volumes.popitem(last=False)
@@ -266,18 +294,20 @@ class InferenceEngine:
     def _view(self, task: Union[Task, str]) -> _View:
         """The volume as the model sees it for ``task`` (a Task or any of its names: its convention)."""
         volume = self._volume()
-        convention = self.convention or (task if isinstance(task, Task) else get_task(task)).convention
-        view = volume.views.get(convention) if self.caching else None
+        task = task if isinstance(task, Task) else get_task(task)
+        convention = self.convention or task.convention
+        window = volume.window_for(task)
+        view = volume.views.get((convention, window)) if self.caching else None
         if view is None:
-            report(self.progress, "preprocess", None, f"resampling to {self.model_shape} ({convention})")
+            report(self.progress, "preprocess", None, f"resampling to {self.model_shape} ({convention}, {window.name})")
             h = volume.handle
-            tensor, mapping = to_model_input(volume.array, volume.ijk_to_ras, window=h.window, roi=h.roi,
+            tensor, mapping = to_model_input(volume.array, volume.ijk_to_ras, window=window, roi=h.roi,
                                              slice_range=h.slice_range, model_shape=self.model_shape,
                                              convention=convention)
             images = torch.from_numpy(tensor)[None].to(self.device, self.dtype)
             view = _View(images=images, mapping=mapping)
             if self.caching:
-                volume.views[convention] = view
+                volume.views[(convention, window)] = view
         return view
 
     # ------------------------------------------------------------------------------------------ model plumbing
@@ -431,9 +461,13 @@ class InferenceEngine:
 
     def describe_region(self, roi: RasRoi, *, sampling: Optional[SamplingOptions] = None,
                         on_text: Optional[TextCallback] = None) -> TextResult:
-        """Referring-expression generation: what is inside a box drawn in RAS (e.g. a Slicer ROI)."""
+        """Referring-expression generation: what is inside a box drawn in RAS (e.g. a Slicer ROI).
+
+        The ROI becomes the official box of the model voxels whose centres it holds (``roi_to_box(snap=True)``):
+        every training box lay on that grid (d in k/32, h and w in k/256), so a hand-drawn ROI is asked about in the
+        form the model learned; the prompt in the provenance shows the box sent."""
         with self._lock:
-            box = roi_to_box(roi, self._view(DESCRIBE_REGION).mapping)
+            box = roi_to_box(roi, self._view(DESCRIBE_REGION).mapping, snap=True)
         prompt = DESCRIBE_REGION.build_prompt(box)
         out, _, prov = self._run(DESCRIBE_REGION, prompt, sampling, on_text)
         return TextResult(out["text"], prov)

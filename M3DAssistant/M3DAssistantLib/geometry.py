@@ -44,6 +44,7 @@ from .errors import GeometryError, InputError
 from .preprocessing import (
     WINDOW_PRESETS,
     IntensityMapping,
+    IntensitySpec,
     WindowArg,
     intensity_mapping,
     resolve_window,
@@ -61,17 +62,24 @@ __all__ = [
     "VolumeToModelMapping",
     "box_to_model_bounds",
     "box_to_roi",
+    "PLANES",
+    "TaskPreprocessing",
     "canonical_axes",
+    "convention_directions",
     "format_box",
     "ijk_to_ras_inverse",
     "logits_to_mask",
     "mask_to_box",
     "mask_to_model",
+    "model_plane_for",
     "model_bounds_to_box",
     "model_mask_to_volume",
     "parse_box",
     "resolve_convention",
     "roi_to_box",
+    "slice_axis",
+    "slice_plane",
+    "task_preprocessing",
     "to_model_input",
     "validate_box",
     "validate_ijk_to_ras",
@@ -95,20 +103,45 @@ _DIRECTIONS = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S"
 
 @dataclasses.dataclass(frozen=True)
 class Convention:
-    """Where the model's axes point: ``directions[m]`` is the anatomical direction in which model axis m increases."""
+    """Where the model's axes point: ``directions[m]`` is the anatomical direction in which model axis m increases.
+
+    A *plane-native* convention (``plane_directions`` set) keeps the volume's own slice plane: D reads the slice axis
+    (:func:`slice_axis`) and ``plane_directions[plane]`` gives the directions for that plane (:func:`slice_plane`);
+    ``directions`` is then its axial entry. Evidence for every convention: ``docs/conventions.md``.
+    """
 
     name: str
     directions: tuple[str, str, str]
     description: str
+    plane_directions: Optional[dict[str, tuple[str, str, str]]] = None
 
+    @property
+    def plane_native(self) -> bool:
+        return self.plane_directions is not None
+
+
+PLANES = ("axial", "coronal", "sagittal")
+_PLANE_NORMAL_RAS_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS axis along the slice normal
 
 CONVENTIONS: dict[str, Convention] = {
     "m3d-cap-v1": Convention(
         "m3d-cap-v1",
         ("I", "P", "L"),
-        "Radiological display, axial slices (M3D-Cap, most of the training data: Radiopaedia slice stacks sorted by "
-        "file name, published top to bottom). D = slice axis from superior to inferior; each slice as on a "
-        "radiology screen: row 0 anterior, column 0 the patient's right.",
+        "Axial radiological display whatever the volume's own plane (the first M3D-Cap reading: Radiopaedia slice "
+        "stacks sorted by file name, published top to bottom). D = superior to inferior; each slice as on a "
+        "radiology screen: row 0 anterior, column 0 the patient's right. Kept for results made with it and as the "
+        "'axial' option.",
+    ),
+    "m3d-cap-v2": Convention(
+        "m3d-cap-v2",
+        ("I", "P", "L"),
+        "Plane-native radiological display (M3D-Cap / M3D-VQA: Radiopaedia stacks in the series' own plane). D reads "
+        "the volume's slice axis; each slice as a radiology screen shows that plane -- axial: rows anterior to "
+        "posterior, columns patient right to left, slices superior to inferior; coronal: rows superior to inferior, "
+        "columns patient right to left, slices posterior to anterior; sagittal: rows superior to inferior, columns "
+        "anterior to posterior, slices patient right to left (every plane the same handedness as the axial stack, "
+        "so the stack is a rotation, never a mirror image, of the axial one). Equals m3d-cap-v1 on axial volumes.",
+        plane_directions={"axial": ("I", "P", "L"), "coronal": ("A", "I", "L"), "sagittal": ("L", "I", "P")},
     ),
     "m3d-seg-v1": Convention(
         "m3d-seg-v1",
@@ -117,9 +150,26 @@ CONVENTIONS: dict[str, Convention] = {
         "LPS-stored): in-plane as radiological display, but D from inferior to superior. REC/REG boxes and "
         "segmentation masks were trained on this data.",
     ),
+    "m3d-refseg-v1": Convention(
+        "m3d-refseg-v1",
+        ("S", "R", "A"),
+        "M3D-RefSeg file order (m3d_refseg_data_prepare.py transposes the nibabel array (2, 0, 1) to (Z, X, Y); the "
+        "TotalSegmentator CTs it starts from are RAS-stored): D inferior to superior, rows patient left to right, "
+        "columns posterior to anterior -- in-plane axes swapped relative to M3D-Seg. Referring-expression "
+        "segmentation was trained on this data.",
+    ),
 }
-_CONVENTION_ALIASES = {"m3d-cap": "m3d-cap-v1", "m3d-seg": "m3d-seg-v1"}
+_CONVENTION_ALIASES = {
+    "m3d-cap": "m3d-cap-v1",
+    "m3d-seg": "m3d-seg-v1",
+    "m3d-refseg": "m3d-refseg-v1",
+    "axial": "m3d-cap-v1",
+    "plane-native": "m3d-cap-v2",
+}
 DEFAULT_CONVENTION = "m3d-cap-v1"
+"""What :func:`to_model_input` uses without ``convention=`` (unchanged since version 1); the engine uses the task's
+own (:attr:`M3DAssistantLib.tasks.Task.convention`)."""
+
 
 def resolve_convention(convention: Optional[str]) -> Convention:
     """Name (or alias, or None for the default) -> :class:`Convention`."""
@@ -131,6 +181,76 @@ def resolve_convention(convention: Optional[str]) -> Convention:
             f"(or the aliases {', '.join(_CONVENTION_ALIASES)})"
         )
     return CONVENTIONS[name]
+
+
+THICK_SLICE_RATIO = 1.5
+"""How much coarser than every other voxel axis an I or J axis must be to count as the slice axis instead of K."""
+
+
+def slice_axis(ijk_to_ras: Any) -> int:
+    """The voxel axis the slices are stacked along (0 = I, 1 = J, 2 = K): K, as DICOM series, NRRD and NIfTI files
+    store slices, unless another axis is clearly the thick one (spacing at least :data:`THICK_SLICE_RATIO` times
+    both others' -- e.g. a coronal acquisition reoriented to RAS storage), which is then the acquisition's slice
+    axis."""
+    m = validate_ijk_to_ras(ijk_to_ras)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    for axis in (0, 1):
+        others = [spacing[a] for a in range(3) if a != axis]
+        if spacing[axis] >= THICK_SLICE_RATIO * max(others):
+            return axis
+    return 2
+
+
+def slice_plane(ijk_to_ras: Any) -> str:
+    """The volume's own slice plane: 'axial', 'coronal' or 'sagittal', from the direction of :func:`slice_axis`
+    (the anatomical axis nearest to it; an oblique volume gets its nearest plane)."""
+    m = validate_ijk_to_ras(ijk_to_ras)
+    normal = np.abs(m[:3, slice_axis(m)])
+    return {0: "sagittal", 1: "coronal", 2: "axial"}[int(np.argmax(normal))]
+
+
+def model_plane_for(ijk_to_ras: Any, convention: Optional[str] = None) -> str:
+    """The plane of the slices the model is shown for this volume under ``convention``: the right answer to "which
+    plane is this image in?" for what the model sees (m3d-cap-v1 and the M3D-Seg/RefSeg conventions always show
+    axial slices; m3d-cap-v2 shows the volume's own plane)."""
+    directions = convention_directions(validate_ijk_to_ras(ijk_to_ras), resolve_convention(convention))
+    return {0: "sagittal", 1: "coronal", 2: "axial"}[_DIRECTIONS[directions[0]][0]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPreprocessing:
+    """How a task will see a volume, before anything runs: for a panel to show, and for the provenance to match."""
+
+    task: str
+    convention: str
+    volume_plane: str  # the volume's own slice plane (slice_plane)
+    model_plane: str  # the plane of the slices the model is shown
+    window: IntensitySpec
+
+    def describe(self) -> str:
+        """One line, e.g. ``m3d-cap-v2: coronal slices (the volume's own plane); window display (Slicer) 40/400``."""
+        own = " (the volume's own plane)" if self.model_plane == self.volume_plane else \
+            f" (the volume is {self.volume_plane})"
+        w = self.window
+        if w.scheme != "window":
+            window = w.name
+        elif w.name == "custom":
+            window = f"{w.center:g}/{w.width:g}"
+        else:
+            window = f"{w.name} {w.center:g}/{w.width:g}"
+        return f"{self.convention}: {self.model_plane} slices{own}; window {window}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "convention": self.convention, "volume_plane": self.volume_plane,
+                "model_plane": self.model_plane, "window": dataclasses.asdict(self.window)}
+
+
+def task_preprocessing(task: str, ijk_to_ras: Any, convention: str, window: IntensitySpec) -> TaskPreprocessing:
+    """How ``task`` sees this volume under ``convention`` and ``window`` (both already chosen: the task registry's
+    :meth:`~M3DAssistantLib.tasks.Task.preprocessing` picks the task's defaults). Cheap: no voxel is read."""
+    m = validate_ijk_to_ras(ijk_to_ras)
+    conv = resolve_convention(convention)
+    return TaskPreprocessing(task, conv.name, slice_plane(m), model_plane_for(m, conv.name), window)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -179,28 +299,46 @@ def ijk_to_ras_inverse(ijk_to_ras: np.ndarray) -> np.ndarray:
     return np.linalg.inv(ijk_to_ras)
 
 
-def nearest_ras_axes(ijk_to_ras: np.ndarray) -> tuple[int, int, int]:
+def nearest_ras_axes(ijk_to_ras: np.ndarray, fixed: Optional[tuple[int, int]] = None) -> tuple[int, int, int]:
     """For each RAS axis (R, A, S), the voxel axis (0 = I, 1 = J, 2 = K) closest to it.
 
     Maximises the summed |cos| over the 6 possible assignments, so that every voxel axis is used once even for
-    strongly oblique volumes; ties resolve to the first assignment (deterministic).
+    strongly oblique volumes; ties resolve to the first assignment (deterministic). ``fixed = (ras_axis,
+    voxel_axis)`` forces one pair (the slice axis of a plane-native convention) and assigns the other two.
     """
     unit = np.abs(ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0))
     best, best_score = None, -1.0
     for perm in itertools.permutations(range(3)):
+        if fixed is not None and perm[fixed[0]] != fixed[1]:
+            continue
         score = sum(unit[r, perm[r]] for r in range(3))
         if score > best_score + 1e-12:
             best, best_score = perm, score
     return tuple(best)  # type: ignore[return-value]
 
 
+def convention_directions(ijk_to_ras: np.ndarray, convention: Convention) -> tuple[str, str, str]:
+    """The directions of model axes (d, h, w) for this volume: fixed, or the slice plane's for a plane-native
+    convention."""
+    if not convention.plane_native:
+        return convention.directions
+    return convention.plane_directions[slice_plane(ijk_to_ras)]  # type: ignore[index]
+
+
 def canonical_axes(
     ijk_to_ras: np.ndarray, convention: Convention
 ) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
-    """For model axes (d, h, w): the array axis (0 = K, 1 = J, 2 = I) each one reads, and whether it runs backwards."""
-    ras_to_voxel = nearest_ras_axes(ijk_to_ras)
+    """For model axes (d, h, w): the array axis (0 = K, 1 = J, 2 = I) each one reads, and whether it runs backwards.
+
+    A plane-native convention reads the slice axis with D, even when the volume is oblique by more than 45 degrees
+    to its nearest plane; the other model axes take the remaining voxel axes nearest to their directions."""
+    directions = convention_directions(ijk_to_ras, convention)
+    fixed = None
+    if convention.plane_native:
+        fixed = (_DIRECTIONS[directions[0]][0], slice_axis(ijk_to_ras))
+    ras_to_voxel = nearest_ras_axes(ijk_to_ras, fixed)
     axes, flips = [], []
-    for letter in convention.directions:
+    for letter in directions:
         ras_axis, sign = _DIRECTIONS[letter]
         ijk_axis = ras_to_voxel[ras_axis]
         axes.append(2 - ijk_axis)  # array order is K, J, I
@@ -385,6 +523,12 @@ class VolumeToModelMapping:
     def intensity_mapping(self) -> IntensityMapping:
         return IntensityMapping.from_dict(self.intensity)
 
+    @property
+    def model_plane(self) -> str:
+        """The plane of the slices the model sees (its D axis as slice normal): 'axial', 'coronal' or 'sagittal'."""
+        d_axis = np.abs(self.model_to_ras[:3, 0])
+        return {0: "sagittal", 1: "coronal", 2: "axial"}[int(np.argmax(d_axis))]
+
     # -- serialisation ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -399,6 +543,7 @@ class VolumeToModelMapping:
             "model_flips": list(self.model_flips),
             "intensity": dict(self.intensity),
             "model_to_ras": self.model_to_ras.tolist(),  # redundant, for readers without this code
+            "model_plane": self.model_plane,  # redundant: the plane of the slices the model sees
         }
 
     def to_json(self) -> str:
@@ -651,7 +796,11 @@ def to_model_input(
     """Volume -> model tensor ``(1, D, H, W)`` float32 in [0, 1], and the exact mapping back.
 
     ``array_kji``: the voxels as ``slicer.util.arrayFromVolume`` gives them; ``ijk_to_ras``: the volume's 4x4 matrix.
-    ``window``: None (M3D-Seg percentiles), a preset of :data:`WINDOW_PRESETS`, ``"minmax"``, or ``(center, width)``.
+    ``window``: None (M3D-Seg percentiles), a preset of :data:`WINDOW_PRESETS`, ``"minmax"``, ``"volume-percentile"``
+    (M3D-RefSeg), ``(center, width)``, or an :class:`~M3DAssistantLib.preprocessing.IntensitySpec` /
+    ``DisplayWindow`` (what :func:`~M3DAssistantLib.preprocessing.default_window` gives for a task's window kind).
+    ``convention``: a name of :data:`CONVENTIONS` (default :data:`DEFAULT_CONVENTION`; the task's own is
+    :attr:`M3DAssistantLib.tasks.Task.convention`).
     ``roi``: crop to the voxels whose centres lie in this RAS box (its bounding box in voxel space when oblique).
     ``slice_range``: half-open ``(start, stop)`` range of K indices (array axis 0), Python-slice style.
     ``crop_foreground``: the official pipeline always does it; turn off to keep the whole region.
@@ -689,7 +838,7 @@ def to_model_input(
 
     view = array_kji[tuple(slice(s, e) for s, e in zip(start, stop))]
     vmin, vmax, proj_k, proj_ji = _region_extremes(view)
-    intensity = intensity_mapping(spec, vmin, vmax, view if spec.scheme == "percentile" else None)
+    intensity = intensity_mapping(spec, vmin, vmax, view if "percentile" in spec.scheme else None)
     low, high = intensity.low, intensity.high
 
     if crop_foreground:

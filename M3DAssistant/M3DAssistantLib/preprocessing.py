@@ -8,7 +8,15 @@ Every scheme ends the same way as the official data scripts (``Data/process/*.py
                 window. The author's advice for new CT (M3D issue #18): window to the target tissue, then min-max.
 ``percentile``  the M3D-Seg recipe (``m3d_seg_data_preprocess.py``): foreground = voxels above the mean, clip to its
                 0.05 and 99.95 percentiles. Works for CT and MR alike, so it is the default.
+``volume-percentile``  the M3D-RefSeg recipe (``m3d_refseg_data_prepare.py``: MONAI
+                ``ScaleIntensityRangePercentiles`` 0.5 / 99.5 with clipping): percentiles of *all* voxels.
 ``minmax``      no clipping at all, the plain min-max of ``m3d_seg_data_prepare.py``.
+
+Which scheme a task gets by default (:func:`default_window`) follows the data it was trained on: report and VQA
+(M3D-Cap / M3D-VQA, JPEGs in the window the uploader chose) the volume's *display* window -- Slicer's window/level,
+else the DICOM WindowCenter/WindowWidth, else the abdomen preset for CT; boxes and semantic segmentation (M3D-Seg)
+the foreground percentiles; referring segmentation (M3D-RefSeg) the whole-volume percentiles. Evidence:
+``docs/conventions.md``.
 
 As in the official scripts the final min-max uses the *data's* minimum and maximum after clipping, so ``low`` and
 ``high`` are the clipped data's extremes (a window wider than the data range shrinks to the data). Both are recorded
@@ -40,7 +48,12 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 SEG_PERCENTILES = (0.05, 99.95)
 """Foreground percentiles of the M3D-Seg preprocessing (SegVol recipe)."""
 
-WindowArg = Union[None, str, tuple[float, float]]
+REFSEG_PERCENTILES = (0.5, 99.5)
+"""Whole-volume percentiles of the M3D-RefSeg preprocessing."""
+
+CT_AIR_THRESHOLD = -500.0
+"""A volume whose minimum is at or below this is taken for CT in Hounsfield units (air is about -1000 HU; MR and
+other modalities have no such values) when no DICOM Modality says otherwise."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +64,31 @@ class IntensitySpec:
     name: str  # preset name, "custom" for a (centre, width) pair, or the scheme name
     center: Optional[float] = None
     width: Optional[float] = None
+
+
+WindowArg = Union[None, str, tuple[float, float], IntensitySpec]
+
+
+@dataclasses.dataclass(frozen=True)
+class DisplayWindow:
+    """The window a reader sees the volume in: ``center``/``width`` in the volume's values (HU for CT), and where it
+    comes from ("Slicer" for the display node's window/level, "DICOM" for WindowCenter/WindowWidth)."""
+
+    center: float
+    width: float
+    source: str = "display"
+
+    def __post_init__(self) -> None:
+        center, width = float(self.center), float(self.width)
+        if not (math.isfinite(center) and math.isfinite(width)) or width <= 0:
+            raise InputError(f"the display window (center {self.center}, width {self.width}) from {self.source} is "
+                             "invalid: it needs a finite center and a positive width")
+        object.__setattr__(self, "center", center)
+        object.__setattr__(self, "width", width)
+
+    @property
+    def spec(self) -> IntensitySpec:
+        return IntensitySpec("window", f"display ({self.source})", self.center, self.width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +134,22 @@ class IntensityMapping:
 
 def resolve_window(window: WindowArg) -> IntensitySpec:
     """Turn the user's ``window`` argument into a spec; reject anything ambiguous with a message that lists options."""
-    options = ", ".join([*WINDOW_PRESETS, "percentile", "minmax"])
+    options = ", ".join([*WINDOW_PRESETS, "percentile", "volume-percentile", "minmax"])
     if window is None:
         return IntensitySpec("percentile", "percentile")
+    if isinstance(window, IntensitySpec):
+        return window
+    if isinstance(window, DisplayWindow):
+        return window.spec
     if isinstance(window, str):
         key = window.strip().lower()
         if key in WINDOW_PRESETS:
             c, w = WINDOW_PRESETS[key]
             return IntensitySpec("window", key, c, w)
-        if key in ("percentile", "minmax"):
+        if key in ("percentile", "minmax", "volume-percentile"):
             return IntensitySpec(key, key)
+        if key == "refseg":
+            return IntensitySpec("volume-percentile", "volume-percentile")
         raise InputError(f"unknown intensity window {window!r}; use one of {options}, or a (center, width) pair in HU")
     try:
         center, width = (float(v) for v in window)
@@ -119,6 +163,22 @@ def resolve_window(window: WindowArg) -> IntensitySpec:
             f"e.g. (40, 350) for soft tissue"
         )
     return IntensitySpec("window", "custom", center, width)
+
+
+def volume_percentile_bounds(
+    values: np.ndarray, percentiles: tuple[float, float] = REFSEG_PERCENTILES, *, direct_below: int = 1 << 20
+) -> tuple[float, float]:
+    """M3D-RefSeg clip range: percentiles of all voxels, exactly ``np.percentile(values, percentiles)`` (what MONAI's
+    ``ScaleIntensityRangePercentiles`` computes), without sorting or copying a large volume (see
+    :func:`percentile_bounds`)."""
+    values = np.asarray(values)
+    result = None
+    if values.size >= direct_below and values.ndim == 3:
+        result = _tail_percentiles(values, None, percentiles)
+    if result is None:
+        lo, hi = np.percentile(values, percentiles)
+        result = float(lo), float(hi)
+    return result
 
 
 def percentile_bounds(
@@ -151,18 +211,19 @@ def percentile_bounds(
 
 
 def _tail_percentiles(values: np.ndarray, threshold, percentiles: tuple[float, float]) -> Optional[tuple[float, float]]:
-    """The fast path of :func:`percentile_bounds`; None when the sampled guess does not bracket the ranks."""
+    """The fast path of :func:`percentile_bounds` (``threshold=None``: over all voxels, for
+    :func:`volume_percentile_bounds`); None when the sampled guess does not bracket the ranks."""
     q = np.true_divide(np.asarray(percentiles, dtype=np.float64), 100)
     step = max(1, round((values.size / 250_000) ** (1 / 3)))
     sample = values[::step, ::step, ::step]
-    sample = np.sort(sample[sample > threshold], axis=None)
+    sample = np.sort(sample if threshold is None else sample[sample > threshold], axis=None)
     if sample.size < 1000:
         return None
     # Sample positions a generous margin (about 8 standard deviations of the estimate) beyond the wanted ranks.
     margin = 8 * np.sqrt(max(q[0], 1 - q[1], 1e-6) * sample.size) + 8
     t_lo = sample[min(sample.size - 1, int(q[0] * sample.size + margin))]
     t_hi = sample[max(0, int(q[1] * sample.size - margin))]
-    if not (t_lo > threshold and t_hi > threshold):
+    if threshold is not None and not (t_lo > threshold and t_hi > threshold):
         return None
     n, low_parts, high_parts = 0, [], []
     rows = max(1, (1 << 21) // max(1, values[0].size))
@@ -171,12 +232,17 @@ def _tail_percentiles(values: np.ndarray, threshold, percentiles: tuple[float, f
     for s in range(0, values.shape[0], rows):
         x = values[s:s + rows]
         a, b = above[: x.shape[0]], select[: x.shape[0]]
-        np.greater(x, threshold, out=a)
+        if threshold is None:
+            a.fill(True)
+        else:
+            np.greater(x, threshold, out=a)
         n += int(np.count_nonzero(a))
         np.less_equal(x, t_lo, out=b)
         b &= a
         low_parts.append(x[b])
         np.greater_equal(x, t_hi, out=b)  # t_hi > threshold, so these are foreground
+        if threshold is None:
+            b &= a
         high_parts.append(x[b])
     low_tail, high_tail = np.concatenate(low_parts), np.concatenate(high_parts)
     virtual = (n - 1) * q
@@ -247,7 +313,81 @@ def intensity_mapping(
                 f"explicit window, e.g. window=(center, width), or window='minmax'"
             )
         return IntensityMapping("percentile", "percentile", low, high, percentiles=SEG_PERCENTILES)
+    if spec.scheme == "volume-percentile":
+        if not data_max > data_min:
+            raise _constant_error(data_min)
+        if values is None:
+            raise ValueError("volume-percentile scheme needs the voxel values")
+        low, high = volume_percentile_bounds(values)
+        if not high > low:
+            raise InputError(
+                f"99 % of the volume has one value ({low:g}), so the M3D-RefSeg percentile window is empty; crop to "
+                f"the body with an ROI or pass an explicit window, e.g. window=(center, width), or window='minmax'"
+            )
+        return IntensityMapping("volume-percentile", spec.name, low, high, percentiles=REFSEG_PERCENTILES)
     raise ValueError(f"unknown scheme {spec.scheme}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-task defaults
+# ----------------------------------------------------------------------------------------------------------------------
+
+DISPLAY_WINDOW = "display"
+"""Window kind of report / VQA (M3D-Cap, M3D-VQA: Radiopaedia JPEGs in the uploader's display window)."""
+SEG_PERCENTILES_WINDOW = "percentile"
+"""Window kind of boxes and semantic segmentation (M3D-Seg: foreground 0.05 / 99.95 percentiles)."""
+VOLUME_PERCENTILES_WINDOW = "volume-percentile"
+"""Window kind of referring-expression segmentation (M3D-RefSeg: whole-volume 0.5 / 99.5 percentiles)."""
+WINDOW_KINDS = (DISPLAY_WINDOW, SEG_PERCENTILES_WINDOW, VOLUME_PERCENTILES_WINDOW)
+"""What a task's training data looked like (each task's kind is in the task registry, ``Task.window``; evidence:
+docs/conventions.md)."""
+
+
+def is_ct(modality: Optional[str], value_min: Optional[float]) -> bool:
+    """CT by the DICOM Modality when known, else by values (air at or below :data:`CT_AIR_THRESHOLD`)."""
+    if modality:
+        return modality.strip().upper() == "CT"
+    return value_min is not None and value_min <= CT_AIR_THRESHOLD
+
+
+def default_window(
+    kind: str,
+    *,
+    display_window: Optional[DisplayWindow] = None,
+    modality: Optional[str] = None,
+    value_range: Optional[tuple[float, float]] = None,
+) -> IntensitySpec:
+    """The intensity scheme a task of window ``kind`` (:data:`WINDOW_KINDS`; the task registry's ``Task.window``)
+    gets when the user chose none: the one of its training data.
+
+    :data:`DISPLAY_WINDOW` (report / VQA): ``display_window`` (Slicer's window/level of the volume, or the DICOM WindowCenter/WindowWidth
+    that :func:`M3DAssistantLib.volume_io.read_volume_metadata` reads), else for CT (``modality``, or the values in
+    ``value_range``) the abdomen preset (soft tissue), else -- MR and the like, which have no standard window -- the
+    M3D-Seg percentiles. A display window that misses ``value_range`` entirely is skipped the same way.
+    :data:`SEG_PERCENTILES_WINDOW` (boxes and segmentation): the M3D-Seg percentiles;
+    :data:`VOLUME_PERCENTILES_WINDOW` (referring segmentation): the M3D-RefSeg percentiles.
+    The returned spec's ``name`` says which it is (``display (DICOM)``, ``abdomen``, ``percentile``...), and is
+    recorded in every result's provenance.
+    """
+    if kind not in WINDOW_KINDS:
+        raise ValueError(f"unknown window kind {kind!r}; one of {', '.join(WINDOW_KINDS)}")
+    if kind == VOLUME_PERCENTILES_WINDOW:
+        return IntensitySpec("volume-percentile", "volume-percentile")
+    if kind == DISPLAY_WINDOW:
+        if display_window is not None and _overlaps(display_window.spec, value_range):
+            return display_window.spec
+        if is_ct(modality, None if value_range is None else value_range[0]):
+            spec = resolve_window("abdomen")
+            if _overlaps(spec, value_range):
+                return spec
+    return IntensitySpec("percentile", "percentile")
+
+
+def _overlaps(spec: IntensitySpec, value_range: Optional[tuple[float, float]]) -> bool:
+    if value_range is None:
+        return True
+    lo, hi = spec.center - spec.width / 2.0, spec.center + spec.width / 2.0
+    return min(hi, value_range[1]) > max(lo, value_range[0])
 
 
 def _constant_error(value: float) -> InputError:

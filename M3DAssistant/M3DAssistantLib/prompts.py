@@ -1,7 +1,9 @@
 """Prompts for the eight tasks, in the wording and spacing the released models were trained on, and answer parsers.
 
-Spacing rules of the official datasets (m3d-official.md section 3.2): the caption prompt follows the image tokens
-directly; every other task puts one space between the image tokens and the question. No chat template.
+Every question is a template the released models were trained with (``LaMed/src/dataset/prompt_templates.py``:
+caption line 17, REC lines 53 and 71, REG line 211, segmentation lines 341 and 367). Spacing as the official
+datasets (``multi_dataset.py``): the caption prompt follows the image tokens directly; every other task puts one
+space between the image tokens and the question. No chat template.
 
 Parsers never raise on a malformed answer: they return what they found and a ``parse_error`` naming the problem, so
 the caller can show the raw text (never a made-up box or choice).
@@ -98,9 +100,11 @@ def describe_region_prompt(box: Box) -> str:
 
 
 def segment_prompt(target: str) -> str:
-    """Semantic segmentation of a named structure."""
+    """Semantic segmentation of a named structure, in the wording of a training template (``Seg_templates``
+    ``cls_questions``, ``LaMed/src/dataset/prompt_templates.py:341``), not the README's "Please output the
+    segmentation mask." which no training sample used."""
     target = _clean(target, "the target")
-    return f" What is {target} in this image? Please output the segmentation mask."
+    return f" What is {target} in this image? Please respond with segmentation mask."
 
 
 def segment_expression_prompt(expression: str) -> str:

@@ -36,7 +36,9 @@ from typing import Any, Callable, Optional
 
 from . import prompts
 from .errors import InputError
-from .geometry import DEFAULT_CONVENTION
+from .geometry import DEFAULT_CONVENTION, TaskPreprocessing, task_preprocessing
+from .preprocessing import (DISPLAY_WINDOW, SEG_PERCENTILES_WINDOW, VOLUME_PERCENTILES_WINDOW, WINDOW_KINDS,
+                            DisplayWindow, WindowArg, default_window, resolve_window)
 from .results import BoxResult, ChoiceResult, RetrievalResult, SegmentationResult, TextResult
 
 
@@ -130,6 +132,7 @@ class Task:
     result: ResultKind
     output: Output
     convention: str  # the default orientation convention of its volume input (geometry.CONVENTIONS)
+    window: str  # the default intensity window kind (preprocessing.WINDOW_KINDS): what its training data looked like
     summary: Optional[str]  # one line: the HTTP route's summary (None: no route of its own)
     help: str  # one line: the CLI subcommand's help
     arguments: tuple[Argument, ...] = ()
@@ -145,6 +148,8 @@ class Task:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z]+(_[a-z]+)*", self.key):
             raise ValueError(f"task key {self.key!r} must be snake_case")
+        if self.window not in WINDOW_KINDS:
+            raise ValueError(f"task {self.key!r}: window kind {self.window!r} is not one of {', '.join(WINDOW_KINDS)}")
         if self.engine_method is None:
             object.__setattr__(self, "engine_method", self.key)
         if self.cli_command is None and self.streams:
@@ -171,53 +176,77 @@ class Task:
         """Whether the model's segmentation module runs (the answer carries a mask)."""
         return self.result is ResultKind.SEGMENTATION
 
+    def preprocessing(
+        self,
+        ijk_to_ras: Any,
+        *,
+        convention: Optional[str] = None,
+        window: WindowArg = None,
+        display_window: Optional[DisplayWindow] = None,
+        modality: Optional[str] = None,
+        value_range: Optional[tuple[float, float]] = None,
+    ) -> TaskPreprocessing:
+        """How the engine will show this volume to the model for this task, before anything runs (for a panel to
+        show; results' provenance records what ran): ``convention`` or the task's own, ``window`` or the task's
+        default (:func:`~.preprocessing.default_window`: ``display_window`` is the window the user sees, Slicer's
+        window/level or the DICOM one; ``value_range`` = (min, max) of the voxels for the CT test)."""
+        spec = resolve_window(window) if window is not None else default_window(
+            self.window, display_window=display_window, modality=modality, value_range=value_range)
+        return task_preprocessing(self.key, ijk_to_ras, convention or self.convention, spec)
+
     def takes(self, kind: ArgumentKind) -> Optional[Argument]:
         """The argument of this kind, if the task takes one."""
         return next((a for a in self.arguments if a.kind is kind), None)
 
 
-_CAP, _SEG = "m3d-cap-v1", "m3d-seg-v1"  # report and VQA come from M3D-Cap / M3D-VQA; boxes and masks from M3D-Seg
+# Each task sees the volume as its training data did (evidence: docs/conventions.md): report and VQA come from
+# M3D-Cap / M3D-VQA (slice stacks in their own plane, JPEGs in a display window), boxes and masks from M3D-Seg,
+# referring segmentation from M3D-RefSeg.
+_CAP = ("m3d-cap-v2", DISPLAY_WINDOW)
+_SEG = ("m3d-seg-v1", SEG_PERCENTILES_WINDOW)
+_REFSEG = ("m3d-refseg-v1", VOLUME_PERCENTILES_WINDOW)
 _TEXT = ArgumentKind.TEXT
 
 REPORT = Task(
-    "report", "Report", "report", ResultKind.TEXT, Output.TEXT_NODE, _CAP,
+    "report", "Report", "report", ResultKind.TEXT, Output.TEXT_NODE, *_CAP,
     summary="Report generation", help="write a findings report",
     build_prompt=prompts.report_prompt)
 ASK = Task(
-    "ask", "Ask", "vqa_open", ResultKind.TEXT, Output.ANSWER, _CAP,
+    "ask", "Ask", "vqa_open", ResultKind.TEXT, Output.ANSWER, *_CAP,
     summary="Open question (VQA)", help="answer an open question",
     arguments=(Argument("question", _TEXT),
                Argument("history", ArgumentKind.HISTORY, "earlier [question, answer] turns (experimental)")),
     prompt_hint="a question", build_prompt=prompts.question_prompt)
 CHOOSE = Task(
-    "choose", "Multiple choice", "vqa_closed", ResultKind.CHOICE, Output.ANSWER, _CAP,
+    "choose", "Multiple choice", "vqa_closed", ResultKind.CHOICE, Output.ANSWER, *_CAP,
     summary="Multiple choice (closed VQA)", help="answer a multiple-choice question",
     arguments=(Argument("question", _TEXT), Argument("choices", ArgumentKind.CHOICES)),
     prompt_hint="a question", build_prompt=prompts.choice_prompt, parse_answer=prompts.parse_choice_answer)
 LOCATE = Task(
-    "locate", "Locate", "rec", ResultKind.BOX, Output.ROI_NODE, _SEG,
+    "locate", "Locate", "rec", ResultKind.BOX, Output.ROI_NODE, *_SEG,
     summary="Box for a target or description (REC)", help="find a target: 3D box (-o ROI.mrk.json)",
     arguments=(Argument("expression", _TEXT),),
     prompt_hint="what to find (e.g. liver)", build_prompt=prompts.locate_prompt, parse_answer=prompts.parse_box_answer)
 DESCRIBE_REGION = Task(
-    "describe_region", "Describe ROI", "reg", ResultKind.TEXT, Output.ANSWER, _SEG,
+    "describe_region", "Describe ROI", "reg", ResultKind.TEXT, Output.ANSWER, *_SEG,
     summary="Describe an RAS box (REG)", help="say what is inside a box (--roi ROI.mrk.json)",
     arguments=(Argument("roi", ArgumentKind.REGION, "the RAS box to describe", wire_name="region"),),
     build_prompt=prompts.describe_region_prompt, cli_command="describe")
 SEGMENT = Task(
-    "segment", "Segment", "seg", ResultKind.SEGMENTATION, Output.SEGMENT, _SEG,
+    "segment", "Segment", "seg", ResultKind.SEGMENTATION, Output.SEGMENT, *_SEG,
     summary="Segment a named structure", help="segment a named structure (-o NAME.seg.nrrd)",
     arguments=(Argument("target", _TEXT),),
     prompt_hint="a structure (e.g. liver)", build_prompt=prompts.segment_prompt,
     parse_answer=prompts.parse_segmentation_answer)
 SEGMENT_EXPRESSION = Task(
-    "segment_expression", "Segment by description", "refseg", ResultKind.SEGMENTATION, Output.SEGMENT, _SEG,
+    "segment_expression", "Segment by description", "refseg", ResultKind.SEGMENTATION, Output.SEGMENT, *_REFSEG,
     summary="Segment a description", help="segment what a description refers to (-o NAME.seg.nrrd)",
     arguments=(Argument("expression", _TEXT),),
     prompt_hint="a description (e.g. the lesion in the right lobe)",
     build_prompt=prompts.segment_expression_prompt, parse_answer=prompts.parse_segmentation_answer)
 FIND_SIMILAR = Task(
-    "find_similar", "Find similar", "retrieval", ResultKind.RETRIEVAL, Output.RANKING, DEFAULT_CONVENTION,
+    "find_similar", "Find similar", "retrieval", ResultKind.RETRIEVAL, Output.RANKING, "m3d-cap-v2",
+    SEG_PERCENTILES_WINDOW,
     summary=None, help="M3D-CLIP: rank texts for a volume, or volumes for a text",
     arguments=(Argument("candidates", ArgumentKind.CANDIDATES), Argument("query", _TEXT)),
     prompt_hint="a text to rank the loaded volumes by", streams=False, in_datasets=False, on_volume=False,

@@ -6,11 +6,16 @@ matrix here is RAS like Slicer's. Positions agree with Slicer voxel for voxel. T
 Slicer's by an axis flip for some NIfTI headers (qform_code 0 with qfac -1): Slicer then flips K and its matrix,
 keeping every voxel's RAS position. Always go through the matrix, never through raw indices.
 
+:func:`read_volume_metadata` reads what the headers say about how the volume is meant to be seen: the DICOM
+Modality and WindowCenter/WindowWidth (the display window report and VQA default to, see
+:func:`M3DAssistantLib.preprocessing.default_window`).
+
 Used by the CLI and the worker when they get a path instead of a Slicer node. Needs SimpleITK (imported lazily).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -19,6 +24,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .errors import InputError
+from .preprocessing import DisplayWindow
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,73 @@ def read_volume(path: Union[str, os.PathLike], *, series_uid: Optional[str] = No
         raise InputError(f"no volume at {p}: the file or folder does not exist; check the path")
     image = _read_dicom_folder(p, series_uid) if p.is_dir() else _read_file(p)
     return _image_to_slicer(image)
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeMetadata:
+    """What a volume's headers say about viewing it. Everything is None where the format does not say (NIfTI, NRRD,
+    MetaImage carry neither a modality nor a display window)."""
+
+    modality: Optional[str] = None  # DICOM (0008,0060), e.g. "CT", "MR"
+    display_window: Optional[DisplayWindow] = None  # DICOM WindowCenter/WindowWidth, the first pair if several
+
+
+def read_volume_metadata(path: Union[str, os.PathLike], *, series_uid: Optional[str] = None) -> VolumeMetadata:
+    """Modality and display window from the headers of a DICOM series folder or file (headers only, no voxels).
+
+    A multi-valued WindowCenter/WindowWidth (several windows offered by the scanner) gives its first pair, the one
+    viewers show first. The values are in the rescaled units :func:`read_volume` returns (HU for CT), as DICOM
+    defines them. Volume files other than DICOM give an empty record; an unreadable or absent path is an InputError
+    as in :func:`read_volume`.
+    """
+    import SimpleITK as sitk
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no volume at {p}: the file or folder does not exist; check the path")
+    if p.is_dir():
+        first = _series_files(p, series_uid)[0]
+    elif p.suffix.lower() in (".dcm", ".ima", "") or _is_dicom_file(p):
+        first = str(p)
+    else:
+        return VolumeMetadata()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(first)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return VolumeMetadata()
+
+    def tag(key: str) -> Optional[str]:
+        return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else None
+
+    modality = tag("0008|0060") or None
+    window = None
+    center, width = _first_value(tag("0028|1050")), _first_value(tag("0028|1051"))
+    if center is not None and width is not None and width > 0:
+        window = DisplayWindow(center, width, "DICOM")
+    elif center is not None or width is not None:
+        log.warning("%s: DICOM window center %s / width %s is incomplete or invalid; not used", first, center, width)
+    return VolumeMetadata(modality=modality, display_window=window)
+
+
+def _first_value(text: Optional[str]) -> Optional[float]:
+    """The first of a DICOM multi-value ("40\\300"), as a float; None if absent or not a number."""
+    if not text:
+        return None
+    try:
+        value = float(text.split("\\")[0])
+    except ValueError:
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _is_dicom_file(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
 
 
 def _image_to_slicer(image) -> tuple[np.ndarray, np.ndarray]:
@@ -149,29 +222,7 @@ def _read_file(p: Path):
 def _read_dicom_folder(folder: Path, series_uid: Optional[str]):
     import SimpleITK as sitk
 
-    try:
-        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError as exc:
-        raise InputError(f"cannot scan {folder} for DICOM files (ITK: {_first_line(exc)})") from None
-    if not ids:
-        raise InputError(
-            f"no DICOM series found in {folder}; give the folder that holds the slice files, or a volume file "
-            f"(NIfTI, NRRD)"
-        )
-    if series_uid is not None:
-        if series_uid not in ids:
-            raise InputError(f"series {series_uid!r} is not in {folder}; it holds: {', '.join(map(repr, ids))}")
-        uid = series_uid
-    elif len(ids) > 1:
-        counts = [f"{u!r} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), u))} files)" for u in ids]
-        raise InputError(
-            f"{folder} holds {len(ids)} DICOM series: {', '.join(counts)}; pass series_uid=... to pick one"
-        )
-    else:
-        uid = ids[0]
-    # GDCM sorts the files along the slice normal by ImagePositionPatient; this works even when, as in some
-    # anonymised data, the series UIDs are empty.
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    files = _series_files(folder, series_uid)
     if len(files) == 1:
         return _read_file(Path(files[0]))  # a multi-frame (enhanced) DICOM, or a single slice (rejected there)
     head = sitk.ImageFileReader()
@@ -198,6 +249,35 @@ def _read_dicom_folder(folder: Path, series_uid: Optional[str]):
         ) from None
     _check_slice_positions(reader, len(files), folder)
     return image
+
+
+def _series_files(folder: Path, series_uid: Optional[str]) -> list[str]:
+    """The files of the one series in ``folder`` (or of ``series_uid``), sorted along the slice normal."""
+    import SimpleITK as sitk
+
+    try:
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as exc:
+        raise InputError(f"cannot scan {folder} for DICOM files (ITK: {_first_line(exc)})") from None
+    if not ids:
+        raise InputError(
+            f"no DICOM series found in {folder}; give the folder that holds the slice files, or a volume file "
+            f"(NIfTI, NRRD)"
+        )
+    if series_uid is not None:
+        if series_uid not in ids:
+            raise InputError(f"series {series_uid!r} is not in {folder}; it holds: {', '.join(map(repr, ids))}")
+        uid = series_uid
+    elif len(ids) > 1:
+        counts = [f"{u!r} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), u))} files)" for u in ids]
+        raise InputError(
+            f"{folder} holds {len(ids)} DICOM series: {', '.join(counts)}; pass series_uid=... to pick one"
+        )
+    else:
+        uid = ids[0]
+    # GDCM sorts the files along the slice normal by ImagePositionPatient; this works even when, as in some
+    # anonymised data, the series UIDs are empty.
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
 
 
 def _check_slice_positions(reader, n: int, folder: Path) -> None:

@@ -17,9 +17,10 @@ refseg         `` <expression> Please answer and segment.``          ``The targe
                                                                      mask is [SEG].`` (or the annotated answer)
 =============  ====================================================  ==============================================
 
-A sequence is ``BOS + <im_patch> * N + prompt + " " + answer + EOS`` (the official ``question + ' ' + answer``),
-at most ``max_length`` tokens (longer ones are cut and lose the EOS, as in the official datasets); ``labels`` are
--100 on BOS, image tokens, prompt and padding, and the token ids on the answer and EOS.
+A sequence is the tokenizer's ids of ``<im_patch> * N + prompt + " " + answer`` (the official ``question + ' ' +
+answer``, with a BOS in front only where the tokenizer adds one, exactly as :func:`encode_prompt` at inference),
+then EOS; at most ``max_length`` tokens (longer ones are cut and lose the EOS, as in the official datasets);
+``labels`` are -100 on the prompt (BOS, image tokens, question) and padding, and the token ids on the answer and EOS.
 
 Augmentation (training split only, as the official datasets; MONAI transforms with the official parameters):
 RandRotate90 in the H-W plane (p 0.5), RandFlip on D, H and W (p 0.1 each), applied to image and mask together;
@@ -336,8 +337,8 @@ class M3DDataset(torch.utils.data.Dataset):
         return prompt_ids, full_ids
 
     def encode(self, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(input_ids, labels)`` of ``BOS + image tokens + question + " " + answer + EOS``; labels -100 on the
-        prompt. Cut to ``max_length`` (without EOS then), as the official datasets."""
+        """``(input_ids, labels)`` of ``image tokens + question + " " + answer + EOS`` (after a BOS where the tokenizer
+        adds one); labels -100 on the prompt. Cut to ``max_length`` (without EOS then), as the official datasets."""
         prompt_ids, full_ids = self._token_ids(question, answer)
         ids = full_ids + [int(self.tokenizer.m3d_special_tokens.eos)]
         ids = ids[: self.max_length]

@@ -75,6 +75,7 @@ def inspect_checkpoint(source: Union[str, Path], compare_with_model: bool = True
     """
     from .configuration_lamed import parse_multimodal_config, read_config_json
     from .hub import resolve_checkpoint
+    from .tokenizer import describe_bos
 
     folder = resolve_checkpoint(source, metadata_only=True)
     raw = read_config_json(folder)
@@ -110,6 +111,9 @@ def inspect_checkpoint(source: Union[str, Path], compare_with_model: bool = True
     )
     tokens = _token_ids(folder)
     report["tokens"] = tokens
+    add_bos = tokens.get("add_bos_token")
+    add_bos = True if add_bos is None else bool(add_bos)  # the LlamaTokenizer default
+    report["add_bos_token"] = f"{str(add_bos).lower()}: {describe_bos(add_bos)}"
     absent = [t for t in _M3D_TOKENS if t not in tokens]
     if absent:
         problems.append(f"tokenizer files lack {', '.join(absent)}")
@@ -159,7 +163,7 @@ def format_report(report: dict[str, Any]) -> str:
     """Human-readable lines for the CLI."""
     lines = [f"{'checkpoint':14} {report['folder']}"]
     for key in ("variant", "model_type", "weights", "stored_dtypes", "parameters", "llm", "vision", "segmentation",
-                "seg_token_id", "tokens"):
+                "seg_token_id", "tokens", "add_bos_token"):
         if key in report:
             value = report[key]
             if key == "parameters":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -79,7 +79,9 @@ def load_model(
 
     Returns:
         ``(model, tokenizer)``; ``model.lamed_config`` is the parsed config, ``tokenizer.m3d_special_tokens`` the
-        verified token ids, ``model.checkpoint_path`` the local folder.
+        verified token ids, ``model.checkpoint_path`` the local folder, ``model.generation_config`` the checkpoint's
+        generation defaults (``generation_config.json`` when present: its EOS list stops generation as in the
+        official code; see :func:`checkpoint_generation_config`).
     """
     from .modeling_lamed import build_lamed_model
     from .tokenizer import load_tokenizer
@@ -97,10 +99,54 @@ def load_model(
     model.eval().requires_grad_(False)
     model.checkpoint_path = folder
     model.source = str(source or os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
-    model.generation_config.pad_token_id = tokenizer.m3d_special_tokens.pad
-    model.generation_config.eos_token_id = tokenizer.m3d_special_tokens.eos
+    model.generation_config, model.generation_config_source = checkpoint_generation_config(
+        folder, tokenizer.m3d_special_tokens, config.text_config.vocab_size
+    )
     report(progress, "load", 1.0, "model ready")
     return model, tokenizer
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def checkpoint_generation_config(folder: Path, special: Any, vocab_size: int) -> tuple[Any, Optional[str]]:
+    """``(GenerationConfig, path of the file or None)``: the generation defaults transformers' ``from_pretrained``
+    would give the official code for this checkpoint.
+
+    ``generation_config.json`` when the checkpoint has one, used whole: its ``eos_token_id`` list (Phi-3's names
+    ``<|end|>`` and ``<|assistant|>`` beside ``<|endoftext|>``, so the model stops where the official one stops)
+    and any other field that changes outputs (e.g. ``repetition_penalty``). Fields it leaves unset fall back to the
+    tokenizer's EOS and pad token. Options passed to ``generate`` (our
+    :class:`~M3DAssistantLib.results.SamplingOptions`) still override it, as they do in transformers. Without the
+    file: EOS and pad from the tokenizer.
+    """
+    from transformers import GenerationConfig
+
+    path = Path(folder) / GENERATION_CONFIG
+    if path.is_file():
+        try:
+            generation_config = GenerationConfig.from_pretrained(str(folder))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: cannot be read ({e}); re-download it or delete it to use the tokenizer's "
+                              "EOS.") from e
+        source = str(path)
+    else:
+        generation_config = GenerationConfig()
+        source = None
+    if generation_config.eos_token_id is None:
+        generation_config.eos_token_id = special.eos
+    if generation_config.pad_token_id is None:
+        generation_config.pad_token_id = special.pad
+    eos = generation_config.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    bad = [t for t in eos_ids + [generation_config.pad_token_id]
+           if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise ConfigError(
+            f"{path}: token id(s) {bad} are not in the model's vocabulary of {vocab_size}; this generation config "
+            "belongs to another model -- re-download the checkpoint or delete the file."
+        )
+    return generation_config, source
 
 
 def load_clip(

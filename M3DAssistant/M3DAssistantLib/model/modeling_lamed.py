@@ -7,8 +7,9 @@ The language model is transformers' own ``Phi3ForCausalLM`` / ``LlamaForCausalLM
 * ``model.mm_projector``: patch features -> ``N`` image tokens of LLM width (:mod:`.projector`),
 * ``model.seg_projector`` and ``model.seg_module``: [SEG] hidden state -> SegVol prompt -> mask logits (:mod:`.segvol`).
 
-Image tokens replace sequence positions ``1..N`` *by position*, exactly as the official code does; position 0 is the
-BOS token. The prompt builder in :mod:`.tokenizer` guarantees the BOS.
+Image tokens replace sequence positions ``1..N`` *by position*, exactly as the official code does; position 0 keeps
+its token (BOS when the checkpoint's tokenizer adds one, else the first ``<im_patch>``, whose last image feature then
+covers the first question token -- as in training). Prompts come from :func:`.tokenizer.encode_prompt`.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ class LamedMixin:
         n = image_features.shape[1]
         if input_ids.shape[1] < n + 1:
             raise InputError(
-                f"input_ids has {input_ids.shape[1]} positions but the image needs 1 + {n} (BOS + image tokens); "
-                "build prompts with M3DAssistantLib.model.tokenizer.encode_prompt."
+                f"input_ids has {input_ids.shape[1]} positions but the image needs 1 + {n} (position 0, then the image "
+                "features); build prompts with M3DAssistantLib.model.tokenizer.encode_prompt."
             )
         embeds = self.get_input_embeddings()(input_ids)  # [B, L, hidden]
         image_features = image_features.to(embeds.dtype)
@@ -154,7 +155,8 @@ class LamedMixin:
 
         Args:
             images: [B, 1, D, H, W] in [0, 1]; or pass ``image_features`` from :meth:`encode_images` to reuse them.
-            input_ids: [B, L] from :func:`~M3DAssistantLib.model.tokenizer.encode_prompt` (BOS + N image tokens + text).
+            input_ids: [B, L] from :func:`~M3DAssistantLib.model.tokenizer.encode_prompt` (N image tokens + text, after
+                a BOS where the tokenizer adds one).
             seg_enable: also return SegVol mask logits [B, 1, D, H, W] for the [SEG] token (-inf where none).
             seg_image_embedding: SegVol's image embedding from ``model.model.seg_module.encode_image`` to reuse.
             **kwargs: passed to transformers' ``generate`` (max_new_tokens, do_sample, temperature, top_p,

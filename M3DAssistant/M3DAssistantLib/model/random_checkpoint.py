@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -123,6 +123,15 @@ PHI3_CHAT_TOKENS = (
     "<|placeholder6|>",
     "<|user|>",
 )
+
+# generation_config.json of the base LLMs (Microsoft Phi-3-mini-4k-instruct, Meta Llama-2-7b-chat-hf), by token
+# name; ``save_pretrained`` of the merged M3D model writes the base model's generation config it was loaded with.
+OFFICIAL_GENERATION_FIELDS: dict[str, dict[str, Any]] = {
+    "phi3": {"bos_token_id": "<s>", "eos_token_id": ["<|endoftext|>", "<|assistant|>", "<|end|>"],
+             "pad_token_id": "<|endoftext|>"},
+    "llama": {"bos_token_id": "<s>", "eos_token_id": "</s>", "pad_token_id": "<unk>", "do_sample": True,
+              "temperature": 0.6, "top_p": 0.9, "max_length": 4096},
+}
 
 AUTO_MAP = {
     "phi3": {
@@ -241,6 +250,20 @@ def write_tokenizer(folder: Path, family: str, sp_model: bytes, add_bos_token: b
     return added
 
 
+def write_generation_config(folder: Path, family: str, fields: Union[str, dict], added: dict[str, int]) -> Path:
+    """``generation_config.json`` as ``save_pretrained`` writes it: ``"official"`` (the base LLM's fields, token
+    names turned into this tokenizer's ids) or a dict of fields."""
+    ids = {"<unk>": 0, "<s>": 1, "</s>": 2, **added}
+    if fields == "official":
+        fields = {k: [ids[t] for t in v] if isinstance(v, list) else ids.get(v, v) if isinstance(v, str) else v
+                  for k, v in OFFICIAL_GENERATION_FIELDS[family].items()}
+    if not isinstance(fields, dict):
+        raise ValueError(f"generation_config must be None, 'official' or a dict, not {fields!r}")
+    path = Path(folder) / "generation_config.json"
+    path.write_text(json.dumps({**fields, "transformers_version": "4.44.1"}, indent=2))
+    return path
+
+
 def official_config(family: str, *, llm: Optional[dict] = None, multimodal: Optional[dict] = None,
                     vocab_size: int, seg_token_id: Optional[int], eos_token_id: int, pad_token_id: int,
                     dtype: str = "float32") -> dict[str, Any]:
@@ -277,10 +300,14 @@ def write_random_lamed_checkpoint(
     max_shard_bytes: Optional[int] = None,
     sp_vocab_size: int = 1000,
     add_bos_token: bool = True,
+    generation_config: Union[None, str, dict] = None,
 ) -> Path:
     """Write a random M3D-LaMed checkpoint (official layout) to ``folder`` and return it.
 
     ``llm`` / ``multimodal`` override the official sizes, e.g. :data:`TINY_LLM` and :data:`TINY_MULTIMODAL`.
+    ``add_bos_token``: the tokenizer config's flag (Microsoft's current Phi-3 config says false).
+    ``generation_config``: None writes no ``generation_config.json``; ``"official"`` writes the base LLM's (Phi-3:
+    EOS list ``<|endoftext|>``, ``<|assistant|>``, ``<|end|>``), with this tokenizer's ids; a dict is written as given.
     """
     from .configuration_lamed import parse_lamed_config
     from .modeling_lamed import build_lamed_model
@@ -297,6 +324,8 @@ def write_random_lamed_checkpoint(
     config = official_config(family, llm=llm, multimodal=multimodal, vocab_size=vocab_size,
                              seg_token_id=added[SEG_TOKEN], eos_token_id=eos, pad_token_id=pad, dtype=dtype_name)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if generation_config is not None:
+        write_generation_config(folder, family, generation_config, added)
 
     torch.manual_seed(seed)
     model = build_lamed_model(parse_lamed_config(config))
@@ -383,5 +412,6 @@ __all__ = [
     "write_random_lamed_checkpoint",
     "write_random_clip_checkpoint",
     "write_tokenizer",
+    "write_generation_config",
     "train_sentencepiece",
 ]

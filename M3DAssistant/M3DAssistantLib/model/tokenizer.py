@@ -2,7 +2,12 @@
 
 M3D added four tokens to the base LLM tokenizer, in this order, at the end of its vocabulary: ``<im_patch>``,
 ``<bx_start>``, ``<bx_end>`` (special: dropped by ``skip_special_tokens``) and ``[SEG]`` (a *normal* added token, so it
-survives decoding). Prompts have no chat template: BOS + ``"<im_patch>" * N`` + question.
+survives decoding). Prompts have no chat template: the token ids are exactly what the checkpoint's tokenizer makes
+of ``"<im_patch>" * N + question`` -- a BOS in front only if that tokenizer adds one by itself (``add_bos_token``),
+as in every official inference, training and benchmark script. The model then overwrites positions ``1..N`` with
+the image features *by position*: after a BOS those are the image tokens; without one, position 0 keeps the first
+``<im_patch>`` and the last image feature lands on the first question token, which the released weights were
+trained with.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from ..errors import InputError, TokenizerError
 
@@ -53,9 +58,13 @@ def load_tokenizer(folder: Path, seg_token_id: int | None, vocab_size: int):
             "Download the complete checkpoint, including its tokenizer files."
         )
     tokenizer_class = tokenizer_class_for(folder)
+    options: dict[str, Any] = {}
+    if saved_add_bos_token(folder) is None:
+        # The slow LlamaTokenizer of training defaulted to add_bos_token=True; transformers 5 defaults to False.
+        options["add_bos_token"] = True
     try:
         tokenizer = tokenizer_class.from_pretrained(
-            str(folder), model_max_length=MAX_SEQUENCE_LENGTH, padding_side="right"
+            str(folder), model_max_length=MAX_SEQUENCE_LENGTH, padding_side="right", **options
         )
     except Exception as e:  # transformers raises many types for broken tokenizer files
         raise TokenizerError(f"{folder}: the tokenizer cannot be loaded ({type(e).__name__}: {e}).") from e
@@ -86,9 +95,11 @@ def load_tokenizer(folder: Path, seg_token_id: int | None, vocab_size: int):
     probe = tokenizer("a").input_ids
     adds_bos = bool(probe) and probe[0] == tokenizer.bos_token_id
     if not adds_bos:
-        logger.warning(
-            "%s: the tokenizer does not prepend BOS; M3D splices image features at positions 1..N after a BOS, so "
-            "encode_prompt prepends BOS itself.", folder
+        # Not an error: the official code tokenises the same way, so the released weights learned exactly this.
+        logger.info(
+            "%s: the tokenizer adds no BOS (add_bos_token false); prompts start with the first <im_patch> and the "
+            "image features overwrite positions 1..N, the first question token included, as in the official code.",
+            folder,
         )
     special = SpecialTokens(
         image=ids[IMAGE_TOKEN],
@@ -102,6 +113,16 @@ def load_tokenizer(folder: Path, seg_token_id: int | None, vocab_size: int):
     )
     tokenizer.m3d_special_tokens = special
     return tokenizer, special
+
+
+def saved_add_bos_token(folder: Path) -> Optional[bool]:
+    """``add_bos_token`` as saved in the folder's ``tokenizer_config.json``; None when the file or key is absent."""
+    config_path = Path(folder) / "tokenizer_config.json"
+    try:
+        value = json.loads(config_path.read_text(encoding="utf-8")).get("add_bos_token")
+    except (OSError, ValueError):
+        return None
+    return None if value is None else bool(value)
 
 
 def tokenizer_class_for(folder: Path, default: str = "LlamaTokenizer"):
@@ -148,6 +169,15 @@ def _warn_if_legacy_spacing(folder: Path) -> None:
         )
 
 
+def describe_bos(add_bos_token: bool) -> str:
+    """What a tokenizer's ``add_bos_token`` means for M3D's prompts, in one sentence (``m3d inspect``)."""
+    if add_bos_token:
+        return ("prompts are BOS + <im_patch> x N + question; the image features replace positions 1..N, the image "
+                "tokens")
+    return ("prompts are <im_patch> x N + question, no BOS (as the official code tokenises them); the image features "
+            "replace positions 1..N, so the first question token is overwritten, as in training")
+
+
 def image_prefix(num_image_tokens: int) -> str:
     return IMAGE_TOKEN * num_image_tokens
 
@@ -155,21 +185,29 @@ def image_prefix(num_image_tokens: int) -> str:
 def encode_prompt(
     tokenizer: Any, question: str, num_image_tokens: int, max_length: int = MAX_SEQUENCE_LENGTH
 ) -> list[int]:
-    """Token ids for ``BOS + "<im_patch>" * N + question``, exactly as the official inference code builds them.
+    """Token ids of ``"<im_patch>" * N + question``: exactly ``tokenizer(image_prefix(N) + question).input_ids``.
 
-    ``question`` is used as given (the official templates decide spacing, see :mod:`M3DAssistantLib.prompts`).
-    Raises InputError when the prompt does not fit in ``max_length`` tokens.
+    This is the official call (README Quickstart, ``LaMed/src/dataset/multi_dataset.py``, ``Bench/eval/*.py``):
+    BOS only where the tokenizer adds one itself, nothing added on top. The splice in
+    :meth:`~M3DAssistantLib.model.modeling_lamed.LamedMixin.splice_image_features` then replaces positions
+    ``1..N`` whatever they hold, so for a tokenizer without BOS the first question token is overwritten -- which
+    is what the released weights saw in training. ``question`` is used as given (the official templates decide
+    spacing, see :mod:`M3DAssistantLib.prompts`).
+
+    Raises InputError when the text holds M3D control tokens, when there is nothing for the splice to overwrite
+    after the image tokens, or when the prompt does not fit in ``max_length`` tokens.
     """
     special: SpecialTokens = tokenizer.m3d_special_tokens
     ids = list(tokenizer(image_prefix(num_image_tokens) + question).input_ids)
-    if not special.adds_bos:
-        ids = [special.bos] + ids
-    expected_prefix = [special.bos] + [special.image] * num_image_tokens
-    if ids[: num_image_tokens + 1] != expected_prefix:
+    start = 1 if special.adds_bos else 0
+    expected = ([special.bos] if special.adds_bos else []) + [special.image] * num_image_tokens
+    if ids[: start + num_image_tokens] != expected or special.image in ids[start + num_image_tokens:]:
         raise InputError(
-            "the prompt does not start with BOS followed by the image tokens; it must not contain M3D control tokens "
+            "the prompt must be the image tokens followed by text; the text must not contain M3D control tokens "
             f"({', '.join(M3D_TOKENS)})."
         )
+    if len(ids) < num_image_tokens + 1:
+        raise InputError("the prompt has no text after the image tokens; ask a question or name a target.")
     if len(ids) > max_length:
         raise InputError(
             f"the prompt is {len(ids)} tokens long ({num_image_tokens} of them image tokens) but the model was "
