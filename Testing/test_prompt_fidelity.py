@@ -180,7 +180,7 @@ def test_generation_config_of_another_model_is_refused(tiny_phi3, tmp_path):
 
 @pytest.mark.parametrize("add_bos", [True, False, None], ids=["true", "false", "unset"])
 def test_inspect_prints_add_bos_token_and_its_meaning(tiny_phi3, tmp_path, add_bos):
-    from M3DAssistantLib.model.inspect import format_report, inspect_checkpoint
+    from M3DAssistantLib.model.inspection import format_report, inspect_checkpoint
 
     folder = _tiny_copy(tiny_phi3, tmp_path)
     config = json.loads((folder / "tokenizer_config.json").read_text())
