@@ -18,15 +18,18 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import qt
-import vtk
-
 import slicer
-from slicer.i18n import tr as _
-from slicer.ScriptedLoadableModule import *
-from slicer.util import VTKObservationMixin
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-
+import vtk
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
 
 from M3DAssistantLib.settings import MemorySettings, ModuleSettings  # standard library only
 
@@ -1105,9 +1108,16 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
         """All eight console methods return the documented types, keep the typed result, and never overwrite."""
         self.delayDisplay("Starting the console API test (fake model)")
         import numpy as np
+
         from M3DAssistantLib.geometry import RasRoi
-        from M3DAssistantLib.results import (BoxResult, ChoiceResult, Provenance, RetrievalResult,
-                                             SegmentationResult, TextResult)
+        from M3DAssistantLib.results import (
+            BoxResult,
+            ChoiceResult,
+            Provenance,
+            RetrievalResult,
+            SegmentationResult,
+            TextResult,
+        )
 
         volume = self._ctVolume()
         shape = slicer.util.arrayFromVolume(volume).shape

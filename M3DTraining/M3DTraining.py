@@ -14,13 +14,17 @@ from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer.i18n import tr as _
-from slicer.ScriptedLoadableModule import *
-from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
 
 # The panel's choices; the Qt-free work behind the panel is in M3DTrainingLib, one module per job (gpus, panel_config,
 # job_monitor, loss_curve, evaluation_job, ...). Nothing heavy is imported here: torch, transformers, peft and

@@ -20,9 +20,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
 from M3DAssistantLib import AI_LABEL, dependencies, panel, tasks
-from M3DAssistantLib.model import checkpoint_files, download_check
 from M3DAssistantLib.errors import CheckpointError, InputError, M3DError
+from M3DAssistantLib.model import checkpoint_files, download_check
 from M3DAssistantLib.progress import ProgressEvent
 from M3DAssistantLib.results import ChoiceResult, Provenance, RetrievalResult, SegmentationResult, TextResult
 from M3DAssistantLib.settings import MemorySettings

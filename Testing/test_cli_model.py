@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 
-
 def m3d(*args, env=None, timeout=600):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "M3DAssistantLib", *map(str, args)], capture_output=True, text=True,
@@ -64,7 +63,8 @@ def test_demo_offline_without_cache_explains_and_has_no_traceback(tmp_path):
 
 
 def test_model_env_variable_selects_local_folder(tiny_phi3, tmp_path):
-    result = m3d("demo", "--max-new-tokens", "2", "--quiet", "--output-dir", tmp_path, env={"M3D_MODEL": str(tiny_phi3)})
+    result = m3d("demo", "--max-new-tokens", "2", "--quiet", "--output-dir", tmp_path,
+                 env={"M3D_MODEL": str(tiny_phi3)})
     assert result.returncode == 0, result.stderr
     assert str(tiny_phi3) in result.stdout
 

@@ -7,11 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+from forcing import force_answer
+from test_cli_model import m3d
 
 from M3DAssistantLib import AI_LABEL, cli
 from M3DAssistantLib.engine import InferenceEngine
-from test_cli_model import m3d
-from forcing import force_answer
 
 
 @pytest.fixture
@@ -168,7 +168,8 @@ def test_batch_under_accelerate_splits_volumes_across_processes(tiny_phi3, data_
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "M3DAssistantLib", "batch", str(folder),
            "--task", "report", "-o", str(out), "--model", str(tiny_phi3), "--max-new-tokens", "2", "--quiet"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
     assert all((out / n / "results.json").is_file() for n in "abc")
@@ -177,8 +178,9 @@ def test_batch_under_accelerate_splits_volumes_across_processes(tiny_phi3, data_
 
 
 def test_evaluate_command_runs_the_model_on_an_exported_split(headless_slicer, data_dir, tiny_phi3, tmp_path):
-    from M3DTrainingLib.export import export_dataset
     from test_export import build_scene
+
+    from M3DTrainingLib.export import export_dataset
 
     scene, logics = headless_slicer
     build_scene(scene, logics, data_dir)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_geometry_helpers import PERMUTATIONS, make_affine, same_grid_reorder
 
+from M3DAssistantLib import tasks
 from M3DAssistantLib.errors import InputError
 from M3DAssistantLib.geometry import (
     CONVENTIONS,
@@ -23,10 +25,14 @@ from M3DAssistantLib.geometry import (
     slice_plane,
     to_model_input,
 )
-from M3DAssistantLib import tasks
-from M3DAssistantLib.preprocessing import (SEG_PERCENTILES_WINDOW, VOLUME_PERCENTILES_WINDOW, DisplayWindow,
-                                            IntensitySpec, default_window, volume_percentile_bounds)
-from test_geometry_helpers import PERMUTATIONS, make_affine, same_grid_reorder
+from M3DAssistantLib.preprocessing import (
+    SEG_PERCENTILES_WINDOW,
+    VOLUME_PERCENTILES_WINDOW,
+    DisplayWindow,
+    IntensitySpec,
+    default_window,
+    volume_percentile_bounds,
+)
 
 SMALL = (8, 32, 32)
 LETTER = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
@@ -192,7 +198,8 @@ def test_refseg_convention_and_window_equal_the_official_refseg_chain(ct, ct_pat
     """On a TotalSegmentator (RAS-stored) CT, as M3D-RefSeg's sources, m3d-refseg-v1 with the whole-volume
     0.5/99.5 percentiles is the official M3D-RefSeg preprocessing."""
     array, m = ct
-    tensor, mapping = to_model_input(array, m, convention="m3d-refseg-v1", window=default_window(VOLUME_PERCENTILES_WINDOW))
+    tensor, mapping = to_model_input(array, m, convention="m3d-refseg-v1",
+                                     window=default_window(VOLUME_PERCENTILES_WINDOW))
     assert mapping.intensity["scheme"] == "volume-percentile" and mapping.intensity["percentiles"] == [0.5, 99.5]
     np.testing.assert_allclose(tensor[0], _official_refseg_chain(ct_path), atol=1e-4, rtol=0)
     # the M3D-Seg orientation is not it: in-plane axes swapped

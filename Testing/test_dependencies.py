@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
-import tomllib
 import types
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from M3DAssistantLib import dependencies
 from M3DAssistantLib.dependencies import (

@@ -7,14 +7,13 @@ import threading
 import numpy as np
 import pytest
 import torch
+from forcing import force_answer
 
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib.engine import InferenceEngine
 from M3DAssistantLib.errors import CancelledError, InputError
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import SamplingOptions
-from forcing import force_answer
-
 
 SHORT = SamplingOptions(max_new_tokens=6)
 
@@ -53,10 +52,14 @@ def test_features_are_computed_once_per_volume_and_convention(engine, ct):
 
 
 TASKS = {
-    "report": (lambda e, s: e._generate(e._view("report"), " Please generate a medical report based on this image.", s, False, None, True), None),
+    "report": (lambda e, s: e._generate(e._view("report"), " Please generate a medical report based on this image.",
+                                        s, False, None, True), None),
     "ask": (lambda e, s: e._generate(e._view("vqa_open"), " Is there a lesion?", s, False, None, True), None),
-    "locate": (lambda e, s: e._generate(e._view("rec"), " Where is liver in this image? Please output the box.", s, False, None, True), None),
-    "segment": (lambda e, s: e._generate(e._view("seg"), " What is liver in this image? Please respond with segmentation mask.", s, True, None, True), " It is [SEG]."),
+    "locate": (lambda e, s: e._generate(e._view("rec"), " Where is liver in this image? Please output the box.",
+                                        s, False, None, True), None),
+    "segment": (lambda e, s: e._generate(e._view("seg"),
+                                         " What is liver in this image? Please respond with segmentation mask.",
+                                         s, True, None, True), " It is [SEG]."),
 }
 
 

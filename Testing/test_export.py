@@ -14,7 +14,6 @@ import pytest
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib.errors import InputError
 from M3DAssistantLib.geometry import VolumeToModelMapping, mask_to_box, mask_to_model, roi_to_box, to_model_input
-
 from M3DTrainingLib.export import _assign_splits, export_dataset, parse_qa_text, target_text
 
 SHAPE = (16, 64, 64)

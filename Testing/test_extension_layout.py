@@ -296,7 +296,8 @@ def parameter_node_fields(module: str) -> dict[str, str]:
     """Annotated fields of the module's @parameterNodeWrapper class, as source text."""
     tree = ast.parse(module_source(module))
     for node in tree.body:
-        if isinstance(node, ast.ClassDef) and any(ast.unparse(d) == "parameterNodeWrapper" for d in node.decorator_list):
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(d) == "parameterNodeWrapper"
+                                                  for d in node.decorator_list):
             return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
     raise AssertionError(f"{module}.py has no @parameterNodeWrapper class")
 

@@ -27,7 +27,7 @@ import torch
 from M3DAssistantLib.engine import InferenceEngine
 from M3DAssistantLib.errors import CheckpointError, ConfigError, GeometryError, InputError, M3DError
 from M3DAssistantLib.geometry import RasRoi, parse_box
-from M3DAssistantLib.results import SamplingOptions, SegmentationResult, BoxResult, TextResult, Provenance
+from M3DAssistantLib.results import BoxResult, Provenance, SamplingOptions, SegmentationResult, TextResult
 
 SHORT = SamplingOptions(max_new_tokens=4)
 REPO = Path(__file__).resolve().parents[1]
@@ -242,7 +242,8 @@ def test_2gb_volume_engine(tiny_phi3_model):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < array.nbytes / 8, f"{peak / 2**20:.0f} MiB of arrays allocated for a {array.nbytes / 2**30} GiB volume"
+    assert peak < array.nbytes / 8, \
+        f"{peak / 2**20:.0f} MiB of arrays allocated for a {array.nbytes / 2**30} GiB volume"
     assert zlib.crc32(array[::7, ::7, ::7].tobytes()) == before
     assert result.box is not None and result.roi is not None
     lo, hi = result.roi.center - result.roi.size / 2, result.roi.center + result.roi.size / 2

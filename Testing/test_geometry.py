@@ -10,6 +10,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_geometry_helpers import (
+    canonical,
+    dice,
+    make_affine,
+    monai_chain,
+    same_grid_reorder,
+    seg_percentiles,
+    torch_resize,
+    voxel_ras,
+)
 
 from M3DAssistantLib.errors import GeometryError, InputError
 from M3DAssistantLib.geometry import (
@@ -30,16 +40,6 @@ from M3DAssistantLib.geometry import (
     to_model_input,
 )
 from M3DAssistantLib.tasks import convention_for
-from test_geometry_helpers import (
-    canonical,
-    dice,
-    make_affine,
-    monai_chain,
-    same_grid_reorder,
-    seg_percentiles,
-    torch_resize,
-    voxel_ras,
-)
 
 SMALL = (16, 64, 64)
 

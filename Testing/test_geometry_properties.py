@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_geometry_helpers import PERMUTATIONS, dice, make_affine, voxel_ras
 
 from M3DAssistantLib.geometry import (
     CONVENTIONS,
@@ -18,7 +19,6 @@ from M3DAssistantLib.geometry import (
     roi_to_box,
     to_model_input,
 )
-from test_geometry_helpers import PERMUTATIONS, dice, make_affine, voxel_ras
 
 MODEL_SHAPE = (16, 32, 32)
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

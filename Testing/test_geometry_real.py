@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_geometry_helpers import canonical, dice, monai_chain, same_grid_reorder, seg_percentiles, voxel_ras
 
 from M3DAssistantLib.geometry import (
     RasRoi,
@@ -17,7 +18,6 @@ from M3DAssistantLib.geometry import (
     to_model_input,
 )
 from M3DAssistantLib.volume_io import read_volume
-from test_geometry_helpers import canonical, dice, monai_chain, same_grid_reorder, seg_percentiles, voxel_ras
 
 LUNGS = (10, 11, 13, 14)
 KIDNEYS = (2, 3)

@@ -23,7 +23,6 @@ import ast
 from pathlib import Path
 from typing import Iterable, Optional
 
-
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {
     "M3DAssistantLib": REPO / "M3DAssistant" / "M3DAssistantLib",

@@ -13,12 +13,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from forcing import ForceTokens
 
 from M3DAssistantLib.errors import CheckpointError, ConfigError, InputError, TokenizerError
 from M3DAssistantLib.model import encode_prompt, load_model
 from M3DAssistantLib.model.configuration_lamed import parse_lamed_config, read_config_json
 from M3DAssistantLib.model.modeling_lamed import build_lamed_model
-from forcing import ForceTokens
 
 QUESTION = "What is liver in this image? Please output the segmentation mask."
 
@@ -59,8 +59,9 @@ def test_llama_fixture_is_sharded_with_index(tiny_llama):
 
 
 def test_bin_checkpoint_loads_same_weights(tiny_phi3, tmp_path):
-    from M3DAssistantLib.model.checkpoint_writer import save_state_dict
     from safetensors.torch import load_file
+
+    from M3DAssistantLib.model.checkpoint_writer import save_state_dict
 
     folder = tmp_path / "bin"
     shutil.copytree(tiny_phi3, folder)
@@ -431,8 +432,8 @@ def test_seg_token_first_is_captured(tiny_phi3_model):
 
 
 def test_streamer_and_stopping_criteria_pass_through(tiny_phi3_model):
-    from transformers.generation.streamers import BaseStreamer
     from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
 
     class Collect(BaseStreamer):
         def __init__(self):

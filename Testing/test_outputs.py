@@ -165,7 +165,7 @@ def test_real_ct_organs_load_in_slicer(headless_slicer, ct_and_organs, ct_path, 
     expected_colors = {"spleen": colors["spleen"], "liver": np.array([221, 130, 101]) / 255,
                        "kidney_right": np.array([185, 102, 83]) / 255}  # Slicer's GenericAnatomyColors
     seg = assert_slicer_reads(logics, out, masks, ijk_to_ras, expected_colors)
-    for name, (_, segment) in segments_by_name(seg).items():
+    for _, segment in segments_by_name(seg).values():
         assert tag(segment, "M3D.label") == "AI-generated, not for clinical use"
 
     # The same voxels against the CT as Slicer itself loads it (its own reader, its own IJK->RAS).

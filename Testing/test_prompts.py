@@ -22,7 +22,8 @@ def test_spacing_rules():
     assert prompts.segment_prompt("liver") == " What is liver in this image? Please respond with segmentation mask."
     assert prompts.segment_expression_prompt("the cyst in the right kidney") == (
         " the cyst in the right kidney. Please answer and segment.")
-    assert prompts.segment_expression_prompt("Please segment where the cyst is.") == " Please segment where the cyst is."
+    text = "Please segment where the cyst is."
+    assert prompts.segment_expression_prompt(text) == " " + text
     assert prompts.describe_region_prompt((0.1, 0.2, 0.3, 0.5, 0.6, 0.7)) == (
         " What target is present within the coordinates <bx_start>[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]<bx_end> ?")
 

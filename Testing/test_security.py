@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 from serving import start_server_process, stop_server_process
 
-from M3DAssistantLib.serving.client import M3DClient, volume_id
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import SamplingOptions
+from M3DAssistantLib.serving.client import M3DClient, volume_id
 
 REPO = Path(__file__).resolve().parents[1]
 AUDITED = str(REPO / "Testing" / "audited.py")

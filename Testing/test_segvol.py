@@ -82,7 +82,8 @@ def official_segvol_table() -> dict[str, tuple[int, ...]]:
     table["prompt_encoder.no_mask_embed.weight"] = (1, 768)
     table |= {"prompt_encoder.mask_downscaling.0.weight": (4, 1, 2, 2), "prompt_encoder.mask_downscaling.0.bias": (4,)}
     table |= _norm("prompt_encoder.mask_downscaling.1", (4,))
-    table |= {"prompt_encoder.mask_downscaling.3.weight": (16, 4, 2, 2), "prompt_encoder.mask_downscaling.3.bias": (16,)}
+    table |= {"prompt_encoder.mask_downscaling.3.weight": (16, 4, 2, 2),
+              "prompt_encoder.mask_downscaling.3.bias": (16,)}
     table |= _norm("prompt_encoder.mask_downscaling.4", (16,))
     table |= {"prompt_encoder.mask_downscaling.6.weight": (768, 16, 1, 1),
               "prompt_encoder.mask_downscaling.6.bias": (768,)}

@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from forcing import ForceTokens, forced_answer
 
 from M3DAssistantLib import selfcheck as sc
-from M3DAssistantLib.geometry import RasRoi, box_to_roi, format_box, mask_to_box, mask_to_model
+from M3DAssistantLib.geometry import RasRoi, format_box, mask_to_box, mask_to_model
 from M3DAssistantLib.results import SamplingOptions
-from forcing import ForceTokens, forced_answer
 
 LIVER_ONLY = (sc.Structure("liver", ("liver",)),)
 LATERAL = (sc.Structure("liver", ("liver",)), sc.Structure("spleen", ("spleen",)))

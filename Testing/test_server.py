@@ -28,7 +28,11 @@ import numpy as np
 import pytest
 from forcing import force_answer
 from serving import serve_in_thread, start_server_process, stop_server_process, wait_for
+
 from M3DAssistantLib import AI_LABEL
+from M3DAssistantLib.errors import CancelledError, GeometryError, InputError
+from M3DAssistantLib.geometry import RasRoi
+from M3DAssistantLib.results import BoxResult, ChoiceResult, SamplingOptions, SegmentationResult, TextResult
 from M3DAssistantLib.serving import client as client_module
 from M3DAssistantLib.serving.client import (
     PROTOCOL_VERSION,
@@ -41,9 +45,6 @@ from M3DAssistantLib.serving.client import (
     volume_id,
 )
 from M3DAssistantLib.serving.protocol import decode_mask, encode_mask
-from M3DAssistantLib.errors import CancelledError, GeometryError, InputError
-from M3DAssistantLib.geometry import RasRoi
-from M3DAssistantLib.results import BoxResult, ChoiceResult, SamplingOptions, SegmentationResult, TextResult
 from M3DAssistantLib.serving.server import is_loopback, serve
 
 SHORT = SamplingOptions(max_new_tokens=6)
@@ -539,8 +540,9 @@ def test_given_token_is_not_printed_and_the_worker_follows_its_parent(tiny_phi3)
     """A token from $M3D_SERVER_TOKEN stays out of the output; --parent-pid stops the worker when Slicer is gone."""
     token = "a-token-the-user-chose-0123456789"
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    proc, ready, _, stderr_path = start_server_process(["--model", str(tiny_phi3), "--device", "cpu", "--dtype", "float32",
-                                          "--parent-pid", str(parent.pid)], env_extra={"M3D_SERVER_TOKEN": token})
+    proc, ready, _, stderr_path = start_server_process(
+        ["--model", str(tiny_phi3), "--device", "cpu", "--dtype", "float32", "--parent-pid", str(parent.pid)],
+        env_extra={"M3D_SERVER_TOKEN": token})
     try:
         assert "token" not in ready
         assert M3DClient(ready["url"], token).health()["status"] == "ok"

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 from forcing import forced_answer
+
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib.errors import CancelledError, InputError, M3DError
 from M3DAssistantLib.geometry import RasRoi

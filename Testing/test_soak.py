@@ -15,12 +15,11 @@ import time
 
 import numpy as np
 import pytest
-
 from serving import serve_in_thread
 
-from M3DAssistantLib.serving.client import M3DClient, ServerBusyError
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import SamplingOptions
+from M3DAssistantLib.serving.client import M3DClient, ServerBusyError
 from M3DAssistantLib.volume_io import read_volume
 
 pytestmark = pytest.mark.slow

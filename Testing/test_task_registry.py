@@ -9,11 +9,11 @@ import inspect
 import re
 
 import pytest
+
 from M3DAssistantLib import prompts, tasks
 from M3DAssistantLib.errors import InputError
 from M3DAssistantLib.geometry import CONVENTIONS, DEFAULT_CONVENTION
-from M3DAssistantLib.results import BoxResult, ChoiceResult, Provenance, RetrievalResult, SegmentationResult
-from M3DAssistantLib.results import TextResult
+from M3DAssistantLib.results import BoxResult, ChoiceResult, Provenance, RetrievalResult, SegmentationResult, TextResult
 from M3DAssistantLib.tasks import ArgumentKind, Output, ResultKind
 
 # key -> (Logic method, m3d subcommand, dataset / provenance name, result kind): the published names
@@ -378,6 +378,7 @@ def test_a_ninth_task_needs_only_its_entry_its_prompt_and_its_engine_method(head
     import slicer
     from fastapi import APIRouter
     from serving import serve_in_thread
+
     from M3DAssistantLib import panel
     from M3DAssistantLib.backends import ClientBackend, _task_method
     from M3DAssistantLib.cli import _add_task_command, build_parser

@@ -33,7 +33,8 @@ PROMPTS = [
     " Do you know what it is in the bounding box <bx_start>[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]<bx_end>?",
     " Can you segment the liver in this image?",
     " What is liver in this image? Please respond with segmentation mask.",
-    " Description: an organ in the upper right abdomen that filters blood and produces bile. Please answer and segment.",
+    " Description: an organ in the upper right abdomen that filters blood and produces bile. "
+    "Please answer and segment.",
     "  two  spaces and ümlauts 42%",
 ]
 
@@ -105,7 +106,8 @@ def test_added_token_ids_follow_official_order(tokenizer_case):
 
 def test_decode_keeps_seg_and_drops_box_markers(tokenizer_case):
     _, tokenizer, sp, added, legacy, _ = tokenizer_case
-    answer = " The target is liver and the coordinates is <bx_start>[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]<bx_end>. It is [SEG]."
+    answer = (" The target is liver and the coordinates is <bx_start>[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]<bx_end>. "
+              "It is [SEG].")
     ids = slow_reference_ids(sp, added, answer, legacy)
     text = decode(tokenizer, ids)
     assert "[SEG]" in text and "<bx_start>" not in text and "[0.1, 0.2, 0.3, 0.5, 0.6, 0.7]" in text

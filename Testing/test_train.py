@@ -1,7 +1,6 @@
-"""Training (M3DTrainingLib.train, .config, .lora, .memory, .merge): the official loss, LoRA/trainable parts, presets and memory estimates, a 20-step
-overfit, the merged checkpoint against base + adapter, and 2-process DDP on CPU (gloo, accelerate launch) against
-one process with the doubled batch. All on the tiny official-layout checkpoint, CPU only.
-
+"""Training (M3DTrainingLib.train, .config, .lora, .memory, .merge): the official loss, LoRA/trainable parts, presets
+and memory estimates, a 20-step overfit, the merged checkpoint against base + adapter, and 2-process DDP on CPU (gloo,
+accelerate launch) against one process with the doubled batch. All on the tiny official-layout checkpoint, CPU only.
 Kill-and-resume and job control are in test_jobs.py.
 """
 
@@ -416,8 +415,8 @@ def test_cli_train_estimate_and_merge_are_registered(overfit_run, tmp_path, caps
 def test_trains_on_a_dataset_exported_from_a_slicer_scene(tiny_phi3, headless_slicer, data_dir, tmp_path):
     """The real pipeline: annotated scene -> export -> M3DDataset (default factory, its own collate) -> train."""
     test_export = pytest.importorskip("test_export")
-    from M3DTrainingLib.export import export_dataset
     from M3DTrainingLib.config import TrainConfig
+    from M3DTrainingLib.export import export_dataset
     from M3DTrainingLib.train import train
 
     scene, logics = headless_slicer

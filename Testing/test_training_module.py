@@ -23,27 +23,56 @@ import types
 from pathlib import Path
 
 import pytest
-
 from test_extension_layout import REPO, _run_slicer_self_test, _slicer_stand_in, parameter_node_fields, ui_widgets
 
 from M3DAssistantLib.errors import ConfigError, InputError, M3DError
 from M3DAssistantLib.settings import MemorySettings
 from M3DTrainingLib import requirements
 from M3DTrainingLib.config import EVALUATION_DIR
-from M3DTrainingLib.evaluation_job import (evaluation_command, evaluation_rows, evaluation_table_node,
-                                           format_evaluation, latest_evaluation, next_evaluation_stem,
-                                           parse_evaluation_output)
-from M3DTrainingLib.gpus import (GpuDetector, GpuInfo, GpuQueryResult, NVIDIA_SMI_ARGUMENTS, format_gpu_selection,
-                                 parse_gpu_selection, parse_nvidia_smi, parse_torch_gpu_query)
+from M3DTrainingLib.evaluation_job import (
+    evaluation_command,
+    evaluation_rows,
+    evaluation_table_node,
+    format_evaluation,
+    latest_evaluation,
+    next_evaluation_stem,
+    parse_evaluation_output,
+)
+from M3DTrainingLib.gpus import (
+    NVIDIA_SMI_ARGUMENTS,
+    GpuDetector,
+    GpuInfo,
+    GpuQueryResult,
+    format_gpu_selection,
+    parse_gpu_selection,
+    parse_nvidia_smi,
+    parse_torch_gpu_query,
+)
 from M3DTrainingLib.helper_process import BackgroundCommand
 from M3DTrainingLib.job_monitor import HelperQueue, format_duration, format_progress, remember_folder
 from M3DTrainingLib.loss_curve import LossCurve, fill_loss_table, find_loss_curve_nodes, loss_curve_nodes
 from M3DTrainingLib.memory import DEFAULT_ESTIMATES, parse_estimate_total
 from M3DTrainingLib.merge import finished_model, merge_command
-from M3DTrainingLib.panel_config import (DEEPSPEED_OFF, PRESET_OFFICIAL, PRESET_ONE_GPU, PRESET_PARAMETERS, PanelState,
-                                         SOURCE_SCENE_FILES, STAGE_LORA, TASKS, TASK_PARAMETERS, build_train_config,
-                                         check_dataset_tasks, config_signature, dataset_counts, folder_text,
-                                         format_dataset_counts, memory_warnings, preset_panel_values, required_memory)
+from M3DTrainingLib.panel_config import (
+    DEEPSPEED_OFF,
+    PRESET_OFFICIAL,
+    PRESET_ONE_GPU,
+    PRESET_PARAMETERS,
+    SOURCE_SCENE_FILES,
+    STAGE_LORA,
+    TASK_PARAMETERS,
+    TASKS,
+    PanelState,
+    build_train_config,
+    check_dataset_tasks,
+    config_signature,
+    dataset_counts,
+    folder_text,
+    format_dataset_counts,
+    memory_warnings,
+    preset_panel_values,
+    required_memory,
+)
 from M3DTrainingLib.progress_log import ProgressTail
 from M3DTrainingLib.python_env import helper_environment
 from M3DTrainingLib.requirements import missing_modules

@@ -61,9 +61,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_assistant_module import assistant  # noqa: F401  (the module file on real MRML, a fixture)
+
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib.settings import MemorySettings
-from test_assistant_module import assistant  # noqa: F401  (the module file on real MRML, a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 TUTORIAL = REPO / "docs" / "tutorial.md"
@@ -238,8 +239,9 @@ def _parameter_choices(module) -> dict[str, list[str] | None]:
 
 def test_every_console_call_is_real(assistant):  # noqa: F811
     import slicer
-    from M3DAssistantLib.serving.client import M3DClient
+
     from M3DAssistantLib.panel import TaskRequest
+    from M3DAssistantLib.serving.client import M3DClient
 
     task_options = {"window", "roiNode", "maxNewTokens"}  # the Logic's **options (see _taskOptions)
     receivers = {"logic": assistant.M3DAssistantLogic, "client": M3DClient, "request": TaskRequest}
@@ -426,6 +428,7 @@ def _venv_bin() -> Path:
 
 def test_shell_part(clone, tiny_phi3, headless_slicer, monkeypatch, tutorial_server):
     import slicer
+
     from M3DAssistantLib import cli
 
     monkeypatch.setattr(cli, "_engine", lambda args, bar, make=cli._engine: ForcedAnswers(make(args, bar)))
@@ -527,6 +530,7 @@ class InProcessWorkerBackend:
 def console(assistant, headless_slicer, tiny_phi3, tiny_clip, monkeypatch, clone):  # noqa: F811
     """A namespace as Slicer's Python console has it, after part 1 loaded the CT; yields (namespace, logic, volume)."""
     import slicer
+
     from M3DAssistantLib import backends, worker
 
     _scene, logics = headless_slicer
@@ -557,6 +561,7 @@ def _segment_names(segmentation_node) -> list[str]:
 
 def test_console_part(console, assistant, tiny_phi3):  # noqa: F811
     import slicer
+
     from M3DAssistantLib.results import TextResult
 
     ns, logic, volume = console

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from M3DAssistantLib.errors import ConfigError, InputError
-from M3DAssistantLib.model.vit3d import ViT3D, ViT3DConfig, VisionTower
+from M3DAssistantLib.model.vit3d import VisionTower, ViT3D, ViT3DConfig
 
 pytest.importorskip("einops", reason="MONAI's ViT (the oracle) needs einops: pip install einops")
 from monai.networks.nets import ViT as MonaiViT  # noqa: E402

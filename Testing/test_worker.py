@@ -22,11 +22,11 @@ import pytest
 
 psutil = pytest.importorskip("psutil")
 
+from M3DAssistantLib.backends import LocalWorkerBackend  # noqa: E402
 from M3DAssistantLib.errors import CancelledError  # noqa: E402
+from M3DAssistantLib.processes import describe_exit  # noqa: E402
 from M3DAssistantLib.results import SamplingOptions, TextResult  # noqa: E402
 from M3DAssistantLib.serving.server import TOKEN_ENV  # noqa: E402
-from M3DAssistantLib.backends import LocalWorkerBackend  # noqa: E402
-from M3DAssistantLib.processes import describe_exit  # noqa: E402
 from M3DAssistantLib.worker import (  # noqa: E402
     LIB_PARENT,
     WorkerCrashedError,

@@ -67,8 +67,9 @@ def main() -> None:
     axes[1].add_patch(plt.Rectangle((cols[0], rows[0]), cols[1] - cols[0], rows[1] - rows[0], fill=False, ec="cyan",
                                     lw=1.5))
     c = roi.center
-    axes[1].set_title(f"the same mask and box back on the CT grid (axial slice k={k})\nROI centre ({c[0]:.0f}, {c[1]:.0f}, "
-                      f"{c[2]:.0f}) mm, size {roi.size[0]:.0f} x {roi.size[1]:.0f} x {roi.size[2]:.0f} mm", fontsize=9)
+    axes[1].set_title(f"the same mask and box back on the CT grid (axial slice k={k})\n"
+                      f"ROI centre ({c[0]:.0f}, {c[1]:.0f}, {c[2]:.0f}) mm, "
+                      f"size {roi.size[0]:.0f} x {roi.size[1]:.0f} x {roi.size[2]:.0f} mm", fontsize=9)
     for ax in axes:
         ax.axis("off")
     fig.suptitle("Volume <-> model space on the sample CT (liver label from TotalSegmentator standing in for a "

@@ -121,7 +121,8 @@ def differences(module_dir: Path) -> list[str]:
         if missing:
             problems.append(f"{module_dir.name}/CMakeLists.txt {block} does not list: {', '.join(missing)}")
         if stale:
-            problems.append(f"{module_dir.name}/CMakeLists.txt {block} lists files that do not exist: {', '.join(stale)}")
+            problems.append(f"{module_dir.name}/CMakeLists.txt {block} lists files that do not exist: "
+                            f"{', '.join(stale)}")
     if not problems and render(cmake_text, files) != cmake_text:
         problems.append(f"{module_dir.name}/CMakeLists.txt: generated lists are out of order or badly formatted")
     return problems

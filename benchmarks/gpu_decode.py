@@ -88,7 +88,8 @@ def main() -> None:
     tokens_per_s = (args.tokens - 1) / (total - ttft)
     bandwidth = copy_bandwidth(device)
     bound = bandwidth / lm_bytes
-    print(f"GPU {name}; LLM weights {lm_bytes / 1e9:.2f} GB (bf16); measured copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"GPU {name}; LLM weights {lm_bytes / 1e9:.2f} GB (bf16); measured copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s")
     print(f"time to first token: {ttft * 1e3:.1f} ms (vision tower + projector + {prompt_len}-token prefill)")
     print(f"decode: {tokens_per_s:.1f} tokens/s; HBM bound {bound:.1f} tokens/s")
     print(f"ratio: {tokens_per_s / bound:.2f}")

@@ -35,7 +35,8 @@ from M3DAssistantLib.model.configuration_lamed import parse_lamed_config, read_c
 from M3DAssistantLib.model.modeling_lamed import build_lamed_model
 from M3DAssistantLib.model.checkpoint_files import weight_files
 from safetensors.torch import load_file
-import transformers.models.phi3.modeling_phi3, M3DAssistantLib.model.loading, M3DAssistantLib.model.tokenizer  # imports are not loading
+# imports are not loading
+import transformers.models.phi3.modeling_phi3, M3DAssistantLib.model.loading, M3DAssistantLib.model.tokenizer
 torch.set_num_threads(1)
 before = rss()
 if method == "ours":

@@ -25,9 +25,9 @@ from preprocess import ct_phantom  # noqa: E402  (benchmarks/preprocess.py)
 def main() -> None:
     from serving import serve_in_thread
 
-    from M3DAssistantLib.serving import client as client_module
     from M3DAssistantLib.engine import InferenceEngine
     from M3DAssistantLib.model import random_checkpoint as rc
+    from M3DAssistantLib.serving import client as client_module
     from M3DAssistantLib.serving.server import create_app
 
     print("building a 512 x 512 x 300 int16 CT phantom ...")

@@ -37,13 +37,19 @@ import torch
 
 from . import prompts
 from .errors import CancelledError, InputError
-from .geometry import RasRoi, VolumeToModelMapping, box_to_roi, logits_to_mask, roi_to_box
-from .geometry import to_model_input, validate_volume
+from .geometry import (
+    RasRoi,
+    VolumeToModelMapping,
+    box_to_roi,
+    logits_to_mask,
+    roi_to_box,
+    to_model_input,
+    validate_volume,
+)
 from .model.hub import snapshot_revision
 from .oom import translate_out_of_memory
 from .preprocessing import DisplayWindow, IntensitySpec, default_window, resolve_window
 from .progress import ProgressCallback, report
-from .retrieval import volume_key  # one content hash for every cache (re-exported for the server)
 from .results import (
     BoxResult,
     ChoiceResult,
@@ -53,8 +59,8 @@ from .results import (
     SegmentationResult,
     TextResult,
 )
-from .tasks import (ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, STREAMING_TASKS,
-                    Task)
+from .retrieval import volume_key  # one content hash for every cache (re-exported for the server)
+from .tasks import ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, STREAMING_TASKS, Task
 from .tasks import get as get_task
 
 logger = logging.getLogger(__name__)
@@ -228,7 +234,8 @@ class InferenceEngine:
     def info(self) -> dict[str, Any]:
         """What is loaded (for the server's model-info endpoint and the CLI)."""
         mm = self.model.multimodal
-        return {"model": self.model_source, "revision": self.model_revision, "model_type": self.model.lamed_config.model_type,
+        return {"model": self.model_source, "revision": self.model_revision,
+                "model_type": self.model.lamed_config.model_type,
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "image_size": list(mm.image_size), "image_tokens": mm.num_image_tokens,
                 "segmentation": self.model.seg_enabled}
@@ -411,7 +418,8 @@ class InferenceEngine:
         """Stop the running request at its next decoding step or encoder call (it raises CancelledError)."""
         self._cancel.set()
 
-    def report(self, *, sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None) -> TextResult:
+    def report(self, *, sampling: Optional[SamplingOptions] = None,
+               on_text: Optional[TextCallback] = None) -> TextResult:
         """Report generation: findings text for the current volume."""
         prompt = REPORT.build_prompt()
         out, _, prov = self._run(REPORT, prompt, sampling, on_text)

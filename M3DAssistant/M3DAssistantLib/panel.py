@@ -19,7 +19,6 @@ from .progress import ProgressEvent
 from .tasks import ArgumentKind, Output, ResultKind, Task
 from .tasks import get as get_task
 
-
 STAGE_LABELS = {
     "load": "Loading the model",
     "download": "Downloading the model",

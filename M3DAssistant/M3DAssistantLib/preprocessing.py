@@ -360,10 +360,11 @@ def default_window(
     """The intensity scheme a task of window ``kind`` (:data:`WINDOW_KINDS`; the task registry's ``Task.window``)
     gets when the user chose none: the one of its training data.
 
-    :data:`DISPLAY_WINDOW` (report / VQA): ``display_window`` (Slicer's window/level of the volume, or the DICOM WindowCenter/WindowWidth
-    that :func:`M3DAssistantLib.volume_io.read_volume_metadata` reads), else for CT (``modality``, or the values in
-    ``value_range``) the abdomen preset (soft tissue), else -- MR and the like, which have no standard window -- the
-    M3D-Seg percentiles. A display window that misses ``value_range`` entirely is skipped the same way.
+    :data:`DISPLAY_WINDOW` (report / VQA): ``display_window`` (Slicer's window/level of the volume, or the DICOM
+    WindowCenter/WindowWidth that :func:`M3DAssistantLib.volume_io.read_volume_metadata` reads), else for CT
+    (``modality``, or the values in ``value_range``) the abdomen preset (soft tissue), else -- MR and the like,
+    which have no standard window -- the M3D-Seg percentiles. A display window that misses ``value_range`` entirely
+    is skipped the same way.
     :data:`SEG_PERCENTILES_WINDOW` (boxes and segmentation): the M3D-Seg percentiles;
     :data:`VOLUME_PERCENTILES_WINDOW` (referring segmentation): the M3D-RefSeg percentiles.
     The returned spec's ``name`` says which it is (``display (DICOM)``, ``abdomen``, ``percentile``...), and is

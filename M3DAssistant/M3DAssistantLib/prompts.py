@@ -31,7 +31,8 @@ def _clean(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise InputError(f"{what} is not valid UTF-8 text (undecodable bytes); retype it or save the file as UTF-8.") from None
+        raise InputError(f"{what} is not valid UTF-8 text (undecodable bytes); retype it or save the file as "
+                         "UTF-8.") from None
     cleaned = " ".join(text.split())
     if not cleaned:
         raise InputError(f"{what} is empty; type a question or a target name.")
@@ -40,7 +41,8 @@ def _clean(text: str, what: str) -> str:
             f"{what} is {len(cleaned)} characters long; the model reads at most 512 tokens in all. Shorten it."
         )
     if any(marker in cleaned for marker in ("<im_patch>", "<bx_start>", "<bx_end>", "[SEG]")):
-        raise InputError(f"{what} must not contain the model's control tokens (<im_patch>, <bx_start>, <bx_end>, [SEG]).")
+        raise InputError(f"{what} must not contain the model's control tokens (<im_patch>, <bx_start>, <bx_end>, "
+                         "[SEG]).")
     return cleaned
 
 

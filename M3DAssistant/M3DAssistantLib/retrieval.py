@@ -31,8 +31,8 @@ import numpy as np
 
 from .errors import InputError
 from .geometry import to_model_input, validate_ijk_to_ras
-from .preprocessing import WindowArg, resolve_window
 from .model.hub import snapshot_revision
+from .preprocessing import WindowArg, resolve_window
 from .progress import ProgressCallback, report
 from .results import Provenance, RetrievalResult
 from .tasks import FIND_SIMILAR

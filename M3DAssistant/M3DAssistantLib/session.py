@@ -45,8 +45,19 @@ from .results import (
     SamplingOptions,
     TextResult,
 )
-from .tasks import ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, ArgumentKind, Output
-from .tasks import ResultKind, Task
+from .tasks import (
+    ASK,
+    CHOOSE,
+    DESCRIBE_REGION,
+    LOCATE,
+    REPORT,
+    SEGMENT,
+    SEGMENT_EXPRESSION,
+    ArgumentKind,
+    Output,
+    ResultKind,
+    Task,
+)
 from .tasks import get as get_task
 
 if TYPE_CHECKING:

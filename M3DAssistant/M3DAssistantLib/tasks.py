@@ -37,8 +37,16 @@ from typing import Any, Callable, Optional
 from . import prompts
 from .errors import InputError
 from .geometry import DEFAULT_CONVENTION, TaskPreprocessing, task_preprocessing
-from .preprocessing import (DISPLAY_WINDOW, SEG_PERCENTILES_WINDOW, VOLUME_PERCENTILES_WINDOW, WINDOW_KINDS,
-                            DisplayWindow, WindowArg, default_window, resolve_window)
+from .preprocessing import (
+    DISPLAY_WINDOW,
+    SEG_PERCENTILES_WINDOW,
+    VOLUME_PERCENTILES_WINDOW,
+    WINDOW_KINDS,
+    DisplayWindow,
+    WindowArg,
+    default_window,
+    resolve_window,
+)
 from .results import BoxResult, ChoiceResult, RetrievalResult, SegmentationResult, TextResult
 
 

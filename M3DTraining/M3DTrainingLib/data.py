@@ -49,8 +49,19 @@ from M3DAssistantLib.errors import InputError
 from M3DAssistantLib.geometry import Box, mask_to_box
 from M3DAssistantLib.model.tokenizer import MAX_SEQUENCE_LENGTH, SEG_TOKEN, encode_prompt
 
-from .export import DATASET_FORMAT, DATASET_VERSION, TASKS, box_text
-from .export import REC, REFSEG, REG, REPORT, SEG, VQA_CLOSED, VQA_OPEN  # the dataset's task names
+from .export import (  # the dataset's task names
+    DATASET_FORMAT,
+    DATASET_VERSION,
+    REC,
+    REFSEG,
+    REG,
+    REPORT,
+    SEG,
+    TASKS,
+    VQA_CLOSED,
+    VQA_OPEN,
+    box_text,
+)
 
 log = logging.getLogger(__name__)
 

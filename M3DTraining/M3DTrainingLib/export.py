@@ -88,8 +88,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from M3DAssistantLib import AI_LABEL
-from M3DAssistantLib import prompts, tasks
+from M3DAssistantLib import AI_LABEL, prompts, tasks
 from M3DAssistantLib.errors import GeometryError, InputError, M3DError
 from M3DAssistantLib.geometry import (
     DEFAULT_MODEL_SHAPE,
@@ -635,7 +634,9 @@ class _SceneReader:
             return
         choice_columns = [columns[k] for k in sorted(columns) if re.fullmatch(r"choice [a-h]", k)]
         for row in range(node.GetNumberOfRows()):
-            cell = lambda c: (node.GetCellText(row, c) or "").strip()  # noqa: E731
+            def cell(c, row=row):
+                return (node.GetCellText(row, c) or "").strip()
+
             question = cell(columns["question"])
             if not question:
                 continue

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .helper_process import BackgroundCommand
 from M3DAssistantLib.units import format_bytes  # standard library only
+
+from .helper_process import BackgroundCommand
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,9 +12,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from M3DAssistantLib.units import format_bytes  # standard library only
+
 from .config import ADAPTER_DIR
 from .loss_curve import LossCurve
-from M3DAssistantLib.units import format_bytes  # standard library only
 from .progress_log import ProgressTail
 
 log = logging.getLogger(__name__)

@@ -87,8 +87,8 @@ def merge(adapter_dir: "str | Path", out_dir: "str | Path", base_model: Optional
     """
     import torch
 
-    from M3DAssistantLib.model.loading import parse_dtype
     from M3DAssistantLib.model.checkpoint_writer import save_state_dict
+    from M3DAssistantLib.model.loading import parse_dtype
     from M3DAssistantLib.progress import report
 
     out_dir = Path(out_dir)

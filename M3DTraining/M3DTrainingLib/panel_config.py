@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from M3DAssistantLib.errors import ConfigError, InputError
+from M3DAssistantLib.units import format_bytes  # standard library only
 
 from .config import DEFAULT_BASE_MODEL, PRESETS, TrainConfig, canonical_preset
 from .gpus import GpuInfo, parse_gpu_selection
-from M3DAssistantLib.units import format_bytes  # standard library only
-
 from .memory import DEFAULT_ESTIMATES, HEADROOM
 
 PathLike = Union[str, os.PathLike]

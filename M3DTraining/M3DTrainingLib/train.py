@@ -41,8 +41,17 @@ from M3DAssistantLib.outputs import ordinary_permissions
 from M3DAssistantLib.progress import ProgressCallback, ProgressEvent
 from M3DAssistantLib.units import format_bytes
 
-from .config import (ADAPTER_DIR, CHECKPOINTS_DIR, CONFIG_FILE, PROGRESS_FILE, PRESETS, TRAINABLE_FILE, TrainConfig,
-                     checkpoint_dir_name, checkpoint_step)
+from .config import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    PRESETS,
+    PROGRESS_FILE,
+    TRAINABLE_FILE,
+    TrainConfig,
+    checkpoint_dir_name,
+    checkpoint_step,
+)
 from .lora import official_name, prepare_model
 from .memory import HEADROOM, estimate_memory, resolve_mixed_precision
 from .progress_log import ProgressLog, TrainingProgressEvent

@@ -228,7 +228,8 @@ class M3DCLIP(nn.Module):
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (logits_per_image [B_img, B_txt], logits_per_text [B_txt, B_img]), scaled by ``logit_scale``."""
-        logits = self.logit_scale * self.similarity(self.encode_image(images), self.encode_text(input_ids, attention_mask))
+        image, text = self.encode_image(images), self.encode_text(input_ids, attention_mask)
+        logits = self.logit_scale * self.similarity(image, text)
         return logits, logits.transpose(0, 1)
 
     @torch.no_grad()

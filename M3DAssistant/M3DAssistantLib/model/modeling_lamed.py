@@ -23,7 +23,7 @@ from ..errors import InputError
 from .configuration_lamed import LamedConfig, MultimodalConfig
 from .projector import build_mm_projector, build_seg_projector
 from .segvol import SegVol, SegVolConfig
-from .vit3d import ViT3DConfig, VisionTower
+from .vit3d import VisionTower, ViT3DConfig
 
 
 def _encoder_config(mm: MultimodalConfig, mlp_dim: int, num_layers: int, num_heads: int,
@@ -164,14 +164,16 @@ class LamedMixin:
 
         Returns:
             new token ids [B, T] (the prompt is not repeated), or ``(ids, seg_logits)`` with ``seg_enable``; with
-            ``return_dict_in_generate=True`` transformers' output object (``.sequences``, ``.logits``...) instead of ids.
+            ``return_dict_in_generate=True`` transformers' output object (``.sequences``, ``.logits``...) instead of
+            ids.
         """
         if input_ids is None:
             raise InputError("generate needs input_ids (the tokenised prompt).")
         if images is None and image_features is None:
             raise InputError("generate needs images [B, 1, D, H, W] or precomputed image_features.")
         if seg_enable and not self.seg_enabled:
-            raise InputError("seg_enable=True but this checkpoint has no segmentation module (segmentation_module: null).")
+            raise InputError("seg_enable=True but this checkpoint has no segmentation module "
+                             "(segmentation_module: null).")
         inputs_embeds = self._multimodal_embeds(input_ids, images, image_features)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)

@@ -170,7 +170,8 @@ class PositionEmbeddingRandom(nn.Module):
 
 
 class SegVolPromptEncoder(nn.Module):
-    """Embeds SegVol prompts. LaMed uses the text prompt only: sparse = the text embedding, dense = ``no_mask_embed``."""
+    """Embeds SegVol prompts. LaMed uses the text prompt only: sparse = the text embedding, dense =
+    ``no_mask_embed``."""
 
     def __init__(self, config: SegVolConfig):
         super().__init__()
@@ -231,7 +232,8 @@ class TwoWayAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, Nq, C], k/v [B, Nk, C] -> [B, Nq, C]
-        q, k, v = self._split_heads(self.q_proj(q)), self._split_heads(self.k_proj(k)), self._split_heads(self.v_proj(v))
+        q, k, v = (self._split_heads(self.q_proj(q)), self._split_heads(self.k_proj(k)),
+                   self._split_heads(self.v_proj(v)))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c/heads)) v
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))

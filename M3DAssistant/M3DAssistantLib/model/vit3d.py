@@ -202,7 +202,8 @@ class ViT3DBlock(nn.Module):
 class ViT3D(nn.Module):
     """The 3D ViT: patch embedding, optional CLS token, pre-norm blocks, final LayerNorm (no head).
 
-    ``forward(x [B, C, D, H, W])`` returns ``(norm(x_last) [B, N(+1), hidden], [block outputs, each [B, N(+1), hidden]])``
+    ``forward(x [B, C, D, H, W])`` returns ``(norm(x_last) [B, N(+1), hidden],
+    [block outputs, each [B, N(+1), hidden]])``
     like MONAI's ViT; the block outputs are *before* the final norm.
     """
 

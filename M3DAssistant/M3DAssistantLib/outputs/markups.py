@@ -139,7 +139,8 @@ def read_roi(path: PathLike, name: Optional[str] = None) -> Any:
         doc = json.loads(p.read_text(encoding="utf-8"))
         markups = [m for m in doc.get("markups", []) if m.get("type") == "ROI"]
     except (OSError, ValueError, AttributeError) as e:
-        raise InputError(f"{p}: not a readable Slicer markups JSON file ({e}); save the ROI from Slicer as .mrk.json") from e
+        raise InputError(f"{p}: not a readable Slicer markups JSON file ({e}); save the ROI from Slicer as "
+                         ".mrk.json") from e
     if name is not None:
         markups = [m for m in markups if m.get("name") == name]
     if not markups:
