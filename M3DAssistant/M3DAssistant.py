@@ -480,8 +480,8 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Main thread, every 100 ms: show streamed text and progress; finish the task when it is done."""
         text, progress = self._stream.drain()
         if self._checking is not None:
-            if progress is not None and progress.stage in ("selfcheck", "load", "download", "upload"):
-                self._showProgress(progress)  # not each answer's token count: the bar shows the whole check
+            if progress is not None:
+                self._showProgress(progress)
             if self._checking.done():
                 self._finishCheck()
         elif self._running:
@@ -579,18 +579,30 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start the installation check."), waitCursor=True):
             self._stream.drain()
-            self._checking = self.logic.checkInstallation(wait=False)
+            self.logic.progressCallback = self._putCheckProgress
+            try:
+                self._checking = self.logic.checkInstallation(wait=False)
+            finally:
+                if self._checking is None:
+                    self.logic.progressCallback = self._stream.put_progress
             self.ui.checkInstallationLabel.text = _("Checking the installation on the bundled CT (the model is "
                                                     "loaded first; a few minutes on a CPU)...")
             self.ui.progressBar.setRange(0, 0)
             self._updateButtonStates()
             self._timer.start()
 
+    def _putCheckProgress(self, event) -> None:
+        """Progress during the check (any thread): the check's own steps and the worker's start, not the token count
+        of each answer it asks for, so that the bar shows the whole check."""
+        if event.stage in ("selfcheck", "load", "download", "upload"):
+            self._stream.put_progress(event)
+
     def _finishCheck(self) -> None:
         from M3DAssistantLib.errors import CancelledError
         from M3DAssistantLib.panel import selfcheck_summary
         from M3DAssistantLib.selfcheck import format_report
 
+        self.logic.progressCallback = self._stream.put_progress
         request, self._checking = self._checking, None
         self._timer.stop()
         self.ui.progressBar.setRange(0, 100)
@@ -784,8 +796,8 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         return task.preprocessing(ijkToRas, window=window, display_window=displayWindow, modality=modality,
                                   value_range=valueRange)
 
-    def checkInstallation(self, *, conventions: str = "default", maxNewTokens: int = 64, wait: bool = True,
-                          callback=None, errorCallback=None):
+    def checkInstallation(self, *, conventions: str = "default", maxNewTokens: int = 64, structures=None,
+                          wait: bool = True, callback=None, errorCallback=None):
         """
         Check the installation the tasks run on: ``m3d selfcheck`` in the worker (this computer's, started if
         needed, or the remote server) -- segmentation, boxes and "Which plane is this image in?" on the CT with
@@ -793,6 +805,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         never loads the model: the worker does, and it reuses the model it has loaded.
         :param conventions: ``"default"`` (each task's own orientation) or ``"all"`` (every convention, to compare)
         :param maxNewTokens: answer length (greedy decoding, as M3D-Bench)
+        :param structures: names to segment and locate (default liver, spleen, right and left kidney, stomach, aorta)
         :return: a ``SelfCheckReport``: ``.verdict`` ("pass", "inconclusive", "orientation suspect", "poor"),
             ``.message``, ``.passed``, ``.checks``, ``.to_dict()`` / ``.to_json()`` (schema ``m3d-selfcheck``, see
             docs/conventions.md); also ``lastSelfCheck``. ``wait``, ``callback`` and ``errorCallback`` as the tasks.
@@ -809,7 +822,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             return report
 
         pending = session.check_installation(conventions=conventions, max_new_tokens=int(maxNewTokens),
-                                             on_progress=self._onProgress, wait=False)
+                                             structures=structures, on_progress=self._onProgress, wait=False)
         return self._deliver(TaskRequest("selfcheck", pending, finish), wait, callback, errorCallback)
 
     def report(self, volumeNode, *, wait: bool = True, callback=None, errorCallback=None, onText=None, **options):

@@ -115,9 +115,9 @@ class ClientBackend:
     def retrieve(self, **kwargs: Any) -> Any:
         return self._call(lambda: self._run_retrieve(kwargs))
 
-    def selfcheck(self, *, conventions: str = "default", max_new_tokens: int = 64) -> Any:
+    def selfcheck(self, *, conventions: str = "default", max_new_tokens: int = 64, structures: Any = None) -> Any:
         """``m3d selfcheck`` in the server (``M3DClient.selfcheck``), with its progress on ``on_progress``."""
-        options = {"conventions": conventions, "max_new_tokens": max_new_tokens}
+        options = {"conventions": conventions, "max_new_tokens": max_new_tokens, "structures": structures}
         return self._call(lambda: self._run_selfcheck(options))
 
     def cancel(self) -> None:

@@ -75,6 +75,15 @@ DEFAULT_STRUCTURES = (
 )
 
 
+def structures_named(names: Optional[Sequence[str]]) -> tuple[Structure, ...]:
+    """The structures to check by name: those of :data:`DEFAULT_STRUCTURES` by their name, any other name as a label
+    of that name; None: the defaults."""
+    if names is None:
+        return DEFAULT_STRUCTURES
+    known = {s.name: s for s in DEFAULT_STRUCTURES}
+    return tuple(known.get(name, Structure(name, (name,))) for name in names)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Metrics (pure numpy)
 # ----------------------------------------------------------------------------------------------------------------------

@@ -422,9 +422,11 @@ class AssistantSession:
         return self._dispatch(call, wait)
 
     def check_installation(self, *, conventions: str = "default", max_new_tokens: int = 64,
+                           structures: Optional[Sequence[str]] = None,
                            on_progress: Optional[Callable[[Any], None]] = None, wait: bool = True) -> Any:
         """``m3d selfcheck`` on the backend's model: segmentation, boxes and a plane question on the bundled CT with
-        ground-truth labels (:func:`.selfcheck.run_selfcheck`), scored -> a
+        ground-truth labels (:func:`.selfcheck.run_selfcheck`; ``structures`` by name, default liver, spleen,
+        kidneys, stomach, aorta), scored -> a
         :class:`~.selfcheck.SelfCheckReport`. A server backend runs it in its worker (the model it has loaded, the
         sample of its installation); an in-process engine runs it here. ``wait=False``: a :class:`PendingRequest`.
 
@@ -436,10 +438,11 @@ class AssistantSession:
         def run() -> Any:
             try:
                 if hasattr(self.backend, "selfcheck"):  # a server's backend
-                    return self.backend.selfcheck(**options)
-                from .selfcheck import run_selfcheck  # an in-process InferenceEngine
+                    return self.backend.selfcheck(structures=structures, **options)
+                from .selfcheck import run_selfcheck, structures_named  # an in-process InferenceEngine
 
-                return run_selfcheck(self.backend, progress=on_progress, **options)
+                return run_selfcheck(self.backend, progress=on_progress, structures=structures_named(structures),
+                                     **options)
             finally:
                 self._sent = self._sent_display = None
 

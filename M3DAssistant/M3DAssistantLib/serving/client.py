@@ -480,15 +480,19 @@ class M3DClient:
         raise InputError("retrieve needs texts=[...] (ranked for the current volume) or text=... with volumes=[...].")
 
     def selfcheck(self, *, conventions: str = "default", max_new_tokens: int = 64,
+                  structures: Optional[Sequence[str]] = None,
                   on_progress: Optional[ProgressCallback] = None) -> "SelfCheckReport":
         """``m3d selfcheck`` in the server, on its model and the sample CT of its installation: a
-        :class:`~M3DAssistantLib.selfcheck.SelfCheckReport` (``.verdict``, ``.to_dict()``). ``POST /v1/selfcheck``,
-        streamed when ``on_progress`` is given (it takes a few minutes on a CPU)."""
+        :class:`~M3DAssistantLib.selfcheck.SelfCheckReport` (``.verdict``, ``.to_dict()``). ``structures``: what to
+        segment and locate (default: liver, spleen, kidneys, stomach, aorta). ``POST /v1/selfcheck``, streamed when
+        ``on_progress`` is given (it takes a few minutes on a CPU); :meth:`cancel` stops it."""
         from ..selfcheck import SelfCheckReport
 
         self._require(FEATURE_SELFCHECK, "the installation check (POST /v1/selfcheck)",
                       "or run m3d selfcheck where it runs")
-        payload = {"conventions": conventions, "max_new_tokens": int(max_new_tokens)}
+        payload: dict[str, Any] = {"conventions": conventions, "max_new_tokens": int(max_new_tokens)}
+        if structures is not None:
+            payload["structures"] = [str(name) for name in structures]
         data = self._request_json("/v1/selfcheck", "selfcheck", payload, on_progress)
         return SelfCheckReport.from_dict(data)
 

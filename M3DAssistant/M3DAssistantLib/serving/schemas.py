@@ -111,6 +111,9 @@ class SelfCheckRequest(_Strict):
     conventions: Literal["default", "all"] = Field(
         "default", description="default: each task's own convention; all: every task under every convention")
     max_new_tokens: int = Field(64, ge=1, le=512, description="answer length (greedy decoding)")
+    structures: Optional[list[Annotated[str, Field(min_length=1, max_length=64)]]] = Field(
+        None, min_length=1, max_length=32, description="what to segment and locate (default: liver, spleen, right and "
+                                                       "left kidney, stomach, aorta)")
 
 
 class CancelRequest(_Strict):

@@ -24,11 +24,11 @@ async def selfcheck(body: Optional[SelfCheckRequest] = OPTIONAL_BODY,
     body = body if body is not None else SelfCheckRequest()
 
     def call(engine: Any, on_text: Any) -> Any:
-        from ...selfcheck import run_selfcheck
+        from ...selfcheck import run_selfcheck, structures_named
 
         # engine.progress is the request's progress sink while it runs (the queue sets it)
         return run_selfcheck(engine, conventions=body.conventions, max_new_tokens=body.max_new_tokens,
-                             progress=engine.progress)
+                             structures=structures_named(body.structures), progress=engine.progress)
 
     return await state.queue.submit("selfcheck", request_id, None, {}, call, stream,
                                     payload=lambda report: report.to_dict())
