@@ -94,6 +94,10 @@ Ask M3D-LaMed, a 3D medical vision-language model, about a CT volume.
 view and results become new nodes (text, ROI, segment) next to the volume. Nothing existing is overwritten. The model
 runs in a separate worker process on this computer (started on first use, stopped with <b>Stop</b> or when Slicer
 exits), or on a remote server you choose; Slicer stays responsive and <b>Cancel</b> stops an answer.</p>
+<p>Each task sees the volume as its training images looked: the line under the task buttons says how (orientation,
+plane, intensity window; with "Model default" report and questions use the window/level you see), and each answer
+says what it was given. <b>Check installation</b> runs the model on a bundled CT with known anatomy and says whether
+its answers are sane.</p>
 <p><b>Every output is AI-generated, not for clinical use</b>: it can be wrong, and a qualified reader must review it
 before it is used for anything.</p>
 <p>From the Python console: <code>logic = slicer.util.getModuleLogic("M3DAssistant")</code>, then

@@ -231,6 +231,9 @@ def test_the_wire_checks_display_windows_and_modalities(served, ct):
         response = conn.getresponse()
         return response.status, json.loads(response.read())
 
+    # what a client older than the display window sends: still answered, each task's default from the values
+    status, answer = post({"window": None, "roi": None, "slice_range": None, "sampling": {"max_new_tokens": 2}})
+    assert status == 200 and "'name': 'abdomen'" in answer["provenance"]["intensity"]
     status, answer = post({"display_window": {"center": 40, "width": -5}, "sampling": {"max_new_tokens": 2}})
     assert status == 400 and "width" in answer["detail"]
     status, answer = post({"modality": "C/T", "sampling": {"max_new_tokens": 2}})

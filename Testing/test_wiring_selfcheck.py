@@ -90,6 +90,31 @@ def test_selfcheck_in_the_server_equals_the_one_in_process(server, tiny_phi3_mod
     assert (after.text, after.provenance.intensity) == (before.text, before.provenance.intensity)
 
 
+def test_the_selfcheck_route_needs_the_token_and_checks_its_body(server):
+    import http.client
+    import json
+    import urllib.parse
+
+    netloc = urllib.parse.urlsplit(server["url"]).netloc
+
+    def post(body, token=TOKEN):
+        conn = http.client.HTTPConnection(netloc, timeout=60)
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+        conn.request("POST", "/v1/selfcheck", body=json.dumps(body), headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    assert post({}, token=None)[0] == 401 and post({}, token="wrong")[0] == 401
+    status, answer = post({"conventions": "some"})
+    assert status == 400 and "conventions" in answer["detail"]
+    status, answer = post({"max_new_tokens": 0})
+    assert status == 400 and "max_new_tokens" in answer["detail"]
+    status, answer = post({"structures": ["liver", "unicorn horn"], "max_new_tokens": 2})
+    assert status == 400 and answer["error"] == "InputError" and "unicorn horn" in answer["detail"]  # no such label
+    status, answer = post({"structures": ["liver"], "max_new_tokens": 2})
+    assert status == 200 and answer["schema"] == "m3d-selfcheck" and len(answer["checks"]) == 5
+
+
 def test_a_running_selfcheck_is_cancelled(server):
     from M3DAssistantLib.serving.client import M3DClient
 
