@@ -94,6 +94,10 @@ Ask M3D-LaMed, a 3D medical vision-language model, about a CT volume.
 view and results become new nodes (text, ROI, segment) next to the volume. Nothing existing is overwritten. The model
 runs in a separate worker process on this computer (started on first use, stopped with <b>Stop</b> or when Slicer
 exits), or on a remote server you choose; Slicer stays responsive and <b>Cancel</b> stops an answer.</p>
+<p>Each task sees the volume as its training images looked: the line under the task buttons says how (orientation,
+plane, intensity window; with "Model default" report and questions use the window/level you see), and each answer
+says what it was given. <b>Check installation</b> runs the model on a bundled CT with known anatomy and says whether
+its answers are sane.</p>
 <p><b>Every output is AI-generated, not for clinical use</b>: it can be wrong, and a qualified reader must review it
 before it is used for anything.</p>
 <p>From the Python console: <code>logic = slicer.util.getModuleLogic("M3DAssistant")</code>, then
@@ -206,6 +210,11 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startWorkerButton.connect("clicked(bool)", self.onStartWorkerButton)
         self.ui.stopWorkerButton.connect("clicked(bool)", self.onStopWorkerButton)
         self.ui.clearConversationButton.connect("clicked(bool)", self.onClearConversationButton)
+        self.ui.checkInstallationButton.connect("clicked(bool)", self.onCheckInstallationButton)
+        self.ui.saveCheckReportButton.connect("clicked(bool)", self.onSaveCheckReportButton)
+        self._checking = None  # the installation check's request while it runs
+        self._selfCheckReport = None  # its last report
+        self._observedVolume = None  # the input volume whose display (window/level) the preview follows
 
         # Per-computer settings (not in the scene). The token lives in memory unless "Remember" is checked.
         settings = self.logic.settings
@@ -238,6 +247,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes and the module widget is destroyed."""
         self._timer.stop()
         self.removeObservers()
+        self._observedVolume = None
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
@@ -314,14 +324,50 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.stopWorkerButton.enabled = not remote
         self.ui.inspectModelButton.enabled = bool(p.modelSource.strip()) and not remote
         running = self._running[0] if self._running else None
+        checking = self._checking is not None
         for task, button in self._taskButtons.items():
             if running:
                 button.enabled = task == running  # the running task's button is its Cancel button
                 continue
-            button.enabled = p.inputVolume is not None
+            button.enabled = p.inputVolume is not None and not checking
         self.ui.choicesLineEdit.enabled = not running
+        self.ui.checkInstallationButton.enabled = not running  # while checking it is the check's Cancel button
+        self.ui.checkInstallationButton.text = _("Cancel check") if checking else _("Check installation")
+        self.ui.saveCheckReportButton.enabled = self._selfCheckReport is not None and not checking
+        self._observeInputVolume(p.inputVolume)
+        self._updatePreprocessingLabel()
         self._refreshConversation()
         self._refreshWorkerStatus()
+
+    def _observeInputVolume(self, volume) -> None:
+        """Follow the input volume's display node: a new window/level changes what report and VQA will see."""
+        if volume is self._observedVolume:
+            return
+        event = slicer.vtkMRMLDisplayableNode.DisplayModifiedEvent
+        if self._observedVolume is not None:
+            self.removeObserver(self._observedVolume, event, self._onInputDisplayModified)
+        self._observedVolume = volume
+        if volume is not None:
+            self.addObserver(volume, event, self._onInputDisplayModified)
+
+    def _onInputDisplayModified(self, caller=None, event=None) -> None:
+        self._updatePreprocessingLabel()
+
+    def _updatePreprocessingLabel(self) -> None:
+        """Under the task buttons: the convention, plane and window each task will use on the input volume."""
+        from M3DAssistantLib.panel import preprocessing_summary
+        from M3DAssistantLib.tasks import TASKS
+
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        if volume is None:
+            self.ui.taskPreprocessingLabel.text = ""
+            return
+        try:
+            rows = [(task, self.logic.taskPreprocessing(volume, task)) for task in TASKS.values()]
+            text = _("What the model will see:") + "\n" + preprocessing_summary(rows)
+        except Exception as error:  # a volume the tasks would refuse: say why here too
+            text = _("The model cannot read this volume: {error}").format(error=str(error).split("\n")[0])
+        self.ui.taskPreprocessingLabel.text = text
 
     def _setRunning(self, task: str | None) -> None:
         from M3DAssistantLib.tasks import TASKS
@@ -437,7 +483,12 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onTimer(self) -> None:
         """Main thread, every 100 ms: show streamed text and progress; finish the task when it is done."""
         text, progress = self._stream.drain()
-        if self._running:
+        if self._checking is not None:
+            if progress is not None:
+                self._showProgress(progress)
+            if self._checking.done():
+                self._finishCheck()
+        elif self._running:
             task, request, entry = self._running
             if text:
                 entry.answer += text
@@ -459,7 +510,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _finishTask(self, task: str, request, entry) -> None:
         from M3DAssistantLib.errors import CancelledError
-        from M3DAssistantLib.panel import answer_text
+        from M3DAssistantLib.panel import answer_text, typed_result, used_text
 
         self._timer.stop()
         self._running = None
@@ -467,6 +518,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             request.result()  # writes the nodes, here on the main thread
             entry.answer, entry.status = answer_text(task, request.output), "done"
+            entry.used = used_text(typed_result(task, request.output))  # what the model was shown
             self.ui.progressBar.value = 100
             self.ui.statusLabel.text = _("Done. The answer is AI-generated, not for clinical use.")
             self._showResult(task, request.output)
@@ -521,6 +573,79 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.clearConversation(volume)
         self._refreshConversation()
 
+    def onCheckInstallationButton(self) -> None:
+        """Run the installation check in the worker (in the background), or cancel it while it runs."""
+        if self._checking is not None:
+            self._checking.cancel()
+            self.ui.checkInstallationLabel.text = _("Cancelling the check...")
+            return
+        if self._running:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start the installation check."), waitCursor=True):
+            self._stream.drain()
+            self.logic.progressCallback = self._putCheckProgress
+            try:
+                self._checking = self.logic.checkInstallation(wait=False)
+            finally:
+                if self._checking is None:
+                    self.logic.progressCallback = self._stream.put_progress
+            self.ui.checkInstallationLabel.text = _("Checking the installation on the bundled CT (the model is "
+                                                    "loaded first; a few minutes on a CPU)...")
+            self.ui.progressBar.setRange(0, 0)
+            self._updateButtonStates()
+            self._timer.start()
+
+    def _putCheckProgress(self, event) -> None:
+        """Progress during the check (any thread): the check's own steps and the worker's start, not the token count
+        of each answer it asks for, so that the bar shows the whole check."""
+        if event.stage in ("selfcheck", "load", "download", "upload"):
+            self._stream.put_progress(event)
+
+    def _finishCheck(self) -> None:
+        from M3DAssistantLib.errors import CancelledError
+        from M3DAssistantLib.panel import selfcheck_summary
+        from M3DAssistantLib.selfcheck import format_report
+
+        self.logic.progressCallback = self._stream.put_progress
+        request, self._checking = self._checking, None
+        self._timer.stop()
+        self.ui.progressBar.setRange(0, 100)
+        try:
+            report = request.result()
+            self._selfCheckReport = report
+            self.ui.checkInstallationLabel.text = selfcheck_summary(report)
+            self.ui.outputTextEdit.setPlainText(format_report(report))
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = ""
+        except CancelledError:
+            self.ui.checkInstallationLabel.text = _("Check cancelled.")
+            self.ui.progressBar.value = 0
+        except Exception as error:
+            details = getattr(error, "log_tail", "") or traceback.format_exc()
+            self.ui.checkInstallationLabel.text = _("The check could not run: {message}").format(
+                message=str(error).split("\n")[0][:300])
+            self.ui.outputTextEdit.setPlainText(details)
+            self.ui.progressBar.value = 0
+            logging.error(f"M3D installation check failed: {error}\n{details}")
+            if not slicer.app.testingEnabled():
+                slicer.util.errorDisplay(str(error), windowTitle=_("M3D Assistant"), detailedText=details)
+        finally:
+            self._updateButtonStates()
+
+    def onSaveCheckReportButton(self) -> None:
+        """Save the last check's JSON report (schema m3d-selfcheck) where the user says."""
+        from M3DAssistantLib.outputs import write_json
+
+        if self._selfCheckReport is None:
+            return
+        path = qt.QFileDialog.getSaveFileName(self.parent, _("Save the installation check report"),
+                                              "m3d-selfcheck.json", _("JSON files (*.json)"))
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not save the report."), waitCursor=True):
+            write_json(path, self._selfCheckReport.to_dict(), overwrite=True)  # the dialog asked before replacing
+            self.ui.statusLabel.text = _("Saved the installation check report to {path}").format(path=path)
+
     def onInspectModelButton(self) -> None:
         """Show a summary of the chosen checkpoint when user clicks "Inspect model"."""
         self.ui.outputTextEdit.clear()
@@ -548,9 +673,13 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
 
     Every task method blocks until the answer is there (Slicer stays responsive meanwhile), uses the model and
     options of the module panel (its parameter node), and accepts ``window=``, ``roiNode=`` (crop) and
-    ``maxNewTokens=`` to override them. ``callback=f`` makes it return at once and call ``f(value)`` on the main
-    thread when done (``errorCallback=g`` gets the exception); ``wait=False`` returns a request object to poll
-    (``done()``, ``result()``, ``cancel()``). ``onText=f`` receives the answer as it is written (from another thread).
+    ``maxNewTokens=`` to override them. Without a window (the panel's "Model default") each task sees the volume
+    as its training data did: report, VQA and Find similar in the window/level it is displayed with at that moment
+    (and its DICOM Modality), boxes and masks in the M3D-Seg percentiles; ``logic.taskPreprocessing(volumeNode,
+    "report").describe()`` says what a task will use, ``logic.checkInstallation()`` checks the installation.
+    ``callback=f`` makes it return at once and call ``f(value)`` on the main thread when done (``errorCallback=g``
+    gets the exception); ``wait=False`` returns a request object to poll (``done()``, ``result()``, ``cancel()``).
+    ``onText=f`` receives the answer as it is written (from another thread).
 
     The model runs in a worker process (``M3DAssistantLib.worker``), started on first use, reused, restarted after a
     crash, and stopped with :meth:`stopWorker` or when Slicer exits. It is a thin layer over
@@ -579,6 +708,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         self.serverToken = ""  # the remote server's token: in memory only, never in the scene
         self.interactive = True  # confirmation dialogs (never in testing mode)
         self.lastResult = None  # the full typed result of the last finished task
+        self.lastSelfCheck = None  # the SelfCheckReport of the last installation check
         self.progressCallback = None  # receives ProgressEvent, from the request's thread
         self.messageCallback = None  # receives notices such as "the worker crashed; restarting"
         self._session = None
@@ -628,6 +758,11 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             return api_value(task, output, candidates)
 
         request = TaskRequest(task.key, session.run_task(task, *arguments, wait=False, **kwargs), finish)
+        return self._deliver(request, wait, callback, errorCallback)
+
+    def _deliver(self, request, wait: bool, callback, errorCallback):
+        """The request (``callback``/``errorCallback`` called from a QTimer, or ``wait=False``), else its result once
+        done; Slicer keeps drawing while a scripted call waits."""
         if callback is not None or errorCallback is not None:
             self._watch(request, callback, errorCallback)
             return request
@@ -638,6 +773,61 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             if app is not None:
                 app.processEvents()  # a scripted call blocks, but Slicer keeps drawing
         return request.result()
+
+    def taskPreprocessing(self, volumeNode, task, **options):
+        """
+        What a task will show the model for this volume, before it runs (reads no voxels): the orientation
+        convention, the volume's plane and the plane of the slices the model sees, and the intensity window. Each
+        task's own (report / VQA / retrieval: the window/level the volume is displayed with now; boxes and masks:
+        the M3D-Seg intensity percentiles; referring segmentation: M3D-RefSeg's), unless the panel's Intensity window
+        (or ``window=``) chooses one for every task. Results record what was used (``lastResult.provenance``).
+        :param task: the task's key or console name (``"report"``, ``"segmentExpression"``...), or its ``Task``
+        :return: ``TaskPreprocessing``: ``.convention``, ``.volume_plane``, ``.model_plane``, ``.window``,
+            ``.describe()`` (one line, as the panel shows it)
+        """
+        from M3DAssistantLib.scene import volume_display, volume_geometry
+        from M3DAssistantLib.tasks import Task
+        from M3DAssistantLib.tasks import get as getTask
+
+        unknown = set(options) - {"window"}
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; use window=")
+        task = task if isinstance(task, Task) else getTask(task)
+        window = options["window"] if "window" in options else self.windowFor(
+            volumeNode, self.getParameterNode().windowPreset)
+        ijkToRas, valueRange = volume_geometry(volumeNode)
+        displayWindow, modality = volume_display(volumeNode)
+        return task.preprocessing(ijkToRas, window=window, display_window=displayWindow, modality=modality,
+                                  value_range=valueRange)
+
+    def checkInstallation(self, *, conventions: str = "default", maxNewTokens: int = 64, structures=None,
+                          wait: bool = True, callback=None, errorCallback=None):
+        """
+        Check the installation the tasks run on: ``m3d selfcheck`` in the worker (this computer's, started if
+        needed, or the remote server) -- segmentation, boxes and "Which plane is this image in?" on the CT with
+        ground-truth labels bundled with the extension, scored (Dice, box IoU, side of the body). Slicer's process
+        never loads the model: the worker does, and it reuses the model it has loaded.
+        :param conventions: ``"default"`` (each task's own orientation) or ``"all"`` (every convention, to compare)
+        :param maxNewTokens: answer length (greedy decoding, as M3D-Bench)
+        :param structures: names to segment and locate (default liver, spleen, right and left kidney, stomach, aorta)
+        :return: a ``SelfCheckReport``: ``.verdict`` ("pass", "inconclusive", "orientation suspect", "poor"),
+            ``.message``, ``.passed``, ``.checks``, ``.to_dict()`` / ``.to_json()`` (schema ``m3d-selfcheck``, see
+            docs/conventions.md); also ``lastSelfCheck``. ``wait``, ``callback`` and ``errorCallback`` as the tasks.
+        """
+        from M3DAssistantLib.panel import TaskRequest
+
+        if conventions not in ("default", "all"):
+            raise ValueError(f"conventions must be 'default' or 'all', not {conventions!r}")
+        session = self.session()
+        self.prepareWorker()
+
+        def finish(report):
+            self.lastSelfCheck = report
+            return report
+
+        pending = session.check_installation(conventions=conventions, max_new_tokens=int(maxNewTokens),
+                                             structures=structures, on_progress=self._onProgress, wait=False)
+        return self._deliver(TaskRequest("selfcheck", pending, finish), wait, callback, errorCallback)
 
     def report(self, volumeNode, *, wait: bool = True, callback=None, errorCallback=None, onText=None, **options):
         """
@@ -742,8 +932,10 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def windowFor(volumeNode, preset: str):
-        """The ``window`` argument for a panel preset: None (model default), a preset name, or the volume's
-        display window as (center, width)."""
+        """The ``window`` argument for a panel preset: None ("Model default": each task's own -- report, VQA and
+        Find similar the volume's display window, which the session reads from the node at every request; boxes and
+        masks the M3D-Seg percentiles), a preset name, or ("As displayed") the volume's display window as
+        (center, width) for every task, boxes and masks included."""
         if preset == WINDOW_DEFAULT:
             return None
         if preset == WINDOW_DISPLAY:
@@ -1132,8 +1324,11 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
             def __init__(self, config):
                 self.config, self.volumes, self.on_progress = config, 0, None
 
-            def set_volume(self, array, ijkToRas, window=None, roi=None):
+            def set_volume(self, array, ijkToRas, window=None, roi=None, display_window=None, modality=None):
                 self.volumes += 1
+
+            def set_display(self, display_window=None, modality=None):
+                pass
 
             def report(self, sampling=None, on_text=None):
                 on_text and on_text("No acute findings.")
@@ -1160,7 +1355,8 @@ class M3DAssistantTest(ScriptedLoadableModuleTest):
             def segment_expression(self, expression, sampling=None, on_text=None):
                 return SegmentationResult("No.", expression, None, prov("refseg"), absent=True)
 
-            def retrieve(self, texts=None, text=None, volumes=None, labels=None):
+            def retrieve(self, texts=None, text=None, volumes=None, labels=None, display_windows=None,
+                         modalities=None):
                 names = labels or texts
                 return RetrievalResult(text or "volume", [(i, n, 1.0 - i / 10) for i, n in
                                                           reversed(list(enumerate(names)))], prov("retrieval"))

@@ -74,8 +74,11 @@ class RecordingBackend:
     def __init__(self, config):
         self.config, self.calls, self.closed, self.on_progress = config, [], False, None
 
-    def set_volume(self, array, ijk_to_ras, window=None, roi=None):
+    def set_volume(self, array, ijk_to_ras, window=None, roi=None, display_window=None, modality=None):
         self.calls.append(("set_volume", window, roi))
+
+    def set_display(self, display_window=None, modality=None):
+        self.calls.append(("set_display", display_window, modality))
 
     def ask(self, question, history=(), sampling=None, on_text=None):
         self.calls.append(("ask", question, sampling.max_new_tokens))
@@ -223,7 +226,10 @@ class AllTasksBackend:
     def __init__(self, config):
         self.config, self.calls, self.on_progress = config, [], None
 
-    def set_volume(self, array, ijk_to_ras, window=None, roi=None):
+    def set_volume(self, array, ijk_to_ras, window=None, roi=None, display_window=None, modality=None):
+        pass
+
+    def set_display(self, display_window=None, modality=None):
         pass
 
     def _answer(self, key, result, on_text, *arguments):
@@ -266,7 +272,7 @@ class AllTasksBackend:
     def segment_expression(self, expression, sampling=None, on_text=None):
         return self._mask("segment_expression", expression, on_text)
 
-    def retrieve(self, texts=None, text=None, volumes=None, labels=None):
+    def retrieve(self, texts=None, text=None, volumes=None, labels=None, display_windows=None, modalities=None):
         self.calls.append(("retrieve", text, tuple(labels)))
         return RetrievalResult(text, [(i, name, 1.0 - i / 10) for i, name in enumerate(labels)], prov("retrieval"))
 

@@ -14,6 +14,7 @@ import pytest
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib.errors import InputError
 from M3DAssistantLib.geometry import VolumeToModelMapping, mask_to_box, mask_to_model, roi_to_box, to_model_input
+from M3DAssistantLib.preprocessing import WINDOW_KINDS, DisplayWindow, default_window
 from M3DTrainingLib.export import _assign_splits, export_dataset, parse_qa_text, target_text
 
 SHAPE = (16, 64, 64)
@@ -145,13 +146,21 @@ def test_export_writes_the_official_layout_with_inference_geometry(exported):
 
     array = slicer.util.arrayFromVolume(ct)
     ijk_to_ras = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(ct))
-    for short, convention in (("m3d_cap_v2", "m3d-cap-v2"), ("seg", "m3d-seg-v1"), ("m3d_refseg_v1", "m3d-refseg-v1")):
-        expected, mapping = to_model_input(array, ijk_to_ras, model_shape=SHAPE, convention=convention)
+    display = ct.GetDisplayNode()  # each task's own window, as at inference: report/VQA the scene's window/level
+    shown = DisplayWindow(display.GetLevel(), display.GetWindow(), "Slicer")
+    value_range = (float(array.min()), float(array.max()))
+    windows = {kind: default_window(kind, display_window=shown, value_range=value_range) for kind in WINDOW_KINDS}
+    assert windows["display"] == shown.spec
+    for short, convention, kind in (("cap", "m3d-cap-v2", "display"), ("seg", "m3d-seg-v1", "percentile"),
+                                    ("refseg", "m3d-refseg-v1", "volume-percentile")):
+        expected, mapping = to_model_input(array, ijk_to_ras, model_shape=SHAPE, convention=convention,
+                                           window=windows[kind])
         image = np.load(folder / "images" / f"ct_{short}.npy")
         assert image.dtype == np.float32 and image.shape == (1, *SHAPE)
         np.testing.assert_array_equal(image, expected)
         stored = VolumeToModelMapping.from_json((folder / "images" / f"ct_{short}.mapping.json").read_text())
         assert stored == mapping
+    assert manifest["window"] is None and manifest["window_kind"]["report"] == "display"
 
     _, seg_mapping = to_model_input(array, ijk_to_ras, model_shape=SHAPE, convention="m3d-seg-v1")
     train = {task: manifest[task]["train"] for task in manifest if isinstance(manifest[task], dict)
@@ -180,10 +189,10 @@ def test_export_writes_the_official_layout_with_inference_geometry(exported):
     assert reg_roi["box"] == list(roi_to_box(roi_from_node(reg), seg_mapping, snap=True))
 
     (report,) = train["report"]
-    assert report["image"] == "images/ct_m3d_cap_v2.npy"
+    assert report["image"] == "images/ct_cap.npy"
     assert (folder / report["text"]).read_text().strip() == "The liver is normal in size. No focal lesion."
     (open_q,) = train["vqa_open"]
-    assert open_q == {"Image Path": "images/ct_m3d_cap_v2.npy", "Question": "What organ is the largest in this image?",
+    assert open_q == {"Image Path": "images/ct_cap.npy", "Question": "What organ is the largest in this image?",
                       "Answer": "The liver.", "Question Type": "user", "volume": "ct",
                       "node": "CT questions (line 1)"}
     (closed,) = train["vqa_closed"]
@@ -191,9 +200,10 @@ def test_export_writes_the_official_layout_with_inference_geometry(exported):
     assert closed["Answer Choice"] == "A" and closed["Answer"] == "Axial"
     (refseg,) = train["refseg"]
     # referring segmentation: image and mask in M3D-RefSeg's own orientation (m3d-refseg-v1), as at inference
-    assert refseg["Image"] == "images/ct_m3d_refseg_v1.npy" and refseg["Mask"] == "masks/ct_m3d_refseg_v1_liver.npy"
+    assert refseg["Image"] == "images/ct_refseg.npy" and refseg["Mask"] == "masks/ct_refseg_liver.npy"
     assert refseg["Mask_ID"] == 1 and refseg["Answer"] is None
-    _, refseg_mapping = to_model_input(array, ijk_to_ras, model_shape=SHAPE, convention="m3d-refseg-v1")
+    _, refseg_mapping = to_model_input(array, ijk_to_ras, model_shape=SHAPE, convention="m3d-refseg-v1",
+                                       window=windows["volume-percentile"])
     expected_mask = mask_to_model(slicer.util.arrayFromSegmentBinaryLabelmap(seg, "liver", ct), refseg_mapping) != 0
     np.testing.assert_array_equal(np.load(folder / refseg["Mask"])[0], expected_mask)
 

@@ -436,8 +436,11 @@ class BlockingBackend:
         self.started = threading.Event()
         self.volumes = 0
 
-    def set_volume(self, array_kji, ijk_to_ras, *, window=None, roi=None):
+    def set_volume(self, array_kji, ijk_to_ras, *, window=None, roi=None, display_window=None, modality=None):
         self.volumes += 1
+
+    def set_display(self, display_window=None, modality=None):
+        pass
 
     def _answer(self, *args, **kwargs):
         self.started.set()

@@ -64,9 +64,12 @@ def volumes() -> list[tuple[np.ndarray, np.ndarray]]:
     return [(make_volume(seed), AFFINE) for seed in range(3)]
 
 
-def direct_image_embedding(retriever: Retriever, array, affine, window=None) -> torch.Tensor:
-    """Geometry + encode_image called here, without the Retriever."""
-    image, _ = to_model_input(array, affine, window=window, model_shape=retriever.model.config.img_size)
+def direct_image_embedding(retriever: Retriever, array, affine, window="abdomen") -> torch.Tensor:
+    """Geometry + encode_image called here, without the Retriever. The default window is retrieval's default for
+    these CTs, which have no display window: the abdomen preset (M3D-CLIP learned from M3D-Cap's display-window
+    images; docs/conventions.md)."""
+    image, _ = to_model_input(array, affine, window=window, model_shape=retriever.model.config.img_size,
+                              convention="m3d-cap-v2")
     with torch.no_grad():
         return retriever.model.encode_image(torch.from_numpy(image)[None])[0]
 
@@ -155,6 +158,36 @@ def test_provenance_and_json(retriever, volumes, tiny_clip):
     assert {label for _, label, _ in texts.ranking} == {"a", "b"}
 
 
+def test_default_window_is_each_volumes_display_window(retriever, volumes):
+    """Retrieval's default window (registry: FIND_SIMILAR.window, the display window, as report/VQA): a volume's own
+    display window when given, else the abdomen preset for CT, else (no CT values, no window) the M3D-Seg
+    percentiles; per volume in a ranking of volumes. Each checked against the embedding of the explicit window."""
+    from M3DAssistantLib.preprocessing import DisplayWindow
+    from M3DAssistantLib.tasks import FIND_SIMILAR
+
+    assert FIND_SIMILAR.window == "display" and FIND_SIMILAR.convention == "m3d-cap-v2"
+    (ct, affine), (other, _), _ = volumes
+    lung = DisplayWindow(-600, 1500, "Slicer")
+    np.testing.assert_array_equal(retriever.embed_volume(ct, affine, display_window=lung),
+                                  retriever.embed_volume(ct, affine, window=lung))
+    np.testing.assert_array_equal(retriever.embed_volume(ct, affine), retriever.embed_volume(ct, affine,
+                                                                                           window="abdomen"))
+    mr = (ct.astype(np.int32) + 1000).astype(np.int16)  # no air values, no DICOM modality: not CT
+    np.testing.assert_array_equal(retriever.embed_volume(mr, affine), retriever.embed_volume(mr, affine,
+                                                                                           window="percentile"))
+    assert retriever.embed_volume(mr, affine, modality="CT") is retriever.embed_volume(mr, affine, window="abdomen")
+    result = retriever.rank_volumes("liver", [(ct, affine), (other, affine)], display_windows=[lung, None],
+                                    modalities=["CT", None])
+    expected = retriever.rank_volumes("liver", [retriever.embed_volume(ct, affine, window=lung),
+                                                retriever.embed_volume(other, affine, window="abdomen")])
+    assert [r[:2] for r in result.ranking] == [r[:2] for r in expected.ranking]
+    assert result.provenance.intensity is None  # the two volumes had different windows
+    texts = retriever.rank_texts((ct, affine), TEXTS[:2], display_window=lung)
+    assert json.loads(texts.provenance.intensity)["name"] == "display (Slicer)"
+    with pytest.raises(InputError, match="one per volume"):
+        retriever.rank_volumes("liver", [(ct, affine), (other, affine)], display_windows=[lung])
+
+
 def test_progress_events(tiny_clip, volumes):
     events = []
     retriever = Retriever(tiny_clip, device="cpu", dtype="float32", progress=events.append)
@@ -194,8 +227,11 @@ def test_cache_encodes_each_volume_once(counting, volumes):
     retriever.rank_volumes("liver", [(array, affine)])
     retriever.similarity([(array, affine)], TEXTS[:2])
     assert len(calls) == 1
-    # What changes the model input is a new key: window, geometry, voxels.
+    # The default window of a CT without a display window is the abdomen preset: the same key, nothing encoded.
     retriever.embed_volume(array, affine, window="abdomen")
+    assert len(calls) == 1
+    # What changes the model input is a new key: window, geometry, voxels.
+    retriever.embed_volume(array, affine, window="lung")
     retriever.embed_volume(array, affine, window=(40, 350))  # the same window as "abdomen", given as numbers
     moved = affine.copy()
     moved[:3, 3] += 10.0  # translation only: the input tensor is the same, but it is another volume's geometry
@@ -221,7 +257,8 @@ def test_cache_size_bounds_the_cache(tiny_clip, volumes):
     for array, affine in volumes:
         retriever.embed_volume(array, affine)
     assert len(retriever._cache) == 2
-    assert volume_key(*volumes[0], None, retriever.convention, retriever.config.img_size) not in retriever._cache
+    assert volume_key(*volumes[0], "abdomen", retriever.convention, retriever.config.img_size) not in retriever._cache
+    assert volume_key(*volumes[2], "abdomen", retriever.convention, retriever.config.img_size) in retriever._cache
 
 
 def test_volume_key():

@@ -729,6 +729,8 @@ def test_openapi_fuzz_no_server_errors(local_server, ct):
                                      headers={"Authorization": f"Bearer {local_server['token']}"})
     with urllib.request.urlopen(request, timeout=10) as response:
         raw = json.load(response)
+    # The self-check runs the model 15 to 60 times per call: it has its own tests (test_wiring_selfcheck.py).
+    raw["paths"].pop("/v1/selfcheck")
     # Half the generated ids name the uploaded CT, so the task routes also run the model (8 tokens at most).
     for item in raw["paths"].values():
         for method, operation in item.items():

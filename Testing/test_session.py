@@ -51,8 +51,12 @@ class FakeBackend:
         self.answers: dict = {}
         self.cancelled = 0
 
-    def set_volume(self, array_kji, ijk_to_ras, *, window=None, roi=None):
-        self.volumes.append({"array": array_kji, "ijk_to_ras": ijk_to_ras, "window": window, "roi": roi})
+    def set_volume(self, array_kji, ijk_to_ras, *, window=None, roi=None, display_window=None, modality=None):
+        self.volumes.append({"array": array_kji, "ijk_to_ras": ijk_to_ras, "window": window, "roi": roi,
+                             "display_window": display_window, "modality": modality})
+
+    def set_display(self, display_window=None, modality=None):
+        self.calls.append(("set_display", (display_window, modality), {}))
 
     def _answer(self, task, default, on_text, *args, **kwargs):
         self.calls.append((task, args, kwargs))
@@ -90,8 +94,9 @@ class FakeBackend:
         default = SegmentationResult("No.", expression, None, provenance("refseg", expression), absent=True)
         return self._answer("segment_expression", default, on_text, expression, sampling=sampling)
 
-    def retrieve(self, *, texts=None, text=None, volumes=None, labels=None):
-        self.calls.append(("retrieve", (), {"texts": texts, "text": text, "volumes": volumes, "labels": labels}))
+    def retrieve(self, *, texts=None, text=None, volumes=None, labels=None, display_windows=None, modalities=None):
+        self.calls.append(("retrieve", (), {"texts": texts, "text": text, "volumes": volumes, "labels": labels,
+                                            "display_windows": display_windows, "modalities": modalities}))
         names = labels or texts or []
         return RetrievalResult(text or "volume", [(i, n, 1.0 - i / 10) for i, n in enumerate(names)],
                                provenance("retrieval"))

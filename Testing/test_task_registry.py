@@ -94,7 +94,7 @@ def test_conventions_come_from_the_registry():
         "report": ("m3d-cap-v2", "display"), "ask": ("m3d-cap-v2", "display"), "choose": ("m3d-cap-v2", "display"),
         "locate": ("m3d-seg-v1", "percentile"), "describe_region": ("m3d-seg-v1", "percentile"),
         "segment": ("m3d-seg-v1", "percentile"), "segment_expression": ("m3d-refseg-v1", "volume-percentile"),
-        "find_similar": ("m3d-cap-v2", "percentile")}
+        "find_similar": ("m3d-cap-v2", "display")}
     for task in tasks.TASKS.values():  # by any name, as the engine (key) and the export (training name) ask
         assert tasks.convention_for(task.key) == tasks.convention_for(task.training_name) == task.convention
     assert tasks.convention_for("REFSEG") == "m3d-refseg-v1"
@@ -195,7 +195,8 @@ def test_backend_task_methods_pass_the_arguments_by_position_or_name():
 def test_session_offers_every_task():
     from M3DAssistantLib.session import AssistantSession
 
-    assert _task_methods(AssistantSession, "wait") == set(tasks.TASKS) | {"run_task"}
+    # check_installation (the self-check) also runs in the background, but is no task of the registry
+    assert _task_methods(AssistantSession, "wait") == set(tasks.TASKS) | {"run_task", "check_installation"}
     for task in tasks.TASKS.values():
         parameters = list(inspect.signature(getattr(AssistantSession, task.key)).parameters)[1:]
         positional = [a for a in task.arguments if a.kind is not ArgumentKind.HISTORY]

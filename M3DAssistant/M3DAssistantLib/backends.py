@@ -76,11 +76,19 @@ class ClientBackend:
         self._check_cancel()
         return client.run_task(task, *arguments, sampling=sampling, on_text=on_text, on_progress=self._progress)
 
-    def _send_volume(self, array_kji: Any, ijk_to_ras: Any, window: Any, roi: Any) -> Any:
+    def _send_volume(self, array_kji: Any, ijk_to_ras: Any, options: dict[str, Any]) -> Any:
         client = self._client_for_task()
         self._check_cancel()
         report(self.on_progress, "upload", None, "sending the volume")
-        return client.set_volume(array_kji, ijk_to_ras, window=window, roi=roi)
+        return client.set_volume(array_kji, ijk_to_ras, **options)
+
+    def _send_display(self, display_window: Any, modality: Any) -> None:
+        self._client_for_task().set_display(display_window, modality)
+
+    def _run_selfcheck(self, options: dict[str, Any]) -> Any:
+        client = self._client_for_task()
+        self._check_cancel()
+        return client.selfcheck(on_progress=self._progress, **options)
 
     def _run_retrieve(self, kwargs: dict) -> Any:
         client = self._client_for_task()
@@ -94,11 +102,23 @@ class ClientBackend:
     def info(self) -> dict[str, Any]:
         return self._call(lambda: self._client_for_task().info())
 
-    def set_volume(self, array_kji: Any, ijk_to_ras: Any, *, window: Any = None, roi: Any = None) -> Any:
-        return self._call(lambda: self._send_volume(array_kji, ijk_to_ras, window, roi), check_after=True)
+    def set_volume(self, array_kji: Any, ijk_to_ras: Any, *, window: Any = None, roi: Any = None,
+                   display_window: Any = None, modality: Any = None) -> Any:
+        options = {"window": window, "roi": roi, "display_window": display_window, "modality": modality}
+        return self._call(lambda: self._send_volume(array_kji, ijk_to_ras, options), check_after=True)
+
+    def set_display(self, display_window: Any = None, modality: Any = None) -> None:
+        """The current volume's display window and modality changed (``InferenceEngine.set_display``): they go with
+        the next requests; the voxels are not sent again."""
+        self._call(lambda: self._send_display(display_window, modality))
 
     def retrieve(self, **kwargs: Any) -> Any:
         return self._call(lambda: self._run_retrieve(kwargs))
+
+    def selfcheck(self, *, conventions: str = "default", max_new_tokens: int = 64, structures: Any = None) -> Any:
+        """``m3d selfcheck`` in the server (``M3DClient.selfcheck``), with its progress on ``on_progress``."""
+        options = {"conventions": conventions, "max_new_tokens": max_new_tokens, "structures": structures}
+        return self._call(lambda: self._run_selfcheck(options))
 
     def cancel(self) -> None:
         """Stop the running request at its next decoding step (from any thread, without waiting: the GUI calls it);
@@ -204,8 +224,18 @@ class LocalWorkerBackend(ClientBackend):
                 return False
             time.sleep(0.05)
 
-    def _send_volume(self, array_kji: Any, ijk_to_ras: Any, window: Any, roi: Any) -> Any:
-        kwargs = {"window": window, "roi": roi}
+    def _send_display(self, display_window: Any, modality: Any) -> None:
+        if self._volume is not None:  # a restarted worker gets the volume with the display it has now
+            self._volume[1].update(display_window=display_window, modality=modality)
+        super()._send_display(display_window, modality)
+
+    def _run_selfcheck(self, options: dict[str, Any]) -> Any:
+        client = self._client_for_task()
+        self._check_cancel()
+        return self._guard(lambda: client.selfcheck(on_progress=self._progress, **options), self.worker.generation)
+
+    def _send_volume(self, array_kji: Any, ijk_to_ras: Any, options: dict[str, Any]) -> Any:
+        kwargs = dict(options)
         self._volume = ((array_kji, ijk_to_ras), kwargs)
         self._volume_generation = None
         client = self._ensure()

@@ -104,9 +104,12 @@ def run_batch(
     window=None,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> dict[str, str]:
-    """Run ``specs`` on each volume; returns {volume name: "done" | "skipped" | "failed: ..."}."""
+    """Run ``specs`` on each volume; returns {volume name: "done" | "skipped" | "failed: ..."}.
+
+    Each volume's DICOM WindowCenter/WindowWidth and Modality (:func:`~.volume_io.read_volume_metadata`) go to the
+    engine with it: the default window of report and VQA, as ``m3d report`` does for one volume."""
     from . import outputs
-    from .volume_io import read_volume
+    from .volume_io import read_volume, read_volume_metadata
 
     status: dict[str, str] = {}
     out_dir = Path(out_dir)
@@ -119,7 +122,9 @@ def run_batch(
             continue
         try:
             array, ijk_to_ras = read_volume(path)
-            engine.set_volume(array, ijk_to_ras, window=window)
+            meta = read_volume_metadata(path)
+            engine.set_volume(array, ijk_to_ras, window=window, display_window=meta.display_window,
+                              modality=meta.modality)
             target.mkdir(parents=True, exist_ok=True)
             results = {}
             for spec in specs:

@@ -257,18 +257,24 @@ def _write_outputs(args: argparse.Namespace, result, ijk_to_ras) -> None:
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
     from .retrieval import Retriever
-    from .volume_io import read_volume
+    from .volume_io import read_volume, read_volume_metadata
 
     bar = ProgressBar(not args.quiet)
     retriever = Retriever(args.clip_model, device=args.device, dtype=args.dtype)
     bar.close()
+    # each volume's default window (retrieval's: the display window) from its DICOM WindowCenter/Width and Modality
+    metas = [read_volume_metadata(Path(v)) for v in args.volumes]
     if args.texts:
         if len(args.volumes) != 1:
             raise M3DError("with --texts give exactly one volume to rank them for.")
-        result = retriever.rank_texts(read_volume(Path(args.volumes[0])), args.texts)
+        result = retriever.rank_texts(read_volume(Path(args.volumes[0])), args.texts, window=_window(args.window),
+                                      display_window=metas[0].display_window, modality=metas[0].modality)
     else:
         volumes = [read_volume(Path(v)) for v in args.volumes]
-        result = retriever.rank_volumes(args.text, volumes, labels=[Path(v).name for v in args.volumes])
+        result = retriever.rank_volumes(args.text, volumes, labels=[Path(v).name for v in args.volumes],
+                                        window=_window(args.window),
+                                        display_windows=[m.display_window for m in metas],
+                                        modalities=[m.modality for m in metas])
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -438,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--texts", nargs="+", help="texts to rank for the (single) volume")
     group.add_argument("--text", help="text to rank the volumes for")
     p.add_argument("--clip-model", default=None, help="M3D-CLIP hub id or folder (default GoodBaiBai88/M3D-CLIP)")
+    p.add_argument("--window", default=None,
+                   help="intensity window for every volume: abdomen, lung, bone, brain, minmax, percentile, or "
+                        "CENTER,WIDTH in HU (default: as M3D-CLIP's training images -- each volume's DICOM "
+                        "WindowCenter/Width, else abdomen for CT, else percentiles)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true")
@@ -478,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenes", nargs="+", help=".mrb or .mrml files (needs slicer-core: pip install slicer-core)")
     p.add_argument("-o", "--output", required=True, help="new dataset folder (must not exist)")
     p.add_argument("--model-shape", type=int, nargs=3, default=[32, 256, 256], metavar=("D", "H", "W"))
-    p.add_argument("--window", default=None, help="intensity window as for inference (default: percentiles)")
+    p.add_argument("--window", default=None, help="one intensity window for every task (default: each task's own, "
+                                                  "as at inference: report/VQA the volume's window/level in the scene, "
+                                                  "boxes and masks the M3D-Seg percentiles)")
     p.add_argument("--validation-fraction", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_export)

@@ -60,7 +60,18 @@ from .results import (
     TextResult,
 )
 from .retrieval import volume_key  # one content hash for every cache (re-exported for the server)
-from .tasks import ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, STREAMING_TASKS, Task
+from .tasks import (
+    ASK,
+    CHOOSE,
+    DESCRIBE_REGION,
+    FIND_SIMILAR,
+    LOCATE,
+    REPORT,
+    SEGMENT,
+    SEGMENT_EXPRESSION,
+    STREAMING_TASKS,
+    Task,
+)
 from .tasks import get as get_task
 
 logger = logging.getLogger(__name__)
@@ -147,7 +158,13 @@ class _TextStreamer:
             self.sent = text
 
     def end(self) -> None:
-        pass
+        """Send what was held back: an answer may end in an incomplete character, which the result's text keeps."""
+        if self.on_text is None or not self.ids:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
 
 
 def _checkpoint_revision(folder: Optional[Path]) -> Optional[str]:
@@ -263,27 +280,43 @@ class InferenceEngine:
         :func:`~M3DAssistantLib.volume_io.read_volume_metadata` -- which report and VQA then use; ``modality``: the
         DICOM Modality when known (without it, CT is recognised by its values).
         ``content_key``: a caller that already hashed the volume (the server, per uploaded volume) passes
-        :func:`volume_key` of it to skip hashing again."""
+        :func:`volume_key` of it to skip hashing again.
+
+        The display window and modality are not part of the volume's identity: setting the same volume with another
+        display window (the user changed the window/level between two questions) keeps its cached views -- a mask
+        task's view does not depend on it -- and only the tasks whose default window is the display window get a
+        new view (as :meth:`set_display` does)."""
         array = validate_volume(array_kji)
         matrix = np.asarray(ijk_to_ras, dtype=np.float64)
-        if display_window is not None and not isinstance(display_window, DisplayWindow):
-            display_window = DisplayWindow(*display_window)
         roi_key = None if roi is None else (tuple(np.round(roi.center, 6)), tuple(np.round(roi.size, 6)),
                                             tuple(np.round(np.asarray(roi.axes).ravel(), 6)))
         content = content_key or volume_key(array, matrix)
-        params = repr((window, roi_key, slice_range, display_window, modality))
+        params = repr((window, roi_key, slice_range))
         key = hashlib.blake2b(f"{content}|{params}|{self.model_source}".encode(), digest_size=12).hexdigest()
         with self._lock:
             if key in self._volumes:
                 self._volumes.move_to_end(key)
             else:
-                handle = VolumeHandle(key, tuple(array.shape), window, roi, slice_range,  # type: ignore[arg-type]
-                                      display_window, modality)
+                handle = VolumeHandle(key, tuple(array.shape), window, roi, slice_range)  # type: ignore[arg-type]
                 self._volumes[key] = _Volume(handle, array, matrix)
                 while len(self._volumes) > self.max_volumes:
                     self._volumes.popitem(last=False)
             self._current = key
-            return self._volumes[key].handle
+            return self.set_display(display_window, modality)
+
+    def set_display(self, display_window: Union[DisplayWindow, tuple[float, float], None] = None,
+                    modality: Optional[str] = None) -> VolumeHandle:
+        """How the reader sees the current volume: its display window (Slicer's window/level, the DICOM
+        WindowCenter/WindowWidth) and its DICOM Modality, as :meth:`set_volume` takes them. Nothing is recomputed
+        here; the next task whose default window is the display window (report, VQA, retrieval) gets a view in the
+        new window, the others keep theirs."""
+        if display_window is not None and not isinstance(display_window, DisplayWindow):
+            display_window = DisplayWindow(*display_window)
+        with self._lock:
+            handle = self._volume().handle
+            handle.display_window = display_window
+            handle.modality = modality or None
+            return handle
 
     def forget_volume(self, key: Optional[str] = None) -> None:
         """Drop a volume's cached features (the current one by default)."""
@@ -506,20 +539,29 @@ class InferenceEngine:
 
     def retrieve(self, *, texts: Optional[Sequence[str]] = None, text: Optional[str] = None,
                  volumes: Optional[Sequence[tuple[np.ndarray, np.ndarray]]] = None,
-                 labels: Optional[Sequence[str]] = None) -> RetrievalResult:
-        """Image-text retrieval with M3D-CLIP: rank ``texts`` for the current volume, or ``volumes`` for ``text``."""
+                 labels: Optional[Sequence[str]] = None,
+                 display_windows: Optional[Sequence[Optional[DisplayWindow]]] = None,
+                 modalities: Optional[Sequence[Optional[str]]] = None) -> RetrievalResult:
+        """Image-text retrieval with M3D-CLIP: rank ``texts`` for the current volume, or ``volumes`` for ``text``.
+
+        Window: the current volume's ``window`` when one was chosen, else each volume's default for retrieval
+        (:attr:`.tasks.FIND_SIMILAR` ``.window``, the display window: M3D-CLIP learned from M3D-Cap's JPEGs) --
+        for the current volume its display window and modality, for ``volumes`` the ``display_windows`` and
+        ``modalities`` given with them (one per volume, None where unknown)."""
         from .retrieval import Retriever
 
         with self._lock:
             if self._retriever is None:
                 self._retriever = Retriever(self.clip_source, device=self.device, dtype=self.dtype)
-            window = self._volume().handle.window if self._current in self._volumes else None
+            current = self._volume() if self._current in self._volumes else None
+            window = current.handle.window if current is not None else None
             if texts is not None:
                 volume = self._volume()
                 return self._retriever.rank_texts((volume.array, volume.ijk_to_ras), list(texts), labels=labels,
-                                                  window=window)
+                                                  window=volume.window_for(FIND_SIMILAR))
             if text is not None and volumes is not None:
-                return self._retriever.rank_volumes(text, list(volumes), labels=labels, window=window)
+                return self._retriever.rank_volumes(text, list(volumes), labels=labels, window=window,
+                                                    display_windows=display_windows, modalities=modalities)
         raise InputError("retrieve needs texts=[...] (ranked for the current volume) or text=... with volumes=[...].")
 
     # ----------------------------------------------------------------------------------------------- streaming

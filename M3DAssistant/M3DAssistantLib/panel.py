@@ -27,6 +27,7 @@ STAGE_LABELS = {
     "encode": "Reading the image",
     "generate": "Writing the answer",
     "segment": "Segmenting",
+    "selfcheck": "Checking the installation",
 }
 
 
@@ -146,6 +147,77 @@ def _task(task: Union[Task, str]) -> Task:
     return task if isinstance(task, Task) else get_task(task)
 
 
+# ------------------------------------------------------------------------- what the model sees, before and after
+def _window_text(scheme: str, name: str, center: Any = None, width: Any = None, low: Any = None,
+                 high: Any = None) -> str:
+    """``display (Slicer) 40/400``, ``abdomen 40/350``, ``40/400`` (a custom pair), ``percentile [-87, 242]``."""
+    if scheme == "window":
+        pair = f"{float(center):g}/{float(width):g}" if center is not None and width is not None else ""
+        return pair if name == "custom" else f"{name} {pair}".strip()
+    if low is not None and high is not None:
+        return f"{name} [{float(low):.4g}, {float(high):.4g}]"
+    return name
+
+
+def preprocessing_summary(rows: Sequence[tuple[Task, Any]]) -> str:
+    """What each task will see, one line per distinct preprocessing, tasks with the same one together, in the
+    panel's order: ``Report, Ask, Multiple choice, Find similar: m3d-cap-v2: coronal slices (the volume's own
+    plane); window display (Slicer) 40/400``. ``rows``: (task, :class:`~.geometry.TaskPreprocessing`)."""
+    groups: dict[str, list[str]] = {}
+    for task, preprocessing in rows:
+        groups.setdefault(preprocessing.describe(), []).append(task.label)
+    return "\n".join(f"{', '.join(labels)}: {text}" for text, labels in groups.items())
+
+
+VERDICT_COLORS = {"pass": "#1b7f3a", "inconclusive": "#a35c00", "orientation suspect": "#b00020", "poor": "#b00020"}
+
+
+def selfcheck_summary(report: Any) -> str:
+    """The panel's line for a finished installation check (HTML): the verdict, coloured, its message, and where the
+    details are."""
+    verdict = str(report.verdict)
+    color = VERDICT_COLORS.get(verdict, "#b00020")
+    answered = sum(c.verdict != "no answer" for c in report.checks)
+    return (f"<b style='color:{color}'>Installation check: {html.escape(verdict.upper())}</b> "
+            f"({answered} of {len(report.checks)} checks answered). {html.escape(report.message)}<br>"
+            "<small>The table is in Advanced &gt; Details; Save report... writes the JSON.</small>")
+
+
+def _intensity_record(text: Optional[str]) -> Optional[dict[str, Any]]:
+    """A provenance's intensity (the engine writes the mapping's dict repr, M3D-CLIP its JSON) as a dict."""
+    if not text:
+        return None
+    import ast
+    import json
+
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(text)
+        except (ValueError, SyntaxError, TypeError):
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def used_text(result: Any) -> str:
+    """What a finished task actually used, from its provenance: ``m3d-cap-v2, window display (Slicer) 40/400``
+    (convention without its version suffix; the window with the values it clipped to for percentiles). Empty when
+    the result does not say (e.g. a ranking of volumes with different windows)."""
+    provenance = getattr(result, "provenance", None)
+    if provenance is None:
+        return ""
+    parts = []
+    if provenance.convention:
+        parts.append(str(provenance.convention).split("@")[0])
+    intensity = _intensity_record(provenance.intensity)
+    if intensity is not None:
+        parts.append("window " + _window_text(str(intensity.get("scheme", "")), str(intensity.get("name", "?")),
+                                              intensity.get("center"), intensity.get("width"),
+                                              intensity.get("low"), intensity.get("high")))
+    return ", ".join(parts)
+
+
 class TaskRequest:
     """A task running in the background (the session's PendingRequest) plus how to turn its output into the
     console API's value. Poll :meth:`done`; call :meth:`result` on the main thread (it creates the nodes)."""
@@ -210,6 +282,7 @@ class ConversationEntry:
     prompt: str
     answer: str = ""
     status: str = "running"  # running | done | cancelled | failed
+    used: str = ""  # what the model was shown (used_text): convention and window, from the result's provenance
 
 
 class ConversationLog:
@@ -254,6 +327,9 @@ class ConversationLog:
             style = {"failed": "color:#b00020", "cancelled": "color:gray"}.get(entry.status, "")
             suffix = {"running": " &hellip;", "cancelled": " <i>(cancelled)</i>"}.get(entry.status, "")
             parts.append(f"<p style='margin-left:12px;{style}'>{answer}{suffix}</p>")
+            if entry.used:
+                parts.append(f"<p style='margin-left:12px;color:gray'><small>Seen as {html.escape(entry.used)}"
+                             "</small></p>")
         return "\n".join(parts)
 
 
@@ -271,5 +347,5 @@ class PromptHistory:
 
 
 __all__ = ["STAGE_LABELS", "progress_text", "parse_choices", "require_prompt", "task_arguments", "api_value",
-           "typed_result", "answer_text", "TaskRequest", "StreamBuffer", "ConversationEntry", "ConversationLog",
-           "PromptHistory"]
+           "typed_result", "answer_text", "preprocessing_summary", "used_text", "selfcheck_summary", "VERDICT_COLORS",
+           "TaskRequest", "StreamBuffer", "ConversationEntry", "ConversationLog", "PromptHistory"]

@@ -32,7 +32,7 @@ import numpy as np
 from .errors import InputError
 from .geometry import to_model_input, validate_ijk_to_ras
 from .model.hub import snapshot_revision
-from .preprocessing import WindowArg, resolve_window
+from .preprocessing import DisplayWindow, WindowArg, default_window, resolve_window
 from .progress import ProgressCallback, report
 from .results import Provenance, RetrievalResult
 from .tasks import FIND_SIMILAR
@@ -172,9 +172,12 @@ class Retriever:
         convention: orientation convention of the model input; default: M3D-Cap's, whose image-report pairs
             M3D-CLIP was trained on.
 
-    ``window`` (of the methods that take volumes) is :func:`.geometry.to_model_input`'s: None = foreground
-    percentiles, a preset name such as "abdomen", "minmax", or ``(center, width)`` in HU. M3D-Cap's images were
-    windowed by their authors, so a tissue window usually suits CT best (the M3D authors' advice).
+    ``window`` (of the methods that take volumes) is :func:`.geometry.to_model_input`'s: a preset name such as
+    "abdomen", "percentile", "minmax", or ``(center, width)`` in HU, for every volume. None (default): each volume in
+    the window of retrieval's training data (:attr:`.tasks.FIND_SIMILAR` ``.window``, the *display* window --
+    M3D-CLIP learned from M3D-Cap's image-report pairs, JPEGs in the window their uploaders viewed): the volume's
+    ``display_window`` when given (Slicer's window/level, the DICOM WindowCenter/Width), else the abdomen preset for
+    CT, else the M3D-Seg percentiles (:func:`.preprocessing.default_window`).
     """
 
     def __init__(
@@ -214,18 +217,26 @@ class Retriever:
     def embedding_size(self) -> int:
         return int(self.config.hidden_size)
 
-    def embed_volume(self, array_kji: np.ndarray, ijk_to_ras: Any, window: WindowArg = None) -> np.ndarray:
+    def embed_volume(self, array_kji: np.ndarray, ijk_to_ras: Any, window: WindowArg = None, *,
+                     display_window: Optional[DisplayWindow] = None, modality: Optional[str] = None) -> np.ndarray:
         """Embedding ``[hidden]`` (float32, unit length) of a volume; encoded once per content + geometry + window.
+        ``window`` None: the volume's default (see the class docstring) from ``display_window`` and ``modality``.
 
         The returned array is the cached one: copy it before modifying it.
         """
-        return self._embed_volume(array_kji, ijk_to_ras, window)[1][0]
+        return self._embed_volume(array_kji, ijk_to_ras, window, display_window, modality)[1][0]
 
-    def _embed_volume(self, array_kji: np.ndarray, ijk_to_ras: Any,
-                      window: WindowArg) -> tuple[str, tuple[np.ndarray, str, str]]:
+    def _embed_volume(self, array_kji: np.ndarray, ijk_to_ras: Any, window: WindowArg,
+                      display_window: Optional[DisplayWindow] = None,
+                      modality: Optional[str] = None) -> tuple[str, tuple[np.ndarray, str, str]]:
         """-> (cache key, (embedding, convention, intensity JSON))."""
         import torch
 
+        array = np.asarray(array_kji)
+        if window is None and array.dtype.kind in "biuf":  # other types: volume_key says what is wrong
+            value_range = (float(array.min()), float(array.max())) if array.size else None
+            window = default_window(FIND_SIMILAR.window, display_window=display_window, modality=modality,
+                                    value_range=value_range)
         key = volume_key(array_kji, ijk_to_ras, window, self.convention, self.config.img_size)
         with self._lock:
             if key in self._cache:
@@ -270,8 +281,9 @@ class Retriever:
                 out.append(embedding.float().cpu().numpy())
         return np.concatenate(out, axis=0)
 
-    def _volume_embedding(self, volume: VolumeInput, what: str,
-                          window: WindowArg) -> tuple[np.ndarray, Optional[str], Optional[str], Optional[str]]:
+    def _volume_embedding(self, volume: VolumeInput, what: str, window: WindowArg,
+                          display_window: Optional[DisplayWindow] = None, modality: Optional[str] = None
+                          ) -> tuple[np.ndarray, Optional[str], Optional[str], Optional[str]]:
         """-> (embedding, convention, intensity JSON, cache key); the last three are None for a given embedding.
 
         ``(array, ijk_to_ras)`` is embedded (or found in the cache); a precomputed embedding is checked and
@@ -280,7 +292,8 @@ class Retriever:
         if isinstance(volume, (tuple, list)):
             if len(volume) != 2:
                 raise InputError(f"{what} must be (array_kji, ijk_to_ras) or an embedding; got {len(volume)} items")
-            key, (embedding, convention, intensity) = self._embed_volume(volume[0], volume[1], window)
+            key, (embedding, convention, intensity) = self._embed_volume(volume[0], volume[1], window,
+                                                                         display_window, modality)
             return embedding, convention, intensity, key
         try:
             embedding = np.asarray(volume, dtype=np.float32)
@@ -314,16 +327,19 @@ class Retriever:
         *,
         window: WindowArg = None,
         query: Optional[str] = None,
+        display_window: Optional[DisplayWindow] = None,
+        modality: Optional[str] = None,
     ) -> RetrievalResult:
         """Texts ranked by cosine similarity to a volume, best first.
 
         ``volume``: ``(array_kji, ijk_to_ras)`` or an embedding from :meth:`embed_volume`. ``labels`` name the texts
         in the result (default: the texts). ``query`` describes the volume in the result (default: shape and hash).
+        ``display_window`` and ``modality``: what the default window (``window=None``) is made from.
         """
         started = time.perf_counter()
         texts = _clean_texts(texts, "texts")
         labels = _clean_labels(labels, len(texts), texts)
-        image, convention, intensity, key = self._volume_embedding(volume, "volume", window)
+        image, convention, intensity, key = self._volume_embedding(volume, "volume", window, display_window, modality)
         scores = self.embed_texts(texts) @ image
         if query is None:
             if key is None:
@@ -340,11 +356,15 @@ class Retriever:
         labels: Optional[Sequence[str]] = None,
         *,
         window: WindowArg = None,
+        display_windows: Optional[Sequence[Optional[DisplayWindow]]] = None,
+        modalities: Optional[Sequence[Optional[str]]] = None,
     ) -> RetrievalResult:
         """Volumes ranked by cosine similarity to a text, best first.
 
         ``volumes``: each ``(array_kji, ijk_to_ras)`` (embedded once, then cached) or a precomputed embedding.
         ``labels`` name the volumes in the result (default ``"volume 0"``, ``"volume 1"``, ...).
+        ``display_windows`` and ``modalities``: one per volume (None where unknown), what each volume's default
+        window (``window=None``) is made from.
         """
         started = time.perf_counter()
         if not isinstance(text, str):
@@ -356,11 +376,14 @@ class Retriever:
         if not volumes:
             raise InputError("no volumes given to rank; pass at least one (array_kji, ijk_to_ras) or embedding")
         labels = _clean_labels(labels, len(volumes), [f"volume {i}" for i in range(len(volumes))])
+        display_windows = _per_volume(display_windows, len(volumes), "display_windows")
+        modalities = _per_volume(modalities, len(volumes), "modalities")
         query = self.embed_texts([text])[0]
         images, conventions, intensities = [], set(), set()
         for i, volume in enumerate(volumes):
             report(self.progress, "encode", i / len(volumes), f"embedding {labels[i]}")
-            embedding, convention, intensity, _ = self._volume_embedding(volume, f"volumes[{i}]", window)
+            embedding, convention, intensity, _ = self._volume_embedding(volume, f"volumes[{i}]", window,
+                                                                         display_windows[i], modalities[i])
             images.append(embedding)
             conventions.add(convention)
             intensities.add(intensity)
@@ -384,6 +407,16 @@ class Retriever:
             intensity=intensity,
             duration_s=round(time.perf_counter() - started, 4),
         )
+
+
+def _per_volume(values: Optional[Sequence[Any]], n: int, what: str) -> list[Any]:
+    """One value per volume (None for all when not given)."""
+    if values is None:
+        return [None] * n
+    values = list(values)
+    if len(values) != n:
+        raise InputError(f"{len(values)} {what} were given for {n} volumes; give one per volume (None where unknown)")
+    return values
 
 
 def _ranking(scores: np.ndarray, labels: list[str]) -> list[tuple[int, str, float]]:

@@ -34,6 +34,8 @@ from .outputs.colors import FALLBACK_PALETTE, anatomy_color, parse_color
 if TYPE_CHECKING:  # MRML classes are only named in annotations (strings), never imported at module level
     import slicer
 
+    from .preprocessing import DisplayWindow
+
 __all__ = [
     "AI_SEGMENTS_ATTRIBUTE",
     "SOURCE_VOLUME_REFERENCE_ROLE",
@@ -46,6 +48,8 @@ __all__ = [
     "roi_from_node",
     "unique_node_name",
     "unique_segment_name",
+    "volume_display",
+    "volume_geometry",
     "volume_signature",
 ]
 
@@ -277,6 +281,67 @@ def read_volume_node(volume_node: "slicer.vtkMRMLScalarVolumeNode") -> tuple[np.
     if to_world is not None:
         ijk_to_ras = to_world @ ijk_to_ras
     return array, ijk_to_ras
+
+
+def volume_geometry(volume_node: "slicer.vtkMRMLScalarVolumeNode") -> tuple[np.ndarray, tuple[float, float]]:
+    """``(ijk_to_ras, (min, max))`` of a volume node without copying its voxels: the world IJK->RAS as
+    :func:`read_volume_node` gives it, and the voxels' value range (VTK's cached scalar range) -- what
+    :meth:`M3DAssistantLib.tasks.Task.preprocessing` needs to say what a task will see."""
+    _check_volume_node(volume_node)
+    ijk_to_ras = _local_ijk_to_ras(volume_node)
+    to_world = _parent_to_world(volume_node, "volume")
+    if to_world is not None:
+        ijk_to_ras = to_world @ ijk_to_ras
+    low, high = volume_node.GetImageData().GetScalarRange()
+    return ijk_to_ras, (float(low), float(high))
+
+
+DICOM_MODALITY_TAG = "0008,0060"
+
+
+def volume_display(volume_node: Any) -> tuple[Optional["DisplayWindow"], Optional[str]]:
+    """``(display window, modality)`` of a volume node: how the reader sees it, for the tasks whose default window
+    is the display window (report, VQA, retrieval).
+
+    * The display window is the display node's window/level (``GetLevel()``, ``GetWindow()``), whether the user set
+      it or Slicer chose it automatically: it is the picture on the screen. None without a display node or with a
+      width of 0.
+    * The modality is the DICOM Modality of a volume loaded from DICOM: first the series' subject hierarchy attribute
+      ``DICOM.Modality`` (set when the series is loaded and saved with the scene, so it survives without the DICOM
+      database), else the Modality (0008,0060) of its first instance in Slicer's DICOM database (the volume's
+      ``DICOM.instanceUIDs`` attribute), when that database is open. None for volumes from other files: CT is then
+      recognised by its values.
+    """
+    from .preprocessing import DisplayWindow
+
+    window = None
+    display = volume_node.GetDisplayNode() if hasattr(volume_node, "GetDisplayNode") else None
+    if display is not None and hasattr(display, "GetWindow"):
+        width, level = float(display.GetWindow()), float(display.GetLevel())
+        if width > 0 and np.isfinite(width) and np.isfinite(level):
+            window = DisplayWindow(level, width, "Slicer")
+    return window, _dicom_modality(volume_node)
+
+
+def _dicom_modality(volume_node: Any) -> Optional[str]:
+    slicer = _slicer()
+    scene = volume_node.GetScene()
+    hierarchy = scene.GetSubjectHierarchyNode() if scene is not None else None
+    if hierarchy is not None:
+        item = hierarchy.GetItemByDataNode(volume_node)
+        name = slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMSeriesModalityAttributeName()
+        value = hierarchy.GetItemAttribute(item, name) if item else ""
+        if value and value.strip():
+            return value.strip().upper()
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    if not uids or database is None or not getattr(database, "isOpen", False):
+        return None
+    try:
+        value = database.instanceValue(uids[0], DICOM_MODALITY_TAG)
+    except Exception:  # a DICOM database that cannot answer leaves the modality unknown
+        return None
+    return value.strip().upper() if value and value.strip() else None
 
 
 def volume_signature(volume_node: Any) -> tuple:

@@ -38,7 +38,10 @@ from .tasks import CHOOSE, LOCATE, SEGMENT
 SCHEMA = "m3d-selfcheck"
 SCHEMA_VERSION = 1
 
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "Testing" / "Data" / "totalsegmentator"
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / "TotalSegmentator"
+"""The bundled CT with its labels: packaged with the Slicer extension (the module's Resources, listed in its
+CMakeLists.txt), so "Check installation" works in an installed extension; the same files as ``Testing/Data/
+totalsegmentator`` (a test checks they are identical)."""
 SAMPLE_CT = SAMPLE_DIR / "example_ct_sm.nii.gz"
 SAMPLE_LABELS = SAMPLE_DIR / "example_seg.nii.gz"
 SAMPLE_LABEL_NAMES = SAMPLE_DIR / "labels_total.json"
@@ -70,6 +73,15 @@ DEFAULT_STRUCTURES = (
     Structure("stomach", ("stomach",)),
     Structure("aorta", ("aorta",)),
 )
+
+
+def structures_named(names: Optional[Sequence[str]]) -> tuple[Structure, ...]:
+    """The structures to check by name: those of :data:`DEFAULT_STRUCTURES` by their name, any other name as a label
+    of that name; None: the defaults."""
+    if names is None:
+        return DEFAULT_STRUCTURES
+    known = {s.name: s for s in DEFAULT_STRUCTURES}
+    return tuple(known.get(name, Structure(name, (name,))) for name in names)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -224,6 +236,22 @@ class SelfCheckReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SelfCheckReport":
+        """The inverse of :meth:`to_dict` (a report read back from JSON or from a server); fields a later version
+        added are ignored, a report of another schema is an InputError."""
+        if data.get("schema") != SCHEMA:
+            raise InputError(f"not a self-check report (schema {data.get('schema')!r}, expected {SCHEMA!r})")
+        if int(data.get("version", 0)) > SCHEMA_VERSION:
+            raise InputError(f"the self-check report has schema version {data.get('version')}; this version of "
+                             f"m3d-slicer reads version {SCHEMA_VERSION}: update m3d-slicer")
+        names = {f.name for f in dataclasses.fields(Check)}
+        checks = [Check(**{k: v for k, v in c.items() if k in names}) for c in data.get("checks", [])]
+        return cls(model=dict(data.get("model", {})), volume=dict(data.get("volume", {})),
+                   conventions=str(data.get("conventions", "default")), checks=checks,
+                   verdict=str(data["verdict"]), message=str(data.get("message", "")),
+                   thresholds=dict(data.get("thresholds", {})), created=str(data.get("created", "")))
 
 
 def format_report(report_: SelfCheckReport) -> str:

@@ -12,6 +12,10 @@ What the session adds on top of the backend:
 * the volume is read and sent only when its content, geometry or the preprocessing options changed (a cheap
   fingerprint of the node, :func:`.scene.volume_signature`, is compared; the voxels are not re-read per prompt);
   after a failed request it is sent again (a restarted worker has lost it);
+* what the reader sees travels with it: the display node's window/level and the DICOM Modality
+  (:func:`.scene.volume_display`), read at every request, so the tasks whose default window is the display window
+  (report, VQA, retrieval) use the window/level shown *now*; when only that changed, the backend gets
+  ``set_display`` -- the voxels are neither read nor sent again;
 * a conversation per volume node for multi-turn questions (reset when the volume's content changes);
 * defaults for the window, an ROI node to crop to, the sampling options and a streaming ``on_text`` callback, each
   overridable per call.
@@ -75,8 +79,14 @@ class _Volume:
     options: tuple
     window: Any
     roi: Optional[RasRoi]
+    display_window: Any = None  # preprocessing.DisplayWindow: the window/level the reader sees
+    modality: Optional[str] = None  # DICOM Modality, when the volume came from DICOM
     array: Optional[np.ndarray] = None  # None: the backend already holds it
     ijk_to_ras: Optional[np.ndarray] = None
+
+    @property
+    def display(self) -> tuple:
+        return (self.display_window, self.modality)
 
 
 @dataclasses.dataclass
@@ -199,11 +209,13 @@ class AssistantSession:
         self.sampling = sampling
         self.on_text = on_text
         self._sent: Optional[tuple[tuple, tuple]] = None  # (signature, options) of the volume the backend holds
+        self._sent_display: Optional[tuple] = None  # (display window, modality) the backend has for it
         self._conversations: dict[str, list[tuple[str, str]]] = {}
         self._conversation_signatures: dict[str, tuple] = {}
         self._lock = threading.Lock()
         self._pending: Optional[PendingRequest] = None
         self.volume_uploads = 0  # how often a volume was read and sent (for tests and diagnostics)
+        self.display_updates = 0  # how often only its display window / modality was sent
 
     # ------------------------------------------------------------------------------------------ volumes, running
     def _prepare_volume(self, volume_node: Any, window: Any = _UNSET, roi_node: Any = _UNSET) -> _Volume:
@@ -217,21 +229,29 @@ class AssistantSession:
         if self._conversation_signatures.get(node_id, signature) != signature:
             self._conversations.pop(node_id, None)  # the image changed: earlier answers were about another image
         self._conversation_signatures[node_id] = signature
-        volume = _Volume(signature, options, window, roi)
+        display_window, modality = scene.volume_display(volume_node)
+        volume = _Volume(signature, options, window, roi, display_window, modality)
         if self._sent != (signature, options):
             volume.array, volume.ijk_to_ras = scene.read_volume_node(volume_node)
         return volume
 
     def _run(self, call: _Call) -> Any:
-        """The backend part of a request (any thread): send the volume if needed, then the task."""
+        """The backend part of a request (any thread): send the volume (or only its display) if needed, then the
+        task."""
         with self._lock:
             try:
                 volume = call.volume
                 if volume is not None and volume.array is not None:
-                    self._sent = None
-                    self.backend.set_volume(volume.array, volume.ijk_to_ras, window=volume.window, roi=volume.roi)
-                    self._sent = (volume.signature, volume.options)
+                    self._sent = self._sent_display = None
+                    self.backend.set_volume(volume.array, volume.ijk_to_ras, window=volume.window, roi=volume.roi,
+                                            display_window=volume.display_window, modality=volume.modality)
+                    self._sent, self._sent_display = (volume.signature, volume.options), volume.display
                     self.volume_uploads += 1
+                elif volume is not None and volume.display != self._sent_display:
+                    self._sent_display = None
+                    self.backend.set_display(volume.display_window, volume.modality)
+                    self._sent_display = volume.display
+                    self.display_updates += 1
                 return call.run()
             except CancelledError:
                 raise
@@ -395,5 +415,35 @@ class AssistantSession:
             raise InputError("to rank volume nodes, give a text as the query (e.g. 'liver cyst')")
         volumes = [scene.read_volume_node(node) for node in candidates]
         labels = [node.GetName() for node in candidates]
-        call = _Call(None, lambda: self.backend.retrieve(text=query, volumes=volumes, labels=labels), lambda r: r)
+        display_windows, modalities = zip(*(scene.volume_display(node) for node in candidates))
+        call = _Call(None, lambda: self.backend.retrieve(
+            text=query, volumes=volumes, labels=labels, display_windows=list(display_windows),
+            modalities=list(modalities)), lambda r: r)
         return self._dispatch(call, wait)
+
+    def check_installation(self, *, conventions: str = "default", max_new_tokens: int = 64,
+                           structures: Optional[Sequence[str]] = None,
+                           on_progress: Optional[Callable[[Any], None]] = None, wait: bool = True) -> Any:
+        """``m3d selfcheck`` on the backend's model: segmentation, boxes and a plane question on the bundled CT with
+        ground-truth labels (:func:`.selfcheck.run_selfcheck`; ``structures`` by name, default liver, spleen,
+        kidneys, stomach, aorta), scored -> a
+        :class:`~.selfcheck.SelfCheckReport`. A server backend runs it in its worker (the model it has loaded, the
+        sample of its installation); an in-process engine runs it here. ``wait=False``: a :class:`PendingRequest`.
+
+        The check sets its own volumes on the backend, so the next task sends the user's volume again (for a
+        server: its id, the voxels are not uploaded again)."""
+        self._check_idle()
+        options = {"conventions": conventions, "max_new_tokens": max_new_tokens}
+
+        def run() -> Any:
+            try:
+                if hasattr(self.backend, "selfcheck"):  # a server's backend
+                    return self.backend.selfcheck(structures=structures, **options)
+                from .selfcheck import run_selfcheck, structures_named  # an in-process InferenceEngine
+
+                return run_selfcheck(self.backend, progress=on_progress, structures=structures_named(structures),
+                                     **options)
+            finally:
+                self._sent = self._sent_display = None
+
+        return self._dispatch(_Call(None, run, lambda report: report), wait)

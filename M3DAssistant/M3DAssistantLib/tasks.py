@@ -252,9 +252,9 @@ SEGMENT_EXPRESSION = Task(
     arguments=(Argument("expression", _TEXT),),
     prompt_hint="a description (e.g. the lesion in the right lobe)",
     build_prompt=prompts.segment_expression_prompt, parse_answer=prompts.parse_segmentation_answer)
+# M3D-CLIP was trained on M3D-Cap's image-report pairs (the same display-window JPEG stacks as report/VQA).
 FIND_SIMILAR = Task(
-    "find_similar", "Find similar", "retrieval", ResultKind.RETRIEVAL, Output.RANKING, "m3d-cap-v2",
-    SEG_PERCENTILES_WINDOW,
+    "find_similar", "Find similar", "retrieval", ResultKind.RETRIEVAL, Output.RANKING, *_CAP,
     summary=None, help="M3D-CLIP: rank texts for a volume, or volumes for a text",
     arguments=(Argument("candidates", ArgumentKind.CANDIDATES), Argument("query", _TEXT)),
     prompt_hint="a text to rank the loaded volumes by", streams=False, in_datasets=False, on_volume=False,

@@ -61,8 +61,15 @@ attribute to use them as ground truth), malformed Q/A blocks.
 Dataset folder
 ==============
 ``images/<image>.npy`` (1xDxHxW float32 in [0, 1]) and ``images/<image>.mapping.json`` (the exact mapping back to the
-volume), one per volume and orientation convention (``<volume>_cap`` for report/VQA, ``<volume>_seg`` for boxes and
-masks; just ``<volume>`` when one convention is forced); ``masks/<image>_<target>.npy`` (1xDxHxW bool, model space);
+volume, with the intensity window used), one per volume and *view* -- orientation convention and intensity window,
+each task's own as inference uses them (:attr:`~M3DAssistantLib.tasks.Task.convention`, :attr:`~M3DAssistantLib.
+tasks.Task.window` through :func:`~M3DAssistantLib.preprocessing.default_window`, with the scene volume's display
+window/level and DICOM Modality). Image names (:func:`image_suffixes`): ``<volume>_<convention>``, the convention's
+family without ``m3d-`` and its version -- ``<volume>_cap`` (report, VQA: ``m3d-cap-v2``, display window),
+``<volume>_seg`` (boxes, segmentation: ``m3d-seg-v1``, M3D-Seg percentiles), ``<volume>_refseg`` (referring
+segmentation: ``m3d-refseg-v1``, M3D-RefSeg percentiles); with ``convention=`` forced, ``<volume>_<window kind>``
+(``_display``, ``_percentile``, ``_volume_percentile``); with both ``convention=`` and ``window=`` forced, just
+``<volume>``. ``masks/<image>_<target>.npy`` (1xDxHxW bool, model space of that image);
 ``texts/<volume>_report.txt``; ``dataset.json``: per task a ``{"train": [...], "validation": [...]}`` list in the
 official field layout (M3D-Cap ``image``/``text``; M3D-VQA ``Image Path``/``Question``/``Choice A``../``Answer
 Choice``/``Answer``; M3D-Seg ``image``/``label``; M3D-RefSeg ``Image``/``Mask``/``Mask_ID``/``Question``/``Answer``),
@@ -101,6 +108,7 @@ from M3DAssistantLib.geometry import (
 )
 from M3DAssistantLib.model.tokenizer import BOX_END, BOX_START
 from M3DAssistantLib.outputs import write_json, write_text
+from M3DAssistantLib.preprocessing import IntensitySpec, default_window, resolve_window
 from M3DAssistantLib.progress import ProgressCallback, report
 from M3DAssistantLib.tasks import TRAINING_NAMES, convention_for
 
@@ -114,6 +122,7 @@ __all__ = [
     "SkippedItem",
     "box_text",
     "export_dataset",
+    "image_suffixes",
     "parse_qa_text",
     "target_text",
 ]
@@ -132,7 +141,6 @@ ATTRIBUTE_TASK = "M3D.task"
 ATTRIBUTE_KIND = "M3D.kind"
 ATTRIBUTE_SPLIT = "M3D.split"
 ATTRIBUTE_LABEL = "M3D.label"  # set by M3DAssistant on everything the model produced
-CONVENTION_SHORT = {"m3d-cap-v1": "cap", "m3d-seg-v1": "seg"}
 
 SceneSource = Union[str, os.PathLike, Any]  # a .mrb/.mrml path or a vtkMRMLScene
 
@@ -698,6 +706,42 @@ def _ai_reason() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Views and their image names
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _convention_short(name: str) -> str:
+    """``m3d-cap-v2`` -> ``cap``: the family of an M3D data convention without its prefix and version."""
+    match = re.fullmatch(r"m3d-([a-z0-9]+)-v\d+", name)
+    return match.group(1) if match else _slug(name)
+
+
+def image_suffixes(convention: Optional[str] = None, window: Any = None,
+                   task_names: Sequence[str] = TRAINING_NAMES) -> dict[str, str]:
+    """``{training task name: image-name suffix}``: what tells apart the views an export writes (see the module
+    docstring). A view is (orientation convention, window kind); a name part is only there when the export's views
+    differ in it: the convention's short name unless ``convention`` is forced (``cap``, ``seg``, ``refseg``; the full
+    name if two versions of a family meet), the window kind unless ``window`` is forced and the convention alone
+    does not tell the windows apart (``display``, ``percentile``, ``volume_percentile``)."""
+    forced = resolve_convention(convention).name if convention is not None else None
+    views = {name: (forced or tasks.by_training_name(name).convention,
+                    None if window is not None else tasks.by_training_name(name).window) for name in task_names}
+    conventions = {conv for conv, _ in views.values()}
+    shorts = {conv: _convention_short(conv) for conv in conventions}
+    if len(set(shorts.values())) < len(shorts):  # two versions of one family: the full names
+        shorts = {conv: _slug(conv) for conv in conventions}
+    kinds: dict[str, set] = {}
+    for conv, kind in views.values():
+        kinds.setdefault(conv, set()).add(kind)
+    name_windows = any(len(k) > 1 for k in kinds.values())
+    out = {}
+    for name, (conv, kind) in views.items():
+        parts = ([shorts[conv]] if len(conventions) > 1 else []) + ([_slug(kind)] if name_windows else [])
+        out[name] = "_".join(parts)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Writing one volume
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -716,6 +760,7 @@ class _DatasetWriter:
             (root / sub).mkdir()
         self.files: set[str] = set()
         self.volume_files: list[Path] = []
+        self.suffixes = image_suffixes(convention, window)
 
     def _save(self, rel: str, content: Any) -> None:
         path = self.root / rel
@@ -734,30 +779,46 @@ class _DatasetWriter:
     def convention_for(self, task: str) -> str:
         return resolve_convention(self.convention or convention_for(task)).name
 
+    def window_for(self, task: str, display_window: Any, modality: Optional[str],
+                   value_range: tuple[float, float]) -> IntensitySpec:
+        """The intensity window of ``task`` on this volume, exactly as ``InferenceEngine`` chooses it: the export's
+        ``window`` if given, else the task's default (:func:`default_window` of its window kind) from the volume's
+        display window, modality and value range."""
+        if self.window is not None:
+            return resolve_window(self.window)
+        return default_window(tasks.by_training_name(task).window, display_window=display_window, modality=modality,
+                              value_range=value_range)
+
     def write_volume(self, vid: str, work: _VolumeWork, reader: _SceneReader) -> list[tuple[str, dict[str, Any]]]:
         """Write a volume's images, masks and texts; return its ``(task, record)`` pairs."""
-        from M3DAssistantLib.scene import read_volume_node
+        from M3DAssistantLib.scene import read_volume_node, volume_display
 
         self.volume_files = []
         array, ijk_to_ras = read_volume_node(work.node)
-        views: dict[str, tuple[str, Any]] = {}  # convention -> (image id, mapping)
+        display_window, modality = volume_display(work.node)  # what the annotator saw: report/VQA's default window
+        value_range = (float(array.min()), float(array.max()))
+        views: dict[str, tuple[str, Any]] = {}  # image id -> (image id, mapping)
+        computed: dict[tuple[str, IntensitySpec], tuple[np.ndarray, Any]] = {}  # (convention, window) -> view
 
         def view(task: str) -> tuple[str, Any]:
-            conv = self.convention_for(task)
-            if conv not in views:
-                image_id = vid if self.convention else f"{vid}_{CONVENTION_SHORT.get(conv, _slug(conv))}"
-                tensor, mapping = to_model_input(array, ijk_to_ras, window=self.window, model_shape=self.model_shape,
-                                                 convention=conv)
+            image_id = "_".join(part for part in (vid, self.suffixes[task]) if part)
+            if image_id not in views:
+                conv = self.convention_for(task)
+                spec = self.window_for(task, display_window, modality, value_range)
+                if (conv, spec) not in computed:  # two window kinds may resolve to one window (an MR volume)
+                    computed[(conv, spec)] = to_model_input(array, ijk_to_ras, window=spec,
+                                                            model_shape=self.model_shape, convention=conv)
+                tensor, mapping = computed[(conv, spec)]
                 self._save(f"images/{image_id}.npy", tensor.astype(np.float32, copy=False))
                 self._save(f"images/{image_id}.mapping.json", mapping.to_json() + "\n")
-                views[conv] = (image_id, mapping)
-            return views[conv]
+                views[image_id] = (image_id, mapping)
+            return views[image_id]
 
         def image_path(task: str) -> str:
             return f"images/{view(task)[0]}.npy"
 
         out: list[tuple[str, dict[str, Any]]] = []
-        masks: dict[tuple[str, str], tuple[str, Any]] = {}  # (convention, target) -> (mask file, box)
+        masks: dict[tuple[str, str], tuple[str, Any]] = {}  # (image id, target) -> (mask file, box)
         targets_seen: set[str] = set()
 
         # Segments first: they give seg/REC/REG samples and the masks that 'Segment:' and 'Absent:' lines refer to.
@@ -778,10 +839,9 @@ class _DatasetWriter:
             targets_seen.add(a.target.casefold())
             new: list[tuple[str, dict[str, Any]]] = []
             for task in dict.fromkeys(self.segment_tasks + (REFSEG,)):  # refseg: the mask, if a block names it
-                conv = self.convention_for(task)
-                key = (conv, a.target.casefold())
+                image_id, mapping = view(task)
+                key = (image_id, a.target.casefold())  # the crop to the foreground depends on the window too
                 if key not in masks:
-                    image_id, mapping = view(task)
                     model_mask = mask_to_model(mask_kji.view(np.uint8), mapping) != 0
                     box = mask_to_box(model_mask)
                     if box is None:
@@ -830,7 +890,7 @@ class _DatasetWriter:
                                        "volume": vid, "node": a.node}))
             elif a.task == REFSEG:
                 name = target_text(a.target)
-                found = masks.get((self.convention_for(REFSEG), name.casefold()))
+                found = masks.get((view(REFSEG)[0], name.casefold()))
                 if found is None:
                     reader.skip(a.node, "qa", f"unmatched name: no non-empty segment named {a.target!r} on this "
                                               "volume for the 'Segment:' line")
@@ -898,7 +958,9 @@ def export_dataset(
         output: the dataset folder to create; it must not exist (or be empty). Written atomically: a failed export
             leaves nothing behind.
         model_shape: (D, H, W) of the model input (the released models: (32, 256, 256)).
-        window: intensity window as in inference (None: M3D-Seg percentiles; a preset such as "abdomen"; (C, W)).
+        window: one intensity window for every task (a preset such as "abdomen", "percentile", (C, W)); None: each
+            task's own default, exactly as inference (report/VQA the volume's window/level as displayed in the scene,
+            boxes and masks the M3D-Seg percentiles, referring segmentation the M3D-RefSeg percentiles).
         convention: force one orientation convention for every task; default: each task's own, as inference does.
         validation_fraction: fraction of the volumes (those without an ``M3D.split`` attribute) held out for
             validation, drawn with ``seed``.
@@ -974,6 +1036,9 @@ def export_dataset(
             "version": DATASET_VERSION,
             "model_shape": list(shape),
             "window": window if window is None or isinstance(window, str) else list(window),
+            # window None: each task's window kind (preprocessing.WINDOW_KINDS); each image's mapping.json has the
+            # window it got
+            "window_kind": {t: (tasks.by_training_name(t).window if window is None else "chosen") for t in TASKS},
             "convention": {t: writer.convention_for(t) for t in TASKS},
             "volumes": volumes,
         }

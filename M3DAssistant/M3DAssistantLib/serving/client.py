@@ -6,6 +6,7 @@ dataclasses (:mod:`M3DAssistantLib.results`), with masks, boxes and ROIs rebuilt
 
     client = M3DClient("http://127.0.0.1:8765", token)
     client.set_volume(slicer.util.arrayFromVolume(node), ijk_to_ras, window="abdomen")  # uploaded once
+    client.set_display(DisplayWindow(40, 400, "Slicer"), "CT")  # a new window/level: nothing is uploaded
     client.report(on_text=print)               # streamed
     client.segment("liver").mask               # uint8 K,J,I on the volume's grid
 
@@ -14,6 +15,9 @@ importable from here): 400 -> InputError (or its subclass named by the server), 
 404 -> :class:`VolumeNotFoundError`, 409 -> CancelledError, 413 -> :class:`RequestTooLargeError`,
 503 -> :class:`ServerBusyError`, other 5xx -> the M3DError subclass the server names (e.g. ModelNotAvailableError) or
 :class:`ServerError`, no connection -> :class:`ServerUnavailableError`.
+
+Why this file is long: one class offers the engine's whole API over HTTP (a typed, documented method per task, the
+volume and its display, retrieval, the self-check, cancel) on one transport; splitting it would split that class.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import threading
 import urllib.parse
 import uuid
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -38,6 +42,8 @@ from ..results import BoxResult, ChoiceResult, RetrievalResult, SamplingOptions,
 from ..tasks import ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, STREAMING_TASKS, Task
 from ..tasks import get as get_task
 from .protocol import (
+    FEATURE_DISPLAY_WINDOW,
+    FEATURE_SELFCHECK,
     PROTOCOL_VERSION,
     AuthenticationError,
     ProtocolMismatchError,
@@ -47,6 +53,8 @@ from .protocol import (
     ServerError,
     ServerUnavailableError,
     VolumeNotFoundError,
+    display_window_json,
+    modality_json,
     raise_for_status,
     request_body,
     result_from_dict,
@@ -57,6 +65,9 @@ from .protocol import (
     wire_array,
     wire_matrix,
 )
+
+if TYPE_CHECKING:
+    from ..selfcheck import SelfCheckReport
 
 TextCallback = Callable[[str], None]
 
@@ -80,7 +91,8 @@ class _CurrentVolume:
     remote: RemoteVolume
     array: np.ndarray  # the wire array, kept to re-upload if the server lost it (restart, eviction)
     ijk_to_ras: np.ndarray
-    options: dict[str, Any]
+    options: dict[str, Any]  # window, roi, slice_range as they travel
+    display: dict[str, Any] = dataclasses.field(default_factory=dict)  # display_window, modality as they travel
 
 
 class M3DClient:
@@ -279,24 +291,68 @@ class M3DClient:
             conn.close()
 
     def set_volume(self, array_kji: np.ndarray, ijk_to_ras: Any, *, window: Any = None, roi: Optional[RasRoi] = None,
-                   slice_range: Optional[tuple[int, int]] = None, content_key: Optional[str] = None) -> RemoteVolume:
+                   slice_range: Optional[tuple[int, int]] = None, content_key: Optional[str] = None,
+                   display_window: Any = None, modality: Optional[str] = None) -> RemoteVolume:
         """Make this volume the current one; it is uploaded only if the server does not have it yet.
 
-        ``window``, ``roi`` and ``slice_range`` are the preprocessing used by every later task, as in the engine.
+        ``window``, ``roi`` and ``slice_range`` are the preprocessing used by every later task, as in the engine;
+        ``display_window`` and ``modality`` as :meth:`set_display`.
         ``content_key``: :func:`volume_id` of the volume if the caller already computed it.
         """
         array, matrix = wire_array(array_kji), wire_matrix(ijk_to_ras)
         key = content_key or volume_id(array, matrix)
         options = {"window": window_json(window), "roi": roi_json(roi),
                    "slice_range": [int(v) for v in slice_range] if slice_range is not None else None}
+        display = self._display(display_window, modality)
         uploaded = False
         if not self.has_volume(key):
             self.upload_volume(array, matrix)
             uploaded = True
         remote = RemoteVolume(key, tuple(int(s) for s in array.shape), uploaded)  # type: ignore[arg-type]
         with self._lock:
-            self._volume = _CurrentVolume(remote, array, matrix, options)
+            self._volume = _CurrentVolume(remote, array, matrix, options, display)
         return remote
+
+    def set_display(self, display_window: Any = None, modality: Optional[str] = None) -> None:
+        """How the reader sees the current volume -- its display window (a
+        :class:`~M3DAssistantLib.preprocessing.DisplayWindow` or ``(center, width)``: Slicer's window/level, the DICOM
+        WindowCenter/Width) and its DICOM Modality -- for the tasks whose default window is the display window
+        (report, VQA, retrieval), as ``InferenceEngine.set_display``. Nothing is sent now: they travel with the next
+        requests (the voxels are not uploaded again)."""
+        display = self._display(display_window, modality)
+        with self._lock:
+            if self._volume is None:
+                raise InputError("no volume is set; call set_volume(array, ijk_to_ras) first.")
+            self._volume = dataclasses.replace(self._volume, display=display)
+
+    @staticmethod
+    def _display(display_window: Any, modality: Optional[str]) -> dict[str, Any]:
+        return {"display_window": display_window_json(display_window), "modality": modality_json(modality)}
+
+    def _volume_options(self, current: _CurrentVolume) -> dict[str, Any]:
+        """The volume's options of a request: the display window and modality only when they are known and no window
+        is chosen (a chosen window overrides every default), so that a server older than them still answers when
+        the user picked a window."""
+        options = dict(current.options)
+        if options.get("window") is None:
+            options.update({k: v for k, v in current.display.items() if v is not None})
+        if "display_window" in options or "modality" in options:
+            self._require(FEATURE_DISPLAY_WINDOW, "the volume's display window and modality (the default window of "
+                                                  "report, VQA and retrieval)",
+                          "or choose an intensity window (a preset, or --window), which needs neither")
+        return options
+
+    def _require(self, feature: str, what: str, alternative: str = "") -> None:
+        """ProtocolMismatchError naming both versions when the server lacks an optional feature of the protocol."""
+        self._handshake()
+        info = self._info or {}
+        if feature not in info.get("features", ()):
+            raise ProtocolMismatchError(
+                f"the M3D server at {self.url} (m3d-slicer {info.get('server_version', '?')}, protocol "
+                f"{info.get('protocol')}) does not take {what}: it is older than this client (m3d-slicer "
+                f"{__version__}, feature {feature!r}). Update m3d-slicer where the server runs and restart it"
+                + (f", {alternative}" if alternative else "") + "."
+            )
 
     def forget_volume(self, volume_id_: Optional[str] = None) -> None:
         """Delete a volume from the server (the current one by default)."""
@@ -376,19 +432,23 @@ class M3DClient:
 
     def retrieve(self, *, texts: Optional[Sequence[str]] = None, text: Optional[str] = None,
                  volumes: Optional[Sequence[tuple[np.ndarray, Any]]] = None,
-                 labels: Optional[Sequence[str]] = None) -> RetrievalResult:
+                 labels: Optional[Sequence[str]] = None, display_windows: Optional[Sequence[Any]] = None,
+                 modalities: Optional[Sequence[Optional[str]]] = None) -> RetrievalResult:
         """M3D-CLIP retrieval, as ``InferenceEngine.retrieve``: rank ``texts`` for the current volume, or ``volumes``
         (each ``(array_kji, ijk_to_ras)``, uploaded if the server lacks them) for ``text``. The current volume's
-        window is used, as in the engine."""
+        window is used, as in the engine; without one, each volume's default from its display window and modality
+        (the current volume's, or ``display_windows`` / ``modalities``, one per volume)."""
         self._handshake()
         with self._lock:
             current = self._volume
         window = current.options["window"] if current is not None else None
-        extra = {"labels": list(labels)} if labels is not None else {}
+        extra: dict[str, Any] = {"labels": list(labels)} if labels is not None else {}
         if texts is not None:
             if current is None:
                 raise InputError("no volume is set; call set_volume(array, ijk_to_ras) first.")
-            payload = {"texts": list(texts), "window": window, **extra}
+            options = self._volume_options(current)
+            payload = {"texts": list(texts), "window": window, **extra, **{
+                k: v for k, v in options.items() if k in ("display_window", "modality")}}
             path = f"/v1/volumes/{current.remote.volume_id}/retrieve"
             try:
                 return result_from_dict(self._json("POST", path, payload))  # type: ignore[return-value]
@@ -396,6 +456,18 @@ class M3DClient:
                 self.upload_volume(current.array, current.ijk_to_ras)
                 return result_from_dict(self._json("POST", path, payload))  # type: ignore[return-value]
         if text is not None and volumes is not None:
+            volumes = list(volumes)
+            if window is None:  # each volume's default window is made from its display window and modality
+                for name, values, to_json in (("display_windows", display_windows, display_window_json),
+                                              ("modalities", modalities, modality_json)):
+                    if values is not None and any(v is not None for v in values):
+                        if len(values) != len(volumes):
+                            raise InputError(f"{len(values)} {name} were given for {len(volumes)} volumes; give one "
+                                             "per volume (None where unknown)")
+                        extra[name] = [to_json(v) for v in values]
+                if "display_windows" in extra or "modalities" in extra:
+                    self._require(FEATURE_DISPLAY_WINDOW, "the volumes' display windows and modalities",
+                                  "or choose an intensity window")
             ids = []
             for array, ijk_to_ras in volumes:
                 wire, matrix = wire_array(array), wire_matrix(ijk_to_ras)
@@ -406,6 +478,23 @@ class M3DClient:
             payload = {"text": text, "volume_ids": ids, "window": window, **extra}
             return result_from_dict(self._json("POST", "/v1/retrieve", payload))  # type: ignore[return-value]
         raise InputError("retrieve needs texts=[...] (ranked for the current volume) or text=... with volumes=[...].")
+
+    def selfcheck(self, *, conventions: str = "default", max_new_tokens: int = 64,
+                  structures: Optional[Sequence[str]] = None,
+                  on_progress: Optional[ProgressCallback] = None) -> "SelfCheckReport":
+        """``m3d selfcheck`` in the server, on its model and the sample CT of its installation: a
+        :class:`~M3DAssistantLib.selfcheck.SelfCheckReport` (``.verdict``, ``.to_dict()``). ``structures``: what to
+        segment and locate (default: liver, spleen, kidneys, stomach, aorta). ``POST /v1/selfcheck``, streamed when
+        ``on_progress`` is given (it takes a few minutes on a CPU); :meth:`cancel` stops it."""
+        from ..selfcheck import SelfCheckReport
+
+        self._require(FEATURE_SELFCHECK, "the installation check (POST /v1/selfcheck)",
+                      "or run m3d selfcheck where it runs")
+        payload: dict[str, Any] = {"conventions": conventions, "max_new_tokens": int(max_new_tokens)}
+        if structures is not None:
+            payload["structures"] = [str(name) for name in structures]
+        data = self._request_json("/v1/selfcheck", "selfcheck", payload, on_progress)
+        return SelfCheckReport.from_dict(data)
 
     def stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[Union[str, Result]]:
         """Yield a task's text as it is generated, then its typed result (as ``InferenceEngine.stream``)."""
@@ -461,7 +550,7 @@ class M3DClient:
             current = self._volume
         if current is None:
             raise InputError("no volume is set; call set_volume(array, ijk_to_ras) first.")
-        payload = dict(current.options, **request_body(task, arguments))
+        payload = dict(self._volume_options(current), **request_body(task, arguments))
         if sampling is not None:
             payload["sampling"] = sampling.to_dict()
         try:
@@ -473,9 +562,15 @@ class M3DClient:
 
     def _request_task(self, task: str, key: str, payload: dict[str, Any], on_text: Optional[TextCallback],
                       on_progress: Optional[ProgressCallback]) -> Result:
+        return result_from_dict(self._request_json(f"/v1/volumes/{key}/{task}", task, payload, on_progress, on_text))
+
+    def _request_json(self, route: str, what: str, payload: dict[str, Any], on_progress: Optional[ProgressCallback],
+                      on_text: Optional[TextCallback] = None) -> dict[str, Any]:
+        """POST a cancellable request (its id is tracked for :meth:`cancel`); the JSON answer, read from the
+        server-sent events when ``on_text`` or ``on_progress`` is given."""
         request_id = uuid.uuid4().hex
         stream = on_text is not None or on_progress is not None
-        path = f"/v1/volumes/{key}/{task}" + ("?stream=true" if stream else "")
+        path = route + ("?stream=true" if stream else "")
         headers = {"Content-Type": "application/json", "X-M3D-Request-Id": request_id}
         if stream:
             headers["Accept"] = "text/event-stream"
@@ -491,13 +586,13 @@ class M3DClient:
                 raise timed_out from None
             try:
                 if not stream:
-                    return result_from_dict(json.loads(response.read()))
+                    return json.loads(response.read())
                 return self._read_events(response, on_text, on_progress)
             except TimeoutError:
                 self._cancel_quietly(request_id)
                 raise timed_out from None
             except (OSError, http.client.HTTPException) as e:
-                raise ServerUnavailableError(f"the connection to {self.url} broke during {task} ({e}); the worker "
+                raise ServerUnavailableError(f"the connection to {self.url} broke during {what} ({e}); the worker "
                                              f"may have stopped") from None
             finally:
                 conn.close()
@@ -512,7 +607,7 @@ class M3DClient:
             pass
 
     def _read_events(self, response: http.client.HTTPResponse, on_text: Optional[TextCallback],
-                     on_progress: Optional[ProgressCallback]) -> Result:
+                     on_progress: Optional[ProgressCallback]) -> dict[str, Any]:
         for event, data in sse_events(response):
             if event == "text":
                 if on_text is not None:
@@ -521,7 +616,7 @@ class M3DClient:
                 if on_progress is not None:
                     on_progress(ProgressEvent(data["stage"], data.get("fraction"), data.get("message", "")))
             elif event == "result":
-                return result_from_dict(data)
+                return data
             elif event == "error":
                 raise_for_status(int(data.get("status", 500)), json.dumps(data).encode(), self.url, "POST", "")
         raise ServerUnavailableError(f"the stream from {self.url} ended without a result; the worker may have stopped")

@@ -115,15 +115,20 @@ class EngineQueue:
                     self.engine.forget_volume(key)
 
     # -------------------------------------------------------------------------------------- running and answering
-    async def submit(self, name: str, request_id: Optional[str], stored: StoredVolume, options: dict[str, Any],
-                     call: Callable[[Any, Optional[Callable[[str], None]]], Any], stream: bool) -> Response:
-        """Queue ``call(engine, on_text)`` on ``stored`` (set as the engine's volume with ``options`` first); answer
-        its result as JSON, or as server-sent events when ``stream``."""
+    async def submit(self, name: str, request_id: Optional[str], stored: Optional[StoredVolume],
+                     options: dict[str, Any], call: Callable[[Any, Optional[Callable[[str], None]]], Any],
+                     stream: bool, payload: Optional[Callable[[Any], dict[str, Any]]] = None) -> Response:
+        """Queue ``call(engine, on_text)`` on ``stored`` (set as the engine's volume with ``options`` first; None:
+        a call that sets its own volumes, such as the self-check); answer its result as JSON, or as server-sent events
+        when ``stream``. ``payload`` turns the result into the answer (default: a task result's
+        :func:`~.protocol.result_payload`)."""
         job = self.admit(request_id or uuid.uuid4().hex, name)
         headers = {"X-M3D-Request-Id": job.id}
+        if payload is None:
+            payload = functools.partial(_task_payload, stored)
 
         def work() -> dict[str, Any]:
-            return self.run(job, functools.partial(self._execute, job, stored, options, call))
+            return self.run(job, functools.partial(self._execute, job, stored, options, call, payload))
 
         loop = asyncio.get_running_loop()
         if not stream:
@@ -185,8 +190,9 @@ class EngineQueue:
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def _execute(self, job: Job, stored: StoredVolume, options: dict[str, Any],
-                 call: Callable[[Any, Optional[Callable[[str], None]]], Any]) -> dict[str, Any]:
+    def _execute(self, job: Job, stored: Optional[StoredVolume], options: dict[str, Any],
+                 call: Callable[[Any, Optional[Callable[[str], None]]], Any],
+                 payload: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
         """Runs in a worker thread, with the engine to itself."""
         engine = self.engine
 
@@ -205,8 +211,9 @@ class EngineQueue:
         previous = engine.progress
         engine.progress = on_progress
         try:
-            handle = engine.set_volume(stored.array, stored.ijk_to_ras, content_key=stored.volume_id, **options)
-            stored.engine_keys.add(handle.key)
+            if stored is not None:
+                handle = engine.set_volume(stored.array, stored.ijk_to_ras, content_key=stored.volume_id, **options)
+                stored.engine_keys.add(handle.key)
             result = call(engine, on_text if job.emit is not None else None)
         finally:
             engine.progress = previous
@@ -215,4 +222,8 @@ class EngineQueue:
         if job.emit is not None and text.startswith(streamed) and len(text) > len(streamed):
             # the engine holds back an incomplete character at the end; send the rest so the stream adds up
             job.emit("text", {"text": text[len(streamed):]})
-        return result_payload(result, stored.volume_id)
+        return payload(result)
+
+
+def _task_payload(stored: Optional[StoredVolume], result: Any) -> dict[str, Any]:
+    return result_payload(result, stored.volume_id if stored is not None else "")

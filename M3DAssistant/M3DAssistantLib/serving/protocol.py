@@ -15,6 +15,16 @@ Protocol version :data:`PROTOCOL_VERSION`; the server publishes its OpenAPI sche
   of the task's arguments (:func:`request_body`) and the volume's options; ``?stream=true`` answers with server-sent
   events ``progress``, ``text``, ``result`` and ``error`` (:func:`sse_events`); retrieval is
   ``POST /v1/volumes/{id}/retrieve`` (texts for a volume) and ``POST /v1/retrieve`` (uploaded volumes for a text);
+* the volume's options are ``window``, ``roi``, ``slice_range`` and -- what the reader sees, for the tasks whose
+  default window is the display window -- ``display_window`` (``{"center", "width", "source"}``,
+  :func:`display_window_json`) and ``modality`` (the DICOM Modality). They travel with every request, not with the
+  upload: a new window/level between two questions changes the request, never the stored voxels. A client sends the
+  last two only when no ``window`` is chosen (a chosen window overrides every default);
+* ``GET /v1/info`` lists the server's optional ``features`` (:data:`FEATURES`): within one protocol version new
+  request fields and routes are only added, never changed, so an older client keeps working with a newer server; a
+  newer client checks the feature before it uses one and says which server it needs otherwise
+  (:class:`ProtocolMismatchError`). ``POST /v1/selfcheck`` (feature ``selfcheck``) runs ``m3d selfcheck`` in the
+  server and answers its JSON report (schema ``m3d-selfcheck``), streamed as ``progress`` events then ``result``;
 * a result is ``result.to_dict()`` plus ``kind`` (:class:`~M3DAssistantLib.tasks.ResultKind`), ``volume_id`` and, for a
   segmentation, ``mask`` as :func:`encode_mask` describes (packbits + zlib + base64): :func:`result_payload` writes it,
   :func:`result_from_dict` reads it;
@@ -45,6 +55,13 @@ from ..tasks import ArgumentKind, ResultKind, Task, result_kind
 
 PROTOCOL_VERSION = 1
 """Version of the HTTP protocol between :class:`M3DClient` and ``m3d serve``; bumped on any incompatible change."""
+
+FEATURE_DISPLAY_WINDOW = "display-window"
+"""Task and retrieval requests take ``display_window`` and ``modality`` (the display window travels with the volume)."""
+FEATURE_SELFCHECK = "selfcheck"
+"""``POST /v1/selfcheck`` runs the installation self-check."""
+FEATURES = (FEATURE_DISPLAY_WINDOW, FEATURE_SELFCHECK)
+"""What this side of the protocol offers beyond protocol 1's first release (``GET /v1/info`` -> ``features``)."""
 
 # dtypes a volume travels as (little-endian); anything else is converted by the client (see _wire_array)
 WIRE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
@@ -162,6 +179,34 @@ def window_json(window: Any) -> Any:
         return [float(v) for v in window]
     except (TypeError, ValueError):
         raise InputError(f"window must be a preset name or a (center, width) pair, got {window!r}") from None
+
+
+def display_window_json(display_window: Any) -> Optional[dict[str, Any]]:
+    """A display window (:class:`~M3DAssistantLib.preprocessing.DisplayWindow`, or a ``(center, width)`` pair) as it
+    travels: ``{"center", "width", "source"}``; None stays None. Invalid values are refused here (InputError)."""
+    from ..preprocessing import DisplayWindow
+
+    if display_window is None:
+        return None
+    if not isinstance(display_window, DisplayWindow):
+        try:
+            center, width = display_window
+        except (TypeError, ValueError):
+            raise InputError(f"display_window must be a DisplayWindow or a (center, width) pair, got "
+                             f"{display_window!r}") from None
+        display_window = DisplayWindow(center, width)
+    return {"center": display_window.center, "width": display_window.width, "source": display_window.source}
+
+
+def modality_json(modality: Optional[str]) -> Optional[str]:
+    """A DICOM Modality as it travels (upper case, e.g. ``CT``); empty is None."""
+    if modality is None or not str(modality).strip():
+        return None
+    text = str(modality).strip().upper()
+    if len(text) > 16 or not all(c.isalnum() or c in " _" for c in text):
+        raise InputError(f"modality {modality!r} is not a DICOM Modality (up to 16 letters, digits, spaces or "
+                         f"underscores, e.g. CT or MR)")
+    return text
 
 
 # ------------------------------------------------------------------------------------------------ task requests
@@ -285,8 +330,9 @@ def raise_for_status(status: int, raw: bytes, url: str, method: str, path: str) 
 
 
 __all__ = [
-    "PROTOCOL_VERSION", "WIRE_DTYPES", "MASK_ENCODING", "Result", "AuthenticationError", "VolumeNotFoundError",
-    "RequestTooLargeError", "ServerBusyError", "ServerUnavailableError", "ProtocolMismatchError", "ServerError",
-    "encode_mask", "decode_mask", "wire_array", "volume_id", "wire_matrix", "roi_json", "window_json", "request_body",
+    "PROTOCOL_VERSION", "FEATURE_DISPLAY_WINDOW", "FEATURE_SELFCHECK", "FEATURES", "WIRE_DTYPES", "MASK_ENCODING",
+    "Result", "AuthenticationError", "VolumeNotFoundError", "RequestTooLargeError", "ServerBusyError",
+    "ServerUnavailableError", "ProtocolMismatchError", "ServerError", "encode_mask", "decode_mask", "wire_array",
+    "volume_id", "wire_matrix", "roi_json", "window_json", "display_window_json", "modality_json", "request_body",
     "result_from_dict", "result_payload", "sse_events", "raise_for_status",
 ]

@@ -7,13 +7,14 @@ from its registry entry alone; the OpenAPI schema names them as before (``Testin
 """
 
 import functools
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import numpy as np
 from fastapi import Body, Header, Path
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, create_model
 
 from ..geometry import RasRoi
+from ..preprocessing import DisplayWindow
 from ..tasks import STREAMING_TASKS, ArgumentKind, Task
 
 
@@ -52,11 +53,31 @@ class RoiModel(_Strict):
     axes: Optional[tuple[Vec3, Vec3, Vec3]] = None
 
 
+class DisplayWindowModel(_Strict):
+    """The window the reader sees the volume in (Slicer's window/level, the DICOM WindowCenter/WindowWidth)."""
+
+    center: FiniteFloat
+    width: FiniteFloat = Field(gt=0)
+    source: str = Field("display", max_length=32, pattern=r"^[\w .()-]*$",
+                        description='where it comes from, e.g. "Slicer" or "DICOM" (shown in the provenance)')
+
+
+Modality = Annotated[str, Field(max_length=16, pattern=r"^[A-Za-z0-9 _]+$", description="DICOM Modality, e.g. CT")]
+DISPLAY_WINDOW_FIELD = Field(None, description="the window the reader sees the volume in: the default of the tasks "
+                                               "trained on display-window images (report, VQA, retrieval) when no "
+                                               "window is chosen")
+MODALITY_FIELD = Field(None, description="the volume's DICOM Modality (CT, MR, ...); without it CT is recognised by "
+                                         "its values")
+
+
 class TaskOptions(_Strict):
     """Preprocessing of the volume (as ``InferenceEngine.set_volume``) and sampling."""
 
     window: Union[Annotated[str, Field(max_length=64)], tuple[FiniteFloat, FiniteFloat], None] = Field(
-        None, description='a preset ("abdomen", "lung", ...), "percentile", "minmax", or [center, width] in HU')
+        None, description='a preset ("abdomen", "lung", ...), "percentile", "minmax", or [center, width] in HU; '
+                          "none: each task's own default")
+    display_window: Optional[DisplayWindowModel] = DISPLAY_WINDOW_FIELD
+    modality: Optional[Modality] = MODALITY_FIELD
     roi: Optional[RoiModel] = Field(None, description="crop the volume to this RAS box first")
     slice_range: Optional[tuple[int, int]] = Field(None, description="half-open [start, stop) range of K indices")
     sampling: SamplingModel = Field(default_factory=SamplingModel)
@@ -68,6 +89,8 @@ class RetrieveTextsRequest(_Strict):
     texts: list[Annotated[str, Field(max_length=10_000)]] = Field(min_length=1, max_length=1024)
     labels: Optional[list[Annotated[str, Field(max_length=1_000)]]] = Field(None, max_length=1024)
     window: Union[Annotated[str, Field(max_length=64)], tuple[FiniteFloat, FiniteFloat], None] = None
+    display_window: Optional[DisplayWindowModel] = DISPLAY_WINDOW_FIELD
+    modality: Optional[Modality] = MODALITY_FIELD
 
 
 class RetrieveVolumesRequest(_Strict):
@@ -77,6 +100,20 @@ class RetrieveVolumesRequest(_Strict):
     volume_ids: list[Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]] = Field(min_length=1, max_length=256)
     labels: Optional[list[Annotated[str, Field(max_length=1_000)]]] = Field(None, max_length=256)
     window: Union[Annotated[str, Field(max_length=64)], tuple[FiniteFloat, FiniteFloat], None] = None
+    display_windows: Optional[list[Optional[DisplayWindowModel]]] = Field(
+        None, max_length=256, description="one per volume (null where unknown): each volume's default window")
+    modalities: Optional[list[Optional[Modality]]] = Field(None, max_length=256, description="one per volume")
+
+
+class SelfCheckRequest(_Strict):
+    """``m3d selfcheck`` on the server's model and its bundled CT with ground-truth labels."""
+
+    conventions: Literal["default", "all"] = Field(
+        "default", description="default: each task's own convention; all: every task under every convention")
+    max_new_tokens: int = Field(64, ge=1, le=512, description="answer length (greedy decoding)")
+    structures: Optional[list[Annotated[str, Field(min_length=1, max_length=64)]]] = Field(
+        None, min_length=1, max_length=32, description="what to segment and locate (default: liver, spleen, right and "
+                                                       "left kidney, stomach, aorta)")
 
 
 class CancelRequest(_Strict):
@@ -113,6 +150,10 @@ TASK_REQUESTS: dict[str, type[TaskOptions]] = {task.key: task_request_model(task
 
 def ras_roi(model: RoiModel) -> RasRoi:
     return RasRoi(model.center, model.size, model.axes if model.axes is not None else np.eye(3))
+
+
+def display_window(model: Optional[DisplayWindowModel]) -> Optional[DisplayWindow]:
+    return None if model is None else DisplayWindow(model.center, model.width, model.source or "display")
 
 
 def engine_arguments(task: Task, body: TaskOptions) -> tuple:

@@ -10,7 +10,7 @@ from ..preprocessing import resolve_window
 from ..results import SamplingOptions
 from .engine_queue import EngineQueue
 from .guard import ServerLimits
-from .schemas import SamplingModel, ras_roi
+from .schemas import SamplingModel, display_window, ras_roi
 from .volume_store import StoredVolume, VolumeStore
 
 
@@ -38,6 +38,11 @@ class ServingState:
         window = tuple(body.window) if isinstance(body.window, (list, tuple)) else body.window
         resolve_window(window)
         options: dict[str, Any] = {"window": window}
+        # what the reader sees: passed only when sent, so that engines without these options keep working
+        if getattr(body, "display_window", None) is not None:
+            options["display_window"] = display_window(body.display_window)
+        if getattr(body, "modality", None):
+            options["modality"] = body.modality.strip().upper()
         if hasattr(body, "roi"):
             options["roi"] = ras_roi(body.roi) if body.roi is not None else None
         if getattr(body, "slice_range", None) is not None:

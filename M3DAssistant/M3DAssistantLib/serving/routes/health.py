@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends
 
 from ... import AI_LABEL, __version__
 from ...tasks import STREAMING_TASKS
-from ..protocol import PROTOCOL_VERSION
+from ..protocol import FEATURES, PROTOCOL_VERSION
 from ..schemas import ERRORS
 from ..state import ServingState, serving_state
 
@@ -22,6 +22,6 @@ async def health(state: ServingState = STATE) -> dict[str, Any]:
 
 @router.get("/v1/info", responses=ERRORS, summary="Model, device, protocol and limits")
 async def info(state: ServingState = STATE) -> dict[str, Any]:
-    return {**state.engine.info(), "protocol": PROTOCOL_VERSION, "server_version": __version__,
-            "tasks": [task.key for task in STREAMING_TASKS], "volumes": len(state.store),
+    return {**state.engine.info(), "protocol": PROTOCOL_VERSION, "features": list(FEATURES),
+            "server_version": __version__, "tasks": [task.key for task in STREAMING_TASKS], "volumes": len(state.store),
             "limits": dataclasses.asdict(state.limits), "label": AI_LABEL}

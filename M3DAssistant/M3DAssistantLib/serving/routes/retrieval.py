@@ -6,8 +6,16 @@ from typing import Any, Optional
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
+from ...errors import InputError
 from ...tasks import FIND_SIMILAR
-from ..schemas import REQUEST_ID, TASK_ERRORS, VOLUME_ID, RetrieveTextsRequest, RetrieveVolumesRequest
+from ..schemas import (
+    REQUEST_ID,
+    TASK_ERRORS,
+    VOLUME_ID,
+    RetrieveTextsRequest,
+    RetrieveVolumesRequest,
+    display_window,
+)
 from ..state import ServingState, serving_state
 
 router = APIRouter()
@@ -36,9 +44,16 @@ async def retrieve_volumes(body: RetrieveVolumesRequest, request_id: Optional[st
     options = state.volume_options(body, candidates[0])
     labels = list(body.labels) if body.labels is not None else None
     volumes = [(v.array, v.ijk_to_ras) for v in candidates]
+    extra: dict[str, Any] = {}  # each volume's display window and modality: its default window
+    for field, value in (("display_windows", body.display_windows), ("modalities", body.modalities)):
+        if value is not None:
+            if len(value) != len(volumes):
+                raise InputError(f"{field} has {len(value)} entries for {len(volumes)} volumes; give one per volume "
+                                 "(null where unknown)")
+            extra[field] = [display_window(v) for v in value] if field == "display_windows" else list(value)
 
     def call(engine: Any, on_text: Any) -> Any:
         # the engine embeds every candidate with the current volume's window: make it the request's
-        return getattr(engine, FIND_SIMILAR.engine_method)(text=body.text, volumes=volumes, labels=labels)
+        return getattr(engine, FIND_SIMILAR.engine_method)(text=body.text, volumes=volumes, labels=labels, **extra)
 
     return await state.queue.submit(FIND_SIMILAR.engine_method, request_id, candidates[0], options, call, False)
