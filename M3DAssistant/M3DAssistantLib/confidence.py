@@ -29,23 +29,22 @@ from .results import UNCERTAIN_BAND, Confidence, MaskConfidence, TokenProbabilit
 
 def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     """The text each generated token adds to the decoded answer (special tokens add nothing), so that the pieces
-    join to ``decode(ids)``. A token that ends inside a multi-byte character adds nothing; the token that
+    join to ``decode(ids)`` exactly. A token's piece ends where the decoding of the answer up to it stops agreeing
+    with the whole answer's: a token that ends inside a multi-byte character adds nothing, and the token that
     completes the character carries it."""
+    import os
+
     from .model.tokenizer import decode
 
     ids = list(ids)
-    pieces: list[str] = []
-    shown = ""
-    for n in range(1, len(ids) + 1):
-        text = decode(tokenizer, ids[:n])
-        if text.endswith("\ufffd") or not text.startswith(shown):
-            pieces.append("")
-            continue
-        pieces.append(text[len(shown):])
-        shown = text
     full = decode(tokenizer, ids)
-    if pieces and full != shown and full.startswith(shown):
-        pieces[-1] += full[len(shown):]
+    pieces: list[str] = []
+    done = 0
+    for n in range(1, len(ids) + 1):
+        agreed = len(os.path.commonprefix([decode(tokenizer, ids[:n]), full])) if n < len(ids) else len(full)
+        end = max(done, agreed)
+        pieces.append(full[done:end])
+        done = end
     return pieces
 
 
