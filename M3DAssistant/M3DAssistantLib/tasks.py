@@ -147,6 +147,7 @@ class Option:
     name: str
     help: str
     segmentation: bool = False
+    cli_file: Optional[str] = None  # the CLI flag takes a file to write what the option computes (and turns it on)
 
     @property
     def default(self) -> Any:
@@ -170,7 +171,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("confidence", "probabilities of the answer's tokens, of each option of a multiple choice and of a mask's "
                          "voxels (no extra model call)"),
     Option("evidence", "an evidence map: which parts of the volume the answer depends on (integrated gradients on "
-                       "the model input, mapped to the volume's grid), with its most relevant slice ranges"),
+                       "the model input, mapped to the volume's grid), with its most relevant slice ranges",
+           cli_file="the evidence map as a volume on the input's grid (.nrrd or .nii.gz)"),
     Option("evidence_steps", "integrated-gradients steps of the evidence map (1 = gradient x input; each step is a "
                              "forward and a backward pass)"),
     Option("refine", "zoom-in refinement of the mask: the region around it is shown to the model again at full "
