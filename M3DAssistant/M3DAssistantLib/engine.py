@@ -563,7 +563,10 @@ class InferenceEngine:
                 report(self.progress, "segment", None, "mapping the mask to the volume grid")
                 self._mask(result, logits[0, 0], view.mapping, analysis)
                 if analysis.refine and result.voxel_count:
-                    self._refine(result, out["seg_prompts"], view, analysis)
+                    if out["seg_prompts"] is None:  # a generate without the prompt hook (a wrapped model)
+                        prov.notes.append("not refined: the model returned no [SEG] prompt embedding")
+                    else:
+                        self._refine(result, out["seg_prompts"], view, analysis)
                 self._describe_mask(result, view)
             if analysis.locate:
                 self._check_cancel()
