@@ -100,6 +100,18 @@ def choice_probabilities(first_logits: Any, letter_ids: Sequence[int], letters: 
     return {letter: float(p) for letter, p in zip(letters, normalised)}, mass
 
 
+def add_choice_probabilities(confidence: Confidence, first_logits: Any, tokenizer: Any, prompt: str,
+                             letters: Sequence[str], num_image_tokens: int) -> None:
+    """Fill ``confidence.choices`` and ``choice_mass`` from the answer position's logits, or say in its notes why
+    the letters cannot be read (a tokenizer that merges them)."""
+    try:
+        ids = choice_letter_ids(tokenizer, prompt, letters, num_image_tokens)
+    except ValueError as e:
+        confidence.notes.append(f"no option probabilities: {e}")
+        return
+    confidence.choices, confidence.choice_mass = choice_probabilities(first_logits, ids, letters)
+
+
 def mask_with_confidence(logits_dhw: Any, mapping: VolumeToModelMapping, *, threshold: float = 0.5,
                          band: tuple[float, float] = UNCERTAIN_BAND) -> tuple[np.ndarray, MaskConfidence]:
     """The mask of :func:`~.geometry.logits_to_mask` (identical voxels) and its :class:`MaskConfidence`, from one
@@ -138,5 +150,5 @@ def merge(first: Optional[Confidence], **parts: Any) -> Confidence:
     return confidence
 
 
-__all__ = ["token_pieces", "token_confidence", "choice_letter_ids", "choice_probabilities", "mask_with_confidence",
-           "merge"]
+__all__ = ["token_pieces", "token_confidence", "choice_letter_ids", "choice_probabilities", "add_choice_probabilities",
+           "mask_with_confidence", "merge"]

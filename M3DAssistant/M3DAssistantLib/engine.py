@@ -20,6 +20,9 @@ from the decoding steps' own scores (:mod:`.confidence`), an evidence map (:mod:
 masks (:mod:`.refinement`), the model's REC box next to a mask; and with every mask its box and measurements
 (:mod:`.measurements`). The engine only calls them at the right moment, with the model and the volume at hand.
 
+Why this file is long: the eight task methods share one loaded model, its per-volume caches, its lock and its
+cancel; what they compute beyond the answer lives in the modules above and is only called from here.
+
 Thread safety: one request runs at a time (a lock); :meth:`cancel` may be called from any thread and stops the
 running request at its next decoding step or encoder call with :class:`~M3DAssistantLib.errors.CancelledError`.
 """
@@ -495,14 +498,9 @@ class InferenceEngine:
         out, _, prov = self._run(CHOOSE, prompt, sampling, on_text, analysis)
         parsed = CHOOSE.parse_answer(out["text"], clean_choices)
         if out["confidence"] is not None and len(out.get("logits", ())):
-            letters = prompts.CHOICE_LETTERS[: len(clean_choices)]
-            try:
-                ids = confidence_.choice_letter_ids(self.tokenizer, prompt, letters, self.model.num_image_tokens)
-            except ValueError as e:
-                out["confidence"].notes.append(f"no option probabilities: {e}")
-            else:
-                out["confidence"].choices, out["confidence"].choice_mass = confidence_.choice_probabilities(
-                    out["logits"][0], ids, letters)
+            confidence_.add_choice_probabilities(out["confidence"], out["logits"][0], self.tokenizer, prompt,
+                                                 prompts.CHOICE_LETTERS[: len(clean_choices)],
+                                                 self.model.num_image_tokens)
         return ChoiceResult(out["text"], clean_choices, parsed.letter, parsed.choice, prov, parsed.error,
                             **self._analysed(out))
 
@@ -613,21 +611,14 @@ class InferenceEngine:
         result.provenance.notes.append(describe(record))
 
     def _describe_mask(self, result: SegmentationResult, view: _View) -> None:
-        """The mask's box (RAS and official) and measurements, on the volume's own voxels."""
-        from .measurements import mask_roi, measure_mask
+        """The mask's box (RAS and official) and measurements, on the volume's own voxels (HU for CT)."""
+        from .measurements import describe_mask
 
-        if not result.voxel_count:
-            return
         volume = self._volume()
         if volume.value_range is None:
             volume.value_range = (float(volume.array.min()), float(volume.array.max()))
-        units = "HU" if is_ct(volume.handle.modality, volume.value_range[0]) else None
-        result.roi = mask_roi(result.mask, volume.ijk_to_ras)
-        try:
-            result.box = roi_to_box(result.roi, view.mapping, snap=True)
-        except InputError:  # the mask's box lies outside the model's view (cannot happen for its own mask)
-            result.box = None
-        result.measurements = measure_mask(result.mask, volume.array, volume.ijk_to_ras, units=units)
+        describe_mask(result, volume.array, volume.ijk_to_ras, view.mapping,
+                      units="HU" if is_ct(volume.handle.modality, volume.value_range[0]) else None)
 
     def retrieve(self, *, texts: Optional[Sequence[str]] = None, text: Optional[str] = None,
                  volumes: Optional[Sequence[tuple[np.ndarray, np.ndarray]]] = None,

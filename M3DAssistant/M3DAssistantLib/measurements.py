@@ -24,8 +24,16 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .geometry import Box, RasRoi, box_to_model_bounds, nearest_ras_axes, validate_ijk_to_ras
-from .results import MaskMeasurements
+from .geometry import (
+    Box,
+    RasRoi,
+    VolumeToModelMapping,
+    box_to_model_bounds,
+    nearest_ras_axes,
+    roi_to_box,
+    validate_ijk_to_ras,
+)
+from .results import MaskMeasurements, SegmentationResult
 
 Point = tuple[float, float, float]
 
@@ -187,4 +195,19 @@ def measure_mask(mask_kji: np.ndarray, array_kji: np.ndarray, ijk_to_ras: np.nda
     )
 
 
-__all__ = ["mask_bounds", "mask_roi", "box_iou", "measure_mask"]
+def describe_mask(result: SegmentationResult, array_kji: np.ndarray, ijk_to_ras: np.ndarray,
+                  mapping: VolumeToModelMapping, *, units: Optional[str] = None) -> None:
+    """Give a segmentation result with a mask its ``roi`` (:func:`mask_roi`), ``box`` (the official box of the model
+    voxels inside that ROI, on the model input ``mapping`` describes: comparable with a REC answer) and
+    ``measurements`` (:func:`measure_mask`); nothing for an empty mask."""
+    if result.mask is None or not result.voxel_count:
+        return
+    result.roi = mask_roi(result.mask, ijk_to_ras)
+    try:
+        result.box = roi_to_box(result.roi, mapping, snap=True)
+    except InputError:  # a region the model did not see (cannot happen for a mask it made)
+        result.box = None
+    result.measurements = measure_mask(result.mask, array_kji, ijk_to_ras, units=units)
+
+
+__all__ = ["mask_bounds", "mask_roi", "box_iou", "measure_mask", "describe_mask"]
