@@ -78,6 +78,8 @@ def test_evidence_as_nifti_and_the_numbers_on_stderr(forced_cli, ct_path, tmp_pa
 
 
 def test_analysis_files_are_checked_before_the_model_loads(monkeypatch, ct_path, tmp_path, capsys):
+    """case: --evidence or --box-output with a wrong extension, or a file that exists -> refused before the model
+    loads, naming the extensions to use (or --overwrite); the existing file untouched"""
     loaded = []
     monkeypatch.setattr(cli, "_engine", lambda args, bar: loaded.append(1))
     for flag, name, message in (("--evidence", "map.seg.nrrd", "not a segmentation"),

@@ -150,6 +150,8 @@ def test_the_models_own_box_next_to_a_mask_becomes_an_roi(headless_slicer, ct_no
 
 
 def test_an_evidence_map_from_another_grid_is_refused(headless_slicer, ct_node, engine):
+    """case: an evidence map added to a volume of another grid (or a result without one) -> InputError naming the
+    shapes; no node is created"""
     engine.set_volume(np.zeros((8, 9, 10), np.int16) + np.arange(10, dtype=np.int16), np.eye(4))
     result = engine.ask("Why?", sampling=SamplingOptions(max_new_tokens=2),
                         analysis=AnalysisOptions(evidence=True, evidence_steps=1))

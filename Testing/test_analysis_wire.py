@@ -115,8 +115,8 @@ def test_options_a_task_does_not_take_are_refused_before_sending(server, ct):
 
 
 def test_the_request_models_check_the_options(server, ct):
-    """The server refuses, with a 400 naming the field, an option the task does not take and out-of-range steps;
-    an empty analysis object is the plain task."""
+    """case: an analysis option the task does not take (refine on a report) or evidence_steps outside 1..64 in a
+    server request -> HTTP 400 naming the field; an empty analysis object is the plain task"""
     from fastapi.testclient import TestClient
 
     client = M3DClient(server["url"], server["token"])

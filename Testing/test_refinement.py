@@ -176,7 +176,8 @@ def test_the_engine_refines_with_the_same_seg_prompt(engine):
 
 
 def test_refine_without_a_mask_is_a_no_op(engine):
-    """Unforced twin: random weights write no [SEG]; asking for refinement changes nothing and fails nothing."""
+    """case: refinement asked for but the model gave no mask (random weights write no [SEG]) -> no refinement, no
+    error, nothing recorded (the unforced twin of the engine test)"""
     result = engine.segment("liver", sampling=SamplingOptions(max_new_tokens=4), analysis=AnalysisOptions(refine=True))
     if "[SEG]" not in result.text:
         assert result.mask is None and result.refinement is None
