@@ -223,7 +223,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.stopWorkerButton.connect("clicked(bool)", self.onStopWorkerButton)
         self.ui.clearConversationButton.connect("clicked(bool)", self.onClearConversationButton)
         self._evidenceTargets = []  # RAS points of the evidence list's rows
-        self.ui.evidenceRangesList.connect("currentRowChanged(int)", self.onEvidenceRangeSelected)
+        self.ui.evidenceRangesList.connect("itemClicked(QListWidgetItem*)", self.onEvidenceRangeClicked)
 
         # Per-computer settings (not in the scene). The token lives in memory unless "Remember" is checked.
         settings = self.logic.settings
@@ -534,8 +534,9 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.evidenceRangesList.addItems([label for label, _ in items])
         return statistics
 
-    def onEvidenceRangeSelected(self, row: int) -> None:
-        """Jump the slice views to the peak of the evidence range the user picked."""
+    def onEvidenceRangeClicked(self, item) -> None:
+        """Jump the slice views to the peak of the evidence range the user clicked (again on every click)."""
+        row = self.ui.evidenceRangesList.row(item)
         if 0 <= row < len(self._evidenceTargets):
             self.logic.jumpTo(self._evidenceTargets[row])
 

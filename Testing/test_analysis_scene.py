@@ -268,3 +268,45 @@ def test_the_panel_shows_measurements_confidence_and_evidence(engine):
     assert mask_attributes(result)["M3D.refined"] == "zoom-in"
     assert panel.progress_text(panel.ProgressEvent("evidence", 0.5, "step 1"))[0].startswith("Computing the evidence")
     assert MaskConfidence(None, None, 0, 0).to_dict()["band"] == [0.3, 0.7]
+
+
+# ------------------------------------------------------------------------------------ the widget on stand-in Qt
+from test_assistant_module import widget  # noqa: E402, F401  (the module's widget on stand-in Qt widgets, a fixture)
+
+
+def test_the_panel_shows_the_evidence_and_the_numbers_of_a_segment(widget, engine, monkeypatch):  # noqa: F811
+    """The panel's path with the analysis check boxes on (the real tiny engine as the backend, [SEG] forced): the
+    evidence map is overlaid on the input volume, its slice ranges fill the list and a click jumps there, and the
+    conversation shows the mask's numbers under the answer. (On stand-in Qt widgets: what the widgets draw is the
+    Qt harness's to check.)"""
+    import time
+
+    layers, jumps = [], []
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: layers.append(kwargs), raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(
+        logic=lambda: types.SimpleNamespace(JumpSlicesToLocation=lambda *args: jumps.append(args)))))
+    widget.logic._backendFactory = lambda config: engine
+    volume = slicer.util.addVolumeFromArray(np.asarray(engine._volume().array), ijkToRAS=np.eye(4), name="ct")
+    p = widget._parameterNode
+    p.inputVolume, p.evidence, p.evidenceSteps, p.refine, p.maskRoi = volume, True, 1, True, True
+    p.maxNewTokens = 8
+    widget.ui.promptComboBox.currentText = "liver"
+    with forced_answer(engine, " It is [SEG]."):
+        widget.ui.segmentButton.slots[0][1]()
+        deadline = time.monotonic() + 120
+        while widget._running is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            widget._onTimer()
+    entry = widget._conversation.entries(volume.GetID())[-1]
+    assert entry.status == "done", entry.answer
+    result = widget.logic.lastResult
+    assert result.refinement is not None and result.evidence is not None
+    assert set(widget.logic.lastNodes) == {"evidence", "mask_box"}
+    assert layers == [{"background": volume, "foreground": widget.logic.lastNodes["evidence"],
+                       "foregroundOpacity": p.evidenceOpacity}]
+    assert widget._evidenceTargets == [r.peak_ras for r in result.evidence.ranges]
+    widget.ui.evidenceRangesList.row = lambda item: 0
+    widget.onEvidenceRangeClicked(object())
+    assert jumps[-1] == (*result.evidence.ranges[0].peak_ras, True)
+    assert "Volume " in entry.details_html and "Refined by zoom-in" in entry.details_html
+    assert "Evidence map (gradient-x-input, 1 steps)" in entry.details_html
