@@ -91,7 +91,12 @@ Ask M3D-LaMed, a 3D medical vision-language model, about a CT volume.
 <li><b>Find similar</b>: ranks volumes and texts by how well they match (image-text retrieval with M3D-CLIP).</li>
 </ul>
 <p>Pick the volume and the model, type a prompt and press a task button; the answer streams into the conversation
-view and results become new nodes (text, ROI, segment) next to the volume. Nothing existing is overwritten. The model
+view and results become new nodes (text, ROI, segment) next to the volume. Nothing existing is overwritten.</p>
+<p><b>Confidence and evidence</b>: the model's probability of each multiple-choice option, its unsure words
+highlighted, a mask's mean probability; on request an evidence map (where in the volume the answer comes from,
+overlaid on the volume, with the most relevant slices listed: click one to go there), zoom-in refinement of masks,
+the model's own box next to a mask, and the mask's box as an ROI. Every mask comes with its volume (mL), largest
+diameters and mean and SD of the values inside (HU for CT). The model
 runs in a separate worker process on this computer (started on first use, stopped with <b>Stop</b> or when Slicer
 exits), or on a remote server you choose; Slicer stays responsive and <b>Cancel</b> stops an answer.</p>
 <p>Each task sees the volume as its training images looked: the line under the task buttons says how (orientation,
@@ -136,6 +141,10 @@ class M3DAssistantParameterNode:
     outputSegmentation - Segmentation that gets new segments (None: a new one).
     maxNewTokens - Longest answer, in tokens.
     choices - The options of a multiple-choice question, separated by ";".
+    confidence, evidence, evidenceSteps, refine, locate - What to compute beyond the answer (the task registry's
+        analysis options, M3DAssistantLib.tasks.OPTIONS); each task uses those it takes.
+    maskRoi - Also make a new mask's box an ROI node.
+    evidenceOpacity - Opacity of the evidence map overlaid on the volume.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -149,6 +158,13 @@ class M3DAssistantParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     maxNewTokens: Annotated[int, WithinRange(1, 1024)] = 256
     choices: str = ""
+    confidence: bool = True
+    evidence: bool = False
+    evidenceSteps: Annotated[int, WithinRange(1, 64)] = 8
+    refine: bool = False
+    locate: bool = False
+    maskRoi: bool = False
+    evidenceOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
 #
@@ -215,6 +231,8 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checking = None  # the installation check's request while it runs
         self._selfCheckReport = None  # its last report
         self._observedVolume = None  # the input volume whose display (window/level) the preview follows
+        self._evidenceTargets = []  # RAS points of the evidence list's rows
+        self.ui.evidenceRangesList.connect("itemClicked(QListWidgetItem*)", self.onEvidenceRangeClicked)
 
         # Per-computer settings (not in the scene). The token lives in memory unless "Remember" is checked.
         settings = self.logic.settings
@@ -510,7 +528,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _finishTask(self, task: str, request, entry) -> None:
         from M3DAssistantLib.errors import CancelledError
-        from M3DAssistantLib.panel import answer_text, typed_result, used_text
+        from M3DAssistantLib.panel import analysis_html, answer_html, answer_text, typed_result, used_text
 
         self._timer.stop()
         self._running = None
@@ -519,9 +537,11 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request.result()  # writes the nodes, here on the main thread
             entry.answer, entry.status = answer_text(task, request.output), "done"
             entry.used = used_text(typed_result(task, request.output))  # what the model was shown
+            entry.answer_html = answer_html(task, request.output)
             self.ui.progressBar.value = 100
             self.ui.statusLabel.text = _("Done. The answer is AI-generated, not for clinical use.")
-            self._showResult(task, request.output)
+            statistics = self._showResult(task, request.output)
+            entry.details_html = analysis_html(typed_result(task, request.output), statistics)
         except CancelledError:
             entry.status = "cancelled"
             self.ui.progressBar.value = 0
@@ -539,19 +559,38 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._setRunning(None)
 
-    def _showResult(self, key: str, output) -> None:
-        """New segments go on into the same segmentation; show the new ROI / segmentation."""
+    def _showResult(self, key: str, output):
+        """New segments go on into the same segmentation; show the new ROI / segmentation, the evidence map over
+        the volume with its most relevant slices listed; a new segment's Segment Statistics where available
+        (returned, for the conversation view)."""
+        from M3DAssistantLib.panel import evidence_items, typed_result
         from M3DAssistantLib.tasks import TASKS, Output
 
         shown = TASKS[key].output
+        statistics = None
         if shown is Output.SEGMENT and output[0] is not None:
             if self._parameterNode.outputSegmentation is None:
                 self._parameterNode.outputSegmentation = output[0]
             output[0].CreateDefaultDisplayNodes()
+            statistics = self.logic.segmentStatistics(output[0], output[1], self._parameterNode.inputVolume)
         elif shown is Output.ROI_NODE and output[0] is not None:
             center = [0.0, 0.0, 0.0]
             output[0].GetCenterWorld(center)
-            slicer.modules.markups.logic().JumpSlicesToLocation(*center, True)
+            self.logic.jumpTo(center)
+        evidenceNode = self.logic.lastNodes.get("evidence")
+        if evidenceNode is not None:
+            self.logic.showEvidence(evidenceNode, self._parameterNode.inputVolume)
+            items = evidence_items(typed_result(key, output).evidence)
+            self._evidenceTargets = [point for _, point in items]
+            self.ui.evidenceRangesList.clear()
+            self.ui.evidenceRangesList.addItems([label for label, _ in items])
+        return statistics
+
+    def onEvidenceRangeClicked(self, item) -> None:
+        """Jump the slice views to the peak of the evidence range the user clicked (again on every click)."""
+        row = self.ui.evidenceRangesList.row(item)
+        if 0 <= row < len(self._evidenceTargets):
+            self.logic.jumpTo(self._evidenceTargets[row])
 
     # ------------------------------------------------------------------------------------------ other buttons
     def onStartWorkerButton(self) -> None:
@@ -673,10 +712,15 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
 
     Every task method blocks until the answer is there (Slicer stays responsive meanwhile), uses the model and
     options of the module panel (its parameter node), and accepts ``window=``, ``roiNode=`` (crop) and
-    ``maxNewTokens=`` to override them. Without a window (the panel's "Model default") each task sees the volume
-    as its training data did: report, VQA and Find similar in the window/level it is displayed with at that moment
-    (and its DICOM Modality), boxes and masks in the M3D-Seg percentiles; ``logic.taskPreprocessing(volumeNode,
-    "report").describe()`` says what a task will use, ``logic.checkInstallation()`` checks the installation.
+    ``maxNewTokens=`` to override them, and the analysis options the task takes: ``confidence=``, ``evidence=``,
+    ``evidenceSteps=``, and for masks ``refine=``, ``locate=`` and ``maskRoi=`` (e.g.
+    ``logic.segment(volumeNode, "liver", refine=True, evidence=True)``). Without a window (the panel's "Model
+    default") each task sees the volume as its training data did: report, VQA and Find similar in the window/level
+    it is displayed with at that moment (and its DICOM Modality), boxes and masks in the M3D-Seg percentiles;
+    ``logic.taskPreprocessing(volumeNode, "report").describe()`` says what a task will use,
+    ``logic.checkInstallation()`` checks the installation. ``lastResult`` holds the typed result
+    (``.confidence``, ``.measurements``, ``.evidence``...), ``lastNodes`` the nodes the analysis made
+    (``"evidence"``: the evidence map volume, ``"mask_box"`` / ``"located_box"``: ROI nodes).
     ``callback=f`` makes it return at once and call ``f(value)`` on the main thread when done (``errorCallback=g``
     gets the exception); ``wait=False`` returns a request object to poll (``done()``, ``result()``, ``cancel()``).
     ``onText=f`` receives the answer as it is written (from another thread).
@@ -709,6 +753,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         self.interactive = True  # confirmation dialogs (never in testing mode)
         self.lastResult = None  # the full typed result of the last finished task
         self.lastSelfCheck = None  # the SelfCheckReport of the last installation check
+        self.lastNodes = {}  # the nodes the last finished task's analysis made: "evidence", "mask_box", "located_box"
         self.progressCallback = None  # receives ProgressEvent, from the request's thread
         self.messageCallback = None  # receives notices such as "the worker crashed; restarting"
         self._session = None
@@ -732,8 +777,11 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             ``Task``
         :param arguments: the volume node (except for findSimilar), then the task's arguments in order
         :param name: the name of a new text or ROI node; :param segmentationNode: where a new segment goes
-        :param options: ``window``, ``roiNode`` (crop), ``maxNewTokens``; default: the module panel's
-        :return: what the task's own method returns; ``lastResult`` is the typed result
+        :param options: ``window``, ``roiNode`` (crop), ``maxNewTokens``, and the analysis options the task takes
+            (``confidence``, ``evidence``, ``evidenceSteps``, ``refine``, ``locate``, ``maskRoi``); default: the
+            module panel's
+        :return: what the task's own method returns; ``lastResult`` is the typed result, ``lastNodes`` the nodes
+            its analysis made
         """
         from M3DAssistantLib.panel import TaskRequest, api_value, typed_result
         from M3DAssistantLib.tasks import ArgumentKind, Task
@@ -745,7 +793,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             if not arguments:
                 raise TypeError(f"{task.logic_name} needs the volume node first")
             placement = {"name": name, "segmentation_node": segmentationNode}
-            kwargs = dict(self._taskOptions(arguments[0], options), on_text=onText, **placement)
+            kwargs = dict(self._taskOptions(task, arguments[0], options), on_text=onText, **placement)
         else:
             if options or name is not None or segmentationNode is not None:
                 raise TypeError(f"{task.logic_name} takes no options (window=, roiNode=, maxNewTokens=, name=)")
@@ -755,6 +803,7 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
 
         def finish(output):
             self.lastResult = typed_result(task, output)
+            self.lastNodes = dict(session.extra_nodes) if task.on_volume else {}
             return api_value(task, output, candidates)
 
         request = TaskRequest(task.key, session.run_task(task, *arguments, wait=False, **kwargs), finish)
@@ -919,16 +968,63 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
             self._session.clear_history(volumeNode)
 
     # ------------------------------------------------------------------------------------------ running
-    def _taskOptions(self, volumeNode, options: dict) -> dict:
-        from M3DAssistantLib.results import SamplingOptions
+    def _taskOptions(self, task, volumeNode, options: dict) -> dict:
+        """The session's keyword arguments: the call's options, else the panel's (its parameter node). The panel's
+        analysis options apply to the tasks that take them; one given to a task that does not take it is an error."""
+        from M3DAssistantLib.results import AnalysisOptions, SamplingOptions
 
-        unknown = set(options) - {"window", "roiNode", "maxNewTokens"}
+        analysisNames = {option.logic_name: option.name for option in task.options}
+        maskRoi = ["maskRoi"] if task.segments else []
+        known = {"window", "roiNode", "maxNewTokens", *analysisNames, *maskRoi}
+        unknown = set(options) - known
         if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; use window=, roiNode= or maxNewTokens=")
+            raise TypeError(f"unknown option(s) {sorted(unknown)} for {task.logic_name}; use "
+                            f"{', '.join(name + '=' for name in sorted(known))}")
         p = self.getParameterNode()
         window = options["window"] if "window" in options else self.windowFor(volumeNode, p.windowPreset)
+        analysis = AnalysisOptions(**{field: options.get(logicName, getattr(p, logicName))
+                                      for logicName, field in analysisNames.items()})
         return {"window": window, "roi_node": options.get("roiNode", p.cropRoi),
-                "sampling": SamplingOptions(max_new_tokens=int(options.get("maxNewTokens", p.maxNewTokens)))}
+                "sampling": SamplingOptions(max_new_tokens=int(options.get("maxNewTokens", p.maxNewTokens))),
+                "analysis": analysis, **({"mask_roi": bool(options.get("maskRoi", p.maskRoi))} if maskRoi else {})}
+
+    def showEvidence(self, evidenceNode, volumeNode=None, opacity: float | None = None) -> None:
+        """Overlay an evidence map on the slice views (foreground, ``opacity`` default: the panel's) over
+        ``volumeNode`` (background); a no-op without a Slicer application (e.g. in scripts)."""
+        if getattr(slicer, "app", None) is None or not hasattr(slicer.util, "setSliceViewerLayers"):
+            return
+        opacity = self.getParameterNode().evidenceOpacity if opacity is None else opacity
+        slicer.util.setSliceViewerLayers(background=volumeNode, foreground=evidenceNode, foregroundOpacity=opacity)
+
+    def jumpTo(self, rasPoint) -> None:
+        """Center the slice views on an RAS point (e.g. an evidence range's peak)."""
+        slicer.modules.markups.logic().JumpSlicesToLocation(*[float(v) for v in rasPoint], True)
+
+    def segmentStatistics(self, segmentationNode, segmentId: str, volumeNode) -> dict | None:
+        """Slicer's Segment Statistics of one segment on ``volumeNode``: ``{"volume_ml", "mean", "std",
+        "feret_diameter_mm", "table"}`` (a new table node with all its measurements), or None where the Segment
+        Statistics module is not available (then the result's own measurements, computed the same way, stand)."""
+        try:
+            import SegmentStatistics
+        except ImportError:
+            return None
+        statisticsLogic = SegmentStatistics.SegmentStatisticsLogic()
+        parameters = statisticsLogic.getParameterNode()
+        parameters.SetParameter("Segmentation", segmentationNode.GetID())
+        parameters.SetParameter("ScalarVolume", volumeNode.GetID())
+        parameters.SetParameter("LabelmapSegmentStatisticsPlugin.feret_diameter_mm.enabled", "True")
+        statisticsLogic.updateStatisticsForSegment(segmentId)
+        statistics = statisticsLogic.getStatistics()
+        prefix = "ScalarVolumeSegmentStatisticsPlugin."
+        out = {"volume_ml": statistics.get((segmentId, prefix + "volume_cm3")),
+               "mean": statistics.get((segmentId, prefix + "mean")),
+               "std": statistics.get((segmentId, prefix + "stdev")),
+               "feret_diameter_mm": statistics.get((segmentId, "LabelmapSegmentStatisticsPlugin.feret_diameter_mm"))}
+        segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", f"{segmentName} statistics")
+        statisticsLogic.exportToTable(table)
+        out["table"] = table
+        return {key: value for key, value in out.items() if value is not None}
 
     @staticmethod
     def windowFor(volumeNode, preset: str):

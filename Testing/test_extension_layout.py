@@ -549,7 +549,13 @@ def test_assistant_parameter_node_and_logic(load_module, monkeypatch):
         "modelSource": "str", "runOn": "Annotated[str, Choice(RUN_CHOICES)]", "serverUrl": "str",
         "windowPreset": "Annotated[str, Choice(WINDOW_CHOICES)]", "cropRoi": "vtkMRMLMarkupsROINode",
         "describeRoi": "vtkMRMLMarkupsROINode", "outputSegmentation": "vtkMRMLSegmentationNode",
-        "maxNewTokens": "Annotated[int, WithinRange(1, 1024)]", "choices": "str"}
+        "maxNewTokens": "Annotated[int, WithinRange(1, 1024)]", "choices": "str",
+        "confidence": "bool", "evidence": "bool", "evidenceSteps": "Annotated[int, WithinRange(1, 64)]",
+        "refine": "bool", "locate": "bool", "maskRoi": "bool",
+        "evidenceOpacity": "Annotated[float, WithinRange(0.0, 1.0)]"}
+    from M3DAssistantLib.tasks import OPTIONS
+
+    assert {option.logic_name for option in OPTIONS} <= set(fields)  # every analysis option has its panel field
     assert not [name for name in fields if name.lower().endswith("token")]  # the server token is never in the scene
 
     # By default the Logic calls M3DAssistantLib.model.inspection.inspect_checkpoint, imported when first needed.

@@ -121,8 +121,8 @@ def _force_mask(engine, model_mask):
                        **kwargs)
         if not seg_enable:
             return out
-        ids, _ = out
-        return ids, torch.from_numpy(np.where(model_mask, 10.0, -10.0).astype(np.float32))[None, None]
+        ids, _, *prompt = out  # the [SEG] prompt too when the engine refines
+        return ids, torch.from_numpy(np.where(model_mask, 10.0, -10.0).astype(np.float32))[None, None], *prompt
 
     engine.model.generate = generate
 
@@ -245,3 +245,41 @@ def test_verdict_rules():
     assert sc._verdict([_check("segment", "liver", "poor", 0.3), ok_spleen, ok_spleen])[0] == "poor"  # liver
     assert sc._verdict([ok_spleen, _check("segment", "liver", "poor", 0.05)])[0] == "orientation suspect"
     assert sc._verdict([ok_liver, _check("locate", "spleen", "wrong side")])[0] == "orientation suspect"
+
+
+def test_the_selfcheck_reports_dice_with_and_without_refinement(engine, ct, ct_labels_names, monkeypatch):
+    """A forced [SEG] whose coarse mask is the label seen on the model grid, and whose zoom-in (an oracle: the label
+    on the zoomed region's grid) sees it finer: the check reports both Dice values, the refined one higher, and
+    the table and the per-convention means carry them."""
+    from M3DAssistantLib import refinement
+    from M3DAssistantLib.geometry import mask_to_model
+
+    name = "spleen"
+    truth = _truth(ct_labels_names, name)
+    array, m = ct
+    model_mask = mask_to_model(truth.astype(np.uint8), engine._view("seg").mapping) != 0
+    tokens = engine.tokenizer(" It is [SEG].", add_special_tokens=False).input_ids + [engine.tokenizer.eos_token_id]
+    original = engine.model.generate
+
+    def generate(*args, seg_enable=False, return_seg_prompt=False, **kwargs):
+        from transformers import LogitsProcessorList
+
+        ids, _ = original(*args, seg_enable=seg_enable, logits_processor=LogitsProcessorList([ForceTokens(tokens)]),
+                          **kwargs)
+        logits = torch.from_numpy(np.where(model_mask, 10.0, -10.0).astype(np.float32))[None, None]
+        return (ids, logits, torch.zeros(1, 32)) if return_seg_prompt else (ids, logits)
+
+    def oracle(tensor, mapping):
+        return np.where(mask_to_model(truth.astype(np.uint8), mapping) != 0, 10.0, -10.0).astype(np.float32)
+
+    real = refinement.refine_logits
+    monkeypatch.setattr(refinement, "refine_logits",
+                        lambda *args, **kwargs: real(*args[:4], oracle, **kwargs))
+    engine.model.generate = generate
+    check = sc._segment_check(engine, name, truth, m, sc.body_midline_x(array, m), SamplingOptions(max_new_tokens=10))
+    engine.model.__dict__.pop("generate")
+    assert check.dice is not None and check.dice_refined is not None and check.dice_refined > check.dice
+    report = sc.SelfCheckReport(model={}, volume={}, conventions="default", checks=[check], verdict="pass", message="")
+    assert report.by_convention()[check.convention]["mean_dice_refined"] == check.dice_refined
+    table = sc.format_report(report)
+    assert "Dice+z" in table and f"{check.dice_refined:.3f}" in table

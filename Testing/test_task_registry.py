@@ -114,7 +114,7 @@ def test_result_kinds_are_the_result_types():
 
 def test_engine_methods_take_the_registry_arguments():
     """The engine's task methods are the registry's streaming tasks, each taking the registry's arguments in order,
-    then sampling and on_text; nothing else on the engine takes on_text."""
+    then sampling, on_text and analysis; nothing else on the engine takes on_text."""
     from M3DAssistantLib.engine import InferenceEngine
 
     streaming = {t.key for t in tasks.STREAMING_TASKS}
@@ -123,7 +123,7 @@ def test_engine_methods_take_the_registry_arguments():
     assert with_on_text == streaming
     for task in tasks.STREAMING_TASKS:
         parameters = list(inspect.signature(getattr(InferenceEngine, task.engine_method)).parameters)
-        assert parameters == ["self", *(a.name for a in task.arguments), "sampling", "on_text"], task.key
+        assert parameters == ["self", *(a.name for a in task.arguments), "sampling", "on_text", "analysis"], task.key
     retrieve = inspect.signature(InferenceEngine.retrieve).parameters
     assert {"texts", "text", "volumes", "labels"} <= set(retrieve)
 
@@ -155,9 +155,9 @@ def test_client_and_backends_offer_the_streaming_tasks_with_the_engine_arguments
     for task in tasks.STREAMING_TASKS:
         names = [a.name for a in task.arguments]
         client = list(inspect.signature(getattr(M3DClient, task.key)).parameters)
-        assert client == ["self", *names, "sampling", "on_text", "on_progress"], task.key
+        assert client == ["self", *names, "sampling", "on_text", "on_progress", "analysis"], task.key
         backend = inspect.signature(getattr(ClientBackend, task.key))
-        assert list(backend.parameters) == ["self", *names, "sampling", "on_text"], task.key
+        assert list(backend.parameters) == ["self", *names, "sampling", "on_text", "analysis"], task.key
         assert getattr(ClientBackend, task.key).__name__ == task.key
 
 
@@ -233,7 +233,9 @@ def test_server_routes_and_request_models_come_from_the_registry():
         assert reference == f"#/components/schemas/{task.request_model}"
         model = schema["components"]["schemas"][task.request_model]
         fields, required = REQUESTS[task.request_model]
-        assert list(model["properties"]) == options + fields and model.get("required", []) == required
+        assert list(model["properties"]) == options + fields + ["analysis"] and model.get("required", []) == required
+        analysis = schema["components"]["schemas"][model["properties"]["analysis"]["$ref"].rsplit("/", 1)[1]]
+        assert list(analysis["properties"]) == [o.name for o in task.options], task.key  # the registry's options
         assert operation["requestBody"].get("required", False) == bool(required)
 
 

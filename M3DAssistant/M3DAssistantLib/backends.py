@@ -71,10 +71,11 @@ class ClientBackend:
         if self.on_progress is not None:
             self.on_progress(event)
 
-    def _run_task(self, task: Task, arguments: tuple, sampling: Any, on_text: Any) -> Any:
+    def _run_task(self, task: Task, arguments: tuple, sampling: Any, on_text: Any, analysis: Any = None) -> Any:
         client = self._client_for_task()
         self._check_cancel()
-        return client.run_task(task, *arguments, sampling=sampling, on_text=on_text, on_progress=self._progress)
+        return client.run_task(task, *arguments, sampling=sampling, on_text=on_text, on_progress=self._progress,
+                               **_analysis(analysis))
 
     def _send_volume(self, array_kji: Any, ijk_to_ras: Any, options: dict[str, Any]) -> Any:
         client = self._client_for_task()
@@ -144,15 +145,20 @@ class ClientBackend:
         """Nothing to release for a remote server (it is not ours to stop)."""
 
 
+def _analysis(analysis: Any) -> dict[str, Any]:
+    """``analysis=`` for the client only when given (a client of the plain task never sees the keyword)."""
+    return {"analysis": analysis} if analysis is not None else {}
+
+
 def _task_method(task: Task) -> Callable[..., Any]:
-    """``backend.<task>(arguments..., *, sampling=None, on_text=None)``: the engine's method of ``task`` (same
-    arguments, by position or name), answered by the backend's client."""
+    """``backend.<task>(arguments..., *, sampling=None, on_text=None, analysis=None)``: the engine's method of
+    ``task`` (same arguments, by position or name), answered by the backend's client."""
     parameter = inspect.Parameter
     signature = inspect.Signature(
         [parameter("self", parameter.POSITIONAL_OR_KEYWORD)]
         + [parameter(a.name, parameter.POSITIONAL_OR_KEYWORD, default=parameter.empty if a.required else ())
            for a in task.arguments]
-        + [parameter(name, parameter.KEYWORD_ONLY, default=None) for name in ("sampling", "on_text")])
+        + [parameter(name, parameter.KEYWORD_ONLY, default=None) for name in ("sampling", "on_text", "analysis")])
 
     def method(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
@@ -160,7 +166,8 @@ def _task_method(task: Task) -> Callable[..., Any]:
         values = bound.arguments
         backend: ClientBackend = values["self"]
         arguments = tuple(values[a.name] for a in task.arguments)
-        return backend._call(lambda: backend._run_task(task, arguments, values["sampling"], values["on_text"]))
+        return backend._call(lambda: backend._run_task(task, arguments, values["sampling"], values["on_text"],
+                                                       values["analysis"]))
 
     method.__name__ = method.__qualname__ = task.engine_method
     method.__signature__ = signature  # type: ignore[attr-defined]
@@ -254,12 +261,12 @@ class LocalWorkerBackend(ClientBackend):
         self._volume_generation = generation
         return remote
 
-    def _run_task(self, task: Task, arguments: tuple, sampling: Any, on_text: Any) -> Any:
+    def _run_task(self, task: Task, arguments: tuple, sampling: Any, on_text: Any, analysis: Any = None) -> Any:
         client = self._client_for_task()
         self._check_cancel()
         generation = self.worker.generation
         return self._guard(lambda: client.run_task(task, *arguments, sampling=sampling, on_text=on_text,
-                                                   on_progress=self._progress), generation)
+                                                   on_progress=self._progress, **_analysis(analysis)), generation)
 
     def _run_retrieve(self, kwargs: dict) -> Any:
         client = self._client_for_task()

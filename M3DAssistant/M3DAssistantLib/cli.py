@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import AI_LABEL
+from .analysis_cli import add_analysis_args, analysis_options, check_analysis_outputs, write_analysis_outputs
 from .errors import M3DError
 from .progress import ProgressEvent
 from .tasks import FIND_SIMILAR, STREAMING_TASKS, TRAINING_NAMES, ArgumentKind, Task
@@ -175,6 +176,7 @@ def _add_task_command(sub: "argparse._SubParsersAction", task: Task) -> argparse
     p.add_argument("-o", "--output", help="write the result, format by extension: .seg.nrrd or .nrrd (the "
                    "mask), .mrk.json (the box), .json (the result with provenance), .txt (the answer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    add_analysis_args(p, task)
     p.set_defaults(func=cmd_task, task=task)
     return p
 
@@ -199,17 +201,21 @@ def cmd_task(args: argparse.Namespace) -> int:
     task: Task = args.task
     if getattr(args, "output", None):
         outputs.format_for(args.output)  # an unknown extension fails now, not after the model has run
+    check_analysis_outputs(task, args)
     arguments = _task_arguments(task, args)
+    analysis = analysis_options(task, args)
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
     _array, ijk_to_ras = _load_volume(engine, args.volume, args)
     sampling, on_text = _sampling(args), _stream_printer(args)
+    extra = {"analysis": analysis} if analysis is not None else {}
     try:
-        result = getattr(engine, task.engine_method)(*arguments, sampling=sampling, on_text=on_text)
+        result = getattr(engine, task.engine_method)(*arguments, sampling=sampling, on_text=on_text, **extra)
     finally:
         bar.close()
     _finish_stream(args)
     _write_outputs(args, result, ijk_to_ras)
+    write_analysis_outputs(args, result, ijk_to_ras)
     if args.json:
         _emit(args, result, "")
     else:
@@ -218,13 +224,15 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 
 def _print_parsed(result) -> None:
-    """One line per parsed value, to stderr (stdout has the answer text)."""
+    """One line per parsed value, to stderr (stdout has the answer text); then what the analysis found."""
+    from .analysis_cli import print_analysis
     from .results import BoxResult, ChoiceResult, SegmentationResult
 
     if getattr(result, "parse_error", None):
         print(f"note: {result.parse_error}", file=sys.stderr)
     if isinstance(result, ChoiceResult) and result.letter:
         print(f"choice: {result.letter}. {result.choice}", file=sys.stderr)
+    print_analysis(result)
     if isinstance(result, BoxResult):
         if result.absent:
             print(f"the model says there is no {result.target}", file=sys.stderr)

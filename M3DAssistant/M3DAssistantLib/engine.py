@@ -15,6 +15,14 @@ the task's orientation convention and intensity scheme, within one engine = one 
 The official scripts recompute all of this for every question; ``caching=False`` does the same (for checks and the
 benchmark baseline). Answers are identical either way (tested for every task).
 
+Beyond the answer (``analysis=`` :class:`~M3DAssistantLib.results.AnalysisOptions` on every task method): confidence
+from the decoding steps' own scores (:mod:`.confidence`), an evidence map (:mod:`.evidence`), zoom-in refinement of
+masks (:mod:`.refinement`), the model's REC box next to a mask; and with every mask its box and measurements
+(:mod:`.measurements`). The engine only calls them at the right moment, with the model and the volume at hand.
+
+Why this file is long: the eight task methods share one loaded model, its per-volume caches, its lock and its
+cancel; what they compute beyond the answer lives in the modules above and is only called from here.
+
 Thread safety: one request runs at a time (a lock); :meth:`cancel` may be called from any thread and stops the
 running request at its next decoding step or encoder call with :class:`~M3DAssistantLib.errors.CancelledError`.
 """
@@ -35,6 +43,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from . import confidence as confidence_
 from . import prompts
 from .errors import CancelledError, InputError
 from .geometry import (
@@ -48,9 +57,10 @@ from .geometry import (
 )
 from .model.hub import snapshot_revision
 from .oom import translate_out_of_memory
-from .preprocessing import DisplayWindow, IntensitySpec, default_window, resolve_window
+from .preprocessing import DisplayWindow, IntensitySpec, default_window, is_ct, resolve_window
 from .progress import ProgressCallback, report
 from .results import (
+    AnalysisOptions,
     BoxResult,
     ChoiceResult,
     Provenance,
@@ -389,7 +399,8 @@ class InferenceEngine:
         return copy.deepcopy(view.prefix_cache)
 
     def _generate(self, view: _View, prompt: str, sampling: SamplingOptions, seg: bool,
-                  on_text: Optional[TextCallback], output_scores: bool = False) -> dict[str, Any]:
+                  on_text: Optional[TextCallback], output_scores: bool = False,
+                  seg_prompt: bool = False) -> dict[str, Any]:
         from transformers import StoppingCriteriaList
 
         from .model import encode_prompt
@@ -402,6 +413,8 @@ class InferenceEngine:
         if seg:
             kwargs["seg_image_embedding"] = self._seg_embedding(view) if self.caching else None
             kwargs["images"] = view.images
+            if seg_prompt:
+                kwargs["return_seg_prompt"] = True
         if output_scores:
             kwargs.update(return_dict_in_generate=True, output_logits=True)
         if sampling.seed is not None:
@@ -411,20 +424,22 @@ class InferenceEngine:
         output = self.model.generate(input_ids=ids, image_features=features, seg_enable=seg, streamer=streamer,
                                      stopping_criteria=StoppingCriteriaList([_CancelCriteria(self._cancel)]),
                                      **kwargs)
-        seg_logits = None
+        seg_logits = seg_prompts = None
         if seg:
-            output, seg_logits = output
+            output, seg_logits, *rest = output
+            seg_prompts = rest[0] if rest else None
         self._check_cancel()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         from .model.tokenizer import decode
 
-        result = {"ids": sequences[0].tolist(), "text": decode(self.tokenizer, sequences[0]), "seg_logits": seg_logits}
+        result = {"ids": sequences[0].tolist(), "text": decode(self.tokenizer, sequences[0]), "seg_logits": seg_logits,
+                  "seg_prompts": seg_prompts, "prompt_ids": ids}
         if output_scores:
             result["logits"] = torch.stack(output.logits, dim=1)[0]
         return result
 
     def _provenance(self, task: Task, prompt: str, view: Optional[_View], sampling: Optional[SamplingOptions],
-                    started: float) -> Provenance:
+                    started: float, analysis: Optional[AnalysisOptions] = None) -> Provenance:
         mapping = view.mapping if view is not None else None
         return Provenance(
             task=task.training_name, model=self.model_source, model_revision=self.model_revision,
@@ -433,33 +448,58 @@ class InferenceEngine:
             intensity=repr(mapping.intensity) if mapping is not None else None,
             sampling=sampling.to_dict() if sampling is not None else {},
             seed=sampling.seed if sampling is not None else None, duration_s=round(time.perf_counter() - started, 3),
+            analysis=analysis.to_dict() if analysis is not None else {},
         )
 
-    def _run(self, task: Task, prompt: str, sampling: Optional[SamplingOptions],
-             on_text: Optional[TextCallback]) -> tuple[dict[str, Any], _View, Provenance]:
+    def _run(self, task: Task, prompt: str, sampling: Optional[SamplingOptions], on_text: Optional[TextCallback],
+             analysis: Optional[AnalysisOptions] = None, fresh: bool = True
+             ) -> tuple[dict[str, Any], _View, Provenance]:
+        """Generate the answer (and what ``analysis`` asks of the model: scores, the [SEG] prompt, an evidence map).
+        ``fresh=False``: a second request inside a running one (keeps a cancel that already came)."""
         sampling = sampling or SamplingOptions()
+        analysis = task.check_analysis(analysis)
         started = time.perf_counter()
         with self._lock, translate_out_of_memory(self.device, self.dtype, self.model_source,
                                                  f"the {task.training_name} request"):
-            self._cancel.clear()
+            if fresh:
+                self._cancel.clear()
             view = self._view(task)
-            out = self._generate(view, prompt, sampling, task.segments, on_text)
-            return out, view, self._provenance(task, prompt, view, sampling, started)
+            out = self._generate(view, prompt, sampling, task.segments, on_text, output_scores=analysis.confidence,
+                                 seg_prompt=analysis.refine)
+            out["started"] = started
+            out["confidence"] = (confidence_.token_confidence(out["logits"], out["ids"], self.tokenizer)
+                                 if analysis.confidence else None)
+            out["evidence"] = self._evidence(view, out, analysis) if analysis.evidence else None
+            return out, view, self._provenance(task, prompt, view, sampling, started, analysis)
+
+    def _evidence(self, view: _View, out: dict[str, Any], analysis: AnalysisOptions) -> Any:
+        from .evidence import explain_answer
+
+        self.counters["evidence"] += 1
+        report(self.progress, "evidence", 0.0, f"evidence map ({analysis.evidence_steps} steps)")
+        return explain_answer(self.model, view.images, view.mapping, out["prompt_ids"], out["ids"],
+                              analysis.evidence_steps, check_cancel=self._check_cancel, progress=self.progress)
+
+    @staticmethod
+    def _analysed(out: dict[str, Any]) -> dict[str, Any]:
+        """The result fields every model-generated answer may carry."""
+        return {"confidence": out["confidence"], "evidence": out["evidence"]}
 
     # -------------------------------------------------------------------------------------------------- tasks
     def cancel(self) -> None:
         """Stop the running request at its next decoding step or encoder call (it raises CancelledError)."""
         self._cancel.set()
 
-    def report(self, *, sampling: Optional[SamplingOptions] = None,
-               on_text: Optional[TextCallback] = None) -> TextResult:
+    def report(self, *, sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None,
+               analysis: Optional[AnalysisOptions] = None) -> TextResult:
         """Report generation: findings text for the current volume."""
         prompt = REPORT.build_prompt()
-        out, _, prov = self._run(REPORT, prompt, sampling, on_text)
-        return TextResult(out["text"], prov)
+        out, _, prov = self._run(REPORT, prompt, sampling, on_text, analysis)
+        return TextResult(out["text"], prov, **self._analysed(out))
 
     def ask(self, question: str, history: Sequence[tuple[str, str]] = (), *,
-            sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None) -> TextResult:
+            sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None,
+            analysis: Optional[AnalysisOptions] = None) -> TextResult:
         """Open VQA. ``history`` = earlier (question, answer) turns (experimental: the model was trained on single
         turns). When the whole conversation does not fit in 512 tokens, the oldest turns are dropped and the
         result's provenance says so; a question that does not fit on its own is an InputError."""
@@ -477,31 +517,43 @@ class InferenceEngine:
                     raise
                 history.pop(0)
                 dropped += 1
-        out, _, prov = self._run(ASK, prompt, sampling, on_text)
+        out, _, prov = self._run(ASK, prompt, sampling, on_text, analysis)
         if dropped:
             prov.notes.append(f"dropped the {dropped} oldest turn(s) to fit the 512-token context")
-        return TextResult(out["text"], prov)
+        return TextResult(out["text"], prov, **self._analysed(out))
 
     def choose(self, question: str, choices: Sequence[str], *, sampling: Optional[SamplingOptions] = None,
-               on_text: Optional[TextCallback] = None) -> ChoiceResult:
-        """Closed VQA: which of ``choices`` (2 to 8; the model was trained with 4) answers the question."""
+               on_text: Optional[TextCallback] = None, analysis: Optional[AnalysisOptions] = None) -> ChoiceResult:
+        """Closed VQA: which of ``choices`` (2 to 8; the model was trained with 4) answers the question. With
+        confidence, each option's probability at the answer position (``result.confidence.choices``)."""
         prompt = CHOOSE.build_prompt(question, choices)
         clean_choices = prompts.validate_choices(choices)
-        out, _, prov = self._run(CHOOSE, prompt, sampling, on_text)
+        out, _, prov = self._run(CHOOSE, prompt, sampling, on_text, analysis)
         parsed = CHOOSE.parse_answer(out["text"], clean_choices)
-        return ChoiceResult(out["text"], clean_choices, parsed.letter, parsed.choice, prov, parsed.error)
+        if out["confidence"] is not None and len(out.get("logits", ())):
+            confidence_.add_choice_probabilities(out["confidence"], out["logits"][0], self.tokenizer, prompt,
+                                                 prompts.CHOICE_LETTERS[: len(clean_choices)],
+                                                 self.model.num_image_tokens)
+        return ChoiceResult(out["text"], clean_choices, parsed.letter, parsed.choice, prov, parsed.error,
+                            **self._analysed(out))
 
     def locate(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
-               on_text: Optional[TextCallback] = None) -> BoxResult:
+               on_text: Optional[TextCallback] = None, analysis: Optional[AnalysisOptions] = None) -> BoxResult:
         """Referring-expression comprehension: a 3D box (model coordinates and RAS ROI) for a target or description."""
+        return self._locate(expression, sampling, on_text, analysis)
+
+    def _locate(self, expression: str, sampling: Optional[SamplingOptions], on_text: Optional[TextCallback],
+                analysis: Optional[AnalysisOptions], fresh: bool = True) -> BoxResult:
         prompt = LOCATE.build_prompt(expression)
-        out, view, prov = self._run(LOCATE, prompt, sampling, on_text)
+        out, view, prov = self._run(LOCATE, prompt, sampling, on_text, analysis, fresh=fresh)
         parsed = LOCATE.parse_answer(out["text"])
         roi = box_to_roi(parsed.box, view.mapping) if parsed.box is not None else None
-        return BoxResult(out["text"], expression, parsed.box, roi, prov, parsed.absent, parsed.error)
+        return BoxResult(out["text"], expression, parsed.box, roi, prov, parsed.absent, parsed.error,
+                         **self._analysed(out))
 
     def describe_region(self, roi: RasRoi, *, sampling: Optional[SamplingOptions] = None,
-                        on_text: Optional[TextCallback] = None) -> TextResult:
+                        on_text: Optional[TextCallback] = None,
+                        analysis: Optional[AnalysisOptions] = None) -> TextResult:
         """Referring-expression generation: what is inside a box drawn in RAS (e.g. a Slicer ROI).
 
         The ROI becomes the official box of the model voxels whose centres it holds (``roi_to_box(snap=True)``):
@@ -510,32 +562,96 @@ class InferenceEngine:
         with self._lock:
             box = roi_to_box(roi, self._view(DESCRIBE_REGION).mapping, snap=True)
         prompt = DESCRIBE_REGION.build_prompt(box)
-        out, _, prov = self._run(DESCRIBE_REGION, prompt, sampling, on_text)
-        return TextResult(out["text"], prov)
+        out, _, prov = self._run(DESCRIBE_REGION, prompt, sampling, on_text, analysis)
+        return TextResult(out["text"], prov, **self._analysed(out))
 
     def segment(self, target: str, *, sampling: Optional[SamplingOptions] = None,
-                on_text: Optional[TextCallback] = None) -> SegmentationResult:
-        """Semantic segmentation of a named structure: a mask on the original voxel grid."""
-        return self._segment(SEGMENT, target, sampling, on_text)
+                on_text: Optional[TextCallback] = None,
+                analysis: Optional[AnalysisOptions] = None) -> SegmentationResult:
+        """Semantic segmentation of a named structure: a mask on the original voxel grid, with its box and
+        measurements."""
+        return self._segment(SEGMENT, target, sampling, on_text, analysis)
 
     def segment_expression(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
-                           on_text: Optional[TextCallback] = None) -> SegmentationResult:
+                           on_text: Optional[TextCallback] = None,
+                           analysis: Optional[AnalysisOptions] = None) -> SegmentationResult:
         """Referring-expression segmentation ("the lesion in the right lobe of the liver")."""
-        return self._segment(SEGMENT_EXPRESSION, expression, sampling, on_text)
+        return self._segment(SEGMENT_EXPRESSION, expression, sampling, on_text, analysis)
 
     def _segment(self, task: Task, target: str, sampling: Optional[SamplingOptions],
-                 on_text: Optional[TextCallback]) -> SegmentationResult:
+                 on_text: Optional[TextCallback], analysis: Optional[AnalysisOptions]) -> SegmentationResult:
         prompt = task.build_prompt(target)
         if not self.model.seg_enabled:
             raise InputError("this checkpoint has no segmentation module (segmentation_module: null in config.json).")
-        out, view, prov = self._run(task, prompt, sampling, on_text)
-        parsed = task.parse_answer(out["text"])
-        mask = None
-        logits = out["seg_logits"]
-        if parsed.has_seg and logits is not None and torch.isfinite(logits).any():
-            report(self.progress, "segment", None, "mapping the mask to the volume grid")
-            mask = logits_to_mask(logits[0, 0].float().cpu().numpy(), view.mapping)
-        return SegmentationResult(out["text"], target, mask, prov, parsed.absent, parsed.error)
+        analysis = task.check_analysis(analysis)
+        with self._lock:  # the mask, its refinement and the REC box belong to this one request
+            out, view, prov = self._run(task, prompt, sampling, on_text, analysis)
+            parsed = task.parse_answer(out["text"])
+            result = SegmentationResult(out["text"], target, None, prov, parsed.absent, parsed.error,
+                                        **self._analysed(out))
+            logits = out["seg_logits"]
+            if parsed.has_seg and logits is not None and torch.isfinite(logits).any():
+                report(self.progress, "segment", None, "mapping the mask to the volume grid")
+                self._mask(result, logits[0, 0], view.mapping, analysis)
+                if analysis.refine and result.voxel_count:
+                    if out["seg_prompts"] is None:  # a generate without the prompt hook (a wrapped model)
+                        prov.notes.append("not refined: the model returned no [SEG] prompt embedding")
+                    else:
+                        self._refine(result, out["seg_prompts"], view, analysis)
+                self._describe_mask(result, view)
+            if analysis.locate:
+                self._check_cancel()
+                result.located = self._locate(target, sampling, None, AnalysisOptions(confidence=analysis.confidence),
+                                              fresh=False)
+                if result.located.box is not None and result.box is not None:
+                    from .measurements import box_iou
+
+                    result.located_iou = round(box_iou(result.located.box, result.box, view.mapping.model_shape), 4)
+        prov.duration_s = round(time.perf_counter() - out["started"], 3)
+        return result
+
+    def _mask(self, result: SegmentationResult, logits: torch.Tensor, mapping: Any, analysis: AnalysisOptions) -> None:
+        """The mask on the volume's grid (and its confidence, from the same resampling)."""
+        values = logits.float().cpu().numpy()
+        if analysis.confidence:
+            result.mask, mask_confidence = confidence_.mask_with_confidence(values, mapping)
+            result.confidence = confidence_.merge(result.confidence, mask=mask_confidence)
+        else:
+            result.mask = logits_to_mask(values, mapping)
+
+    def _refine(self, result: SegmentationResult, seg_prompts: Optional[torch.Tensor], view: _View,
+                analysis: AnalysisOptions) -> None:
+        """Zoom-in refinement (:mod:`.refinement`): SegVol again on the region around the mask, same prompt."""
+        from .refinement import describe, refine_logits
+
+        volume = self._volume()
+        seg_module = self.model.model.seg_module
+        param = next(seg_module.parameters())
+
+        def segment(tensor: np.ndarray, _mapping: Any) -> np.ndarray:
+            self._check_cancel()
+            report(self.progress, "refine", None, "zoom-in: SegVol on the region around the mask")
+            self.counters["seg_encoder_zoom"] += 1
+            with torch.no_grad():
+                images = torch.from_numpy(tensor)[None].to(param.device, param.dtype)
+                logits = seg_module.decode(seg_module.encode_image(images), seg_prompts.to(param.dtype))
+            return logits[0, 0].float().cpu().numpy()
+
+        logits, mapping, record = refine_logits(volume.array, volume.ijk_to_ras, result.mask, view.mapping, segment)
+        self._check_cancel()
+        result.refinement = record
+        self._mask(result, torch.from_numpy(logits), mapping, analysis)
+        result.provenance.notes.append(describe(record))
+
+    def _describe_mask(self, result: SegmentationResult, view: _View) -> None:
+        """The mask's box (RAS and official) and measurements, on the volume's own voxels (HU for CT)."""
+        from .measurements import describe_mask
+
+        volume = self._volume()
+        if volume.value_range is None:
+            volume.value_range = (float(volume.array.min()), float(volume.array.max()))
+        describe_mask(result, volume.array, volume.ijk_to_ras, view.mapping,
+                      units="HU" if is_ct(volume.handle.modality, volume.value_range[0]) else None)
 
     def retrieve(self, *, texts: Optional[Sequence[str]] = None, text: Optional[str] = None,
                  volumes: Optional[Sequence[tuple[np.ndarray, np.ndarray]]] = None,

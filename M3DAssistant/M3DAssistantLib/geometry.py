@@ -36,7 +36,7 @@ import itertools
 import json
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -69,12 +69,16 @@ __all__ = [
     "format_box",
     "ijk_to_ras_inverse",
     "logits_to_mask",
+    "map_model_values",
     "mask_to_box",
     "mask_to_model",
     "model_plane_for",
     "model_bounds_to_box",
     "model_mask_to_volume",
+    "model_values_to_volume",
+    "new_volume_array",
     "parse_box",
+    "region_to_model_input",
     "resolve_convention",
     "roi_to_box",
     "slice_axis",
@@ -839,15 +843,60 @@ def to_model_input(
     view = array_kji[tuple(slice(s, e) for s, e in zip(start, stop))]
     vmin, vmax, proj_k, proj_ji = _region_extremes(view)
     intensity = intensity_mapping(spec, vmin, vmax, view if "percentile" in spec.scheme else None)
-    low, high = intensity.low, intensity.high
-
     if crop_foreground:
-        fs, fe = _foreground_box(proj_k, proj_ji, low)
+        fs, fe = _foreground_box(proj_k, proj_ji, intensity.low)
         view = view[tuple(slice(s, e) for s, e in zip(fs, fe))]
         start, stop = [s + f for s, f in zip(start, fs)], [s + f for s, f in zip(start, fe)]
 
+    return _resample_region(array_kji, view, start, stop, ijk_to_ras, conv, shape, intensity,
+                            _work_dtype(view.dtype, vmin, vmax))
+
+
+def region_to_model_input(
+    array_kji: np.ndarray,
+    ijk_to_ras: np.ndarray,
+    start: Sequence[int],
+    stop: Sequence[int],
+    *,
+    intensity: IntensityMapping,
+    model_shape: Sequence[int] = DEFAULT_MODEL_SHAPE,
+    convention: Optional[str] = None,
+) -> tuple[np.ndarray, VolumeToModelMapping]:
+    """The voxels of the half-open (K, J, I) box ``[start, stop)`` -> model tensor ``(1, D, H, W)`` in [0, 1], and
+    the exact mapping back, with a GIVEN intensity mapping (no new window, no foreground crop).
+
+    The zoom-in step of mask refinement (:mod:`.refinement`): a region around a first mask is shown to the model at
+    the model's full resolution, normalised exactly as the whole volume was (``intensity`` = the first pass's
+    :attr:`VolumeToModelMapping.intensity_mapping`), through the same resampling and the same mapping record as
+    :func:`to_model_input`, so masks come back through :func:`logits_to_mask` unchanged.
+    """
+    array_kji = validate_volume(array_kji)
+    ijk_to_ras = validate_ijk_to_ras(ijk_to_ras)
+    shape = _model_shape(model_shape)
+    conv = resolve_convention(convention)
+    vol_shape = tuple(int(s) for s in array_kji.shape)
+    try:
+        start, stop = [int(v) for v in start], [int(v) for v in stop]
+    except (TypeError, ValueError):
+        raise GeometryError(f"a region is (start, stop) voxel indices in (K, J, I) order, got {start!r}, {stop!r}"
+                            ) from None
+    if len(start) != 3 or len(stop) != 3 or any(not 0 <= a < b <= n for a, b, n in zip(start, stop, vol_shape)):
+        raise GeometryError(f"the region [{start}, {stop}) is empty or outside the volume {vol_shape} (K, J, I); "
+                            f"give 0 <= start < stop <= shape along each axis")
+    if not isinstance(intensity, IntensityMapping):
+        raise GeometryError(f"intensity must be an IntensityMapping (a mapping's intensity_mapping), got "
+                            f"{type(intensity).__name__}")
+    view = array_kji[tuple(slice(s, e) for s, e in zip(start, stop))]
+    work = _work_dtype(view.dtype, intensity.low, intensity.high)
+    return _resample_region(array_kji, view, start, stop, ijk_to_ras, conv, shape, intensity, work)
+
+
+def _resample_region(array_kji: np.ndarray, view: np.ndarray, start: Sequence[int], stop: Sequence[int],
+                     ijk_to_ras: np.ndarray, conv: Convention, shape: tuple[int, int, int],
+                     intensity: IntensityMapping, work: type) -> tuple[np.ndarray, VolumeToModelMapping]:
+    """Reorient, clip and resize ``view`` (the voxels ``[start, stop)`` of ``array_kji``) to the model shape."""
+    low, high = intensity.low, intensity.high
     model_axes, model_flips = canonical_axes(ijk_to_ras, conv)
-    work = _work_dtype(view.dtype, vmin, vmax)
     clip_lo, clip_hi = work(low), work(high)
 
     def prepare(slab: np.ndarray) -> np.ndarray:
@@ -873,9 +922,9 @@ def to_model_input(
 
     mapping = VolumeToModelMapping(
         ijk_to_ras=ijk_to_ras,
-        volume_shape=vol_shape,  # type: ignore[arg-type]
-        crop_start=tuple(start),  # type: ignore[arg-type]
-        crop_stop=tuple(stop),  # type: ignore[arg-type]
+        volume_shape=tuple(int(s) for s in array_kji.shape),  # type: ignore[arg-type]
+        crop_start=tuple(int(v) for v in start),  # type: ignore[arg-type]
+        crop_stop=tuple(int(v) for v in stop),  # type: ignore[arg-type]
         model_axes=model_axes,
         model_flips=model_flips,
         model_shape=shape,
@@ -934,52 +983,96 @@ def _as_model_array(values: Any, mapping: VolumeToModelMapping, what: str) -> np
     return x.astype(np.float32, copy=False)
 
 
-def logits_to_mask(
-    logits_dhw: Any, mapping: VolumeToModelMapping, *, threshold: float = 0.5, chunk_voxels: int = 1 << 22
-) -> np.ndarray:
-    """Segmentation logits in model space -> uint8 mask (K, J, I) on the ORIGINAL voxel grid.
+def map_model_values(
+    values_dhw: Any,
+    mapping: VolumeToModelMapping,
+    consume: Callable[[tuple[slice, slice, slice], np.ndarray], None],
+    *,
+    chunk_voxels: int = 1 << 22,
+) -> None:
+    """Model-space values (D, H, W) resampled once, trilinearly, at the ORIGINAL voxel centres inside the mapping's
+    crop box (the inverse ``align_corners=False`` resize), handed over in chunks: ``consume(index, values)`` gets the
+    (K, J, I) slices of the volume a chunk covers and the float32 values there, chunk after chunk, so that a mask, a
+    statistic or a float map is made without holding more than ``chunk_voxels`` resampled values at once.
 
-    The logits are resampled once, trilinearly, at the original voxel centres inside the crop box (the inverse
-    ``align_corners=False`` resize), then ``sigmoid(logit) > threshold``; voxels outside the crop box are 0. So a
-    Slicer segment made from the mask lines up with the CT voxel for voxel. NaN logits count as background.
+    The one backward resampling: masks (:func:`logits_to_mask`), mask confidence and evidence maps all go through
+    it, so they line up with each other and with the volume voxel for voxel. NaN counts as -1e6 (background).
     """
-    if not 0.0 < threshold < 1.0:
-        raise InputError(f"threshold is a probability in (0, 1), got {threshold}")
-    x = _as_model_array(logits_dhw, mapping, "logits")
+    x = _as_model_array(values_dhw, mapping, "values")
     x = np.nan_to_num(x, nan=-1e6, posinf=1e6, neginf=-1e6)
     np.clip(x, -1e6, 1e6, out=x)
-    t = math.log(threshold / (1.0 - threshold))
-    try:
-        out = np.zeros(mapping.volume_shape, dtype=np.uint8)
-    except MemoryError:
-        raise InputError(
-            f"not enough memory for a mask of {np.prod(mapping.volume_shape) / 2**30:.2f} GiB "
-            f"({mapping.volume_shape} voxels); close other data or use a smaller volume"
-        ) from None
-    region = out[tuple(slice(s, e) for s, e in zip(mapping.crop_start, mapping.crop_stop))]
-    # Put the logits in array (K, J, I) order: array axis a holds model axis inv[a].
+    region_shape = tuple(e - s for s, e in zip(mapping.crop_start, mapping.crop_stop))
+    offset = mapping.crop_start
+    # Put the values in array (K, J, I) order: array axis a holds model axis inv[a].
     inv = tuple(int(v) for v in np.argsort(mapping.model_axes))
     x = x.transpose(inv)
     taps = []
     for a in range(3):
         m = inv[a]
-        i0, i1, lam = _linear_taps(mapping.model_shape[m], region.shape[a])
+        i0, i1, lam = _linear_taps(mapping.model_shape[m], region_shape[a])
         if mapping.model_flips[m]:
             i0, i1, lam = i0[::-1], i1[::-1], lam[::-1]
-        taps.append((a, i0, i1, lam, region.shape[a] / mapping.model_shape[m]))
-    taps.sort(key=lambda t: (t[4], t[0]))  # least growth first; the biggest, last one is fused with the threshold
+        taps.append((a, i0, i1, lam, region_shape[a] / mapping.model_shape[m]))
+    taps.sort(key=lambda t: (t[4], t[0]))  # least growth first; the biggest, last one is done chunk by chunk
     for a, i0, i1, lam, _ in taps[:2]:
         x = _lerp_along(x, a, i0, i1, lam)
     a, i0, i1, lam, _ = taps[2]
     others = [b for b in range(3) if b != a]
     cax = max(others, key=lambda b: x.shape[b])
-    per_row = max(1, region.size // max(1, region.shape[cax]))
+    per_row = max(1, int(np.prod(region_shape)) // max(1, region_shape[cax]))
     step = max(1, chunk_voxels // per_row)
     for s in range(0, x.shape[cax], step):
         sl = [slice(None)] * 3
         sl[cax] = slice(s, s + step)
         part = _lerp_along(x[tuple(sl)], a, i0, i1, lam)
-        np.greater(part, t, out=region[tuple(sl)], casting="unsafe")
+        index = [slice(offset[b], offset[b] + region_shape[b]) for b in range(3)]
+        index[cax] = slice(offset[cax] + s, offset[cax] + min(s + step, region_shape[cax]))
+        consume(tuple(index), part)  # type: ignore[arg-type]
+
+
+def new_volume_array(mapping: VolumeToModelMapping, dtype: Any, what: str) -> np.ndarray:
+    """Zeros on the mapping's volume grid (K, J, I), or an InputError naming ``what`` when memory runs out."""
+    try:
+        return np.zeros(mapping.volume_shape, dtype=dtype)
+    except MemoryError:
+        raise InputError(
+            f"not enough memory for {what} of {np.prod(mapping.volume_shape) * np.dtype(dtype).itemsize / 2**30:.2f} "
+            f"GiB ({mapping.volume_shape} voxels); close other data or use a smaller volume"
+        ) from None
+
+
+def logits_to_mask(
+    logits_dhw: Any, mapping: VolumeToModelMapping, *, threshold: float = 0.5, chunk_voxels: int = 1 << 22
+) -> np.ndarray:
+    """Segmentation logits in model space -> uint8 mask (K, J, I) on the ORIGINAL voxel grid.
+
+    The logits are resampled once, trilinearly, at the original voxel centres inside the crop box
+    (:func:`map_model_values`), then ``sigmoid(logit) > threshold``; voxels outside the crop box are 0. So a
+    Slicer segment made from the mask lines up with the CT voxel for voxel. NaN logits count as background.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"threshold is a probability in (0, 1), got {threshold}")
+    t = math.log(threshold / (1.0 - threshold))
+    out = new_volume_array(mapping, np.uint8, "a mask")
+
+    def threshold_into(index: tuple[slice, slice, slice], part: np.ndarray) -> None:
+        np.greater(part, t, out=out[index], casting="unsafe")
+
+    map_model_values(logits_dhw, mapping, threshold_into, chunk_voxels=chunk_voxels)
+    return out
+
+
+def model_values_to_volume(values_dhw: Any, mapping: VolumeToModelMapping, *, fill: float = 0.0) -> np.ndarray:
+    """Model-space values (D, H, W) -> float32 (K, J, I) on the ORIGINAL voxel grid, by the same resampling as masks
+    (:func:`map_model_values`); ``fill`` outside the crop box. For maps that are not masks (evidence maps)."""
+    out = new_volume_array(mapping, np.float32, "a float map")
+    if fill:
+        out.fill(fill)
+
+    def copy_into(index: tuple[slice, slice, slice], part: np.ndarray) -> None:
+        out[index] = part
+
+    map_model_values(values_dhw, mapping, copy_into)
     return out
 
 

@@ -1,5 +1,7 @@
 """The module panel's non-Qt parts: what each task returns to the Python console, streamed text collected across
-threads, the per-volume conversation, the prompt history and progress in words.
+threads, the per-volume conversation, the prompt history, progress in words, and how confidence, measurements and
+evidence maps are shown (the options' probabilities, low-probability spans marked, the mask's numbers, the list of
+most relevant slice ranges).
 
 The Widget and Logic in ``M3DAssistant.py`` stay thin: they wire these to Qt widgets and MRML nodes. Everything here
 is plain Python (no ``slicer``, no Qt), so it is tested without Slicer.
@@ -16,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 from . import AI_LABEL
 from .errors import InputError
 from .progress import ProgressEvent
+from .results import LOW_TOKEN_PROBABILITY
 from .tasks import ArgumentKind, Output, ResultKind, Task
 from .tasks import get as get_task
 
@@ -28,6 +31,8 @@ STAGE_LABELS = {
     "generate": "Writing the answer",
     "segment": "Segmenting",
     "selfcheck": "Checking the installation",
+    "refine": "Refining the mask (zoom-in)",
+    "evidence": "Computing the evidence map",
 }
 
 
@@ -216,6 +221,129 @@ def used_text(result: Any) -> str:
                                               intensity.get("center"), intensity.get("width"),
                                               intensity.get("low"), intensity.get("high")))
     return ", ".join(parts)
+# ------------------------------------------------------------------------- confidence, measurements, evidence
+def answer_html(task: Union[Task, str], output: Any) -> Optional[str]:
+    """The conversation view's finished answer as HTML with the low-probability spans of the model's text marked
+    (None without token confidence: the plain :func:`answer_text` is shown)."""
+    task = _task(task)
+    result = typed_result(task, output)
+    confidence = getattr(result, "confidence", None)
+    if task.output is Output.RANKING or confidence is None or not confidence.tokens:
+        return None
+    plain = answer_text(task, output)
+    stripped = result.text.strip()
+    if task.result is ResultKind.CHOICE or not plain.startswith(stripped):
+        return html.escape(plain).replace("\n", "<br>")  # a choice shows its option; its probabilities follow
+    return marked_answer_html(result.text, confidence) + html.escape(plain[len(stripped):]).replace("\n", "<br>")
+
+
+def marked_answer_html(text: str, confidence: Any, threshold: float = LOW_TOKEN_PROBABILITY) -> str:
+    """The answer (stripped, as :func:`answer_text` shows it) as HTML with the spans of tokens below ``threshold``
+    highlighted, their lowest probability in the tooltip, so that a reader sees which words the model was unsure
+    of."""
+    first, last = len(text) - len(text.lstrip()), len(text.rstrip())
+    if confidence is None or not getattr(confidence, "tokens", None):
+        return html.escape(text[first:last]).replace("\n", "<br>")
+    probabilities, position = [], 0
+    for token in confidence.tokens:
+        probabilities.append((position, position + len(token.text), token.probability))
+        position += len(token.text)
+    parts, cursor = [], first
+    for start, end in confidence.low_spans(threshold):
+        start, end = max(start, first), min(end, last)
+        if start >= end:
+            continue
+        lowest = min(p for a, b, p in probabilities if a < end and b > start)
+        parts.append(html.escape(text[cursor:start]))
+        parts.append(f"<span style='background-color:#ffe08a' title='lowest token probability "
+                     f"{lowest:.2f}'>{html.escape(text[start:end])}</span>")
+        cursor = end
+    parts.append(html.escape(text[cursor:last]))
+    return "".join(parts).replace("\n", "<br>")
+
+
+def choice_lines(result: Any) -> list[str]:
+    """Every option with its probability at the answer position (the chosen one marked), best first."""
+    confidence = getattr(result, "confidence", None)
+    if confidence is None or not confidence.choices:
+        return []
+    letters = sorted(confidence.choices, key=lambda letter: -confidence.choices[letter])
+    lines = []
+    for letter in letters:
+        option = result.choices["ABCDEFGH".index(letter)]
+        mark = " \u2190 answer" if letter == result.letter else ""
+        lines.append(f"{letter}. {option}: {100 * confidence.choices[letter]:.0f}%{mark}")
+    if confidence.choice_mass is not None and confidence.choice_mass < 0.5:
+        lines.append(f"(only {100 * confidence.choice_mass:.0f}% of the model's probability went to the option "
+                     "letters: it did not answer in the trained format)")
+    return lines
+
+
+def measurement_lines(result: Any, statistics: Optional[dict] = None) -> list[str]:
+    """The mask's numbers: volume, diameters, values inside (Segment Statistics' when ``statistics`` came from it),
+    mask confidence, refinement and the model's own box."""
+    lines = []
+    m = getattr(result, "measurements", None)
+    if m is not None:
+        units = f" {m.units}" if m.units else ""
+        volume, mean, std = m.volume_ml, m.mean, m.std
+        source = ""
+        if statistics:
+            volume = statistics.get("volume_ml", volume)
+            mean, std = statistics.get("mean", mean), statistics.get("std", std)
+            source = " (Segment Statistics)"
+        lines.append(f"Volume {volume:.1f} mL{source}; largest diameter {m.max_diameter_mm:.1f} mm")
+        lines.append(f"Axial long axis {m.axial_long_axis_mm:.1f} mm, short axis {m.axial_short_axis_mm:.1f} mm "
+                     f"(slice {m.axial_slice})")
+        lines.append(f"Inside: mean {mean:.1f}{units}, SD {std:.1f}{units}, range {m.minimum:g} to {m.maximum:g}"
+                     f"{units}")
+    mask = getattr(getattr(result, "confidence", None), "mask", None)
+    if mask is not None and mask.mean_probability is not None:
+        lines.append(f"Mask confidence: mean probability {mask.mean_probability:.2f}; "
+                     f"{100 * mask.uncertain_fraction:.0f}% of its voxels and fringe between "
+                     f"{mask.band[0]:g} and {mask.band[1]:g}")
+    refinement = getattr(result, "refinement", None)
+    if refinement is not None:
+        zoom = " x ".join(f"{z:.1f}" for z in refinement.zoom)
+        lines.append(f"Refined by zoom-in ({zoom} finer; first mask {refinement.coarse_voxel_count} voxels)")
+    located = getattr(result, "located", None)
+    if located is not None:
+        if located.box is None:
+            lines.append(f"Located: no box ({located.parse_error or 'the model says it is absent'})")
+        else:
+            agreement = getattr(result, "located_iou", None)
+            lines.append(f"Located: box {list(located.box)}" + (
+                f", IoU {agreement:.2f} with the mask's box" if agreement is not None else ""))
+    return lines
+
+
+def evidence_items(evidence: Any) -> list[tuple[str, tuple[float, float, float]]]:
+    """The evidence map's most relevant slice ranges for the panel's list: (label, RAS point to jump to)."""
+    if evidence is None:
+        return []
+    items = []
+    for rank, r in enumerate(evidence.ranges, start=1):
+        slices = f"slice {r.start}" if r.stop - r.start == 1 else f"slices {r.start}-{r.stop - 1}"
+        items.append((f"{rank}. {slices}: {100 * r.share:.0f}% of the evidence (peak at R {r.peak_ras[0]:.0f}, "
+                      f"A {r.peak_ras[1]:.0f}, S {r.peak_ras[2]:.0f})", tuple(r.peak_ras)))
+    return items
+
+
+def analysis_html(result: Any, statistics: Optional[dict] = None) -> str:
+    """What the conversation view shows under a finished answer: option probabilities, the answer's mean token
+    log-probability, the mask's numbers and the evidence map's slice ranges (empty when none was computed)."""
+    lines = choice_lines(result) + measurement_lines(result, statistics)
+    confidence = getattr(result, "confidence", None)
+    if confidence is not None and confidence.mean_logprob is not None:
+        low = sum(t.probability < LOW_TOKEN_PROBABILITY for t in confidence.tokens)
+        lines.append(f"Mean token log-probability {confidence.mean_logprob:.2f} ({low} of {len(confidence.tokens)} "
+                     f"tokens below {LOW_TOKEN_PROBABILITY:g}, highlighted)")
+    evidence = getattr(result, "evidence", None)
+    if evidence is not None:
+        lines.append(f"Evidence map ({evidence.method}, {evidence.steps} steps): "
+                     + ("; ".join(label.split(": ", 1)[0].split(". ", 1)[1] for label, _ in evidence_items(evidence))
+                        or "no supporting region"))
+    return "<br>".join(html.escape(line) for line in lines)
 
 
 class TaskRequest:
@@ -283,6 +411,8 @@ class ConversationEntry:
     answer: str = ""
     status: str = "running"  # running | done | cancelled | failed
     used: str = ""  # what the model was shown (used_text): convention and window, from the result's provenance
+    answer_html: Optional[str] = None  # the finished answer with its low-probability spans marked (replaces answer)
+    details_html: str = ""  # confidence, measurements, evidence: shown under the answer
 
 
 class ConversationLog:
@@ -323,13 +453,16 @@ class ConversationLog:
                 label = entry.task
             question = f": {html.escape(entry.prompt)}" if entry.prompt else ""
             parts.append(f"<p><b>{html.escape(label)}</b>{question}</p>")
-            answer = html.escape(entry.answer).replace("\n", "<br>") or "&hellip;"
+            answer = entry.answer_html if entry.answer_html is not None and entry.status == "done" else (
+                html.escape(entry.answer).replace("\n", "<br>") or "&hellip;")
             style = {"failed": "color:#b00020", "cancelled": "color:gray"}.get(entry.status, "")
             suffix = {"running": " &hellip;", "cancelled": " <i>(cancelled)</i>"}.get(entry.status, "")
             parts.append(f"<p style='margin-left:12px;{style}'>{answer}{suffix}</p>")
             if entry.used:
                 parts.append(f"<p style='margin-left:12px;color:gray'><small>Seen as {html.escape(entry.used)}"
                              "</small></p>")
+            if entry.details_html and entry.status == "done":
+                parts.append(f"<div style='margin-left:12px;color:#444'>{entry.details_html}</div>")
         return "\n".join(parts)
 
 
@@ -347,5 +480,7 @@ class PromptHistory:
 
 
 __all__ = ["STAGE_LABELS", "progress_text", "parse_choices", "require_prompt", "task_arguments", "api_value",
-           "typed_result", "answer_text", "preprocessing_summary", "used_text", "selfcheck_summary", "VERDICT_COLORS",
-           "TaskRequest", "StreamBuffer", "ConversationEntry", "ConversationLog", "PromptHistory"]
+           "typed_result", "answer_text", "preprocessing_summary", "used_text", "selfcheck_summary",
+           "VERDICT_COLORS", "TaskRequest", "StreamBuffer", "ConversationEntry", "ConversationLog", "PromptHistory",
+           "answer_html", "marked_answer_html", "choice_lines", "measurement_lines", "evidence_items",
+           "analysis_html"]

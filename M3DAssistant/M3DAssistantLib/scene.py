@@ -38,7 +38,9 @@ if TYPE_CHECKING:  # MRML classes are only named in annotations (strings), never
 
 __all__ = [
     "AI_SEGMENTS_ATTRIBUTE",
+    "EVIDENCE_COLOR_NODE",
     "SOURCE_VOLUME_REFERENCE_ROLE",
+    "add_evidence_volume",
     "add_roi",
     "add_segment",
     "add_text",
@@ -62,6 +64,12 @@ AI_SEGMENTS_ATTRIBUTE = "M3D.ai_segments"
 """Segmentation node attribute: comma-separated IDs of the segments M3D added (the others are the user's)."""
 
 MaskLike = Union[np.ndarray, Any]  # a KJI mask array, or a SegmentationResult (``.mask``, ``.target``, ``.provenance``)
+
+EVIDENCE_COLOR_NODE = "vtkMRMLPETProceduralColorNodePET-Heat"
+"""Colour table of evidence maps: black-red-yellow-white, in Slicer and slicer-core alike."""
+
+EVIDENCE_THRESHOLD = 0.1
+"""Evidence below this (of the peak) is transparent when the map is overlaid on the volume."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -671,6 +679,59 @@ def add_text(
     node.SetText(format_text(text_result))
     node.SetForceCreateStorageNode(slicer.vtkMRMLTextNode.CreateStorageNodeAlways)
     _set_attributes(node, _string_attributes(provenance, attributes))
+    _set_source_volume(node, volume_node)
+    place_in_study(node, volume_node)
+    return node
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evidence maps
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def add_evidence_volume(
+    result_or_evidence: Any,
+    volume_node: "slicer.vtkMRMLScalarVolumeNode",
+    name: Optional[str] = None,
+    attributes: Optional[Mapping[str, Any]] = None,
+) -> "slicer.vtkMRMLScalarVolumeNode":
+    """A NEW scalar volume node with an evidence map (:class:`~.results.EvidenceMap`, or a result carrying one) on
+    ``volume_node``'s own voxel grid: same IJK->RAS, same parent transform, values in [-1, 1] (1 = the strongest
+    evidence). Displayed in a heat colour table over [0, 1] with values below :data:`EVIDENCE_THRESHOLD`
+    transparent, so that overlaid on the volume (as the slice views' foreground) it shows where the answer comes
+    from. The slice ranges of the map are attributes (``M3D.evidence_ranges``).
+
+    :raises InputError: no evidence map, or one computed on another grid.
+    """
+    slicer = _slicer()
+    evidence = getattr(result_or_evidence, "evidence", result_or_evidence)
+    provenance = getattr(result_or_evidence, "provenance", None)
+    if evidence is None or not hasattr(evidence, "on_volume"):
+        raise InputError("there is no evidence map to add (ask for one with evidence=True); nothing was created")
+    _check_volume_node(volume_node)
+    shape_kji = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    if tuple(evidence.mapping.volume_shape) != shape_kji:
+        raise InputError(f"the evidence map belongs to a volume of shape {tuple(evidence.mapping.volume_shape)} but "
+                         f"{_name(volume_node)!r} has {shape_kji} (K, J, I); add it to the volume it was computed on")
+    scene = _scene_of(volume_node)
+    base = _clean_name(name, f"{_name(volume_node)} M3D evidence")
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", unique_node_name(scene, base, "vtkMRMLScalarVolumeNode"))
+    node.SetIJKToRASMatrix(_numpy_to_matrix(_local_ijk_to_ras(volume_node)))
+    slicer.util.updateVolumeFromArray(node, evidence.on_volume())
+    if volume_node.GetTransformNodeID():
+        node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    if scene.GetNodeByID(EVIDENCE_COLOR_NODE) is not None:
+        display.SetAndObserveColorNodeID(EVIDENCE_COLOR_NODE)
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(1.0, 0.5)  # 0 .. 1: supporting evidence; negative values stay in the data
+    display.SetThreshold(EVIDENCE_THRESHOLD, 1.0)
+    display.ApplyThresholdOn()
+    ranges = "; ".join(f"K {r.start}-{r.stop - 1} ({100 * r.share:.0f}%)" for r in evidence.ranges)
+    extra = {ATTRIBUTE_PREFIX + "evidence_method": f"{evidence.method} ({evidence.steps} steps)",
+             ATTRIBUTE_PREFIX + "evidence_ranges": ranges, **(attributes or {})}
+    _set_attributes(node, _string_attributes(provenance, extra))
     _set_source_volume(node, volume_node)
     place_in_study(node, volume_node)
     return node

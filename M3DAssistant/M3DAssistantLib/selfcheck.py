@@ -3,7 +3,8 @@
 It runs the model on a CT with ground-truth labels (by default the bundled TotalSegmentator CT) under the default
 per-task conventions -- or, with ``conventions="all"``, under every candidate -- and scores what comes back:
 
-* **segment** each structure: Dice of the mask against the label, on the CT's own voxel grid;
+* **segment** each structure: Dice of the mask against the label, on the CT's own voxel grid, without and with
+  zoom-in refinement (:mod:`.refinement`), so that users with the real weights see whether refinement helps;
 * **locate** each structure: IoU of the box (as drawn on the CT grid) with the label's bounding box, both the true
   IoU and M3D-Bench's (intersection over the enclosing box), and whether it sits on the correct side of the body;
 * **plane**: the closed question "Which plane is this image in?" on the CT and on the same voxels re-stored as a
@@ -32,7 +33,7 @@ from . import AI_LABEL, __version__
 from .errors import InputError
 from .geometry import CONVENTIONS, RasRoi, model_plane_for, validate_ijk_to_ras
 from .progress import ProgressCallback, report
-from .results import SamplingOptions, utc_now
+from .results import AnalysisOptions, SamplingOptions, utc_now
 from .tasks import CHOOSE, LOCATE, SEGMENT
 
 SCHEMA = "m3d-selfcheck"
@@ -168,6 +169,7 @@ class Check:
     outcome: str  # "mask" | "box" | "choice" | "absent" | "no [SEG]" | "empty mask" | "no mask" | "parse error"
     verdict: str
     dice: Optional[float] = None
+    dice_refined: Optional[float] = None  # segment: Dice of the zoom-in refined mask (None: no mask to refine)
     iou: Optional[float] = None
     iou_official: Optional[float] = None
     centre_error_mm: Optional[float] = None
@@ -206,6 +208,7 @@ class SelfCheckReport:
         for name in dict.fromkeys(c.convention for c in self.checks):
             mine = [c for c in self.checks if c.convention == name]
             dices = [c.dice for c in mine if c.dice is not None and c.task == "segment"]
+            refined = [c.dice_refined for c in mine if c.dice_refined is not None]
             ious = [c.iou for c in mine if c.iou is not None]
             out[name] = {
                 "checks": len(mine),
@@ -213,6 +216,7 @@ class SelfCheckReport:
                 "ok": sum(c.verdict == "ok" for c in mine),
                 "wrong_side": sum(c.verdict == "wrong side" for c in mine),
                 "mean_dice": round(float(np.mean(dices)), 4) if dices else None,
+                "mean_dice_refined": round(float(np.mean(refined)), 4) if refined else None,
                 "mean_iou": round(float(np.mean(ious)), 4) if ious else None,
             }
         return out
@@ -262,21 +266,23 @@ def format_report(report_: SelfCheckReport) -> str:
              f"volume   {report_.volume.get('path')} {tuple(report_.volume.get('shape', ()))} (K,J,I), "
              f"{report_.volume.get('plane')} series",
              "",
-             f"{'task':8} {'target':15} {'convention':14} {'window':18} {'result':11} {'Dice':>6} {'IoU':>6} "
-             f"{'IoU*':>6} {'off mm':>7}  {'side/plane':12} verdict"]
+             f"{'task':8} {'target':15} {'convention':14} {'window':18} {'result':11} {'Dice':>6} {'Dice+z':>6} "
+             f"{'IoU':>6} {'IoU*':>6} {'off mm':>7}  {'side/plane':12} verdict"]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for c in report_.checks:
         extra = c.side or "-"
         if c.task == "plane":
             extra = f"{c.chosen or '?'} / {c.expected}"
         lines.append(f"{c.task:8} {c.target[:15]:15} {c.convention:14} {c.window[:18]:18} {c.outcome[:11]:11} "
-                     f"{fmt(c.dice, '.3f'):>6} {fmt(c.iou, '.3f'):>6} {fmt(c.iou_official, '.3f'):>6} "
+                     f"{fmt(c.dice, '.3f'):>6} {fmt(c.dice_refined, '.3f'):>6} {fmt(c.iou, '.3f'):>6} "
+                     f"{fmt(c.iou_official, '.3f'):>6} "
                      f"{fmt(c.centre_error_mm, '.1f'):>7}  {extra[:12]:12} {c.verdict}")
-    lines += ["", "IoU* = M3D-Bench box IoU (intersection / enclosing box); off mm = distance of the result's centre "
-              "from the label's", ""]
+    lines += ["", "Dice+z = Dice after zoom-in refinement; IoU* = M3D-Bench box IoU (intersection / enclosing box); "
+              "off mm = distance of the result's centre from the label's", ""]
     for name, s in report_.by_convention().items():
         lines.append(f"{name:14} answered {s['answered']}/{s['checks']}, ok {s['ok']}, wrong side {s['wrong_side']}, "
-                     f"mean Dice {fmt(s['mean_dice'], '.3f')}, mean IoU {fmt(s['mean_iou'], '.3f')}")
+                     f"mean Dice {fmt(s['mean_dice'], '.3f')} (refined {fmt(s['mean_dice_refined'], '.3f')}), "
+                     f"mean IoU {fmt(s['mean_iou'], '.3f')}")
     lines += ["", f"verdict: {report_.verdict.upper()} -- {report_.message}"]
     return "\n".join(lines)
 
@@ -455,7 +461,10 @@ def _segment_check(engine, target, truth, ijk_to_ras, midline, sampling) -> Chec
     score = dice(result.mask, truth)
     side = _side(pred_c[0], truth_c[0], midline)
     verdict = "wrong side" if side == "wrong" else "ok" if score >= DICE_OK else "poor"
+    refined = engine.segment(target, sampling=sampling, analysis=AnalysisOptions(refine=True))
+    refined_score = dice(refined.mask, truth) if refined.refinement is not None and refined.mask is not None else None
     return Check(**base, outcome="mask", verdict=verdict, dice=round(score, 4),
+                 dice_refined=round(refined_score, 4) if refined_score is not None else None,
                  centre_error_mm=round(float(np.linalg.norm(pred_c - truth_c)), 2), side=side)
 
 

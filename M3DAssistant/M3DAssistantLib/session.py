@@ -17,8 +17,12 @@ What the session adds on top of the backend:
   (report, VQA, retrieval) use the window/level shown *now*; when only that changed, the backend gets
   ``set_display`` -- the voxels are neither read nor sent again;
 * a conversation per volume node for multi-turn questions (reset when the volume's content changes);
-* defaults for the window, an ROI node to crop to, the sampling options and a streaming ``on_text`` callback, each
-  overridable per call.
+* defaults for the window, an ROI node to crop to, the sampling options, the analysis options and a streaming
+  ``on_text`` callback, each overridable per call;
+* what the analysis brings, as nodes too: an evidence map becomes a new scalar volume on the volume's grid, the
+  model's REC box next to a mask (``locate``) a new ROI node, and -- on request (``mask_roi=True``) -- the mask's own
+  box an ROI node; the mask's measurements and confidence become ``M3D.*`` tags of its segment. They are listed in
+  :attr:`AssistantSession.extra_nodes` after each task (the task's return value keeps its shape).
 
 Blocking or not: every task method blocks by default (scripting). With ``wait=False`` it reads what it needs from
 the scene, starts the backend call in a background thread and returns a :class:`PendingRequest` at once; the GUI
@@ -43,6 +47,7 @@ from . import scene
 from .errors import CancelledError, InputError, M3DError
 from .geometry import RasRoi
 from .results import (
+    AnalysisOptions,
     BoxResult,
     ChoiceResult,
     RetrievalResult,
@@ -125,9 +130,46 @@ def _place_output(task: Task, result: Any, volume_node: Any, text: Optional[str]
         if result.mask is None or result.voxel_count == 0:
             return None, None, result
         node, segment_id = scene.add_segment(result, volume_node, name=name or result.target,
-                                             segmentation_node=segmentation_node, color=color)
+                                             segmentation_node=segmentation_node, color=color,
+                                             attributes=mask_attributes(result))
         return node, segment_id, result
     return result
+
+
+def mask_attributes(result: Any) -> dict[str, str]:
+    """``M3D.*`` tags of a new segment: its measurements, its confidence and whether it was refined."""
+    out: dict[str, str] = {}
+    measured = getattr(result, "measurements", None)
+    if measured is not None:
+        units = f" {measured.units}" if measured.units else ""
+        out.update({"M3D.volume_ml": f"{measured.volume_ml:.3f}",
+                    "M3D.max_diameter_mm": f"{measured.max_diameter_mm:.1f}",
+                    "M3D.axial_long_axis_mm": f"{measured.axial_long_axis_mm:.1f}",
+                    "M3D.axial_short_axis_mm": f"{measured.axial_short_axis_mm:.1f}",
+                    "M3D.mean": f"{measured.mean:.1f}{units}", "M3D.std": f"{measured.std:.1f}{units}"})
+    mask_confidence = getattr(getattr(result, "confidence", None), "mask", None)
+    if mask_confidence is not None and mask_confidence.mean_probability is not None:
+        out["M3D.mean_probability"] = f"{mask_confidence.mean_probability:.3f}"
+        out["M3D.uncertain_fraction"] = f"{mask_confidence.uncertain_fraction:.3f}"
+    if getattr(result, "refinement", None) is not None:
+        out["M3D.refined"] = "zoom-in"
+    return out
+
+
+def _place_extras(task: Task, result: Any, volume_node: Any, mask_roi: bool) -> dict[str, Any]:
+    """The nodes a result's analysis brings (see the module docstring), by name: ``evidence``, ``mask_box``,
+    ``located_box``."""
+    nodes: dict[str, Any] = {}
+    if getattr(result, "evidence", None) is not None:
+        nodes["evidence"] = scene.add_evidence_volume(result, volume_node,
+                                                      name=f"{volume_node.GetName()} M3D {task.key} evidence")
+    if task.output is Output.SEGMENT:
+        if mask_roi and result.roi is not None and result.voxel_count:
+            nodes["mask_box"] = scene.add_roi(result.roi, f"{result.target} box", volume_node=volume_node,
+                                              attributes=result.provenance.as_node_attributes())
+        if result.located is not None and result.located.roi is not None:
+            nodes["located_box"] = scene.add_roi(result.located, f"{result.target} (located)", volume_node=volume_node)
+    return nodes
 
 
 class PendingRequest:
@@ -188,6 +230,8 @@ class AssistantSession:
             (None: the whole volume); per-call ``roi_node=`` overrides it.
         sampling: default :class:`~.results.SamplingOptions`.
         on_text: default callback receiving the answer's text as it is generated.
+        analysis: default :class:`~.results.AnalysisOptions` (what to compute beyond the answer); per-call
+            ``analysis=`` overrides it.
 
     Every task method takes ``wait=True``; ``wait=False`` returns a :class:`PendingRequest` instead (see the module
     docstring).
@@ -202,12 +246,15 @@ class AssistantSession:
     """
 
     def __init__(self, backend: Any, *, window: Any = None, roi_node: Any = None,
-                 sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None):
+                 sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None,
+                 analysis: Optional[AnalysisOptions] = None):
         self.backend = backend
         self.window = window
         self.roi_node = roi_node
         self.sampling = sampling
         self.on_text = on_text
+        self.analysis = analysis
+        self.extra_nodes: dict[str, Any] = {}  # the nodes the last finished task's analysis made (see module doc)
         self._sent: Optional[tuple[tuple, tuple]] = None  # (signature, options) of the volume the backend holds
         self._sent_display: Optional[tuple] = None  # (display window, modality) the backend has for it
         self._conversations: dict[str, list[tuple[str, str]]] = {}
@@ -298,7 +345,8 @@ class AssistantSession:
     def run_task(self, task: Union[Task, str], *arguments: Any, window: Any = _UNSET, roi_node: Any = _UNSET,
                  sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET, wait: bool = True,
                  history: Optional[Sequence[tuple[str, str]]] = None, name: Optional[str] = None,
-                 segmentation_node: Any = None, color: Any = None) -> Any:
+                 segmentation_node: Any = None, color: Any = None, analysis: Optional[AnalysisOptions] = None,
+                 mask_roi: bool = False) -> Any:
         """Any task of the registry (a :class:`~.tasks.Task` or any of its names): the volume node, then the task's
         arguments in order (``session.run_task("segment", volume_node, "liver")`` is
         ``session.segment(volume_node, "liver")``). The task methods below are this, with their own signatures.
@@ -307,7 +355,9 @@ class AssistantSession:
         of the task runs (any thread); its result becomes the task's :class:`~.tasks.Output` (a text node, the
         answer, an ROI node, a segment, a ranking). ``window``, ``roi_node`` (crop), ``sampling`` and ``on_text``
         override the session's defaults; ``history`` as in :meth:`ask`; ``name``, ``segmentation_node`` and
-        ``color`` say where a new node or segment goes."""
+        ``color`` say where a new node or segment goes. ``analysis`` (:class:`~.results.AnalysisOptions`) says what
+        to compute beyond the answer (default: the session's); ``mask_roi`` also makes the mask's box an ROI node.
+        The nodes the analysis makes are in :attr:`extra_nodes` once the task is finished."""
         task = task if isinstance(task, Task) else get_task(task)
         if not task.on_volume:
             return self.find_similar(*arguments, wait=wait)
@@ -320,8 +370,11 @@ class AssistantSession:
         values = [_read_region(value) if argument.kind is ArgumentKind.REGION else value
                   for argument, value in zip(positional, values)]
         text = next((v for a, v in zip(positional, values) if a.kind is ArgumentKind.TEXT), None)  # the prompt
+        analysis = task.check_analysis(analysis if analysis is not None else self.analysis)
         volume = self._prepare_volume(volume_node, window, roi_node)
         kwargs = self._kwargs(sampling, on_text)
+        if analysis.requested():  # a backend of the plain task never sees the keyword
+            kwargs["analysis"] = analysis
         record = None
         history_argument = task.takes(ArgumentKind.HISTORY)
         if history_argument is not None:  # a conversation: this session's turns about the volume, or the given ones
@@ -333,69 +386,76 @@ class AssistantSession:
             if record is not None:
                 node_id, question = record
                 self._conversations.setdefault(node_id, []).append((question, result.text))
-            return _place_output(task, result, volume_node, text, name=name, segmentation_node=segmentation_node,
-                                 color=color)
+            output = _place_output(task, result, volume_node, text, name=name, segmentation_node=segmentation_node,
+                                   color=color)
+            self.extra_nodes = _place_extras(task, result, volume_node, mask_roi)
+            return output
 
         return self._dispatch(_Call(volume, run, finish), wait)
 
     def report(self, volume_node: Any, *, name: Optional[str] = None, window: Any = _UNSET, roi_node: Any = _UNSET,
                sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
-               wait: bool = True) -> tuple[Optional["slicer.vtkMRMLTextNode"], TextResult]:
+               wait: bool = True,
+               analysis: Optional[AnalysisOptions] = None) -> tuple[Optional["slicer.vtkMRMLTextNode"], TextResult]:
         """Report generation -> (a new text node, or None when the model wrote nothing; the result)."""
         return self.run_task(REPORT, volume_node, name=name, window=window, roi_node=roi_node, sampling=sampling,
-                             on_text=on_text, wait=wait)
+                             on_text=on_text, wait=wait, analysis=analysis)
 
     def ask(self, volume_node: Any, question: str, history: Optional[Sequence[tuple[str, str]]] = None, *,
             window: Any = _UNSET, roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None,
-            on_text: Any = _UNSET, wait: bool = True) -> tuple[str, TextResult]:
+            on_text: Any = _UNSET, wait: bool = True,
+            analysis: Optional[AnalysisOptions] = None) -> tuple[str, TextResult]:
         """Open question about the volume -> (answer, result).
 
         ``history=None`` continues this session's conversation about the volume (the turn is then added to it);
         pass a list (``[]`` for none) to use exactly those earlier turns instead, without recording this one."""
         return self.run_task(ASK, volume_node, question, history=history, window=window, roi_node=roi_node,
-                             sampling=sampling, on_text=on_text, wait=wait)
+                             sampling=sampling, on_text=on_text, wait=wait, analysis=analysis)
 
     def choose(self, volume_node: Any, question: str, choices: Sequence[str], *, window: Any = _UNSET,
                roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
-               wait: bool = True) -> tuple[str, ChoiceResult]:
+               wait: bool = True, analysis: Optional[AnalysisOptions] = None) -> tuple[str, ChoiceResult]:
         """Multiple choice -> (the chosen option's text, or the raw answer when it names none; result)."""
         return self.run_task(CHOOSE, volume_node, question, list(choices), window=window, roi_node=roi_node,
-                             sampling=sampling, on_text=on_text, wait=wait)
+                             sampling=sampling, on_text=on_text, wait=wait, analysis=analysis)
 
     def locate(self, volume_node: Any, expression: str, *, name: Optional[str] = None, window: Any = _UNSET,
                roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
-               wait: bool = True) -> tuple[Optional["slicer.vtkMRMLMarkupsROINode"], BoxResult]:
+               wait: bool = True, analysis: Optional[AnalysisOptions] = None
+               ) -> tuple[Optional["slicer.vtkMRMLMarkupsROINode"], BoxResult]:
         """Find a structure or described region -> (a new ROI node, or None when no box came back; result)."""
         return self.run_task(LOCATE, volume_node, expression, name=name, window=window, roi_node=roi_node,
-                             sampling=sampling, on_text=on_text, wait=wait)
+                             sampling=sampling, on_text=on_text, wait=wait, analysis=analysis)
 
     def describe_region(self, volume_node: Any, roi_node: Any, *, window: Any = _UNSET, crop_roi_node: Any = _UNSET,
                         sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET,
-                        wait: bool = True) -> tuple[str, TextResult]:
+                        wait: bool = True, analysis: Optional[AnalysisOptions] = None) -> tuple[str, TextResult]:
         """What is in a user-drawn ROI (markups ROI node, possibly rotated, or a RasRoi) -> (text, result).
 
         ``crop_roi_node`` is the crop option (``roi_node`` of the other tasks), named apart from the described ROI."""
         return self.run_task(DESCRIBE_REGION, volume_node, roi_node, window=window, roi_node=crop_roi_node,
-                             sampling=sampling, on_text=on_text, wait=wait)
+                             sampling=sampling, on_text=on_text, wait=wait, analysis=analysis)
 
     def segment(self, volume_node: Any, target: str, segmentation_node: Any = None, *, name: Optional[str] = None,
                 color: Any = None, window: Any = _UNSET, roi_node: Any = _UNSET,
-                sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET, wait: bool = True):
+                sampling: Optional[SamplingOptions] = None, on_text: Any = _UNSET, wait: bool = True,
+                analysis: Optional[AnalysisOptions] = None, mask_roi: bool = False):
         """Segment a named structure -> (segmentation node, segment id, result); ``(None, None, result)`` when
         the model gave no mask (absent target, no [SEG], or an empty mask): nothing is created, not even in a given
         ``segmentation_node``. A new segment never replaces an existing one (``liver (2)``)."""
         return self.run_task(SEGMENT, volume_node, target, segmentation_node=segmentation_node, name=name,
                              color=color, window=window, roi_node=roi_node, sampling=sampling, on_text=on_text,
-                             wait=wait)
+                             wait=wait, analysis=analysis, mask_roi=mask_roi)
 
     def segment_expression(self, volume_node: Any, expression: str, segmentation_node: Any = None, *,
                            name: Optional[str] = None, color: Any = None, window: Any = _UNSET,
                            roi_node: Any = _UNSET, sampling: Optional[SamplingOptions] = None,
-                           on_text: Any = _UNSET, wait: bool = True):
+                           on_text: Any = _UNSET, wait: bool = True,
+                           analysis: Optional[AnalysisOptions] = None, mask_roi: bool = False):
         """Segment what a description refers to ("the lesion in the right lobe") -> as :meth:`segment`."""
         return self.run_task(SEGMENT_EXPRESSION, volume_node, expression, segmentation_node=segmentation_node,
                              name=name, color=color, window=window, roi_node=roi_node, sampling=sampling,
-                             on_text=on_text, wait=wait)
+                             on_text=on_text, wait=wait, analysis=analysis, mask_roi=mask_roi)
 
     def find_similar(self, candidates: Sequence[Any], query: Any, *, wait: bool = True) -> RetrievalResult:
         """M3D-CLIP retrieval, ranked best first.

@@ -14,6 +14,12 @@ and, for the layers that must treat tasks differently, *kinds* instead of names:
 typed result (the wire's ``kind``), the :class:`Output` the session makes of it in the scene, and the
 :class:`ArgumentKind` of each argument (how the panel, the CLI, the client and the server read and send it).
 
+What a task computes beyond its answer is declared once too: the analysis options (:data:`OPTIONS`, fields of
+:class:`~.results.AnalysisOptions`: confidence, evidence maps, refinement, the REC box next to a mask) and which
+tasks take them (:attr:`Task.options`). The engine methods take them as ``analysis=``, the server's request models
+as an ``analysis`` object, the CLI as flags (``--evidence``, ``--refine``...), the Logic as keywords
+(``evidence=True``) and the panel as check boxes, all from this table.
+
 Adding a ninth task: its prompt builder (and answer parser) in :mod:`.prompts`, its method on
 :class:`~.engine.InferenceEngine` (which builds the prompt, runs the model and makes the typed result), an entry here,
 and a button in the .ui named :attr:`Task.button`. The server's route and request model, the client
@@ -47,7 +53,7 @@ from .preprocessing import (
     default_window,
     resolve_window,
 )
-from .results import BoxResult, ChoiceResult, RetrievalResult, SegmentationResult, TextResult
+from .results import AnalysisOptions, BoxResult, ChoiceResult, RetrievalResult, SegmentationResult, TextResult
 
 
 class ResultKind(str, enum.Enum):
@@ -131,6 +137,53 @@ class Argument:
 
 
 @dataclasses.dataclass(frozen=True)
+class Option:
+    """One analysis option: a field of :class:`~.results.AnalysisOptions` (its type and default come from there).
+
+    ``name`` is the engine's field and the JSON field of the request's ``analysis`` object; :attr:`cli_flag` and
+    :attr:`logic_name` are its command-line and console spellings. ``segmentation`` options apply to the tasks whose
+    answer carries a mask only; the others to every task the language model answers."""
+
+    name: str
+    help: str
+    segmentation: bool = False
+    cli_file: Optional[str] = None  # the CLI flag takes a file to write what the option computes (and turns it on)
+
+    @property
+    def default(self) -> Any:
+        return getattr(AnalysisOptions(), self.name)
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+    @property
+    def cli_flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def logic_name(self) -> str:
+        first, *rest = self.name.split("_")
+        return first + "".join(part.capitalize() for part in rest)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("confidence", "probabilities of the answer's tokens, of each option of a multiple choice and of a mask's "
+                         "voxels (no extra model call)"),
+    Option("evidence", "an evidence map: which parts of the volume the answer depends on (integrated gradients on "
+                       "the model input, mapped to the volume's grid), with its most relevant slice ranges",
+           cli_file="the evidence map as a volume on the input's grid (.nrrd or .nii.gz)"),
+    Option("evidence_steps", "integrated-gradients steps of the evidence map (1 = gradient x input; each step is a "
+                             "forward and a backward pass)"),
+    Option("refine", "zoom-in refinement of the mask: the region around it is shown to the model again at full "
+                     "resolution, with the same [SEG] prompt", segmentation=True),
+    Option("locate", "also the model's own box (its REC answer) for the same text, in the same request",
+           segmentation=True),
+)
+"""The analysis options, in the order forms show them."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     """One task, as every layer sees it. See the module docstring for the names and where they are used."""
 
@@ -205,6 +258,27 @@ class Task:
     def takes(self, kind: ArgumentKind) -> Optional[Argument]:
         """The argument of this kind, if the task takes one."""
         return next((a for a in self.arguments if a.kind is kind), None)
+
+    @property
+    def options(self) -> tuple[Option, ...]:
+        """The analysis options this task takes: none without the language model (retrieval); the segmentation
+        ones only when the answer carries a mask."""
+        if not self.streams:
+            return ()
+        return tuple(o for o in OPTIONS if self.segments or not o.segmentation)
+
+    def check_analysis(self, analysis: Optional[AnalysisOptions]) -> AnalysisOptions:
+        """``analysis`` (None: the defaults) when every option it sets applies to this task; else InputError naming
+        the options the task takes."""
+        analysis = analysis if analysis is not None else AnalysisOptions()
+        if not isinstance(analysis, AnalysisOptions):
+            raise InputError(f"analysis must be AnalysisOptions, got {type(analysis).__name__}")
+        names = {o.name for o in self.options}
+        foreign = sorted(set(analysis.requested()) - names)
+        if foreign:
+            raise InputError(f"{self.key} does not take the option(s) {', '.join(foreign)}; it takes "
+                             f"{', '.join(sorted(names)) or 'none'}")
+        return analysis
 
 
 # Each task sees the volume as its training data did (evidence: docs/conventions.md): report and VQA come from
@@ -307,6 +381,7 @@ def convention_for(name: Optional[str]) -> str:
     return task.convention if task is not None else DEFAULT_CONVENTION
 
 
-__all__ = ["ResultKind", "RESULT_TYPES", "result_kind", "Output", "ArgumentKind", "Argument", "Task", "REPORT", "ASK",
+__all__ = ["ResultKind", "RESULT_TYPES", "result_kind", "Output", "ArgumentKind", "Argument", "Option", "OPTIONS",
+           "Task", "REPORT", "ASK",
            "CHOOSE", "LOCATE", "DESCRIBE_REGION", "SEGMENT", "SEGMENT_EXPRESSION", "FIND_SIMILAR", "TASKS",
            "STREAMING_TASKS", "TRAINING_NAMES", "get", "by_training_name", "convention_for"]

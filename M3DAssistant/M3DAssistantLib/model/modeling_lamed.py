@@ -149,6 +149,7 @@ class LamedMixin:
         image_features: Optional[torch.Tensor] = None,
         seg_image_embedding: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        return_seg_prompt: bool = False,
         **kwargs: Any,
     ):
         """Generate new tokens for a prompt about an image (the official Quickstart's call shape).
@@ -159,13 +160,15 @@ class LamedMixin:
                 a BOS where the tokenizer adds one).
             seg_enable: also return SegVol mask logits [B, 1, D, H, W] for the [SEG] token (-inf where none).
             seg_image_embedding: SegVol's image embedding from ``model.model.seg_module.encode_image`` to reuse.
+            return_seg_prompt: with ``seg_enable``, also return the SegVol prompt embedding [B, C] of the [SEG]
+                tokens (zeros without one), to decode the same prompt on another view of the image (zoom-in).
             **kwargs: passed to transformers' ``generate`` (max_new_tokens, do_sample, temperature, top_p,
                 streamer, stopping_criteria, logits_processor, ``cache`` holding a prefix KV cache, ...).
 
         Returns:
-            new token ids [B, T] (the prompt is not repeated), or ``(ids, seg_logits)`` with ``seg_enable``; with
-            ``return_dict_in_generate=True`` transformers' output object (``.sequences``, ``.logits``...) instead of
-            ids.
+            new token ids [B, T] (the prompt is not repeated), or ``(ids, seg_logits)`` with ``seg_enable``
+            (``(ids, seg_logits, seg_prompts)`` with ``return_seg_prompt``); with ``return_dict_in_generate=True``
+            transformers' output object (``.sequences``, ``.logits``...) instead of ids.
         """
         if input_ids is None:
             raise InputError("generate needs input_ids (the tokenised prompt).")
@@ -194,10 +197,10 @@ class LamedMixin:
         # with return_dict_in_generate=True transformers returns an output object; its .sequences are the ids
         output_ids = output if isinstance(output, torch.Tensor) else output.sequences
         predicting = torch.stack(captured[: output_ids.shape[1]], dim=1)  # [B, T, hidden]; entry t predicts token t
-        seg_logits = self.segment_from_hidden(
-            predicting, output_ids, images=images, seg_image_embedding=seg_image_embedding
+        seg_logits, prompts = self.segment_from_hidden(
+            predicting, output_ids, images=images, seg_image_embedding=seg_image_embedding, return_prompts=True
         )
-        return output, seg_logits
+        return (output, seg_logits, prompts) if return_seg_prompt else (output, seg_logits)
 
     def seg_prompts_from_hidden(
         self, predicting_hidden: torch.Tensor, token_ids: torch.Tensor
@@ -221,8 +224,10 @@ class LamedMixin:
         token_ids: torch.Tensor,
         images: Optional[torch.Tensor] = None,
         seg_image_embedding: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Mask logits [B, 1, D, H, W] for the [SEG] tokens in ``token_ids``; -inf for samples without [SEG]."""
+        return_prompts: bool = False,
+    ):
+        """Mask logits [B, 1, D, H, W] for the [SEG] tokens in ``token_ids``; -inf for samples without [SEG].
+        ``return_prompts``: ``(logits, SegVol prompts [B, C])``."""
         prompts, has_seg = self.seg_prompts_from_hidden(predicting_hidden, token_ids)
         seg_module = self.model.seg_module
         if seg_image_embedding is None:
@@ -232,7 +237,8 @@ class LamedMixin:
             param = next(seg_module.parameters())
             seg_image_embedding = seg_module.encode_image(images.to(param.device, param.dtype))
         logits = seg_module.decode(seg_image_embedding, prompts.to(seg_image_embedding.dtype))
-        return logits.masked_fill(~has_seg.view(-1, 1, 1, 1, 1), float("-inf"))
+        logits = logits.masked_fill(~has_seg.view(-1, 1, 1, 1, 1), float("-inf"))
+        return (logits, prompts) if return_prompts else logits
 
     # --------------------------------------------------------------------------------------------- training
     def training_loss(

@@ -5,6 +5,7 @@ One module per job:
 - :mod:`.atomic`: the one way a file is written (temporary file, fsync, then its name; never over an existing file
   unless asked; nothing left behind on failure) and :func:`unique_path` for a fresh name.
 - :mod:`.seg_nrrd`: masks -> ``.seg.nrrd`` as Slicer writes it; :mod:`.markups`: ROIs <-> ``.mrk.json``;
+  :mod:`.scalar_volume`: float maps on a volume's grid (evidence maps) -> ``.nrrd`` / ``.nii.gz``;
   :mod:`.text`: answer text and JSON records; :mod:`.colors`: segment colours.
 - :mod:`.formats`: the table from file extension to writer and :func:`write_result`, the one "write this task result
   to this path" used by the command line.
@@ -20,6 +21,7 @@ from .atomic import atomic_write_bytes, ordinary_permissions, unique_path
 from .colors import ANATOMY_COLORS, FALLBACK_PALETTE, anatomy_color, default_colors, parse_color
 from .formats import FORMATS, ResultFormat, format_for, write_result
 from .markups import MARKUPS_SCHEMA, read_roi, roi_markups_dict, write_roi, write_roi_markups_json
+from .scalar_volume import check_scalar_volume_path, write_scalar_volume
 from .seg_nrrd import write_segmentation_nrrd
 from .text import write_json, write_text
 
@@ -27,5 +29,5 @@ __all__ = [
     "ANATOMY_COLORS", "FALLBACK_PALETTE", "FORMATS", "MARKUPS_SCHEMA", "OutputWriteError", "ResultFormat",
     "anatomy_color", "atomic_write_bytes", "default_colors", "format_for", "ordinary_permissions", "parse_color",
     "read_roi", "roi_markups_dict", "unique_path", "write_json", "write_result", "write_roi", "write_roi_markups_json",
-    "write_segmentation_nrrd", "write_text",
+    "write_segmentation_nrrd", "write_text", "check_scalar_volume_path", "write_scalar_volume",
 ]

@@ -38,7 +38,15 @@ from .. import __version__
 from ..errors import InputError, M3DError
 from ..geometry import RasRoi
 from ..progress import ProgressCallback, ProgressEvent
-from ..results import BoxResult, ChoiceResult, RetrievalResult, SamplingOptions, SegmentationResult, TextResult
+from ..results import (
+    AnalysisOptions,
+    BoxResult,
+    ChoiceResult,
+    RetrievalResult,
+    SamplingOptions,
+    SegmentationResult,
+    TextResult,
+)
 from ..tasks import ASK, CHOOSE, DESCRIBE_REGION, LOCATE, REPORT, SEGMENT, SEGMENT_EXPRESSION, STREAMING_TASKS, Task
 from ..tasks import get as get_task
 from .protocol import (
@@ -53,6 +61,7 @@ from .protocol import (
     ServerError,
     ServerUnavailableError,
     VolumeNotFoundError,
+    analysis_json,
     display_window_json,
     modality_json,
     raise_for_status,
@@ -371,11 +380,13 @@ class M3DClient:
 
     # -------------------------------------------------------------------------------------------------- tasks
     def run_task(self, task: Union[Task, str], *arguments: Any, sampling: Optional[SamplingOptions] = None,
-                 on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None) -> Result:
+                 on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None,
+                 analysis: Optional[AnalysisOptions] = None) -> Result:
         """Any streaming task of the registry (a :class:`~M3DAssistantLib.tasks.Task` or any of its names) on the
         current volume, with the engine method's arguments: ``client.run_task("segment", "liver")`` is
         ``client.segment("liver")``. The task methods below are this with their own signatures.
-        ``POST /v1/volumes/{id}/{task.key}``, streamed when ``on_text`` or ``on_progress`` is given."""
+        ``POST /v1/volumes/{id}/{task.key}``, streamed when ``on_text`` or ``on_progress`` is given; ``analysis``
+        (:class:`~M3DAssistantLib.results.AnalysisOptions`) travels as the request's ``analysis`` object."""
         task = task if isinstance(task, Task) else get_task(task)
         if not task.streams:
             raise InputError(f"{task.key} has no task route; use retrieve() for M3D-CLIP")
@@ -383,52 +394,62 @@ class M3DClient:
         if not required <= len(arguments) <= len(task.arguments):
             raise TypeError(f"{task.key} takes {', '.join(a.name for a in task.arguments) or 'no arguments'}; "
                             f"got {len(arguments)} argument(s)")
-        return self._task(task, arguments, sampling, on_text, on_progress)
+        if analysis is not None:
+            task.check_analysis(analysis)  # an option the task does not take fails here, before anything is sent
+        return self._task(task, arguments, sampling, on_text, on_progress, analysis)
 
     def report(self, *, sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None,
-               on_progress: Optional[ProgressCallback] = None) -> TextResult:
+               on_progress: Optional[ProgressCallback] = None,
+               analysis: Optional[AnalysisOptions] = None) -> TextResult:
         """Report generation for the current volume."""
-        return self.run_task(REPORT, sampling=sampling, on_text=on_text, on_progress=on_progress)  # type: ignore
+        return self.run_task(REPORT, sampling=sampling, on_text=on_text, on_progress=on_progress,
+                             analysis=analysis)  # type: ignore[return-value]
 
     def ask(self, question: str, history: Sequence[tuple[str, str]] = (), *,
             sampling: Optional[SamplingOptions] = None, on_text: Optional[TextCallback] = None,
-            on_progress: Optional[ProgressCallback] = None) -> TextResult:
+            on_progress: Optional[ProgressCallback] = None,
+            analysis: Optional[AnalysisOptions] = None) -> TextResult:
         """Open VQA; ``history`` = earlier (question, answer) turns (experimental)."""
         return self.run_task(ASK, question, history, sampling=sampling, on_text=on_text,
-                             on_progress=on_progress)  # type: ignore[return-value]
+                             on_progress=on_progress, analysis=analysis)  # type: ignore[return-value]
 
     def choose(self, question: str, choices: Sequence[str], *, sampling: Optional[SamplingOptions] = None,
-               on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None) -> ChoiceResult:
+               on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None,
+               analysis: Optional[AnalysisOptions] = None) -> ChoiceResult:
         """Closed VQA: which of ``choices`` answers the question."""
         return self.run_task(CHOOSE, question, choices, sampling=sampling, on_text=on_text,
-                             on_progress=on_progress)  # type: ignore[return-value]
+                             on_progress=on_progress, analysis=analysis)  # type: ignore[return-value]
 
     def locate(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
-               on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None) -> BoxResult:
+               on_text: Optional[TextCallback] = None, on_progress: Optional[ProgressCallback] = None,
+               analysis: Optional[AnalysisOptions] = None) -> BoxResult:
         """Referring-expression comprehension: a box and its RAS ROI."""
         return self.run_task(LOCATE, expression, sampling=sampling, on_text=on_text,
-                             on_progress=on_progress)  # type: ignore[return-value]
+                             on_progress=on_progress, analysis=analysis)  # type: ignore[return-value]
 
     def describe_region(self, roi: RasRoi, *, sampling: Optional[SamplingOptions] = None,
                         on_text: Optional[TextCallback] = None,
-                        on_progress: Optional[ProgressCallback] = None) -> TextResult:
+                        on_progress: Optional[ProgressCallback] = None,
+                        analysis: Optional[AnalysisOptions] = None) -> TextResult:
         """Referring-expression generation for an RAS box."""
         return self.run_task(DESCRIBE_REGION, roi, sampling=sampling, on_text=on_text,
-                             on_progress=on_progress)  # type: ignore[return-value]
+                             on_progress=on_progress, analysis=analysis)  # type: ignore[return-value]
 
     def segment(self, target: str, *, sampling: Optional[SamplingOptions] = None,
                 on_text: Optional[TextCallback] = None,
-                on_progress: Optional[ProgressCallback] = None) -> SegmentationResult:
+                on_progress: Optional[ProgressCallback] = None,
+                analysis: Optional[AnalysisOptions] = None) -> SegmentationResult:
         """Semantic segmentation: a mask on the volume's grid."""
         return self.run_task(SEGMENT, target, sampling=sampling, on_text=on_text,
-                             on_progress=on_progress)  # type: ignore[return-value]
+                             on_progress=on_progress, analysis=analysis)  # type: ignore[return-value]
 
     def segment_expression(self, expression: str, *, sampling: Optional[SamplingOptions] = None,
                            on_text: Optional[TextCallback] = None,
-                           on_progress: Optional[ProgressCallback] = None) -> SegmentationResult:
+                           on_progress: Optional[ProgressCallback] = None,
+                           analysis: Optional[AnalysisOptions] = None) -> SegmentationResult:
         """Referring-expression segmentation."""
         return self.run_task(SEGMENT_EXPRESSION, expression, sampling=sampling, on_text=on_text,
-                             on_progress=on_progress)  # type: ignore
+                             on_progress=on_progress, analysis=analysis)  # type: ignore
 
     def retrieve(self, *, texts: Optional[Sequence[str]] = None, text: Optional[str] = None,
                  volumes: Optional[Sequence[tuple[np.ndarray, Any]]] = None,
@@ -543,7 +564,8 @@ class M3DClient:
 
     # ------------------------------------------------------------------------------------------- task plumbing
     def _task(self, task: Task, arguments: Sequence[Any], sampling: Optional[SamplingOptions],
-              on_text: Optional[TextCallback], on_progress: Optional[ProgressCallback]) -> Result:
+              on_text: Optional[TextCallback], on_progress: Optional[ProgressCallback],
+              analysis: Optional[AnalysisOptions] = None) -> Result:
         """The one implementation of the task methods: ``POST /v1/volumes/{id}/{task.key}`` on the current volume."""
         self._handshake()
         with self._lock:
@@ -553,6 +575,8 @@ class M3DClient:
         payload = dict(self._volume_options(current), **request_body(task, arguments))
         if sampling is not None:
             payload["sampling"] = sampling.to_dict()
+        if analysis_json(analysis) is not None:
+            payload["analysis"] = analysis_json(analysis)
         try:
             return self._request_task(task.key, current.remote.volume_id, payload, on_text, on_progress)
         except VolumeNotFoundError:

@@ -26,8 +26,11 @@ Protocol version :data:`PROTOCOL_VERSION`; the server publishes its OpenAPI sche
   (:class:`ProtocolMismatchError`). ``POST /v1/selfcheck`` (feature ``selfcheck``) runs ``m3d selfcheck`` in the
   server and answers its JSON report (schema ``m3d-selfcheck``), streamed as ``progress`` events then ``result``;
 * a result is ``result.to_dict()`` plus ``kind`` (:class:`~M3DAssistantLib.tasks.ResultKind`), ``volume_id`` and, for a
-  segmentation, ``mask`` as :func:`encode_mask` describes (packbits + zlib + base64): :func:`result_payload` writes it,
-  :func:`result_from_dict` reads it;
+  segmentation, ``mask`` as :func:`encode_mask` describes (packbits + zlib + base64); an evidence map adds
+  ``evidence.values`` (:func:`encode_map`: the model-grid map, float16 relative to its peak, zlib + base64) and
+  ``evidence.mapping`` (the model input's mapping), from which the client puts the map on the volume's grid with
+  the same code as the server would: :func:`result_payload` writes it, :func:`result_from_dict` reads it
+  (``docs/analysis.md`` has the JSON schema of the analysis fields);
 * errors are JSON ``{"detail", "error"}`` with the status codes :func:`raise_for_status` turns into our exceptions:
   400 -> InputError (or its subclass named by the server), 401 -> :class:`AuthenticationError`,
   404 -> :class:`VolumeNotFoundError`, 409 -> CancelledError, 413 -> :class:`RequestTooLargeError`,
@@ -49,8 +52,20 @@ import numpy as np
 
 from .. import errors
 from ..errors import CancelledError, InputError, M3DError
-from ..geometry import RasRoi, validate_volume
-from ..results import BoxResult, ChoiceResult, Provenance, RetrievalResult, SegmentationResult, TextResult
+from ..geometry import RasRoi, VolumeToModelMapping, validate_volume
+from ..results import (
+    BoxResult,
+    ChoiceResult,
+    Confidence,
+    EvidenceMap,
+    MaskMeasurements,
+    Provenance,
+    Refinement,
+    RetrievalResult,
+    SegmentationResult,
+    SliceRange,
+    TextResult,
+)
 from ..tasks import ArgumentKind, ResultKind, Task, result_kind
 
 PROTOCOL_VERSION = 1
@@ -67,6 +82,7 @@ FEATURES = (FEATURE_DISPLAY_WINDOW, FEATURE_SELFCHECK)
 WIRE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
 MASK_ENCODING = "packbits-zlib-base64"
+MAP_ENCODING = "float16-zlib-base64"
 
 Result = Union[TextResult, ChoiceResult, BoxResult, SegmentationResult, RetrievalResult]
 
@@ -124,6 +140,27 @@ def decode_mask(payload: dict[str, Any]) -> np.ndarray:
     if packed.size != (count + 7) // 8:
         raise ServerUnavailableError(f"the mask holds {packed.size} bytes, not the {(count + 7) // 8} of {shape}")
     return np.unpackbits(packed, count=count, bitorder="big").reshape(shape)
+
+
+def encode_map(values: np.ndarray, scale: float) -> dict[str, Any]:
+    """A float map as JSON: ``{"encoding": "float16-zlib-base64", "shape", "scale", "data"}``, ``data`` =
+    base64(zlib(little-endian float16 of values / scale, C order)); :func:`decode_map` multiplies by ``scale`` again
+    (relative precision about 5e-4 of the peak when ``scale`` is the largest absolute value)."""
+    values = np.asarray(values, dtype=np.float32)
+    scaled = np.ascontiguousarray(values / np.float32(scale if scale else 1.0), dtype="<f2")
+    return {"encoding": MAP_ENCODING, "shape": [int(s) for s in values.shape], "scale": float(scale),
+            "data": base64.b64encode(zlib.compress(scaled.tobytes(), 6)).decode("ascii")}
+
+
+def decode_map(payload: dict[str, Any]) -> np.ndarray:
+    """Inverse of :func:`encode_map`: float32 values of the encoded shape."""
+    if payload.get("encoding") != MAP_ENCODING:
+        raise ServerUnavailableError(f"unknown map encoding {payload.get('encoding')!r}; expected {MAP_ENCODING}")
+    shape = tuple(int(s) for s in payload["shape"])
+    raw = np.frombuffer(zlib.decompress(base64.b64decode(payload["data"])), dtype="<f2")
+    if raw.size != int(np.prod(shape, dtype=np.int64)):
+        raise ServerUnavailableError(f"the map holds {raw.size} values, not the {int(np.prod(shape))} of {shape}")
+    return raw.reshape(shape).astype(np.float32) * np.float32(payload.get("scale", 1.0))
 
 
 def wire_array(array_kji: Any) -> np.ndarray:
@@ -225,31 +262,70 @@ def request_body(task: Task, arguments: Sequence[Any]) -> dict[str, Any]:
     return body
 
 
+def analysis_json(analysis: Any) -> Optional[dict[str, Any]]:
+    """The request's ``analysis`` object: the options that differ from the defaults (None: the plain task)."""
+    if analysis is None:
+        return None
+    requested = analysis.requested()
+    return requested or None
+
+
 # ------------------------------------------------------------------------------------------------------ results
 def _provenance(data: dict[str, Any]) -> Provenance:
     names = {f.name for f in dataclasses.fields(Provenance)}
     return Provenance(**{k: v for k, v in data.items() if k in names})
 
 
+def _roi(data: Optional[dict[str, Any]]) -> Optional[RasRoi]:
+    return RasRoi(data["center"], data["size"], data["axes"]) if data is not None else None
+
+
+def _box(values: Optional[Sequence[float]]) -> Optional[tuple[float, ...]]:
+    return tuple(float(v) for v in values) if values is not None else None
+
+
+def _evidence(data: Optional[dict[str, Any]]) -> Optional[EvidenceMap]:
+    if data is None:
+        return None
+    return EvidenceMap(data["method"], int(data["steps"]), decode_map(data["values"]),
+                       VolumeToModelMapping.from_dict(data["mapping"]), float(data["answer_logprob"]),
+                       float(data["baseline_logprob"]), float(data["attribution_sum"]),
+                       [SliceRange.from_dict(r) for r in data.get("ranges", [])])
+
+
+def _analysed(data: dict[str, Any]) -> dict[str, Any]:
+    """The analysis fields every model-generated result may carry."""
+    return {"confidence": Confidence.from_dict(data["confidence"]) if data.get("confidence") else None,
+            "evidence": _evidence(data.get("evidence"))}
+
+
+def _box_result(data: dict[str, Any]) -> BoxResult:
+    return BoxResult(data["text"], data["target"], _box(data.get("box")), _roi(data.get("roi_ras")),
+                     _provenance(data["provenance"]), bool(data.get("absent")), data.get("parse_error"),
+                     **_analysed(data))
+
+
 def result_from_dict(data: dict[str, Any]) -> Result:
-    """Rebuild the typed result of a task from the server's JSON (the inverse of ``to_dict`` + mask)."""
+    """Rebuild the typed result of a task from the server's JSON (the inverse of ``to_dict`` + mask + maps)."""
     prov = _provenance(data["provenance"])
     kind = data.get("kind")
     if kind == ResultKind.CHOICE:
         return ChoiceResult(data["text"], list(data["choices"]), data.get("letter"), data.get("choice"), prov,
-                            data.get("parse_error"))
+                            data.get("parse_error"), **_analysed(data))
     if kind == ResultKind.BOX:
-        roi = data.get("roi_ras")
-        box = data.get("box")
-        return BoxResult(data["text"], data["target"], tuple(float(v) for v in box) if box is not None else None,
-                         RasRoi(roi["center"], roi["size"], roi["axes"]) if roi is not None else None, prov,
-                         bool(data.get("absent")), data.get("parse_error"))
+        return _box_result(data)
     if kind == ResultKind.SEGMENTATION:
         mask = decode_mask(data["mask"]) if data.get("mask") is not None else None
-        return SegmentationResult(data["text"], data["target"], mask, prov, bool(data.get("absent")),
-                                  data.get("parse_error"))
+        measurements, refinement = data.get("measurements"), data.get("refinement")
+        return SegmentationResult(
+            data["text"], data["target"], mask, prov, bool(data.get("absent")), data.get("parse_error"),
+            **_analysed(data), roi=_roi(data.get("roi_ras")), box=_box(data.get("box")),
+            measurements=MaskMeasurements.from_dict(measurements) if measurements else None,
+            refinement=Refinement.from_dict(refinement) if refinement else None,
+            located=_box_result(data["located"]) if data.get("located") else None,
+            located_iou=data.get("located_iou"))
     if kind == ResultKind.TEXT:
-        return TextResult(data["text"], prov)
+        return TextResult(data["text"], prov, **_analysed(data))
     if kind == ResultKind.RETRIEVAL:
         return RetrievalResult(data["query"], [(int(r["index"]), str(r["label"]), float(r["score"]))
                                                for r in data["ranking"]], prov)
@@ -258,7 +334,8 @@ def result_from_dict(data: dict[str, Any]) -> Result:
 
 def result_payload(result: Any, volume_id_: str) -> dict[str, Any]:
     """A result as the server answers it: ``result.to_dict()`` + ``kind``, ``volume_id`` (not for a ranking of
-    several volumes) and, for segmentation, the encoded ``mask`` (or None). :func:`result_from_dict` reads it back."""
+    several volumes), for segmentation the encoded ``mask`` (or None), and with an evidence map its values and
+    mapping. :func:`result_from_dict` reads it back."""
     data = result.to_dict()
     kind = result_kind(result)
     data["kind"] = kind.value
@@ -266,6 +343,10 @@ def result_payload(result: Any, volume_id_: str) -> dict[str, Any]:
         data["volume_id"] = volume_id_
     if kind is ResultKind.SEGMENTATION:
         data["mask"] = encode_mask(result.mask) if result.mask is not None else None
+    evidence = getattr(result, "evidence", None)
+    if evidence is not None:
+        data["evidence"].update(values=encode_map(evidence.model_values, evidence.scale),
+                                mapping=evidence.mapping.to_dict())
     return data
 
 
@@ -334,5 +415,6 @@ __all__ = [
     "Result", "AuthenticationError", "VolumeNotFoundError", "RequestTooLargeError", "ServerBusyError",
     "ServerUnavailableError", "ProtocolMismatchError", "ServerError", "encode_mask", "decode_mask", "wire_array",
     "volume_id", "wire_matrix", "roi_json", "window_json", "display_window_json", "modality_json", "request_body",
-    "result_from_dict", "result_payload", "sse_events", "raise_for_status",
+    "result_from_dict", "result_payload", "sse_events", "raise_for_status", "MAP_ENCODING", "encode_map",
+    "decode_map", "analysis_json"
 ]

@@ -2,8 +2,10 @@
 
 The task request models (``ReportRequest``, ``AskRequest``, ...) are built from the task registry
 (:func:`task_request_model`): :class:`TaskOptions` plus one field per argument of the task, typed by its
-:class:`~M3DAssistantLib.tasks.ArgumentKind`. Built rather than written out so that a new task gets its request model
-from its registry entry alone; the OpenAPI schema names them as before (``Testing/test_server.py`` pins it).
+:class:`~M3DAssistantLib.tasks.ArgumentKind`, and an ``analysis`` object with the task's analysis options
+(:attr:`~M3DAssistantLib.tasks.Task.options`: ``Analysis`` or, for segmentation, ``SegmentationAnalysis``).
+Built rather than written out so that a new task gets its request model from its registry entry alone; the OpenAPI
+schema names them as before (``Testing/test_server.py`` pins it).
 """
 
 import functools
@@ -15,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, create_model
 
 from ..geometry import RasRoi
 from ..preprocessing import DisplayWindow
-from ..tasks import STREAMING_TASKS, ArgumentKind, Task
+from ..results import MAX_EVIDENCE_STEPS, AnalysisOptions
+from ..tasks import STREAMING_TASKS, ArgumentKind, Option, Task
 
 
 class _Strict(BaseModel):
@@ -137,12 +140,43 @@ def _argument_field(kind: ArgumentKind, description: Optional[str]) -> tuple[Any
     raise ValueError(f"no request field for {kind} arguments")
 
 
+def _option_field(option: Option) -> tuple[Any, Any]:
+    """(type, pydantic Field) of an analysis option, from its type and default in AnalysisOptions."""
+    if option.type is bool:
+        return bool, Field(option.default, description=option.help)
+    return int, Field(option.default, ge=1, le=MAX_EVIDENCE_STEPS, description=option.help)
+
+
+@functools.lru_cache(maxsize=None)
+def analysis_model(options: tuple[Option, ...]) -> type[_Strict]:
+    """The ``analysis`` object of a task request: one field per option the task takes."""
+    name = "SegmentationAnalysis" if any(o.segmentation for o in options) else "Analysis"
+    fields = {option.name: _option_field(option) for option in options}
+    model = create_model(name, __base__=_Strict, __module__=__name__, **fields)
+    model.__doc__ = "What to compute beyond the answer (docs/analysis.md); omitted fields keep their defaults."
+    return model
+
+
 @functools.lru_cache(maxsize=None)
 def task_request_model(task: Task) -> type[TaskOptions]:
     """The request body of ``POST /v1/volumes/{id}/{task.key}``: the volume's options and sampling
-    (:class:`TaskOptions`), then the task's arguments under their JSON names."""
-    fields = {argument.field: _argument_field(argument.kind, argument.description) for argument in task.arguments}
+    (:class:`TaskOptions`), then the task's arguments under their JSON names, then its ``analysis`` options."""
+    fields: dict[str, Any] = {argument.field: _argument_field(argument.kind, argument.description)
+                              for argument in task.arguments}
+    if task.options:
+        model = analysis_model(task.options)
+        fields["analysis"] = (model, Field(default_factory=model))
     return create_model(task.request_model, __base__=TaskOptions, __module__=__name__, **fields)
+
+
+def engine_analysis(body: TaskOptions) -> Optional[AnalysisOptions]:
+    """The engine's ``analysis=`` from a request body: None when every option keeps its default (the engine method
+    is then called exactly as before the options existed)."""
+    model = getattr(body, "analysis", None)
+    if model is None:
+        return None
+    analysis = AnalysisOptions(**model.model_dump())
+    return analysis if analysis.requested() else None
 
 
 TASK_REQUESTS: dict[str, type[TaskOptions]] = {task.key: task_request_model(task) for task in STREAMING_TASKS}

@@ -8,7 +8,15 @@ from fastapi import APIRouter, Body, Depends, Query
 from fastapi.responses import Response
 
 from ...tasks import STREAMING_TASKS, Task
-from ..schemas import OPTIONAL_BODY, REQUEST_ID, TASK_ERRORS, VOLUME_ID, engine_arguments, task_request_model
+from ..schemas import (
+    OPTIONAL_BODY,
+    REQUEST_ID,
+    TASK_ERRORS,
+    VOLUME_ID,
+    engine_analysis,
+    engine_arguments,
+    task_request_model,
+)
 from ..state import ServingState, serving_state
 
 router = APIRouter()
@@ -22,9 +30,11 @@ async def run_task(state: ServingState, task: Task, volume_id: str, body: Any, s
     options = state.volume_options(body, stored)
     sampling = state.sampling(body.sampling)
     arguments = engine_arguments(task, body)
+    analysis = engine_analysis(body)
+    extra = {"analysis": analysis} if analysis is not None else {}
 
     def call(engine: Any, on_text: Optional[Callable[[str], None]]) -> Any:
-        return getattr(engine, task.engine_method)(*arguments, sampling=sampling, on_text=on_text)
+        return getattr(engine, task.engine_method)(*arguments, sampling=sampling, on_text=on_text, **extra)
 
     return await state.queue.submit(task.key, request_id, stored, options, call, stream)
 
