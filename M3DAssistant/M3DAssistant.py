@@ -235,9 +235,11 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
+        """Called when the application closes and the module widget is destroyed: the worker stops with it."""
         self._timer.stop()
         self.removeObservers()
+        if self.logic:
+            self.logic.shutdown()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""

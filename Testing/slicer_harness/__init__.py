@@ -254,14 +254,51 @@ class SlicerHarness:
             time.sleep(0.005)
 
     def waitFor(self, condition, timeout: float = 60.0, what: str = "the condition") -> None:
-        """Run the event loop (timers fire, as in Slicer) until ``condition()`` is true; AssertionError after
-        ``timeout`` seconds."""
+        """Run Qt's event loop (timers fire and slots run inside a running loop, as in Slicer) until ``condition()``
+        is true; AssertionError after ``timeout`` seconds."""
+        from PySide6 import QtCore
+
         end = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > end:
-                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-            self.app.processEvents()
-            time.sleep(0.01)
+        failure = []
+        loop = QtCore.QEventLoop()
+        timer = QtCore.QTimer()
+        timer.setInterval(10)
+
+        def check():
+            try:
+                if condition() or time.monotonic() > end:
+                    loop.quit()
+            except Exception as error:  # raised here, not inside Qt
+                failure.append(error)
+                loop.quit()
+
+        timer.timeout.connect(check)
+        timer.start()
+        try:
+            if not condition():
+                loop.exec()
+        finally:
+            timer.stop()
+        if failure:
+            raise failure[0]
+        if not condition():
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    def click(self, button) -> None:
+        """Click a button from inside the event loop, as a user's click arrives in Slicer (a dialog the slot opens
+        then runs as it does there)."""
+        from PySide6 import QtCore
+
+        done = []
+
+        def press():
+            try:
+                button.click()
+            finally:
+                done.append(True)
+
+        QtCore.QTimer.singleShot(0, press)
+        self.waitFor(lambda: bool(done), 300, f"the click on {button.objectName}")
 
     def grab(self, widget, path, width: int = 420) -> Path:
         """Render a widget offscreen to a PNG (its layout at ``width`` pixels wide)."""

@@ -102,9 +102,15 @@ class _SlotCall:
             logging.error("Exception in the slot of %s:\n%s", self.signature, traceback.format_exc())
 
 
+def _isPythonQtSignature(signal, arguments) -> bool:
+    """``"clicked(bool)", slot``: PythonQt's form (PySide6's SIGNAL() strings start with a digit)."""
+    return (isinstance(signal, str) and "(" in signal and signal[:1] not in "0123456789" and len(arguments) == 1
+            and callable(arguments[0]))
+
+
 def _connect(self, signal, *arguments):
     """PythonQt's ``obj.connect("signal(args)", callable)``; PySide6's own forms otherwise."""
-    if isinstance(signal, str) and len(arguments) == 1 and callable(arguments[0]) and "(" in signal:
+    if _isPythonQtSignature(signal, arguments):
         signature = _find_signal(self, signal)
         call = _SlotCall(signal, arguments[0])
         slots = self.__dict__.setdefault("_pythonqt_slots", {})
@@ -112,17 +118,21 @@ def _connect(self, signal, *arguments):
         if not _ORIGINAL["connect"](self, QtCore.SIGNAL(signature), call):
             raise RuntimeError(f"could not connect {signal} of {type(self).__name__}")
         return True
+    if isinstance(signal, QtCore.QObject):  # obj.connect(sender, SIGNAL(...), slot): PySide6's static form
+        return _ORIGINAL["connect"](signal, *arguments)
     return _ORIGINAL["connect"](self, signal, *arguments)
 
 
 def _disconnect(self, signal=None, *arguments):
     """PythonQt's ``obj.disconnect("signal(args)", callable)``; PySide6's own forms otherwise."""
-    if isinstance(signal, str) and len(arguments) == 1 and callable(arguments[0]) and "(" in signal:
+    if _isPythonQtSignature(signal, arguments):
         signature = _find_signal(self, signal)
         calls = self.__dict__.get("_pythonqt_slots", {}).get((signature, arguments[0]))
         if not calls:
             return False
         return _ORIGINAL["disconnect"](self, QtCore.SIGNAL(signature), calls.pop())
+    if isinstance(signal, QtCore.QObject):
+        return _ORIGINAL["disconnect"](signal, *arguments)
     return _ORIGINAL["disconnect"](self, *((signal,) if signal is not None else ()), *arguments)
 
 

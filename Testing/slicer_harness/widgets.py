@@ -25,7 +25,8 @@ from PySide6.QtCore import Property, Signal
 # ctkPathLineEdit's Filter and Option flags have QDir's and QFileDialog's values (ctkPathLineEdit.h).
 PATH_FILTERS = {"Dirs": 0x001, "Files": 0x002, "Drives": 0x004, "NoSymLinks": 0x008, "AllEntries": 0x007,
                 "Readable": 0x010, "Writable": 0x020, "Executable": 0x040, "Modified": 0x080, "Hidden": 0x100,
-                "System": 0x200, "CaseSensitive": 0x800}
+                "System": 0x200, "CaseSensitive": 0x800, "NoDot": 0x2000, "NoDotDot": 0x4000,
+                "NoDotAndDotDot": 0x6000}
 PATH_OPTIONS = {"ShowDirsOnly": 0x1, "DontResolveSymlinks": 0x2, "DontConfirmOverwrite": 0x4, "ReadOnly": 0x20,
                 "HideNameFilterDetails": 0x40, "DontUseNativeDialog": 0x10}
 
@@ -258,6 +259,10 @@ class qMRMLNodeComboBox(QtWidgets.QWidget):
         if scene is not None:
             for event in self._SCENE_EVENTS:
                 self._observations.append(scene.AddObserver(getattr(scene, event), self._onSceneEvent))
+            # as Slicer's destructor does: a deleted combo box observes the scene no more
+            tags = list(self._observations)
+            QtCore.QObject.destroyed.__get__(self).connect(
+                lambda *args, scene=scene, tags=tags: [scene.RemoveObserver(tag) for tag in tags])
         self._refresh()
         self.mrmlSceneChanged.emit(scene)
 
