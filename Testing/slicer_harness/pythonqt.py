@@ -15,6 +15,7 @@ here once, for every QObject (also those Qt creates itself, such as a combo box'
 * Signal signatures that name VTK or MRML pointer types (``currentNodeChanged(vtkMRMLNode*)``,
   ``mrmlSceneChanged(vtkMRMLScene*)``) are the Python-object signals of the harness's MRML widgets.
 * ``exec_()`` is ``exec()`` (Slicer's ``slicer.util`` calls ``exec_``).
+* ``qt.QFileDialog.getOpenFileName``/``getOpenFileNames``/``getSaveFileName`` return the path(s) only, as in PythonQt.
 * Enums are reached as in PythonQt (``qt.Qt.AlignLeft``, ``qt.QMessageBox.Ok``): PySide6 >= 6.4 accepts these
   short names, so nothing is translated there.
 
@@ -276,6 +277,23 @@ class QUiLoader(QtUiTools.QUiLoader):
         return widget
 
 
+class QFileDialog(QtWidgets.QFileDialog):
+    """PythonQt returns the chosen path(s) of the static dialogs (the selected filter is an output argument there);
+    PySide6 returns ``(path(s), selected filter)``."""
+
+    @staticmethod
+    def getOpenFileName(*arguments, **options):
+        return QtWidgets.QFileDialog.getOpenFileName(*arguments, **options)[0]
+
+    @staticmethod
+    def getOpenFileNames(*arguments, **options):
+        return QtWidgets.QFileDialog.getOpenFileNames(*arguments, **options)[0]
+
+    @staticmethod
+    def getSaveFileName(*arguments, **options):
+        return QtWidgets.QFileDialog.getSaveFileName(*arguments, **options)[0]
+
+
 def make_qt_module(custom_widgets: dict[str, type], flag_values: dict) -> types.ModuleType:
     """The ``qt`` module of Slicer's Python: QtCore, QtGui and QtWidgets in one namespace, and ``QUiLoader``."""
     apply_pythonqt_conventions()
@@ -284,6 +302,7 @@ def make_qt_module(custom_widgets: dict[str, type], flag_values: dict) -> types.
         for name in dir(module):
             if name.startswith("Q") or name == "Qt":
                 setattr(qt, name, getattr(module, name))
+    qt.QFileDialog = QFileDialog
     QUiLoader.custom_widgets = dict(custom_widgets)
     QUiLoader.flag_values = dict(flag_values)
     qt.QUiLoader = QUiLoader
