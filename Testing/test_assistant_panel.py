@@ -88,6 +88,7 @@ def assistant(slicer_harness, ct_path, tiny_phi3, tiny_clip):
 def test_every_task_from_its_button_with_the_real_worker(assistant, tmp_path):
     harness, module, widget, volume = assistant
     import slicer
+
     from M3DAssistantLib import AI_LABEL
     from M3DAssistantLib.tasks import TASKS
 
@@ -269,6 +270,7 @@ def test_input_errors_volumes_conversations_scene_close_and_leaving(assistant, t
     harness, module, widget, volume = assistant
     import qt
     import slicer
+
     from M3DAssistantLib.errors import InputError
 
     # A task without its input: the error says what to type (Slicer's tryWithErrorDisplay shows and re-raises it)

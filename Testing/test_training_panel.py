@@ -111,6 +111,7 @@ def training_panel(slicer_harness, tmp_path, monkeypatch, ct_path):
 def test_export_preset_gpus_and_memory(training_panel, tmp_path):
     harness, module, widget = training_panel
     import qt
+
     from M3DTrainingLib.panel_config import PRESET_OFFICIAL, PRESET_ONE_GPU, SOURCE_SCENE_FILES
 
     p = widget._parameterNode

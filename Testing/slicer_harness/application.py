@@ -151,7 +151,7 @@ class qSlicerMainWindow(QtWidgets.QMainWindow):
         return self._selector
 
 
-# ------------------------------------------------------------------------------------------------------ slicer.Scripted…
+# ------------------------------------------------------------------------------ slicer.ScriptedLoadableModule
 def make_scripted_loadable_module() -> types.ModuleType:
     import qt
     import slicer

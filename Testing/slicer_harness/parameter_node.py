@@ -17,8 +17,8 @@ guiConnectors.py):
   qMRMLNodeComboBox - node (``nodeTypes`` set from the field's class, ``currentNodeChanged``). The GUI is written from
   the node at once and on every Modified event of the node; a widget change writes the node. Any other pair is an
   error, as in Slicer ("Unable to create GUI connector").
-* ``disconnectGui(tag)``; ``StartModify``/``EndModify``/``AddObserver``/``RemoveObserver``/``Modified`` pass to the node,
-  so ``VTKObservationMixin`` and ``slicer.util.NodeModify`` work on the wrapper.
+* ``disconnectGui(tag)``; ``StartModify``/``EndModify``/``AddObserver``/``RemoveObserver``/``Modified`` pass to the
+  node, so ``VTKObservationMixin`` and ``slicer.util.NodeModify`` work on the wrapper.
 
 Not provided (our modules do not use them): parameter packs, lists/tuples/dicts/unions/enums as fields, value caching
 (values are read from the node each time; what a caller sees is the same).
