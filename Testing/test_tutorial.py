@@ -527,13 +527,13 @@ class InProcessWorkerBackend:
 
 
 @pytest.fixture
-def console(assistant, headless_slicer, tiny_phi3, tiny_clip, monkeypatch, clone):  # noqa: F811
+def console(assistant, slicer_harness, tiny_phi3, tiny_clip, monkeypatch, clone):  # noqa: F811
     """A namespace as Slicer's Python console has it, after part 1 loaded the CT; yields (namespace, logic, volume)."""
     import slicer
 
     from M3DAssistantLib import backends, worker
 
-    _scene, logics = headless_slicer
+    logics = slicer_harness.logics
     volume = logics["volumes"].AddArchetypeVolume(str(REPO / "Testing/Data/totalsegmentator/example_ct_sm.nii.gz"),
                                                   "example_ct_sm")  # File > Add Data names it so
     monkeypatch.setitem(assistant.OFFICIAL_MODELS, assistant.MODEL_PHI3, str(tiny_phi3))

@@ -193,7 +193,7 @@ class SlicerHarness:
 
     def uninstall(self) -> None:
         """Close the module panels (cleanup), the windows, and undo every patch."""
-        from PySide6 import QtGui, QtWidgets
+        from PySide6 import QtCore, QtGui, QtWidgets
 
         for module in list(self.app.moduleManager().modules.values()):
             if module._widget is not None:
@@ -205,8 +205,11 @@ class SlicerHarness:
         self.dialogs.stop()
         QtGui.QDesktopServices.unsetUrlHandler("file")
         self.mainWindow.close()
+        self.mainWindow.setObjectName("")  # slicer.util.mainWindow() must not find it again
         self.mainWindow.deleteLater()
         QtWidgets.QApplication.processEvents()
+        # deleted now, not when a later test's event loop starts (no loop runs here)
+        QtWidgets.QApplication.sendPostedEvents(None, QtCore.QEvent.DeferredDelete)
         self._patches.undo()
 
     # ---------------------------------------------------------------------------------------------- modules
