@@ -119,3 +119,17 @@ def slicer_harness(tmp_path):
     finally:
         harness.uninstall()
     assert not escaped, f"exceptions escaped slots or callbacks: {escaped}"
+
+
+# ------------------------------------------------------------------------------------------ module-file coverage floor
+from coverage_check import pytest_addoption  # noqa: E402, F401  (the --min-coverage-per-file option)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtestloop(session):
+    """Outermost around pytest-cov's own wrapper: its measurement has stopped when this checks the module files."""
+    result = yield
+    from coverage_check import check_session
+
+    check_session(session)
+    return result

@@ -643,3 +643,31 @@ def test_image_volumes_leave_out_label_maps(assistant):
     images = assistant.M3DAssistantLogic(settings=MemorySettings()).imageVolumes()
     assert [n.GetID() for n in images][-2:] == [first.GetID(), second.GetID()]
     assert not any(n.IsA("vtkMRMLLabelMapVolumeNode") for n in images)
+
+
+def test_console_callbacks_are_called_on_the_main_thread(assistant, slicer_harness, caplog):
+    """``callback=`` / ``errorCallback=``: the request is polled by a QTimer and the functions run from Qt's event loop
+    (Slicer's main thread); without errorCallback the failure is logged."""
+    import threading
+
+    class FailingBackend(RecordingBackend):
+        def ask(self, question, history=(), sampling=None, on_text=None):
+            if question == "fail":
+                raise M3DError("the model is unhappy")
+            return super().ask(question, history, sampling, on_text)
+
+    logic = assistant.M3DAssistantLogic(backendFactory=FailingBackend, settings=MemorySettings())
+    volume = ct_node()
+    got, errors, threads = [], [], []
+    logic.ask(volume, "Fine?", callback=lambda value: (got.append(value), threads.append(threading.current_thread())))
+    logic.ask(volume, "fail", callback=got.append, errorCallback=errors.append)
+    request = logic.ask(volume, "fail", callback=got.append)
+    slicer_harness.waitFor(lambda: got and errors and not logic._watchers, 10, "the callbacks")
+    assert got == ["yes"] and threads == [threading.main_thread()]
+    assert [str(e) for e in errors] == ["the model is unhappy"]
+    assert request.done() and "M3D ask failed: the model is unhappy" in caplog.text
+    with pytest.raises(TypeError, match="takes no options"):
+        logic.findSimilar(["a"], volume, window="lung")
+    logic.cancel()
+    logic.clearConversation(volume)
+    logic.shutdown()

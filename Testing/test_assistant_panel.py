@@ -399,3 +399,13 @@ def test_inspect_model_shows_the_checkpoint_summary(assistant):
     assert summary["will_load"] is True
     widget.ui.modelSourceLineEdit.clear()
     assert not widget.ui.inspectModelButton.enabled  # nothing to inspect
+
+
+@pytest.mark.parametrize("name", ["M3DAssistant", "M3DTraining"])
+def test_the_modules_own_self_tests_pass_under_the_harness(slicer_harness, name):
+    """What Slicer's "Reload and Test" runs (``slicer.selfTests[name]``): the module's own Test class, every test,
+    M3DAssistant's with a real worker on tiny checkpoints it writes itself."""
+    import slicer
+
+    slicer_harness.loadModule(name)
+    slicer.selfTests[name]()
