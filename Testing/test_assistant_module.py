@@ -667,7 +667,7 @@ def test_console_callbacks_are_called_on_the_main_thread(assistant, slicer_harne
     assert [str(e) for e in errors] == ["the model is unhappy"]
     assert request.done() and "M3D ask failed: the model is unhappy" in caplog.text
     with pytest.raises(TypeError, match="takes no options"):
-        logic.findSimilar(["a"], volume, window="lung")
+        logic.runTask("findSimilar", ["a"], volume, window="lung")
     logic.cancel()
     logic.clearConversation(volume)
     logic.shutdown()
