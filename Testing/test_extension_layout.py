@@ -121,8 +121,11 @@ def test_top_level_cmake_has_extension_metadata():
     prefix = "https://raw.githubusercontent.com/m3d-slicer/SlicerM3D/main/"
     assert icon_url.startswith(prefix)
     assert (REPO / icon_url.removeprefix(prefix)).is_file(), f"{icon_url} names a file that is not in the repository"
-    for url in " ".join(values["EXTENSION_SCREENSHOTURLS"]).split():
+    screenshots = " ".join(values["EXTENSION_SCREENSHOTURLS"]).split()
+    assert screenshots
+    for url in screenshots:  # the pictures Utilities/render_panels.py writes
         assert url.startswith(prefix), url
+        assert (REPO / url.removeprefix(prefix)).is_file(), f"{url} names a file that is not in the repository"
 
 
 def test_top_level_cmake_builds_every_module_in_order():

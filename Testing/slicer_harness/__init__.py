@@ -304,12 +304,29 @@ class SlicerHarness:
         self.waitFor(lambda: bool(done), 300, f"the click on {button.objectName}")
 
     def grab(self, widget, path, width: int = 420) -> Path:
-        """Render a widget offscreen to a PNG (its layout at ``width`` pixels wide)."""
-        widget.resize(width, max(widget.sizeHint.height(), 100))  # PythonQt: sizeHint is a property
-        widget.resize(width, widget.sizeHint.height())
-        self.processEvents()
-        if not widget.grab().save(str(path)):
-            raise OSError(f"could not write {path}")
+        """Render a widget offscreen to a PNG, laid out at ``width`` pixels and the height its contents need (word-
+        wrapped labels included), outside any main window."""
+        from PySide6 import QtCore
+
+        parent = widget.parentWidget()
+        widget.setParent(None)  # a top-level widget: its own size, not the (hidden) main window's
+        widget.setAttribute(QtCore.Qt.WA_DontShowOnScreen, True)
+        widget.show()
+        try:
+            height = widget.sizeHint.height()  # PythonQt: sizeHint is a property
+            if widget.hasHeightForWidth():
+                height = max(height, widget.heightForWidth(width))
+            widget.resize(width, max(height, 100))
+            widget.layout().activate()
+            self.processEvents()
+            if not widget.grab().save(str(path)):
+                raise OSError(f"could not write {path}")
+        finally:
+            widget.hide()
+            if parent is not None:
+                parent.layout().addWidget(widget) if parent.layout() is not None else widget.setParent(parent)
+                if hasattr(parent, "setCurrentWidget"):
+                    parent.setCurrentWidget(widget)
         return Path(path)
 
 

@@ -73,22 +73,8 @@ class ctkCollapsibleButton(QtWidgets.QAbstractButton):
     def hitButton(self, pos) -> bool:
         return pos.y() < self._headerHeight()
 
-    def sizeHint(self) -> QtCore.QSize:
-        header = self._headerHeight() + 2
-        text_width = QtWidgets.QWidget.fontMetrics(self).horizontalAdvance(QtWidgets.QAbstractButton.text(self))
-        layout = QtWidgets.QWidget.layout(self)
-        if self._collapsed or layout is None:
-            return QtCore.QSize(text_width + 40, header)
-        contents = layout.sizeHint()
-        return QtCore.QSize(max(contents.width(), text_width + 40), header + contents.height())
-
-    def minimumSizeHint(self) -> QtCore.QSize:
-        layout = QtWidgets.QWidget.layout(self)
-        header = self._headerHeight() + 2
-        if self._collapsed or layout is None:
-            return QtCore.QSize(40, header)
-        contents = layout.minimumSize()
-        return QtCore.QSize(contents.width(), header + contents.height())
+    # Size hints, height for width: QWidget's own, from the layout and the header's top margin (as ctk's, whose
+    # contents are laid out below the header the same way).
 
     def paintEvent(self, event) -> None:
         painter = QtWidgets.QStylePainter(self)
