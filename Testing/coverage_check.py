@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 
 def file_percentages(cov, patterns=None) -> dict[str, float]:
     """``{measured file: percent of its statements run}`` from a ``coverage.Coverage`` object after the run."""
@@ -35,10 +37,16 @@ def pytest_addoption(parser) -> None:
                           "(needs --cov)")
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtestloop(session):
+    """Outermost around pytest-cov's own wrapper: its measurement has stopped when this checks the module files."""
+    result = yield
+    check_session(session)
+    return result
+
+
 def check_session(session) -> None:
     """After pytest-cov has stopped measuring: print each module file's coverage, fail the run below the floor."""
-    import pytest
-
     minimum = session.config.getoption("--min-coverage-per-file")
     plugin = session.config.pluginmanager.getplugin("_cov")
     if minimum is None:
