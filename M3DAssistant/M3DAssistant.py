@@ -190,7 +190,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the user opens the module the first time and the widget is initialized."""
         ScriptedLoadableModuleWidget.setup(self)
         from M3DAssistantLib.panel import ConversationLog, PromptHistory, StreamBuffer
-        from M3DAssistantLib.tasks import ASK, TASKS
+        from M3DAssistantLib.tasks import TASKS
 
         # Load widget from .ui file (created by Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/M3DAssistant.ui"))
@@ -220,7 +220,7 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for key, button in self._taskButtons.items():
             button.text = TASKS[key].label
             button.connect("clicked(bool)", self._taskButtonHandler(key))
-        self.ui.promptComboBox.lineEdit().connect("returnPressed()", self._taskButtonHandler(ASK.key))
+        self.ui.promptComboBox.lineEdit().connect("returnPressed()", self.onPromptEntered)
         self.ui.inspectModelButton.connect("clicked(bool)", self.onInspectModelButton)
         self.ui.browseModelButton.connect("clicked(bool)", self.onBrowseModelButton)
         self.ui.startWorkerButton.connect("clicked(bool)", self.onStartWorkerButton)
@@ -262,10 +262,12 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Called when the application closes and the module widget is destroyed."""
+        """Called when the application closes and the module widget is destroyed: the worker stops with it."""
         self._timer.stop()
         self.removeObservers()
         self._observedVolume = None
+        if self.logic:
+            self.logic.shutdown()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
@@ -448,6 +450,14 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _taskButtonHandler(self, task: str):
         """The slot of a task's button (one closure per task)."""
         return lambda: self.onTaskButton(task)
+
+    def onPromptEntered(self) -> None:
+        """Enter in the prompt box asks the question; it never cancels (Qt emits returnPressed twice for an editable
+        combo box's line edit, and Enter is not the Cancel button)."""
+        from M3DAssistantLib.tasks import ASK
+
+        if not self._running:
+            self.onTaskButton(ASK.key)
 
     def onTaskButton(self, task: str) -> None:
         """Start a task, or cancel it when its button (now "Cancel") is pressed while it runs."""

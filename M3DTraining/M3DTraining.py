@@ -165,6 +165,7 @@ class M3DTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._updatingGpuList = False
         self._shownFolder = None  # the output folder whose evaluation is shown
+        self._merging = False  # "Use in M3D Assistant" is merging the adapter (the button stays disabled)
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -312,7 +313,8 @@ class M3DTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openOutputFolderButton.enabled = bool(folder)
         self.ui.showLossCurveButton.enabled = self.logic.job is not None
         self.ui.evaluateButton.enabled = bool(folder)
-        self.ui.useInAssistantButton.enabled = bool(folder) and self.logic.finishedModel(folder) is not None
+        self.ui.useInAssistantButton.enabled = (bool(folder) and not self._merging
+                                                and self.logic.finishedModel(folder) is not None)
         self.ui.jobStatusLabel.text = self.logic.statusText()
         fraction = self.logic.progressFraction()
         if running and fraction is None:
@@ -530,6 +532,7 @@ class M3DTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                       "is written to the 'merged' folder in the output folder (several GB, a few minutes)."),
                     windowTitle=_("M3D Training")):
                 return
+            self._merging = True  # the polling timer must not enable the button again meanwhile
             self.ui.useInAssistantButton.enabled = False
             self.ui.jobStatusLabel.text = _("Merging the adapter into the base model...")
             started = False
@@ -539,12 +542,14 @@ class M3DTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     started = True
             finally:
                 if not started:
+                    self._merging = False
                     self._updateJobDisplay()
             self._startPolling()
             return
         self._useInAssistant()
 
     def _onMerged(self, result) -> None:
+        self._merging = False
         if isinstance(result, Exception):
             slicer.util.errorDisplay(_("The merge failed."), detailedText=str(result))
             self._updateJobDisplay()

@@ -97,3 +97,29 @@ def engine(tiny_phi3_model, ct):
     eng.set_volume(*ct, window="abdomen")
     yield eng
     eng.model.__dict__.pop("generate", None)
+
+
+# ------------------------------------------------------------------------------------------ the panels on real Qt
+
+
+@pytest.fixture
+def slicer_harness(tmp_path):
+    """Our modules under a Slicer-like application on real Qt widgets (``Testing/slicer_harness``): a fresh
+    slicer-core scene, ``qt``/``ctk``/``slicer.app``/parameter-node binding as in Slicer, settings in ``tmp_path``.
+    Fails the test when an exception escaped a slot or a Qt/VTK callback (remove the ones a test expects from
+    ``harness.slotErrors``)."""
+    pytest.importorskip("PySide6")
+    pytest.importorskip("slicer")
+    from slicer_harness import make_harness
+
+    harness = make_harness(settingsFolder=str(tmp_path / "qsettings"))
+    try:
+        yield harness
+        escaped = list(harness.slotErrors)
+    finally:
+        harness.uninstall()
+    assert not escaped, f"exceptions escaped slots or callbacks: {escaped}"
+
+
+# ------------------------------------------------------------------------------------------ module-file coverage floor
+from coverage_check import pytest_addoption, pytest_runtestloop  # noqa: E402, F401  (--min-coverage-per-file)

@@ -1,8 +1,8 @@
 """The M3DAssistant module's Logic and its Lib helpers (tasks, dependencies, downloads) without a Slicer application.
 
-The module file is imported against real MRML (slicer-core) plus small stand-ins for what only the Slicer application
-has (ScriptedLoadableModule, the parameter-node wrapper, qt), so the module's own self-test of the console API runs
-here on real nodes, with a fake model backend. The real worker is tested in test_worker.py.
+The module file is imported under the test harness (``Testing/slicer_harness``: real Qt widgets, real MRML from
+slicer-core, Slicer's own ``slicer.util``), so the module's own self-test of the console API runs here on real nodes,
+with a fake model backend. The panel as a user drives it, with the real worker: test_assistant_panel.py.
 """
 
 from __future__ import annotations
@@ -43,21 +43,10 @@ def prov(task: str) -> Provenance:
 
 
 @pytest.fixture
-def assistant(monkeypatch, headless_slicer):
-    """M3DAssistant.py imported with slicer-core's real ``slicer`` and stand-ins for the application-only parts."""
-    import slicer
-    from test_extension_layout import _slicer_stand_in
-
-    stand_in = _slicer_stand_in()
-    for name in ("qt", "slicer.i18n", "slicer.parameterNodeWrapper", "slicer.ScriptedLoadableModule"):
-        monkeypatch.setitem(sys.modules, name, stand_in[name])
-    monkeypatch.setattr(slicer.util, "VTKObservationMixin", stand_in["slicer.util"].VTKObservationMixin, raising=False)
-    monkeypatch.syspath_prepend(str(REPO / "M3DAssistant"))
-    spec = importlib.util.spec_from_file_location("M3DAssistant", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "M3DAssistant", module)
-    spec.loader.exec_module(module)
-    return module
+def assistant(slicer_harness):
+    """M3DAssistant.py imported under the test harness (``Testing/slicer_harness``: real Qt, slicer-core's scene,
+    Slicer's parameter-node binding)."""
+    return slicer_harness.loadModule("M3DAssistant")
 
 
 def test_module_self_test_console_api_on_real_mrml(assistant):
@@ -187,7 +176,8 @@ def test_model_and_where_it_runs(assistant, tiny_phi3, tmp_path):
     logic.serverToken = "in-memory-token"
     session = logic.session()
     assert type(session.backend).__name__ == "ClientBackend" and logic.workerProcess() is None
-    assert not any("in-memory-token" in str(v) for v in p.parameterNode.values.values())  # never in the scene
+    stored = [p.parameterNode.GetParameter(name) for name in p.parameterNode.GetParameterNames()]
+    assert stored and not any("in-memory-token" in value for value in stored)  # never in the scene
     assert logic.workerStatus().startswith("Remote server")
 
     # https with a self-signed certificate: the certificate file set in Advanced is what the client trusts
@@ -283,62 +273,19 @@ class AllTasksBackend:
         pass
 
 
-class QtStandIn:
-    """Any Qt widget: attributes are kept, unknown ones are new stand-ins, calls return the stand-in itself, and
-    ``connect`` keeps the slot so that the test can click."""
-
-    def __init__(self):
-        self.__dict__["slots"] = []
-
-    def __getattr__(self, name):
-        value = QtStandIn()
-        self.__dict__[name] = value
-        return value
-
-    def __call__(self, *args, **kwargs):
-        return self
-
-    def connect(self, signal, slot):
-        self.slots.append((signal, slot))
-
-
 @pytest.fixture
-def widget(assistant, monkeypatch):
-    """The module's widget after its real setup(), on stand-in Qt widgets, with a Logic on AllTasksBackend."""
-    import slicer
-
-    ui = QtStandIn()
-    monkeypatch.setattr(slicer.util, "loadUI", lambda path: QtStandIn())
-    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui)
-    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
-        setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None, testingEnabled=lambda: True,
-        processEvents=lambda: None), raising=False)
-    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(
-        logic=lambda: types.SimpleNamespace(JumpSlicesToLocation=lambda *args: None))), raising=False)
-    monkeypatch.setattr(assistant.qt, "QTimer", QtStandIn, raising=False)
-    monkeypatch.setattr(assistant.qt, "Qt", types.SimpleNamespace(WaitCursor=0), raising=False)
-    monkeypatch.setattr(assistant.ScriptedLoadableModuleWidget, "setup", lambda self: None, raising=False)
-    monkeypatch.setattr(assistant.M3DAssistantParameterNode, "connectGui", lambda self, ui: "tag", raising=False)
-    monkeypatch.setattr(assistant.M3DAssistantParameterNode, "disconnectGui", lambda self, tag: None, raising=False)
-    base = assistant.M3DAssistantLogic
-
-    class Logic(base):
-        def __init__(self):
-            super().__init__(backendFactory=AllTasksBackend, settings=MemorySettings())
-
-    monkeypatch.setattr(assistant, "M3DAssistantLogic", Logic)
-    widget = assistant.M3DAssistantWidget()
-    widget.layout, widget.resourcePath = QtStandIn(), lambda path: path
-    widget.addObserver = widget.removeObserver = lambda *args: None
-    widget.setup()
+def widget(slicer_harness):
+    """The module's panel after its real setup() on real Qt widgets, its Logic on AllTasksBackend."""
+    slicer_harness.loadModule("M3DAssistant")
+    widget = slicer_harness.openModule("M3DAssistant")
+    widget.logic._backendFactory = AllTasksBackend
+    widget.logic.settings = MemorySettings()
     return widget
 
 
-def test_the_panel_runs_every_task_from_its_button(widget):
+def test_the_panel_runs_every_task_from_its_button(widget, slicer_harness):
     """Each registry task's button, clicked with the panel's inputs, runs the task in the background; the timer
     collects the streamed answer and the conversation shows the finished one (the widget's generic path)."""
-    import time
-
     import slicer
 
     volume = ct_node()
@@ -350,15 +297,12 @@ def test_the_panel_runs_every_task_from_its_button(widget):
     prompts = {"report": "", "describe_region": "", "find_similar": "liver"}
     for key, task in tasks.TASKS.items():
         button = getattr(widget.ui, task.button)
-        assert button.text == task.label and button.slots, key
-        widget.ui.promptComboBox.currentText = prompts.get(key, "the liver")
-        button.slots[0][1]()  # click
+        assert button.text == task.label, key
+        widget.ui.promptComboBox.setEditText(prompts.get(key, "the liver"))
+        button.click()
         running = widget._running
         assert running is not None and running[0] == key and button.text == "Cancel"
-        deadline = time.monotonic() + 10
-        while widget._running is not None and time.monotonic() < deadline:
-            time.sleep(0.01)
-            widget._onTimer()
+        slicer_harness.waitFor(lambda: widget._running is None, 10, f"{key} to finish")  # noqa: B023
         entry = widget._conversation.entries(volume.GetID())[-1]
         assert (entry.task, entry.status) == (key, "done"), entry
         assert entry.answer == panel.answer_text(task, running[1].output)
@@ -374,16 +318,18 @@ def test_the_panel_runs_every_task_from_its_button(widget):
                                                "my box", "the liver", "the liver", "liver"]
 
 
-def test_a_task_without_its_input_says_what_to_type(widget):
+def test_a_task_without_its_input_says_what_to_type(widget, slicer_harness):
     import slicer
 
     widget._parameterNode.inputVolume = ct_node()
     for key, prompt, message in (("segment", "  ", "Segment needs a structure"),
                                  ("choose", "Which?", "at least two choices"),
                                  ("describe_region", "", "Choose the ROI to describe")):
-        widget.ui.promptComboBox.currentText = prompt
-        with pytest.raises(InputError, match=message):
-            getattr(widget.ui, tasks.TASKS[key].button).slots[0][1]()
+        widget.ui.promptComboBox.setEditText(prompt)
+        getattr(widget.ui, tasks.TASKS[key].button).click()
+        (_, error), = slicer_harness.slotErrors  # shown by tryWithErrorDisplay, which re-raises, as in Slicer
+        assert isinstance(error, InputError) and message in str(error)
+        slicer_harness.slotErrors.clear()
         assert widget._running is None
     assert slicer.mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
 
@@ -703,3 +649,31 @@ def test_image_volumes_leave_out_label_maps(assistant):
     images = assistant.M3DAssistantLogic(settings=MemorySettings()).imageVolumes()
     assert [n.GetID() for n in images][-2:] == [first.GetID(), second.GetID()]
     assert not any(n.IsA("vtkMRMLLabelMapVolumeNode") for n in images)
+
+
+def test_console_callbacks_are_called_on_the_main_thread(assistant, slicer_harness, caplog):
+    """``callback=`` / ``errorCallback=``: the request is polled by a QTimer and the functions run from Qt's event loop
+    (Slicer's main thread); without errorCallback the failure is logged."""
+    import threading
+
+    class FailingBackend(RecordingBackend):
+        def ask(self, question, history=(), sampling=None, on_text=None):
+            if question == "fail":
+                raise M3DError("the model is unhappy")
+            return super().ask(question, history, sampling, on_text)
+
+    logic = assistant.M3DAssistantLogic(backendFactory=FailingBackend, settings=MemorySettings())
+    volume = ct_node()
+    got, errors, threads = [], [], []
+    logic.ask(volume, "Fine?", callback=lambda value: (got.append(value), threads.append(threading.current_thread())))
+    logic.ask(volume, "fail", callback=got.append, errorCallback=errors.append)
+    request = logic.ask(volume, "fail", callback=got.append)
+    slicer_harness.waitFor(lambda: got and errors and not logic._watchers, 10, "the callbacks")
+    assert got == ["yes"] and threads == [threading.main_thread()]
+    assert [str(e) for e in errors] == ["the model is unhappy"]
+    assert request.done() and "M3D ask failed: the model is unhappy" in caplog.text
+    with pytest.raises(TypeError, match="takes no options"):
+        logic.runTask("findSimilar", ["a"], volume, window="lung")
+    logic.cancel()
+    logic.clearConversation(volume)
+    logic.shutdown()

@@ -1,8 +1,8 @@
 """The Slicer extension is packaged correctly: CMake metadata and file lists, .ui files, icons, light imports.
 
-No Slicer application is needed. The module files (M3DAssistant.py, M3DTraining.py) are also imported against a small
-stand-in for Slicer's Python API so that their Module and Logic classes, and the Logic parts of their own Slicer
-self-tests, run here.
+No Slicer application is needed. The module files (M3DAssistant.py, M3DTraining.py) are also imported under the test
+harness (Testing/slicer_harness) so that their Module and Logic classes, and parts of their own Slicer self-tests, run
+here.
 """
 
 from __future__ import annotations
@@ -121,8 +121,11 @@ def test_top_level_cmake_has_extension_metadata():
     prefix = "https://raw.githubusercontent.com/m3d-slicer/SlicerM3D/main/"
     assert icon_url.startswith(prefix)
     assert (REPO / icon_url.removeprefix(prefix)).is_file(), f"{icon_url} names a file that is not in the repository"
-    for url in " ".join(values["EXTENSION_SCREENSHOTURLS"]).split():
+    screenshots = " ".join(values["EXTENSION_SCREENSHOTURLS"]).split()
+    assert screenshots
+    for url in screenshots:  # the pictures Utilities/render_panels.py writes
         assert url.startswith(prefix), url
+        assert (REPO / url.removeprefix(prefix)).is_file(), f"{url} names a file that is not in the repository"
 
 
 def test_top_level_cmake_builds_every_module_in_order():
@@ -391,123 +394,13 @@ def test_inspect_model_path_does_not_import_torch(tiny_phi3):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The module files against a stand-in for Slicer's Python API
-
-
-def _slicer_stand_in() -> dict[str, types.ModuleType]:
-    """Just enough of vtk / slicer for the module files to import and their Module and Logic classes to run."""
-
-    def module(name, **attributes):
-        stand_in = types.ModuleType(name)
-        stand_in.__dict__.update(attributes)
-        return stand_in
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            pass
-
-        def getParameterNode(self):
-            # One store per logic, as Slicer keeps one parameter node per module.
-            if "_stand_in_parameters" not in self.__dict__:
-                self._stand_in_parameters = types.SimpleNamespace(values={})
-            return self._stand_in_parameters
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=None):
-            pass
-
-    class VTKObservationMixin:
-        def __init__(self):
-            self.observers = []
-
-    class vtkMRMLScalarVolumeNode:
-        pass
-
-    class vtkMRMLMarkupsROINode:
-        pass
-
-    class vtkMRMLSegmentationNode:
-        pass
-
-    class _Field:
-        """A parameter-node field: the default on the class, the stored value on an instance."""
-
-        def __init__(self, name, default):
-            self.name, self.default = name, default
-
-        def __get__(self, wrapper, owner=None):
-            return self.default if wrapper is None else wrapper.parameterNode.values.get(self.name, self.default)
-
-        def __set__(self, wrapper, value):
-            wrapper.parameterNode.values[self.name] = value
-
-    def parameterNodeWrapper(cls):
-        """Like Slicer's: ``Cls(parameterNode)`` reads and writes the annotated fields (here in a plain dict); a path
-        field without a default is ``Path()``, as in Slicer."""
-        for name in cls.__annotations__:
-            default = cls.__dict__.get(name)
-            if default is None and cls.__annotations__[name] in ("pathlib.Path", Path):
-                default = Path()
-            setattr(cls, name, _Field(name, default))
-
-        def __init__(self, parameterNode):
-            self.parameterNode = parameterNode
-
-        cls.__init__ = __init__
-        return cls
-
-    class Choice:
-        def __init__(self, choices):
-            self.choices = list(choices)
-
-    class WithinRange:
-        def __init__(self, minimum, maximum):
-            self.minimum, self.maximum = minimum, maximum
-
-    util = module("slicer.util", VTKObservationMixin=VTKObservationMixin)
-    slicer = module("slicer", util=util, vtkMRMLScalarVolumeNode=vtkMRMLScalarVolumeNode,
-                    vtkMRMLMarkupsROINode=vtkMRMLMarkupsROINode, vtkMRMLSegmentationNode=vtkMRMLSegmentationNode,
-                    mrmlScene=types.SimpleNamespace(Clear=lambda *args: None))
-    return {
-        "vtk": module("vtk", vtkCommand=types.SimpleNamespace(ModifiedEvent=33)),
-        "qt": module("qt"),
-        "slicer": slicer,
-        "slicer.util": util,
-        "slicer.i18n": module("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text),
-        "slicer.parameterNodeWrapper": module("slicer.parameterNodeWrapper", parameterNodeWrapper=parameterNodeWrapper,
-                                              Choice=Choice, WithinRange=WithinRange),
-        "slicer.ScriptedLoadableModule": module(
-            "slicer.ScriptedLoadableModule", ScriptedLoadableModule=ScriptedLoadableModule,
-            ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
-            ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic,
-            ScriptedLoadableModuleTest=ScriptedLoadableModuleTest),
-    }
+# The module files under the test harness (Testing/slicer_harness: real Qt, slicer-core's MRML, Slicer's slicer.util)
 
 
 @pytest.fixture
-def load_module(monkeypatch):
-    """Import a module file (M3DAssistant.py / M3DTraining.py) against the stand-in; sys.modules is restored after."""
-    for name, stand_in in _slicer_stand_in().items():
-        monkeypatch.setitem(sys.modules, name, stand_in)
-    for module in MODULES:
-        monkeypatch.syspath_prepend(str(REPO / module))
-
-    def load(module: str) -> types.ModuleType:
-        spec = importlib.util.spec_from_file_location(module, REPO / module / f"{module}.py")
-        loaded = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, module, loaded)
-        spec.loader.exec_module(loaded)
-        return loaded
-
-    return load
+def load_module(slicer_harness):
+    """Import a module file (M3DAssistant.py / M3DTraining.py) as Slicer loads it; the harness is undone after."""
+    return slicer_harness.loadModule
 
 
 def _run_slicer_self_test(test_class, *names):
@@ -519,21 +412,21 @@ def _run_slicer_self_test(test_class, *names):
 
 
 @pytest.mark.parametrize("module", MODULES)
-def test_module_metadata(module, load_module):
-    loaded = load_module(module)
-    parent = types.SimpleNamespace()
-    getattr(loaded, module)(parent)
+def test_module_metadata(module, load_module, slicer_harness):
+    load_module(module)
+    parent = slicer_harness.app.moduleManager().module(module)  # what Slicer passes as the module's parent
     assert parent.title.startswith("M3D ")
     assert parent.categories == ["M3D"]
     assert parent.contributors
+    assert parent.icon is not None and not parent.icon.isNull()  # Resources/Icons/<module>.png
     assert "AI-generated, not for clinical use" in parent.helpText
     for text in ("Bai F.", "arXiv:2404.00578", "BAAI-DCAI/M3D", "MIT", "GoodBaiBai88"):
         assert text in parent.acknowledgementText
 
 
-def test_assistant_help_names_the_eight_tasks(load_module):
-    parent = types.SimpleNamespace()
-    load_module("M3DAssistant").M3DAssistant(parent)
+def test_assistant_help_names_the_eight_tasks(load_module, slicer_harness):
+    load_module("M3DAssistant")
+    parent = slicer_harness.app.moduleManager().module("M3DAssistant")
     tasks = re.findall(r"<li><b>([^<]+)</b>", parent.helpText)
     assert tasks == ["Report", "Ask", "Multiple choice", "Locate", "Describe ROI", "Segment",
                      "Segment by description", "Find similar"]
@@ -542,7 +435,7 @@ def test_assistant_help_names_the_eight_tasks(load_module):
 
 def test_assistant_parameter_node_and_logic(load_module, monkeypatch):
     loaded = load_module("M3DAssistant")
-    assert loaded.M3DAssistantParameterNode.modelSource == "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
+    assert loaded.M3DAssistantLogic().getParameterNode().modelSource == "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
     fields = parameter_node_fields("M3DAssistant")
     assert fields == {
         "inputVolume": "vtkMRMLScalarVolumeNode", "modelChoice": "Annotated[str, Choice(MODEL_CHOICES)]",
@@ -576,11 +469,10 @@ def test_assistant_parameter_node_and_logic(load_module, monkeypatch):
         loaded.M3DAssistantLogic(inspector=lambda source: "not a dict").inspectModel("x/y")
     assert calls == [("/models/m3d", False)]  # Slicer's process never builds the model (that imports torch)
 
-    # The Logic part of the module's own Slicer self-test (the parameter-node part needs a real Slicer).
-    _run_slicer_self_test(loaded.M3DAssistantTest, "test_InspectModel")
+    _run_slicer_self_test(loaded.M3DAssistantTest, "test_InspectModel", "test_ParameterNode")
 
 
-# M3DTraining's parameter node, Logic and self-tests: test_training_module.py (same stand-in, slicer-core scene).
+# M3DTraining's parameter node, Logic and self-tests: test_training_module.py.
 
 
 def test_pyproject_lists_every_lib_package():

@@ -4,11 +4,9 @@
   ...): GPU list parsing from nvidia-smi output and its detection with fake tools, memory warnings, panel state ->
   training config, progress-file tailing, the loss curve, helper processes, evaluation output;
 * the loss-curve and evaluation table nodes on slicer-core MRML (``headless_slicer``);
-* ``M3DTraining.py`` imported against the stand-in Slicer of ``test_extension_layout.py``: its parameter node, its
-  Logic (a whole job with a fake trainer process: start, live progress, reconnect from a new Logic, cancel, resume,
-  "Use in M3DAssistant") and its own Slicer self-tests.
-
-What needs a real Slicer (Qt widgets, the plot view, installing packages, PythonSlicer) is not tested here.
+* ``M3DTraining.py`` imported under the test harness (``Testing/slicer_harness``): its parameter node, its Logic (a
+  whole job with a fake trainer process: start, live progress, reconnect from a new Logic, cancel, resume,
+  "Use in M3DAssistant") and its own Slicer self-tests. The panel as a user drives it: test_training_panel.py.
 """
 
 from __future__ import annotations
@@ -19,11 +17,10 @@ import os
 import stat
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
-from test_extension_layout import REPO, _run_slicer_self_test, _slicer_stand_in, parameter_node_fields, ui_widgets
+from test_extension_layout import REPO, _run_slicer_self_test, parameter_node_fields, ui_widgets
 
 from M3DAssistantLib.errors import ConfigError, InputError, M3DError
 from M3DAssistantLib.settings import MemorySettings
@@ -563,50 +560,16 @@ def test_evaluation_table_node(headless_slicer, tmp_path):
 # M3DTraining.py against the stand-in Slicer (with the slicer-core scene)
 
 
-class FakeAssistantLogic:
-    """M3DAssistant's logic as far as "Use in M3DAssistant" needs it."""
-
-    def __init__(self):
-        self.parameters = types.SimpleNamespace(modelChoice="M3D-LaMed Phi-3 4B (official)",
-                                                modelSource="GoodBaiBai88/M3D-LaMed-Phi-3-4B")
-
-    def getParameterNode(self):
-        return self.parameters
-
-
 @pytest.fixture
-def training(monkeypatch, headless_slicer):
-    """M3DTraining.py loaded against the stand-in Slicer of test_extension_layout.py, backed by slicer-core: the
-    scene is a real MRML scene and what the stand-in lacks (MRML classes, slicer.util array helpers) comes from
-    slicer-core. M3DAssistant is a fake module with its logic."""
-    scene, _ = headless_slicer
-    real_slicer = sys.modules["slicer"]  # slicer-core, imported by headless_slicer
-    real_util = real_slicer.util
-    import vtk as real_vtk
-    import vtk.util.numpy_support  # noqa: F401  (imported now, under the real vtk: imported first while the
-    # stand-in is sys.modules['vtk'], the submodule would attach to the stand-in and the real vtk lack .util later)
+def training(slicer_harness):
+    """M3DTraining.py loaded under the test harness (``Testing/slicer_harness``: real Qt, the slicer-core scene,
+    Slicer's own ``slicer.util``), with M3D Assistant loaded beside it: "Use in M3D Assistant" reaches its logic
+    through ``slicer.util.getModuleLogic`` as in Slicer (``assistant_logic()``)."""
+    import slicer
 
-    stand_ins = _slicer_stand_in()
-    stand_ins["vtk"].__getattr__ = lambda name: getattr(real_vtk, name)
-    stand_ins["vtk"].__path__ = real_vtk.__path__  # `import vtk.util.numpy_support` in slicer.util
-    stand_ins.setdefault("qt", types.ModuleType("qt"))
-    stand_ins["slicer"].mrmlScene = scene
-    stand_ins["slicer"].__getattr__ = lambda name: getattr(real_slicer, name)
-    stand_ins["slicer.util"].__getattr__ = lambda name: getattr(real_util, name)
-    assistant_logic = FakeAssistantLogic()
-    stand_ins["slicer.util"].getModuleLogic = lambda name: assistant_logic if name == "M3DAssistant" else None
-    for name, stand_in in stand_ins.items():
-        monkeypatch.setitem(sys.modules, name, stand_in)
-    monkeypatch.setitem(sys.modules, "M3DAssistant", types.SimpleNamespace(
-        MODEL_ADAPTER="Fine-tuned model (M3DTraining output)"))
-    monkeypatch.syspath_prepend(str(REPO / "M3DTraining"))
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("M3DTraining", REPO / "M3DTraining" / "M3DTraining.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "M3DTraining", module)
-    spec.loader.exec_module(module)
-    module.assistant_logic = assistant_logic
+    module = slicer_harness.loadModule("M3DTraining")
+    slicer_harness.loadModule("M3DAssistant")
+    module.assistant_logic = lambda: slicer.util.getModuleLogic("M3DAssistant")
     return module
 
 
@@ -635,7 +598,7 @@ def test_parameter_node_and_ui_cover_the_panel(training):
 def test_module_self_tests(training):
     _run_slicer_self_test(training.M3DTrainingTest, "test_ParameterNode", "test_TrainConfig",
                           "test_ProgressAndLossCurve", "test_UseInAssistant")
-    assert training.assistant_logic.parameters.modelChoice == "Fine-tuned model (M3DTraining output)"
+    assert training.assistant_logic().getParameterNode().modelChoice == "Fine-tuned model (M3DTraining output)"
 
 
 def test_panel_helpers_stay_light():
@@ -751,7 +714,7 @@ def test_logic_runs_watches_reconnects_cancels_and_resumes_a_job(training, tmp_p
 
     assert reopened.finishedModel(output) == "adapter"
     parameters = reopened.useInAssistant(output)
-    assert parameters is training.assistant_logic.parameters
+    assert parameters.parameterNode is training.assistant_logic().getParameterNode().parameterNode
     assert (parameters.modelChoice, parameters.modelSource) == ("Fine-tuned model (M3DTraining output)", str(output))
 
 
@@ -847,13 +810,13 @@ def test_use_in_assistant_without_the_module(training, tmp_path, monkeypatch):
         _logic(training).useInAssistant(tmp_path)
 
 
-def test_logic_exports_the_current_scene_and_evaluates(training, headless_slicer, tmp_path, ct_path):
+def test_logic_exports_the_current_scene_and_evaluates(training, slicer_harness, tmp_path, ct_path):
     """Export of the live scene through the Logic (report + segment), then an evaluation through the helper."""
     pytest.importorskip("matplotlib")
     import numpy as np
-    import slicer as real_slicer  # the slicer-core package, imported before the stand-in replaced it
+    import slicer as real_slicer
 
-    scene, logics = headless_slicer
+    scene, logics = slicer_harness.scene, slicer_harness.logics
     volume = logics["volumes"].AddArchetypeVolume(str(ct_path), "CT")
     assert volume is not None
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT segmentation")

@@ -293,8 +293,9 @@ def _ui_texts(module) -> set[str]:
             texts.add(prop.findtext("string") or "")
     texts |= set(re.findall(r'\b_\("([^"]+)"\)', MODULE_FILE.read_text(encoding="utf-8")))
     texts |= set(module.MODEL_CHOICES) | set(module.RUN_CHOICES) | set(module.WINDOW_CHOICES)
-    parent = type("Parent", (), {})()
-    module.M3DAssistant(parent)
+    import slicer
+
+    parent = slicer.app.moduleManager().module("M3DAssistant")  # the module's parent, as the harness loaded it
     return texts | set(parent.categories) | {parent.title}
 
 
@@ -527,13 +528,13 @@ class InProcessWorkerBackend:
 
 
 @pytest.fixture
-def console(assistant, headless_slicer, tiny_phi3, tiny_clip, monkeypatch, clone):  # noqa: F811
+def console(assistant, slicer_harness, tiny_phi3, tiny_clip, monkeypatch, clone):  # noqa: F811
     """A namespace as Slicer's Python console has it, after part 1 loaded the CT; yields (namespace, logic, volume)."""
     import slicer
 
     from M3DAssistantLib import backends, worker
 
-    _scene, logics = headless_slicer
+    logics = slicer_harness.logics
     volume = logics["volumes"].AddArchetypeVolume(str(REPO / "Testing/Data/totalsegmentator/example_ct_sm.nii.gz"),
                                                   "example_ct_sm")  # File > Add Data names it so
     monkeypatch.setitem(assistant.OFFICIAL_MODELS, assistant.MODEL_PHI3, str(tiny_phi3))
@@ -697,5 +698,6 @@ def test_server_part(tutorial_server, console, clone, tiny_phi3):
     assert type(logic._backend).__name__ == "ClientBackend" and logic.workerProcess() is None
     assert isinstance(ns["answer"], str)
     assert printed.strip() == f"Remote server: http://127.0.0.1:{ready['port']}"
-    stored = ns["parameters"].parameterNode.values
-    assert not any(token in str(value) for value in stored.values())  # the token is not in the scene
+    node = ns["parameters"].parameterNode
+    stored = [node.GetParameter(name) for name in node.GetParameterNames()]
+    assert stored and not any(token in value for value in stored)  # the token is not in the scene
