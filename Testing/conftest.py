@@ -121,5 +121,17 @@ def slicer_harness(tmp_path):
     assert not escaped, f"exceptions escaped slots or callbacks: {escaped}"
 
 
+@pytest.fixture
+def assistant_panel(slicer_harness, ct_path, tiny_phi3, tiny_clip):
+    """The opened M3D Assistant panel with the CT loaded, set up by the user for the tiny checkpoint on the CPU; its
+    real worker starts on the first task (``panel_user.open_assistant_panel``): ``(harness, module, widget, volume)``.
+    The worker is stopped after the test."""
+    from panel_user import open_assistant_panel
+
+    module, widget, volume = open_assistant_panel(slicer_harness, ct_path, tiny_phi3, tiny_clip)
+    yield slicer_harness, module, widget, volume
+    widget.logic.shutdown()
+
+
 # ------------------------------------------------------------------------------------------ module-file coverage floor
 from coverage_check import pytest_addoption, pytest_runtestloop  # noqa: E402, F401  (--min-coverage-per-file)

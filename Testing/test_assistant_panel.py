@@ -13,80 +13,13 @@ import json
 import sys
 
 import pytest
+from panel_user import chosen, press_enter, run_task, typed, volume_center
 
 pytestmark = pytest.mark.slicer
 
 
-def typed(line_edit, text: str) -> None:
-    """Replace the text of a line edit (or an editable combo box's) by typing it, as a user does."""
-    from PySide6.QtTest import QTest
-
-    line_edit.clear()
-    QTest.keyClicks(line_edit, text)
-
-
-def press_enter(widget) -> None:
-    from PySide6 import QtCore
-    from PySide6.QtTest import QTest
-
-    QTest.keyClick(widget, QtCore.Qt.Key_Return)
-
-
-def chosen(combo, text: str) -> None:
-    """Pick an entry of a combo box, as a user does (the list's activated signal with it)."""
-    index = combo.findText(text)
-    assert index >= 0, f"{text!r} is not in {[combo.itemText(i) for i in range(combo.count)]}"
-    combo.setCurrentIndex(index)
-    combo.activated.emit(index)
-
-
-def load_ct(harness, ct_path, name="CT"):
-    volume = harness.logics["volumes"].AddArchetypeVolume(str(ct_path), name)
-    assert volume is not None
-    return volume
-
-
-def run_task(harness, widget, key: str, timeout: float = 120.0):
-    """Press a task's button and wait for the answer; returns the conversation entry."""
-    from M3DAssistantLib.tasks import TASKS
-
-    task = TASKS[key]
-    button = getattr(widget.ui, task.button)
-    assert button.enabled, f"{task.label} is disabled"
-    button.click()
-    volume = widget._parameterNode.inputVolume
-    assert button.text == "Cancel", f"{task.label} did not start: {widget.ui.statusLabel.text}"
-    assert all(not b.enabled for k, b in widget._taskButtons.items() if k != key)  # one task at a time
-    harness.waitFor(lambda: button.text == task.label, timeout, f"{task.label} to finish")
-    return widget._conversation.entries(volume.GetID())[-1]
-
-
-@pytest.fixture
-def assistant(slicer_harness, ct_path, tiny_phi3, tiny_clip):
-    """The opened M3D Assistant panel with the CT loaded, set up by the user for the tiny checkpoint on the CPU."""
-    harness = slicer_harness
-    volume = load_ct(harness, ct_path)
-    module = harness.loadModule("M3DAssistant")
-    widget = harness.openModule("M3DAssistant")
-    assert widget.ui.inputSelector.currentNode() is volume  # the only image volume is preselected
-    chosen(widget.ui.modelComboBox, module.MODEL_FOLDER)
-    assert widget.ui.browseModelButton.enabled and not widget.ui.modelSourceLineEdit.readOnly
-    typed(widget.ui.modelSourceLineEdit, str(tiny_phi3))
-    chosen(widget.ui.runOnComboBox, module.RUN_CPU)
-    widget.ui.advancedCollapsibleButton.collapsed = False
-    widget.ui.maxNewTokensSpinBox.value = 8
-    widget.ui.pythonPathLineEdit.currentPath = sys.executable
-    typed(widget.ui.clipModelLineEdit, str(tiny_clip))
-    press_enter(widget.ui.clipModelLineEdit)
-    p = widget._parameterNode
-    assert (p.modelChoice, p.modelSource, p.runOn, p.maxNewTokens) == (module.MODEL_FOLDER, str(tiny_phi3),
-                                                                       module.RUN_CPU, 8)
-    yield harness, module, widget, volume
-    widget.logic.shutdown()
-
-
-def test_every_task_from_its_button_with_the_real_worker(assistant, tmp_path):
-    harness, module, widget, volume = assistant
+def test_every_task_from_its_button_with_the_real_worker(assistant_panel, tmp_path):
+    harness, module, widget, volume = assistant_panel
     import slicer
 
     from M3DAssistantLib import AI_LABEL
@@ -153,22 +86,16 @@ def test_every_task_from_its_button_with_the_real_worker(assistant, tmp_path):
         "an abdominal CT", "liver", "Which plane is this?", "Is there free fluid?"]
 
 
-def volume_center(volume):
-    bounds = [0.0] * 6
-    volume.GetRASBounds(bounds)
-    return [(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)]
-
-
 FORCED = {"report": " No acute findings in the abdomen.",
           "locate": " Coordinates are <bx_start>[0.2, 0.3, 0.3, 0.6, 0.7, 0.7]<bx_end>.",
           "segment": " It is [SEG].", "segment_expression": " Sure, it is [SEG]."}
 
 
-def test_results_become_nodes_with_forced_answers(assistant, tmp_path):
+def test_results_become_nodes_with_forced_answers(assistant_panel, tmp_path):
     """The forced twin of the flow above: the worker (started by the module through the Worker Python setting, here
     the forcing launcher) answers with a box and [SEG], so the ROI, the segments and the text node appear; the user's
     own segment is never touched."""
-    harness, module, widget, volume = assistant
+    harness, module, widget, volume = assistant_panel
     import numpy as np
     import slicer
     from forcing import write_worker_launcher
@@ -196,6 +123,12 @@ def test_results_become_nodes_with_forced_answers(assistant, tmp_path):
     rois = [n for n in slicer.util.getNodesByClass("vtkMRMLMarkupsROINode")]
     assert entry.status == "done" and len(rois) == 1 and rois[0].GetName().startswith("liver"), entry
     assert "ROI" in entry.answer
+    center = [0.0] * 3
+    rois[0].GetCenterWorld(center)  # the slice views (Red, Yellow, Green) are centered on the new box
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceNode") == 3
+    for index in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+        slice_to_ras = slicer.mrmlScene.GetNthNodeByClass(index, "vtkMRMLSliceNode").GetSliceToRAS()
+        np.testing.assert_allclose([slice_to_ras.GetElement(i, 3) for i in range(3)], center, atol=1e-3)
 
     for key in ("segment", "segment_expression"):
         answers.write_text(FORCED[key])
@@ -216,8 +149,8 @@ def test_results_become_nodes_with_forced_answers(assistant, tmp_path):
     assert widget.ui.outputSegmentationSelector.currentNode() is created
 
 
-def test_cancel_mid_answer_failures_and_the_worker_buttons(assistant, tmp_path):
-    harness, module, widget, volume = assistant
+def test_cancel_mid_answer_failures_and_the_worker_buttons(assistant_panel, tmp_path):
+    harness, module, widget, volume = assistant_panel
     from M3DAssistantLib.tasks import TASKS
 
     # A long answer: the Report button turns into Cancel; pressing it mid-stream stops the answer, not the worker
@@ -266,8 +199,8 @@ def test_cancel_mid_answer_failures_and_the_worker_buttons(assistant, tmp_path):
     harness.app.setTestingEnabled(True)
 
 
-def test_input_errors_volumes_conversations_scene_close_and_leaving(assistant, tmp_path):
-    harness, module, widget, volume = assistant
+def test_input_errors_volumes_conversations_scene_close_and_leaving(assistant_panel, tmp_path):
+    harness, module, widget, volume = assistant_panel
     import qt
     import slicer
 
@@ -311,13 +244,13 @@ def test_input_errors_volumes_conversations_scene_close_and_leaving(assistant, t
     assert widget.ui.modelSourceLineEdit.readOnly and not widget.ui.browseModelButton.enabled
     chosen(widget.ui.modelComboBox, module.MODEL_FOLDER)
     folder = str(tmp_path)
-    original = qt.QFileDialog.getExistingDirectory
-    qt.QFileDialog.getExistingDirectory = staticmethod(lambda *args: folder)  # the user picks a folder
-    try:
-        widget.ui.browseModelButton.click()
-    finally:
-        qt.QFileDialog.getExistingDirectory = original
+    harness.dialogs.queue(folder)  # the user picks a folder in the dialog
+    harness.click(widget.ui.browseModelButton)
+    assert harness.dialogs.shown[-1]["class"] == "QFileDialog"
     assert widget._parameterNode.modelSource == folder == widget.ui.modelSourceLineEdit.text
+    harness.dialogs.queue(qt.QDialog.Rejected)  # ... and closes it the next time: nothing changes
+    harness.click(widget.ui.browseModelButton)
+    assert widget._parameterNode.modelSource == folder
     typed(widget.ui.modelSourceLineEdit, checkpoint)
 
     # Leaving the module keeps the worker (it is reused when the user comes back); closing the scene cancels nothing
@@ -340,8 +273,8 @@ def test_input_errors_volumes_conversations_scene_close_and_leaving(assistant, t
     assert worker.poll().value == "stopped"
 
 
-def test_settings_persist_and_remote_server(assistant, tmp_path):
-    harness, module, widget, volume = assistant
+def test_settings_persist_and_remote_server(assistant_panel, tmp_path):
+    harness, module, widget, volume = assistant_panel
     import qt
     import trustme
 
@@ -388,8 +321,8 @@ def test_settings_persist_and_remote_server(assistant, tmp_path):
     reopened.cleanup()
 
 
-def test_inspect_model_shows_the_checkpoint_summary(assistant):
-    harness, module, widget, volume = assistant
+def test_inspect_model_shows_the_checkpoint_summary(assistant_panel):
+    harness, module, widget, volume = assistant_panel
     widget.ui.inspectModelButton.click()
     summary = json.loads(widget.ui.outputTextEdit.plainText)
     assert summary["will_load"] is True

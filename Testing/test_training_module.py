@@ -557,7 +557,7 @@ def test_evaluation_table_node(headless_slicer, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# M3DTraining.py against the stand-in Slicer (with the slicer-core scene)
+# M3DTraining.py under the test harness (with the slicer-core scene)
 
 
 @pytest.fixture

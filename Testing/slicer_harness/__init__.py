@@ -14,7 +14,8 @@ place:
 * ``widgets``: ``ctkCollapsibleButton``, ``ctkPathLineEdit``, ``ctkMessageBox``, ``qMRMLWidget`` and
   ``qMRMLNodeComboBox`` (bound to the slicer-core scene), as minimal real Qt widgets.
 * ``parameter_node``: ``slicer.parameterNodeWrapper`` (typed fields in the parameter node, ``connectGui``).
-* ``application``: ``slicer.app``, the main window and module selector, the module manager,
+* ``application``: ``slicer.app``, the main window and module selector, the module manager, the layout manager's
+  slice views (their MRML nodes and logics: the real layout and slice logics, no drawing),
   ``slicer.ScriptedLoadableModule``.
 
 How to test a panel (see ``Testing/test_assistant_panel.py`` and ``Testing/test_training_panel.py``)::
@@ -25,6 +26,13 @@ How to test a panel (see ``Testing/test_assistant_panel.py`` and ``Testing/test_
         widget.ui.myNewButton.click()                       # a real click: Qt emits clicked(bool)
         slicer_harness.waitFor(lambda: widget.ui.statusLabel.text == "Done.")
         assert slicer_harness.slotErrors == []              # nothing escaped a slot (checked after each test too)
+
+Other user actions: ``harness.click(button)`` (from inside the event loop, for a slot that opens a dialog),
+``harness.clickItem(listWidget, row)``, ``harness.dialogs.queue(qt.QMessageBox.Ok)`` / ``.queue("/path/file.json")``
+(the next dialogs' answers: a button, or a path typed into a file dialog), a node's display changed through MRML
+(``volume.GetDisplayNode().SetWindowLevel(...)``: the module's observers fire). The M3D Assistant panel set up for
+the tiny checkpoint with its real worker: the ``assistant_panel`` fixture (``Testing/panel_user.py`` has the user's
+other actions: typing, choosing, running a task).
 
 A new widget in a .ui file needs nothing here when it is a Qt widget; a new CTK or MRML class needs a class in
 ``widgets.py`` (and in ``CUSTOM_WIDGETS``) with the properties and signals the module uses; a new parameter-node
@@ -69,27 +77,30 @@ class _Patches:
 
 
 class DialogAnswers:
-    """Answers modal dialogs as a user would: each dialog that opens gets the next answer of the queue (a
-    ``QMessageBox.StandardButton``), clicked on the dialog's own button; what was shown is kept in ``shown``."""
+    """Answers modal dialogs as a user would: each dialog that opens gets the next answer of the queue, what was shown
+    is kept in ``shown``. A ``QMessageBox.StandardButton`` is clicked on the dialog's own button; a path (str or
+    ``Path``) is typed into a file dialog's file name field and accepted (Qt's own checks then run, e.g. the "replace
+    it?" question, the next answer); ``QDialog.Rejected`` closes a dialog unanswered."""
 
     def __init__(self) -> None:
         from PySide6 import QtCore
 
         self.answers: list = []
         self.shown: list[dict] = []
+        self._answering = None  # the file dialog being accepted (its accept runs after this timer's slot)
         self._timer = QtCore.QTimer()
         self._timer.setInterval(20)
         self._timer.timeout.connect(self._answer)
         self._timer.start()
 
-    def queue(self, *buttons) -> None:
-        self.answers.extend(buttons)
+    def queue(self, *answers) -> None:
+        self.answers.extend(answers)
 
     def _answer(self) -> None:
-        from PySide6 import QtWidgets
+        from PySide6 import QtCore, QtWidgets
 
         dialog = QtWidgets.QApplication.activeModalWidget()
-        if dialog is None:
+        if dialog is None or dialog is self._answering:
             return
         record = {"title": dialog.windowTitle, "text": getattr(dialog, "text", ""),
                   "detailedText": getattr(dialog, "detailedText", ""), "class": type(dialog).__name__}
@@ -99,6 +110,15 @@ class DialogAnswers:
             dialog.reject()
             return
         answer = self.answers.pop(0)
+        if isinstance(answer, (str, Path)):
+            if not isinstance(dialog, QtWidgets.QFileDialog):
+                raise AssertionError(f"a path was queued for {record}, which is not a file dialog")
+            dialog.findChild(QtWidgets.QLineEdit, "fileNameEdit").setText(str(answer))
+            # accept() may open Qt's own question (modal, with its own event loop): not from inside this slot
+            self._answering = dialog
+            QtCore.QTimer.singleShot(0, dialog.accept)
+            QtCore.QTimer.singleShot(0, lambda: setattr(self, "_answering", None))
+            return
         button = dialog.button(answer) if isinstance(dialog, QtWidgets.QMessageBox) else None
         if button is not None:
             button.click()
@@ -157,6 +177,7 @@ class SlicerHarness:
         app.setTestingEnabled(True)
         app.temporaryPath = tempfile.gettempdir()
         app.moduleManager().modules.clear()
+        app.setLayoutManager(application.qSlicerLayoutManager(self.scene, self._keepalive[0]))
         self.app = app
         ctk = types.ModuleType("ctk", "CTK widgets of the test harness")
         for cls in (widgets.ctkCollapsibleButton, widgets.ctkPathLineEdit, widgets.ctkMessageBox):
@@ -202,6 +223,8 @@ class SlicerHarness:
                 module._widget._self.cleanup()
                 module._widget.deleteLater()
         self.app.moduleManager().modules.clear()
+        self.app.layoutManager().close()
+        self.app.setLayoutManager(None)
         self.dialogs.stop()
         QtGui.QDesktopServices.unsetUrlHandler("file")
         self.mainWindow.close()
@@ -302,6 +325,18 @@ class SlicerHarness:
 
         QtCore.QTimer.singleShot(0, press)
         self.waitFor(lambda: bool(done), 300, f"the click on {button.objectName}")
+
+    def clickItem(self, view, row: int) -> None:
+        """Click the item in ``row`` of a list view with the mouse (Qt then emits ``itemClicked``/``clicked``)."""
+        from PySide6 import QtCore
+        from PySide6.QtTest import QTest
+
+        index = view.model().index(row, 0)
+        if not index.isValid():
+            raise AssertionError(f"{view.objectName} has no row {row}")
+        view.scrollTo(index)
+        QTest.mouseClick(view.viewport(), QtCore.Qt.LeftButton, QtCore.Qt.NoModifier,
+                         view.visualRect(index).center())
 
     def grab(self, widget, path, width: int = 420) -> Path:
         """Render a widget offscreen to a PNG, laid out at ``width`` pixels and the height its contents need (word-

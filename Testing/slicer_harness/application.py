@@ -1,5 +1,6 @@
 """The application side of Slicer that scripted modules touch: ``slicer.app``, the main window with its module
-selector, the module manager, ``slicer.modules.<name>``, and ``slicer.ScriptedLoadableModule``.
+selector, the module manager, ``slicer.modules.<name>``, the layout manager's slice views, and
+``slicer.ScriptedLoadableModule``.
 
 ``slicer.ScriptedLoadableModule`` follows Slicer's ``Base/Python/slicer/ScriptedLoadableModule.py`` (module metadata
 and resource paths, the widget's parent and layout, the parameter node of the logic, the self-test base class); the
@@ -26,6 +27,13 @@ class qSlicerApplication(QtWidgets.QApplication):
         self._testing = True
         self._temporaryPath = ""
         self._moduleManager = qSlicerModuleManager()
+        self._layoutManager = None
+
+    def layoutManager(self):
+        return self._layoutManager
+
+    def setLayoutManager(self, layoutManager) -> None:
+        self._layoutManager = layoutManager
 
     def testingEnabled(self) -> bool:
         return self._testing
@@ -108,6 +116,47 @@ class qSlicerScriptedLoadableModule(QtCore.QObject):
 
     def logic(self):
         return None  # scripted modules: slicer.util.getModuleLogic takes the widget's logic
+
+
+class qSlicerLayoutManager(QtCore.QObject):
+    """The MRML side of the slice views of Slicer's conventional layout, made as Slicer makes it: the real layout
+    logic (``vtkMRMLLayoutLogic``) creates the Red, Yellow and Green slice nodes (axial, sagittal, coronal) for the
+    layout, and each view's real ``vtkMRMLSliceLogic`` its slice composite node (background / foreground volumes,
+    opacity), registered with the application logic as the views register theirs. So ``slicer.util``'s
+    ``setSliceViewerLayers`` and the Markups logic's ``JumpSlicesToLocation`` act on real view nodes. No views are
+    drawn: ``sliceWidget`` and the 3D views are not provided."""
+
+    def __init__(self, scene, applicationLogic) -> None:
+        super().__init__()
+        import slicer
+
+        self._layoutLogic = slicer.vtkMRMLLayoutLogic()
+        self._layoutLogic.SetMRMLApplicationLogic(applicationLogic)
+        self._layoutLogic.SetMRMLScene(scene)
+        self._layoutLogic.GetLayoutNode().SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutConventionalView)
+        self._sliceLogics = applicationLogic.GetSliceLogics()
+        self._logics = {}
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+            sliceNode = scene.GetNthNodeByClass(index, "vtkMRMLSliceNode")
+            logic = slicer.vtkMRMLSliceLogic()
+            logic.SetMRMLApplicationLogic(applicationLogic)
+            logic.SetMRMLScene(scene)
+            logic.SetSliceNode(sliceNode)
+            self._sliceLogics.AddItem(logic)
+            self._logics[sliceNode.GetLayoutName()] = logic
+
+    def sliceViewNames(self) -> list[str]:
+        return list(self._logics)
+
+    def mrmlSliceLogics(self):
+        return self._sliceLogics
+
+    def close(self) -> None:
+        for logic in self._logics.values():
+            self._sliceLogics.RemoveItem(logic)
+            logic.SetMRMLScene(None)
+        self._logics.clear()
+        self._layoutLogic.SetMRMLScene(None)
 
 
 class qSlicerModuleSelector(QtCore.QObject):
