@@ -1,5 +1,11 @@
 """What confidence, evidence, refinement, measurements and the REC box become in Slicer: nodes on real MRML
-(slicer-core) through the session, the Logic's console options, and the panel's Qt-free helpers."""
+(slicer-core) through the session, the Logic's console options, the panel's Qt-free helpers, and the panel's
+"Confidence, evidence and masks" section as a user drives it (real Qt widgets and slice views under the test harness,
+the real worker on the tiny checkpoint).
+
+Slicer's Segment Statistics module is part of the Slicer application, not of slicer-core: where it is needed a
+documented stand-in (:class:`SegmentStatisticsStandIn`) answers the calls our Logic makes, so what is tested is our
+side of it (the parameters we set, the numbers we read, the table we export, what the panel shows)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import types
 import numpy as np
 import pytest
 from forcing import forced_answer
+from panel_user import run_task, typed
 
 from M3DAssistantLib import panel
 from M3DAssistantLib.errors import InputError
@@ -189,43 +196,57 @@ def test_the_logic_takes_the_registry_options_and_the_panels(assistant):  # noqa
         logic.ask(volume, "x", maskRoi=True)
 
 
+class SegmentStatisticsStandIn:
+    """A stand-in for ``SegmentStatistics.SegmentStatisticsLogic`` (Slicer's Segment Statistics module, in the
+    application only): the parameter node, ``updateStatisticsForSegment``, ``getStatistics`` (fixed numbers, keyed as
+    Slicer's: ``(segment id, "Plugin.measurement")``) and ``exportToTable``; each call is recorded in ``calls``."""
+
+    calls: dict = {}
+
+    def __init__(self):
+        self.parameters = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+        self.segment = None
+
+    def getParameterNode(self):
+        return self.parameters
+
+    def updateStatisticsForSegment(self, segment):
+        self.segment = segment
+        self.calls["segment"] = segment
+        self.calls["parameters"] = {name: self.parameters.GetParameter(name) for name in (
+            "Segmentation", "ScalarVolume", "LabelmapSegmentStatisticsPlugin.feret_diameter_mm.enabled")}
+
+    def getStatistics(self):
+        prefix = "ScalarVolumeSegmentStatisticsPlugin."
+        return {(self.segment, prefix + "volume_cm3"): 1.5, (self.segment, prefix + "mean"): 12.5,
+                (self.segment, prefix + "stdev"): 3.0}
+
+    def exportToTable(self, table):
+        self.calls["table"] = table
+
+
+def with_segment_statistics(monkeypatch):
+    SegmentStatisticsStandIn.calls = {}
+    monkeypatch.setitem(sys.modules, "SegmentStatistics",
+                        types.SimpleNamespace(SegmentStatisticsLogic=SegmentStatisticsStandIn))
+    return SegmentStatisticsStandIn.calls
+
+
 def test_segment_statistics_where_the_module_is_available(assistant, monkeypatch):  # noqa: F811
-    """With Slicer's Segment Statistics module (the application has it; slicer-core does not), the Logic runs it
-    on the new segment and the volume and exports its table; without it, None (the result's own numbers stand)."""
+    """With Slicer's Segment Statistics module (the application has it; slicer-core does not: the stand-in), the
+    Logic runs it on the new segment and the volume and exports its table; without it, None (the result's own numbers
+    stand)."""
     logic = assistant.M3DAssistantLogic(backendFactory=AnalysisBackend, settings=MemorySettings())
     volume = small_volume()
     segmentation, segment_id = logic.segment(volume, "liver")
     assert logic.segmentStatistics(segmentation, segment_id, volume) is None
 
-    calls = {}
-
-    class FakeStatisticsLogic:
-        def __init__(self):
-            self.parameters = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
-
-        def getParameterNode(self):
-            return self.parameters
-
-        def updateStatisticsForSegment(self, segment):
-            calls["segment"] = segment
-            calls["parameters"] = {name: self.parameters.GetParameter(name) for name in (
-                "Segmentation", "ScalarVolume", "LabelmapSegmentStatisticsPlugin.feret_diameter_mm.enabled")}
-
-        def getStatistics(self):
-            prefix = "ScalarVolumeSegmentStatisticsPlugin."
-            return {(segment_id, prefix + "volume_cm3"): 0.036, (segment_id, prefix + "mean"): 12.5,
-                    (segment_id, prefix + "stdev"): 3.0}
-
-        def exportToTable(self, table):
-            calls["table"] = table
-
-    monkeypatch.setitem(sys.modules, "SegmentStatistics",
-                        types.SimpleNamespace(SegmentStatisticsLogic=FakeStatisticsLogic))
+    calls = with_segment_statistics(monkeypatch)
     statistics = logic.segmentStatistics(segmentation, segment_id, volume)
     assert calls["segment"] == segment_id and calls["parameters"] == {
         "Segmentation": segmentation.GetID(), "ScalarVolume": volume.GetID(),
         "LabelmapSegmentStatisticsPlugin.feret_diameter_mm.enabled": "True"}
-    assert statistics["volume_ml"] == 0.036 and statistics["std"] == 3.0 and statistics["table"] is calls["table"]
+    assert statistics["volume_ml"] == 1.5 and statistics["std"] == 3.0 and statistics["table"] is calls["table"]
     assert calls["table"].GetName() == "liver statistics"
 
 
@@ -273,43 +294,144 @@ def test_the_panel_shows_measurements_confidence_and_evidence(engine):
     assert MaskConfidence(None, None, 0, 0).to_dict()["band"] == [0.3, 0.7]
 
 
-# ------------------------------------------------------------------------------------ the widget on stand-in Qt
-from test_assistant_module import widget  # noqa: E402, F401  (the module's widget on stand-in Qt widgets, a fixture)
+# ------------------------------------------------------------------------- the panel's section, real Qt, real worker
+# The answer a forced worker gives every prompt: a box for "locate" and [SEG] for the mask, so that both exist.
+FORCED_BOX_AND_MASK = " Coordinates are <bx_start>[0.2, 0.3, 0.3, 0.6, 0.7, 0.7]<bx_end>. It is [SEG]."
 
 
-def test_the_panel_shows_the_evidence_and_the_numbers_of_a_segment(widget, engine, monkeypatch):  # noqa: F811
-    """The panel's path with the analysis check boxes on (the real tiny engine as the backend, [SEG] forced): the
-    evidence map is overlaid on the input volume, its slice ranges fill the list and a click jumps there, and the
-    conversation shows the mask's numbers under the answer. (On stand-in Qt widgets: what the widgets draw is the
-    Qt harness's to check.)"""
-    import time
+def slice_views():
+    """The slice views' MRML nodes (the harness's layout: Red, Yellow, Green): ``{name: (slice, composite)}``."""
+    views = {}
+    for index in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+        node = slicer.mrmlScene.GetNthNodeByClass(index, "vtkMRMLSliceNode")
+        composite = slicer.mrmlScene.GetSingletonNode(node.GetLayoutName(), "vtkMRMLSliceCompositeNode")
+        views[node.GetLayoutName()] = (node, composite)
+    assert set(views) == {"Red", "Yellow", "Green"}
+    return views
 
-    layers, jumps = [], []
-    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: layers.append(kwargs), raising=False)
-    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(markups=types.SimpleNamespace(
-        logic=lambda: types.SimpleNamespace(JumpSlicesToLocation=lambda *args: jumps.append(args)))))
-    widget.logic._backendFactory = lambda config: engine
-    volume = slicer.util.addVolumeFromArray(np.asarray(engine._volume().array), ijkToRAS=np.eye(4), name="ct")
+
+def slice_centers():
+    """Where each slice view is centered (RAS): the translation of its slice-to-RAS matrix."""
+    return {name: [node.GetSliceToRAS().GetElement(i, 3) for i in range(3)]
+            for name, (node, _) in slice_views().items()}
+
+
+def set_analysis_options(widget, **checked):
+    """Tick the section's check boxes as a user does (a click toggles one), then check the parameter node."""
+    boxes = {"confidence": widget.ui.confidenceCheckBox, "evidence": widget.ui.evidenceCheckBox,
+             "refine": widget.ui.refineCheckBox, "locate": widget.ui.locateCheckBox,
+             "maskRoi": widget.ui.maskRoiCheckBox}
+    for name, value in checked.items():
+        if boxes[name].checked != value:
+            boxes[name].click()
+        assert getattr(widget._parameterNode, name) is value, name
+
+
+def test_the_panel_shows_the_evidence_and_the_numbers_of_a_segment(assistant_panel, tmp_path, monkeypatch):
+    """The section's options on a segment (the worker forced to answer a box and [SEG]): the evidence map overlaid
+    on the CT in the slice views at the chosen opacity, its slice ranges listed (a click centers the views on a
+    range's peak, again on every click), the mask's box and the model's own box as ROIs, and the mask's numbers under
+    the answer (with Segment Statistics where the module is there)."""
+    harness, module, widget, volume = assistant_panel
+    from forcing import write_worker_launcher
+
+    answers = tmp_path / "answer.txt"
+    answers.write_text(FORCED_BOX_AND_MASK)
+    widget.ui.pythonPathLineEdit.currentPath = write_worker_launcher(tmp_path, answers)
+    widget.ui.maxNewTokensSpinBox.value = 64  # room for the forced answer
+    assert not widget.ui.analysisCollapsibleButton.collapsed and widget.ui.evidenceCheckBox.isVisibleTo(
+        widget.ui.analysisCollapsibleButton)
+    set_analysis_options(widget, confidence=True, evidence=True, refine=True, locate=True, maskRoi=True)
+    widget.ui.evidenceStepsSpinBox.value = 1
+    widget.ui.evidenceOpacitySpinBox.value = 0.7
     p = widget._parameterNode
-    p.inputVolume, p.evidence, p.evidenceSteps, p.refine, p.maskRoi = volume, True, 1, True, True
-    p.maxNewTokens = 8
-    widget.ui.promptComboBox.currentText = "liver"
-    with forced_answer(engine, " It is [SEG]."):
-        widget.ui.segmentButton.slots[0][1]()
-        deadline = time.monotonic() + 120
-        while widget._running is not None and time.monotonic() < deadline:
-            time.sleep(0.02)
-            widget._onTimer()
-    entry = widget._conversation.entries(volume.GetID())[-1]
+    assert (p.evidenceSteps, p.evidenceOpacity) == (1, pytest.approx(0.7))
+    assert widget.ui.evidenceRangesList.count == 0
+
+    typed(widget.ui.promptComboBox.lineEdit(), "liver")
+    entry = run_task(harness, widget, "segment", timeout=300)
     assert entry.status == "done", entry.answer
     result = widget.logic.lastResult
-    assert result.refinement is not None and result.evidence is not None
-    assert set(widget.logic.lastNodes) == {"evidence", "mask_box"}
-    assert layers == [{"background": volume, "foreground": widget.logic.lastNodes["evidence"],
-                       "foregroundOpacity": p.evidenceOpacity}]
-    assert widget._evidenceTargets == [r.peak_ras for r in result.evidence.ranges]
-    widget.ui.evidenceRangesList.row = lambda item: 0
-    widget.onEvidenceRangeClicked(object())
-    assert jumps[-1] == (*result.evidence.ranges[0].peak_ras, True)
+    assert result.mask is not None and result.refinement is not None and result.evidence is not None
+    assert result.located is not None and result.evidence.steps == 1
+    nodes = widget.logic.lastNodes
+    assert set(nodes) == {"evidence", "mask_box", "located_box"}
+    assert nodes["located_box"].GetName() == "liver (located)"
+
+    # The evidence map over the CT in every slice view, at the chosen opacity
+    for name, (_, composite) in slice_views().items():
+        assert composite.GetBackgroundVolumeID() == volume.GetID(), name
+        assert composite.GetForegroundVolumeID() == nodes["evidence"].GetID(), name
+        assert composite.GetForegroundOpacity() == pytest.approx(0.7), name
+
+    # Its most relevant slices listed; a click centers the slice views on that range's peak, every time
+    items = panel.evidence_items(result.evidence)
+    listed = widget.ui.evidenceRangesList
+    assert [listed.item(row).text() for row in range(listed.count)] == [label for label, _ in items]
+    for row in (0, len(items) - 1, 0):
+        harness.clickItem(listed, row)
+        for name, center in slice_centers().items():
+            np.testing.assert_allclose(center, items[row][1], atol=1e-3, err_msg=name)
+    slicer.modules.markups.logic().JumpSlicesToLocation(0.0, 0.0, 0.0, True)  # the user moves on...
+    harness.clickItem(listed, 0)  # ... and clicks the same range again
+    np.testing.assert_allclose(slice_centers()["Red"], items[0][1], atol=1e-3)
+
+    # The mask's numbers and the evidence under the answer
     assert "Volume " in entry.details_html and "Refined by zoom-in" in entry.details_html
     assert "Evidence map (gradient-x-input, 1 steps)" in entry.details_html
+    assert "(Segment Statistics)" not in entry.details_html  # slicer-core has no Segment Statistics module
+    shown = widget.ui.conversationView.toPlainText()
+    assert "Refined by zoom-in" in shown and "Evidence map" in shown
+
+    # Where Slicer's Segment Statistics module is there (the stand-in), the panel shows its volume
+    calls = with_segment_statistics(monkeypatch)
+    set_analysis_options(widget, evidence=False, refine=False, locate=False, maskRoi=False)
+    typed(widget.ui.promptComboBox.lineEdit(), "spleen")
+    entry = run_task(harness, widget, "segment", timeout=300)
+    segmentation = p.outputSegmentation
+    assert calls["parameters"]["Segmentation"] == segmentation.GetID()
+    assert calls["parameters"]["ScalarVolume"] == volume.GetID()
+    assert segmentation.GetSegmentation().GetSegment(calls["segment"]).GetName().startswith("spleen")
+    assert "Volume 1.5 mL (Segment Statistics)" in entry.details_html
+    assert calls["table"].GetName().startswith("spleen") and calls["table"].GetName().endswith(" statistics")
+    assert set(widget.logic.lastNodes) == set() and widget.logic.lastResult.evidence is None
+    assert listed.count == len(items)  # the list keeps the last evidence map's ranges
+
+
+def test_the_panels_analysis_options_on_the_models_own_answers(assistant_panel):
+    """The unforced twin: the tiny model's random answers. An evidence map is computed for any answer (Ask), listed
+    and shown; confidence marks the answer and can be turned off; a segment request with every mask option gives
+    the mask's ROI exactly when the model gave a mask."""
+    harness, module, widget, volume = assistant_panel
+    set_analysis_options(widget, confidence=True, evidence=True)
+    widget.ui.evidenceStepsSpinBox.value = 1
+
+    typed(widget.ui.promptComboBox.lineEdit(), "Is the liver enlarged?")
+    entry = run_task(harness, widget, "ask", timeout=300)
+    assert entry.status == "done"
+    result = widget.logic.lastResult
+    assert result.confidence is not None and result.evidence is not None
+    assert "Mean token log-probability" in entry.details_html
+    assert entry.answer_html is not None  # the answer with its unsure words marked
+    evidence = widget.logic.lastNodes["evidence"]
+    assert all(composite.GetForegroundVolumeID() == evidence.GetID() for _, composite in slice_views().values())
+    items = panel.evidence_items(result.evidence)
+    listed = widget.ui.evidenceRangesList
+    assert listed.count == len(items) > 0
+    harness.clickItem(listed, listed.count - 1)
+    np.testing.assert_allclose(slice_centers()["Green"], items[-1][1], atol=1e-3)
+
+    set_analysis_options(widget, confidence=False, evidence=False)
+    typed(widget.ui.promptComboBox.lineEdit(), "Is the spleen enlarged?")
+    entry = run_task(harness, widget, "ask", timeout=300)
+    assert entry.status == "done" and widget.logic.lastResult.confidence is None
+    assert "Mean token log-probability" not in (entry.details_html or "")
+
+    set_analysis_options(widget, refine=True, locate=True, maskRoi=True)
+    typed(widget.ui.promptComboBox.lineEdit(), "liver")
+    entry = run_task(harness, widget, "segment", timeout=300)
+    assert entry.status == "done"
+    result = widget.logic.lastResult
+    assert result.located is not None  # the model was asked for its box too, whatever it answered
+    assert ("mask_box" in widget.logic.lastNodes) == bool(result.roi is not None and result.voxel_count)
+    assert ("located_box" in widget.logic.lastNodes) == (result.located.roi is not None)

@@ -3,21 +3,21 @@ window, following the volume, the window choice and the window/level); after it,
 answer used; and the Check installation button (verdict, details, saved report). The Logic's ``taskPreprocessing``
 agrees with what the engine then records in the provenance.
 
-The widget runs on the stand-in Qt widgets of ``test_assistant_module`` (its real ``setup()``, real MRML)."""
+The panel runs under the test harness (``Testing/slicer_harness``: real Qt widgets, real MRML and observers); its
+answers and its installation check come from the real worker process on the tiny checkpoint (``assistant_panel``)."""
 
 from __future__ import annotations
 
 import ast
 import json
-import time
-import types
+import socket
 
 import numpy as np
 import pytest
-from test_assistant_module import AllTasksBackend, QtStandIn, assistant, widget  # noqa: F401  (fixtures)
+from panel_user import chosen, run_task, typed
+from test_assistant_module import assistant  # noqa: F401  (the module file under the harness: a fixture)
 
 from M3DAssistantLib import panel, selfcheck, tasks
-from M3DAssistantLib.errors import CancelledError, M3DError
 from M3DAssistantLib.geometry import task_preprocessing
 from M3DAssistantLib.preprocessing import DisplayWindow, IntensitySpec
 from M3DAssistantLib.results import Provenance, TextResult
@@ -123,162 +123,195 @@ def test_task_preprocessing_says_what_the_engine_then_uses(assistant, tiny_phi3_
         logic.taskPreprocessing(node, "report", roiNode=None)
 
 
-# ------------------------------------------------------------------------------------------------------ the widget
-class ProvenanceBackend(AllTasksBackend):
-    """AllTasksBackend whose answers say what they were shown, as the engine's do."""
-
-    def report(self, sampling=None, on_text=None):
-        record = repr({"scheme": "window", "name": "display (Slicer)", "center": 40.0, "width": 400.0, "low": -160.0,
-                       "high": 240.0})
-        return self._answer("report", TextResult("No findings.", provenance("m3d-cap-v2@v1", record)), on_text)
+# ------------------------------------------------------------------------------------------------------ the panel
+def open_panel(harness):
+    harness.loadModule("M3DAssistant")
+    return harness.openModule("M3DAssistant")
 
 
-class Recorder:
-    """A stand-in widget that remembers what was set on it."""
-
-    def __init__(self):
-        self.calls = []
-        self.text = ""
-        self.value = 0
-
-    def __getattr__(self, name):
-        return lambda *args: self.calls.append((name, *args))
-
-
-def test_the_preview_follows_volume_window_choice_and_window_level(widget):  # noqa: F811 (fixture)
-    observed = []
-    widget.addObserver = lambda node, event, method: observed.append((node.GetName(), event))
-    node = coronal_node()
-    widget._parameterNode.inputVolume = node
-    widget._updateButtonStates()
+def test_the_preview_follows_volume_window_choice_and_window_level(slicer_harness):
+    """Under the task buttons, what each task will see; it follows the input volume (the module observes its display
+    node: a window/level changed in MRML, as by dragging in a slice view, updates it), the window choice, and another
+    volume; showing it starts no model."""
     import slicer
 
-    assert observed == [("coronal CT", slicer.vtkMRMLDisplayableNode.DisplayModifiedEvent)]
+    node = coronal_node()
+    widget = open_panel(slicer_harness)
+    assert widget.ui.inputSelector.currentNode() is node  # the only image volume is preselected
+    event = slicer.vtkMRMLDisplayableNode.DisplayModifiedEvent
+    assert widget.hasObserver(node, event, widget._onInputDisplayModified)
     text = widget.ui.taskPreprocessingLabel.text
     assert text.startswith("What the model will see:")
     assert "Report, Ask, Multiple choice, Find similar: m3d-cap-v2: coronal slices" in text
     assert "display (Slicer) 40/400" in text and "Segment by description: m3d-refseg-v1" in text
-    node.GetDisplayNode().SetWindowLevel(1500.0, -600.0)
-    widget._onInputDisplayModified()  # what the observer calls
+
+    node.GetDisplayNode().SetWindowLevel(1500.0, -600.0)  # the real DisplayModifiedEvent reaches the panel
     assert "display (Slicer) -600/1500" in widget.ui.taskPreprocessingLabel.text
-    widget._parameterNode.windowPreset = "Bone"
-    widget._updateButtonStates()
+    chosen(widget.ui.windowComboBox, "Bone")
+    assert widget._parameterNode.windowPreset == "Bone"
     assert widget.ui.taskPreprocessingLabel.text.count("window bone 400/1000") == 3
-    widget._parameterNode.inputVolume = None
-    widget._updateButtonStates()
-    assert widget.ui.taskPreprocessingLabel.text == ""
+    chosen(widget.ui.windowComboBox, "Model default")
+    assert "display (Slicer) -600/1500" in widget.ui.taskPreprocessingLabel.text
+
+    # Another volume: the preview and the observation move to it; the first one's window no longer matters
+    second = coronal_node("second CT")
+    second.GetDisplayNode().SetWindowLevel(2000.0, 300.0)
+    widget.ui.inputSelector.selectByName("second CT")
+    assert "display (Slicer) 300/2000" in widget.ui.taskPreprocessingLabel.text
+    assert widget.hasObserver(second, event, widget._onInputDisplayModified)
+    assert not widget.hasObserver(node, event, widget._onInputDisplayModified)
+    shown = widget.ui.taskPreprocessingLabel.text
+    node.GetDisplayNode().SetWindowLevel(80.0, 35.0)
+    assert widget.ui.taskPreprocessingLabel.text == shown
+
+    # No input volume: no preview
+    slicer.mrmlScene.RemoveNode(second)
+    slicer.mrmlScene.RemoveNode(node)
+    assert widget._parameterNode.inputVolume is None and widget.ui.taskPreprocessingLabel.text == ""
+    assert not widget.ui.reportButton.enabled
+
+    # None of this loaded a model: the preview reads the node's geometry and display only
+    assert widget.logic._backend is None and widget.logic.workerProcess() is None
 
 
-def test_each_answer_says_what_the_model_was_shown(widget):  # noqa: F811 (fixture)
-    widget.logic._backendFactory = ProvenanceBackend
-    node = coronal_node()
-    widget._parameterNode.inputVolume = node
-    widget.ui.promptComboBox.currentText = ""
-    widget.ui.reportButton.slots[0][1]()
-    deadline = time.monotonic() + 10
-    while widget._running is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
-        widget._onTimer()
-    entry = widget._conversation.entries(node.GetID())[-1]
+def test_each_answer_says_what_the_model_was_shown(assistant_panel):
+    """The real worker's answers record the convention and window they were made with; the conversation shows it
+    under each answer ("Seen as ..."), and it is what the preview said before the run."""
+    harness, module, widget, volume = assistant_panel
+    display = volume.GetDisplayNode()
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevel(400.0, 40.0)
+    preview = widget.ui.taskPreprocessingLabel.text.splitlines()
+    report_line = next(line for line in preview if line.startswith("Report, Ask"))
+    assert report_line.startswith("Report, Ask, Multiple choice, Find similar: m3d-cap-v2:")
+    assert report_line.endswith("window display (Slicer) 40/400")
+    entry = run_task(harness, widget, "report")
     assert entry.status == "done" and entry.used == "m3d-cap-v2, window display (Slicer) 40/400"
-    assert "Seen as m3d-cap-v2, window display (Slicer) 40/400" in widget._conversation.to_html(node.GetID())
+    assert "Seen as m3d-cap-v2, window display (Slicer) 40/400" in widget.ui.conversationView.toPlainText()
+
+    segment_line = next(line for line in preview if "Segment:" in line)
+    assert "m3d-seg-v1" in segment_line and segment_line.endswith("window percentile")
+    typed(widget.ui.promptComboBox.lineEdit(), "liver")
+    entry = run_task(harness, widget, "segment")
+    assert entry.status == "done" and entry.used.startswith("m3d-seg-v1, window percentile ["), entry.used
+    assert f"Seen as {entry.used}" in widget.ui.conversationView.toPlainText()
 
 
-class CheckingBackend(AllTasksBackend):
-    """A server backend whose installation check answers ``outcome`` (a report or an exception), after ``release``."""
+def test_check_installation_in_the_panels_worker(assistant_panel, tmp_path):
+    """Check installation with the panel's own worker (started by the check): the check's steps on the progress bar,
+    Cancel mid-check, then a whole check: the verdict, the table in Details, the report saved where the user says in
+    the file dialog (Qt asks before replacing a file; closing the dialog saves nothing). The tiny model's random
+    answers give a real, unscored report: what is checked holds for any verdict."""
+    harness, module, widget, volume = assistant_panel
+    import qt
 
-    outcome = None
+    from M3DAssistantLib.panel import STAGE_LABELS
+    from M3DAssistantLib.selfcheck import format_report
 
-    def __init__(self, config):
-        super().__init__(config)
-        import threading
+    ui = widget.ui
+    assert ui.checkInstallationButton.enabled and not ui.saveCheckReportButton.enabled  # no report to save yet
+    seen = []
 
-        self.release, self.cancelled = threading.Event(), False
+    def watched(condition):
+        def check():
+            seen.append((ui.statusLabel.text, ui.progressBar.value))
+            return condition()
+        return check
 
-    def selfcheck(self, **options):
-        self.calls.append(("selfcheck", options))
-        if self.on_progress is not None:
-            from M3DAssistantLib.progress import ProgressEvent
+    ui.checkInstallationButton.click()
+    assert ui.checkInstallationButton.text == "Cancel check" and ui.checkInstallationButton.enabled
+    assert ui.checkInstallationLabel.text.startswith("Checking the installation on the bundled CT")
+    assert not any(button.enabled for button in widget._taskButtons.values())  # no task meanwhile
+    checking = STAGE_LABELS["selfcheck"] + ": "
+    harness.waitFor(watched(lambda: ui.statusLabel.text.startswith(checking + "segment")), 180, "the check's steps")
+    ui.checkInstallationButton.click()  # Cancel check
+    assert ui.checkInstallationLabel.text == "Cancelling the check..."
+    harness.waitFor(lambda: widget._checking is None, 120, "the cancel")
+    assert ui.checkInstallationLabel.text == "Check cancelled." and ui.checkInstallationButton.text == \
+        "Check installation"
+    assert not ui.saveCheckReportButton.enabled and all(b.enabled for b in widget._taskButtons.values())
+    worker = widget.logic.workerProcess()
+    assert worker.ready and worker.restarts == 0  # cancelling stops the check, not the worker
+    assert widget.logic.progressCallback == widget._stream.put_progress  # tasks' progress shown again
 
-            self.on_progress(ProgressEvent("selfcheck", 0.5, "segment liver"))
-            self.on_progress(ProgressEvent("generate", 0.1, "3 tokens"))  # not shown: the bar is the whole check
-        self.release.wait(10)
-        if self.cancelled:
-            raise CancelledError("cancelled")
-        if isinstance(self.outcome, BaseException):
-            raise self.outcome
-        return self.outcome
+    seen.clear()
+    ui.checkInstallationButton.click()
+    harness.waitFor(watched(lambda: widget._checking is None), 400, "the installation check")
+    report = widget.logic.lastSelfCheck
+    assert report is not None and report.model["source"] == widget._parameterNode.modelSource
+    assert f"Installation check: {report.verdict.upper()}</b>" in ui.checkInstallationLabel.text
+    assert ui.outputTextEdit.plainText == format_report(report)  # the table, in Advanced > Details
+    assert ui.progressBar.value == 100 and ui.saveCheckReportButton.enabled
+    texts = [text for text, _ in seen if text]
+    assert any(text.startswith(checking + "plane question") for text in texts)
+    # the bar is the whole check: the answers' token counts are not shown, the check's fraction only grows
+    assert not any(text.startswith(STAGE_LABELS["generate"]) for text in texts), texts
+    fractions = [value for text, value in seen if text.startswith(checking)]
+    assert fractions == sorted(fractions) and fractions[-1] > 50
+    assert (worker.pid, worker.restarts) == (widget.logic.workerProcess().pid, 0)
 
-    def cancel(self):
-        self.cancelled = True
-        self.release.set()
-
-
-def _run_check(panel_widget, release=True):
-    panel_widget.ui.checkInstallationButton.slots[0][1]()  # click
-    assert panel_widget._checking is not None and panel_widget.ui.checkInstallationButton.text == "Cancel check"
-    assert not any(getattr(panel_widget.ui, t.button).enabled for t in tasks.TASKS.values())  # no task meanwhile
-    shown = []
-    panel_widget._showProgress = shown.append
-    if release:
-        panel_widget.logic._backend.release.set()
-    deadline = time.monotonic() + 10
-    while panel_widget._checking is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
-        panel_widget._onTimer()
-    return shown
-
-
-def test_check_installation_shows_the_verdict_and_saves_the_report(widget, assistant, monkeypatch,  # noqa: F811
-                                                                  tmp_path):
-    CheckingBackend.outcome = _report()
-    widget.logic._backendFactory = CheckingBackend
-    widget.ui.outputTextEdit = Recorder()
-    widget._parameterNode.inputVolume = coronal_node()
-    shown = _run_check(widget)
-    assert [e.stage for e in shown] == ["selfcheck"]
-    assert "Installation check: PASS" in widget.ui.checkInstallationLabel.text
-    assert widget.ui.outputTextEdit.calls[-1][0] == "setPlainText"
-    assert "verdict: PASS" in widget.ui.outputTextEdit.calls[-1][1]  # the table, in Advanced > Details
-    assert widget.ui.checkInstallationButton.text == "Check installation" and widget.ui.saveCheckReportButton.enabled
-    assert widget.logic.lastSelfCheck is CheckingBackend.outcome
-    assert widget.logic._backend.calls[-1] == ("selfcheck", {"conventions": "default", "max_new_tokens": 64,
-                                                             "structures": None})
-
+    # Save report...: the user types a file name in the dialog
     target = tmp_path / "check.json"
-    monkeypatch.setattr(assistant.qt, "QFileDialog", types.SimpleNamespace(
-        getSaveFileName=lambda *args: str(target)), raising=False)
-    widget.onSaveCheckReportButton()
+    harness.dialogs.queue(str(target))
+    harness.click(ui.saveCheckReportButton)
+    assert harness.dialogs.shown[-1]["class"] == "QFileDialog"
     saved = json.loads(target.read_text())
-    assert saved["schema"] == "m3d-selfcheck" and saved["verdict"] == "pass"
-    monkeypatch.setattr(assistant.qt, "QFileDialog", types.SimpleNamespace(getSaveFileName=lambda *args: ""),
-                        raising=False)
-    widget.onSaveCheckReportButton()  # the user closed the dialog: nothing happens
+    assert saved == json.loads(json.dumps(report.to_dict())) and saved["schema"] == "m3d-selfcheck"
+    assert ui.statusLabel.text == f"Saved the installation check report to {target}"
+    # the same name again: Qt asks before replacing it; the user says yes
+    target.write_text("{}")
+    harness.dialogs.queue(str(target), qt.QMessageBox.Yes)
+    harness.click(ui.saveCheckReportButton)
+    assert "already exists" in harness.dialogs.shown[-1]["text"]
     assert json.loads(target.read_text()) == saved
+    # the user closes the dialog: nothing is written
+    target.write_text("{}")
+    harness.dialogs.queue(qt.QDialog.Rejected)
+    harness.click(ui.saveCheckReportButton)
+    assert target.read_text() == "{}"
 
 
-def test_check_installation_cancelled_or_failed_says_so(widget):  # noqa: F811 (fixture)
-    CheckingBackend.outcome = M3DError("the worker could not start: no module named torch")
-    widget.logic._backendFactory = CheckingBackend
-    widget.ui.outputTextEdit = Recorder()
-    _run_check(widget)
-    assert widget.ui.checkInstallationLabel.text.startswith("The check could not run: the worker could not start")
-    assert not widget.ui.saveCheckReportButton.enabled  # no report to save
-
-    widget.logic._backend.release.clear()  # the next check waits until it is cancelled
-    widget.ui.checkInstallationButton.slots[0][1]()  # start ...
-    widget.ui.checkInstallationButton.slots[0][1]()  # ... and press it again: cancel
-    assert widget.ui.checkInstallationLabel.text == "Cancelling the check..."
-    deadline = time.monotonic() + 10
-    while widget._checking is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
-        widget._onTimer()
-    assert widget.ui.checkInstallationLabel.text == "Check cancelled."
-    assert widget.ui.checkInstallationButton.text == "Check installation"
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def test_the_preview_starts_no_model(widget):  # noqa: F811 (fixture)
-    """Showing what each task will see reads the node's geometry and display only: no session, no worker."""
-    widget._parameterNode.inputVolume = coronal_node()
-    widget._updateButtonStates()
-    assert "m3d-cap-v2" in widget.ui.taskPreprocessingLabel.text and widget.logic._backend is None
+def test_check_installation_that_cannot_run_says_why(slicer_harness):
+    """A check that cannot start (no server token) is refused at once with what to enter; one whose server does not
+    answer fails in the background and says why in the panel (and in a dialog outside testing mode); nothing is
+    left running and there is no report to save."""
+    import qt
+
+    harness = slicer_harness
+    module = harness.loadModule("M3DAssistant")
+    widget = harness.openModule("M3DAssistant")
+    ui = widget.ui
+    chosen(ui.runOnComboBox, module.RUN_REMOTE)
+    url = f"http://127.0.0.1:{closed_port()}"
+    typed(ui.serverUrlLineEdit, url)
+
+    ui.checkInstallationButton.click()
+    (_, error), = harness.slotErrors  # Slicer's tryWithErrorDisplay shows the message and re-raises
+    assert isinstance(error, ValueError) and "Enter the remote server's token" in str(error)
+    harness.slotErrors.clear()
+    assert widget._checking is None and ui.checkInstallationButton.text == "Check installation"
+    assert widget.logic.progressCallback == widget._stream.put_progress
+    assert ui.checkInstallationLabel.text == ""
+
+    typed(ui.serverTokenLineEdit, "a-token")
+    ui.checkInstallationButton.click()
+    assert ui.checkInstallationButton.text == "Cancel check"
+    harness.waitFor(lambda: widget._checking is None, 120, "the failed check")
+    assert ui.checkInstallationLabel.text.startswith("The check could not run: "), ui.checkInstallationLabel.text
+    assert "127.0.0.1" in ui.checkInstallationLabel.text + ui.outputTextEdit.plainText
+    assert ui.outputTextEdit.plainText and ui.progressBar.value == 0  # the details
+    assert not ui.saveCheckReportButton.enabled and ui.checkInstallationButton.text == "Check installation"
+
+    harness.app.setTestingEnabled(False)
+    harness.dialogs.queue(qt.QMessageBox.Ok)
+    ui.checkInstallationButton.click()
+    harness.waitFor(lambda: widget._checking is None and harness.dialogs.shown, 120, "the error dialog")
+    assert harness.dialogs.shown[-1]["title"].strip() == "M3D Assistant"  # Slicer pads dialog titles
+    assert ui.checkInstallationLabel.text.startswith("The check could not run: ")
+    harness.app.setTestingEnabled(True)
