@@ -293,6 +293,8 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
         self._conversation.clear()
+        self._evidenceTargets = []  # the evidence maps went with the scene: their slice ranges too
+        self.ui.evidenceRangesList.clear()
         # If this module is shown while the scene is closed then recreate a new parameter node immediately
         if self.parent.isEntered:
             self.initializeParameterNode()

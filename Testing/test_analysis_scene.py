@@ -339,8 +339,12 @@ def test_the_panel_shows_the_evidence_and_the_numbers_of_a_segment(assistant_pan
     answers.write_text(FORCED_BOX_AND_MASK)
     widget.ui.pythonPathLineEdit.currentPath = write_worker_launcher(tmp_path, answers)
     widget.ui.maxNewTokensSpinBox.value = 64  # room for the forced answer
-    assert not widget.ui.analysisCollapsibleButton.collapsed and widget.ui.evidenceCheckBox.isVisibleTo(
-        widget.ui.analysisCollapsibleButton)
+    section = widget.ui.analysisCollapsibleButton
+    assert not section.collapsed and widget.ui.evidenceCheckBox.isVisibleTo(section)
+    section.click()  # the header folds the section away and opens it again
+    assert section.collapsed and not widget.ui.evidenceCheckBox.isVisibleTo(section)
+    section.click()
+    assert not section.collapsed and widget.ui.evidenceRangesList.isVisibleTo(section)
     set_analysis_options(widget, confidence=True, evidence=True, refine=True, locate=True, maskRoi=True)
     widget.ui.evidenceStepsSpinBox.value = 1
     widget.ui.evidenceOpacitySpinBox.value = 0.7
@@ -395,7 +399,9 @@ def test_the_panel_shows_the_evidence_and_the_numbers_of_a_segment(assistant_pan
     assert "Volume 1.5 mL (Segment Statistics)" in entry.details_html
     assert calls["table"].GetName().startswith("spleen") and calls["table"].GetName().endswith(" statistics")
     assert set(widget.logic.lastNodes) == set() and widget.logic.lastResult.evidence is None
-    assert listed.count == len(items)  # the list keeps the last evidence map's ranges
+    assert listed.count == len(items)  # the list keeps the last evidence map's ranges...
+    slicer.mrmlScene.Clear(0)
+    assert listed.count == 0  # ... until the scene (and the map) is closed
 
 
 def test_the_panels_analysis_options_on_the_models_own_answers(assistant_panel):
