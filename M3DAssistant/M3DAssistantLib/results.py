@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 from typing import Any, Optional
 
 import numpy as np
@@ -68,10 +69,12 @@ class Provenance:
         return dataclasses.asdict(self)
 
     def as_node_attributes(self, prefix: str = "M3D.") -> dict[str, str]:
-        """Flat string attributes for MRML nodes (``node.SetAttribute(key, value)``)."""
+        """Flat string attributes for MRML nodes (``node.SetAttribute(key, value)``): strings as they are, other
+        values as JSON (``{"max_new_tokens": 256, ...}``, ``[]``, ``12.5``), None as ``""``."""
         out = {}
         for key, value in self.to_dict().items():
-            out[prefix + key] = value if isinstance(value, str) else repr(value) if value is not None else ""
+            out[prefix + key] = value if isinstance(value, str) else json.dumps(value, default=str) \
+                if value is not None else ""
         return out
 
 

@@ -251,6 +251,17 @@ def _read_dicom_folder(folder: Path, series_uid: Optional[str]):
     return image
 
 
+def dicom_series_files(path: Union[str, os.PathLike], *, series_uid: Optional[str] = None) -> Optional[list[Path]]:
+    """The files of the DICOM series :func:`read_volume` reads from ``path``, in the order of its K axis (slice k of
+    the array is file k); None when ``path`` is not DICOM (a NIfTI, NRRD or MetaImage file). Headers only."""
+    p = Path(path)
+    if p.is_dir():
+        return [Path(f) for f in _series_files(p, series_uid)]
+    if p.is_file() and (p.suffix.lower() in (".dcm", ".ima") or _is_dicom_file(p)):
+        return [p]
+    return None
+
+
 def _series_files(folder: Path, series_uid: Optional[str]) -> list[str]:
     """The files of the one series in ``folder`` (or of ``series_uid``), sorted along the slice normal."""
     import SimpleITK as sitk
