@@ -113,7 +113,7 @@ def test_batch_runs_each_volume_once_and_resumes(tiny_phi3, data_dir, tmp_path):
             "--max-new-tokens", "3", "--quiet"]
     first = m3d(*args)
     assert first.returncode == 0, first.stderr
-    for name in ("a", "b_dicom"):
+    for name in ("a.nii.gz", "b_dicom"):
         results = json.loads((out / name / "results.json").read_text())
         assert set(results["results"]) == {"report", "segment_liver"} and results["label"] == AI_LABEL
         assert (out / name / "report.txt").is_file()
@@ -195,12 +195,13 @@ def test_evaluate_command_runs_the_model_on_an_exported_split(headless_slicer, d
 
 
 def test_unknown_output_extension_is_refused_before_the_model_runs(monkeypatch, ct_path, tmp_path, capsys):
-    """case: -o with an extension no writer knows (liver.nii.gz) -> refused before the model loads, naming the
+    """case: -o with an extension no writer knows (liver.vtk) -> refused before the model loads, naming the
     accepted extensions; nothing written"""
 
     def no_engine(args, bar):
         raise AssertionError("the model was loaded although the output could not be written")
 
     monkeypatch.setattr(cli, "_engine", no_engine)
-    assert cli.main(["segment", str(ct_path), "liver", "-o", str(tmp_path / "liver.nii.gz"), "--quiet"]) == 2
-    assert ".seg.nrrd" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert cli.main(["segment", str(ct_path), "liver", "-o", str(tmp_path / "liver.vtk"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert ".seg.nrrd" in err and ".nii.gz" in err and ".dcm" in err and not list(tmp_path.iterdir())

@@ -478,7 +478,7 @@ def test_never_overwrites_without_permission(tmp_path, kind):
     target.write_text("user data")
     with pytest.raises(InputError) as info:
         writers()[kind](target)
-    assert str(target) in str(info.value) and "--overwrite" in str(info.value)
+    assert str(target) in str(info.value) and "overwrite=True" in str(info.value)
     assert target.read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.out"]
     writers()[kind](target, overwrite=True)

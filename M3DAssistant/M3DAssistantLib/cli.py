@@ -7,22 +7,27 @@ command exits with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import AI_LABEL
-from .errors import M3DError
+from .errors import InputError, M3DError
 from .progress import ProgressEvent
+from .results import MAX_NEW_TOKENS
 from .tasks import FIND_SIMILAR, STREAMING_TASKS, TRAINING_NAMES, ArgumentKind, Task
 
 SAMPLE_CT = Path(__file__).resolve().parents[2] / "Testing" / "Data" / "totalsegmentator" / "example_ct_sm.nii.gz"
 
 
 class ProgressBar:
-    """Shows ProgressEvents as a tqdm bar per stage on stderr (the CLI view of the one progress mechanism)."""
+    """Shows ProgressEvents as a tqdm bar per stage on stderr (the CLI view of the one progress mechanism). Every
+    bar is closed -- its line ended -- before the next message: the answer's first text, an error, the summary."""
+
+    open_bars: "set[ProgressBar]" = set()
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -39,6 +44,7 @@ class ProgressBar:
             self.stage = event.stage
             self.bar = tqdm(total=100, desc=event.stage, file=sys.stderr, leave=False,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+            ProgressBar.open_bars.add(self)
         if event.fraction is not None:
             self.bar.n = round(event.fraction * 100)
         self.bar.set_postfix_str(event.message, refresh=True)
@@ -47,6 +53,12 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        ProgressBar.open_bars.discard(self)
+
+    @classmethod
+    def close_all(cls) -> None:
+        for bar in list(cls.open_bars):
+            bar.close()
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +76,9 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
                              "volume-percentile, or CENTER,WIDTH in HU (default: each task as its training data -- "
                              "report/VQA the DICOM WindowCenter/Width, else abdomen for CT; boxes and segmentation "
                              "the M3D-Seg percentiles; referring segmentation the M3D-RefSeg percentiles)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=max_new_tokens, default=256,
+                        help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS} (default 256; the model was trained on "
+                             f"512-token sequences)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -104,12 +118,43 @@ def _sampling(args: argparse.Namespace):
                            top_p=args.top_p, seed=args.seed)
 
 
+def max_new_tokens(text: str) -> int:
+    """--max-new-tokens: a whole number from 1 to :data:`~.results.MAX_NEW_TOKENS` (argparse reports the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; e.g. --max-new-tokens 256") from None
+    if not 1 <= value <= MAX_NEW_TOKENS:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..{MAX_NEW_TOKENS}: the model was trained on 512-token "
+                                         f"sequences; e.g. --max-new-tokens 256")
+    return value
+
+
 def _window(value: Optional[str]):
-    """--window: a preset name, "minmax", or CENTER,WIDTH."""
-    if value is None or "," not in value:
-        return value
-    center, width = (float(v) for v in value.split(","))
-    return (center, width)
+    """--window: a preset name, a percentile scheme, "minmax", or CENTER,WIDTH in HU -- checked here, before any
+    model loads, with a message in the command line's terms."""
+    from .preprocessing import WINDOW_PRESETS, resolve_window
+
+    if value is None:
+        return None
+    forms = f"{', '.join(WINDOW_PRESETS)}, minmax, percentile, volume-percentile, or CENTER,WIDTH in HU (e.g. " \
+            f"--window 40,350)"
+    window: Any = value
+    if "," in value:
+        try:
+            center, width = (float(v) for v in value.split(","))
+        except ValueError:
+            raise InputError(f"--window {value!r} is not CENTER,WIDTH: give two numbers, e.g. --window 40,350 "
+                             f"(or {forms})") from None
+        window = (center, width)
+    try:
+        resolve_window(window)
+    except InputError:
+        if isinstance(window, tuple):
+            raise InputError(f"--window {value!r}: the width must be a positive number, e.g. --window 40,350") \
+                from None
+        raise InputError(f"--window {value!r} is not a window; use {forms}") from None
+    return window
 
 
 def _engine(args: argparse.Namespace, bar: "ProgressBar"):
@@ -122,14 +167,37 @@ def _engine(args: argparse.Namespace, bar: "ProgressBar"):
         bar.close()
 
 
-def _load_volume(engine, path: str, args: argparse.Namespace):
-    from .volume_io import read_volume, read_volume_metadata
+@dataclasses.dataclass
+class InputVolume:
+    """A volume read and checked before any model loads: voxels, IJK->RAS, what its headers say, where it came from."""
 
-    array, ijk_to_ras = read_volume(Path(path))
-    meta = read_volume_metadata(Path(path))  # DICOM display window and modality: the report/VQA default window
-    engine.set_volume(array, ijk_to_ras, window=_window(args.window), display_window=meta.display_window,
-                      modality=meta.modality)
-    return array, ijk_to_ras
+    path: Path
+    array: Any
+    ijk_to_ras: Any
+    metadata: Any
+
+
+def read_input_volume(path: str) -> InputVolume:
+    """Read a volume file or DICOM folder for a task and refuse what cannot be an image (a label map such as
+    TotalSegmentator's segmentation.nii.gz: the message names the CT next to it). No torch."""
+    from .volume_io import check_not_label_map, read_volume, read_volume_metadata
+
+    p = Path(path)
+    array, ijk_to_ras = read_volume(p)
+    check_not_label_map(array, p)
+    return InputVolume(p, array, ijk_to_ras, read_volume_metadata(p))  # DICOM window + modality: report/VQA default
+
+
+def _set_volume(engine, volume: InputVolume, args: argparse.Namespace) -> None:
+    engine.set_volume(volume.array, volume.ijk_to_ras, window=args.window_value,
+                      display_window=volume.metadata.display_window, modality=volume.metadata.modality)
+
+
+def _load_volume(engine, path: str, args: argparse.Namespace):
+    args.window_value = _window(args.window)
+    volume = read_input_volume(path)
+    _set_volume(engine, volume, args)
+    return volume.array, volume.ijk_to_ras
 
 
 def _emit(args: argparse.Namespace, result, human: str, streamed: bool = False) -> None:
@@ -140,12 +208,14 @@ def _emit(args: argparse.Namespace, result, human: str, streamed: bool = False) 
         print(human)
 
 
-def _stream_printer(args: argparse.Namespace):
-    """Print answer text as it is generated (not in --json mode)."""
+def _stream_printer(args: argparse.Namespace, bar: Optional["ProgressBar"] = None):
+    """Print answer text as it is generated (not in --json mode); the progress bar ends its line first."""
     if args.json:
         return None
 
     def on_text(text: str) -> None:
+        if bar is not None:
+            bar.close()
         sys.stdout.write(text)
         sys.stdout.flush()
 
@@ -172,15 +242,18 @@ def _add_task_command(sub: "argparse._SubParsersAction", task: Task) -> argparse
             p.add_argument(f"--{argument.name}", required=True)
     _add_model_args(p)
     _add_generation_args(p)
-    p.add_argument("-o", "--output", help="write the result, format by extension: .seg.nrrd or .nrrd (the "
-                   "mask), .mrk.json (the box), .json (the result with provenance), .txt (the answer)")
+    p.add_argument("-o", "--output", help="write the result, format by extension: .seg.nrrd or .nrrd (the mask "
+                   "for Slicer), .nii.gz or .nii (the mask as a NIfTI label map), .dcm (the mask as DICOM SEG, for "
+                   "DICOM input), .mrk.json (the box), .json (the result with provenance), .txt (the answer); "
+                   "checked before the model loads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_task, task=task)
     return p
 
 
 def _task_arguments(task: Task, args: argparse.Namespace) -> list:
-    """The engine method's arguments from the command line (an ROI file is read here, before the model loads)."""
+    """The engine method's arguments from the command line, checked before the model loads: an ROI file is read,
+    texts and choices go through the task's prompt builder (empty prompts, bad choices)."""
     from . import outputs
 
     values = []
@@ -189,32 +262,47 @@ def _task_arguments(task: Task, args: argparse.Namespace) -> list:
             values.append(outputs.read_roi(Path(getattr(args, argument.name))))
         elif argument.kind is not ArgumentKind.HISTORY:
             values.append(getattr(args, argument.name))
+    if task.build_prompt is not None and task.takes(ArgumentKind.REGION) is None:
+        task.build_prompt(*values)  # raises InputError naming the problem; the text itself is built again later
     return values
 
 
-def cmd_task(args: argparse.Namespace) -> int:
-    """One streaming task (report, ask, choose, locate, describe, segment, segment-expression) on one volume."""
+def _check_output(args: argparse.Namespace, task: Task) -> None:
+    """-o before the model loads: a known extension that can hold this task's result (a DICOM SEG only for DICOM
+    input), and a writable target -- folder exists and is writable, no dangling link, no existing file without
+    --overwrite."""
     from . import outputs
 
-    task: Task = args.task
     if getattr(args, "output", None):
-        outputs.format_for(args.output)  # an unknown extension fails now, not after the model has run
+        outputs.check_output(args.output, task.result, overwrite=args.overwrite, source_path=args.volume,
+                             overwrite_hint="pass --overwrite")
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    """One streaming task (report, ask, choose, locate, describe, segment, segment-expression) on one volume.
+
+    Everything that can be checked without the model is checked first (options, prompt, ROI file, output, volume),
+    so a mistake costs a second, not a model load and a generated answer."""
+    task: Task = args.task
+    args.window_value = _window(args.window)
     arguments = _task_arguments(task, args)
+    _check_output(args, task)
+    volume = read_input_volume(args.volume)
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
-    _array, ijk_to_ras = _load_volume(engine, args.volume, args)
-    sampling, on_text = _sampling(args), _stream_printer(args)
+    _set_volume(engine, volume, args)
+    sampling, on_text = _sampling(args), _stream_printer(args, bar)
     try:
         result = getattr(engine, task.engine_method)(*arguments, sampling=sampling, on_text=on_text)
     finally:
         bar.close()
     _finish_stream(args)
-    _write_outputs(args, result, ijk_to_ras)
+    written = _write_outputs(args, result, volume)
     if args.json:
         _emit(args, result, "")
     else:
         _print_parsed(result)
-    return 0
+    return 0 if written else 2
 
 
 def _print_parsed(result) -> None:
@@ -239,20 +327,50 @@ def _print_parsed(result) -> None:
             print(f"the model says there is no {result.target}", file=sys.stderr)
 
 
-def _write_outputs(args: argparse.Namespace, result, ijk_to_ras) -> None:
-    """-o: the format its extension names (outputs.FORMATS). Never overwrites without --overwrite."""
+def _write_outputs(args: argparse.Namespace, result, volume: InputVolume) -> bool:
+    """-o: the format its extension names (outputs.FORMATS). Never overwrites without --overwrite. When the write
+    fails after all (the disk filled, the folder went away), the result is kept: written under a free name beside
+    the target, else in the working or temporary folder -- and said where. False when -o was not honoured."""
     from . import outputs
 
     out = getattr(args, "output", None)
     if not out:
-        return
+        return True
     path = Path(out)
-    written = outputs.write_result(path, result, ijk_to_ras, overwrite=args.overwrite)
+    try:
+        written = outputs.write_result(path, result, volume.ijk_to_ras, overwrite=args.overwrite,
+                                       source_path=volume.path)
+    except (M3DError, OSError) as e:
+        print(f"m3d {args.command}: error: {e}", file=sys.stderr)
+        kept = _keep_result(path, result, volume)
+        print(f"m3d {args.command}: the result was kept in {kept}" if kept else
+              f"m3d {args.command}: the result could not be kept in a file either; "
+              f"{'it is printed below' if args.json else 'the answer text is above'}", file=sys.stderr)
+        return False
     if written is None:
         print(f"no {outputs.format_for(path).holds} to write to {path} ({result.parse_error or 'target absent'})",
               file=sys.stderr)
-        return
+        return True
     print(f"wrote {written}", file=sys.stderr)
+    return True
+
+
+def _keep_result(path: Path, result, volume: InputVolume) -> Optional[Path]:
+    """Write ``result`` as ``path``'s format under a free name: beside ``path``, else in the working folder, else in
+    the temporary folder. The path written, or None when none of them could be written."""
+    import tempfile
+
+    from . import outputs
+
+    for folder in (path.parent, Path.cwd(), Path(tempfile.gettempdir())):
+        try:
+            target = outputs.unique_path(folder / path.name)
+            written = outputs.write_result(target, result, volume.ijk_to_ras, source_path=volume.path)
+            if written is not None:
+                return written
+        except (M3DError, OSError):
+            continue
+    return None
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
@@ -278,20 +396,38 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import BatchTask, find_volumes, run_batch, split_for_this_process
+    from .batch import (
+        BatchTask,
+        check_specs,
+        find_volumes,
+        finish_distributed,
+        run_batch,
+        split_for_this_process,
+        write_cohort_tables,
+    )
 
+    window = _window(args.window)
     specs = [BatchTask.parse(t) for t in args.task]
+    check_specs(specs)
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; give a folder for the results (-o)")
+    if not out_dir.parent.is_dir():
+        raise InputError(f"cannot write into {out_dir}: the folder {out_dir.parent} does not exist; create it first")
     volumes, device = split_for_this_process(find_volumes(Path(args.folder)))
     if device is not None:
         args.device = device
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
-    status = run_batch(engine, volumes, specs, Path(args.output_dir), sampling=_sampling(args),
-                       window=_window(args.window))
+    out_dir.mkdir(exist_ok=True)
+    summary = run_batch(engine, volumes, specs, out_dir, sampling=_sampling(args), window=window)
     bar.close()
-    failed = [name for name, s in status.items() if s.startswith("failed")]
-    print(f"{len(status) - len(failed)} volume(s) done or skipped, {len(failed)} failed; results in {args.output_dir}")
-    return 1 if failed else 0
+    tables = ""
+    if finish_distributed():
+        csv_path, jsonl_path = write_cohort_tables(out_dir)
+        tables = f"; cohort table {csv_path} and {jsonl_path}"
+    print(summary.line() + tables)
+    return 1 if summary.failed else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -514,7 +650,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        try:
+            return func(args)
+        finally:
+            ProgressBar.close_all()  # a bar's line ends before the error message
     except M3DError as e:
         print(f"m3d {args.command}: error: {e}", file=sys.stderr)
         return 2

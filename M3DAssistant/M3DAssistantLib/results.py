@@ -17,6 +17,11 @@ import numpy as np
 
 from . import AI_LABEL, __version__
 
+MAX_NEW_TOKENS = 1024
+"""The longest answer anyone may ask for: the CLI's --max-new-tokens and the server's default limit. The model was
+trained on 512-token sequences (256 of them image tokens), so answers near this length are already far outside what
+it saw; the cap stops a typo (100000) from generating for minutes."""
+
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
