@@ -192,6 +192,8 @@ def test_evaluate_command_runs_the_model_on_an_exported_split(headless_slicer, d
     report = json.loads((out / "evaluation.json").read_text())
     assert {"report", "seg", "rec"} <= set(report["tasks"])
     assert (out / "evaluation.png").is_file() and "METEOR" in result.stderr  # unavailable offline: said, not hidden
+    notes = [line for line in result.stderr.splitlines() if "METEOR" in line]
+    assert len(notes) == 1, notes  # each warning once (it was logged and printed again)
 
 
 def test_unknown_output_extension_is_refused_before_the_model_runs(monkeypatch, ct_path, tmp_path, capsys):

@@ -88,9 +88,14 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """Reads JSON files and safetensors headers only; torch is imported only with --check-tensors."""
+    from .model.hub import with_model_hint
     from .model.inspection import format_report, inspect_checkpoint
 
-    report = inspect_checkpoint(args.checkpoint)
+    try:
+        report = inspect_checkpoint(args.checkpoint, compare_with_model=args.check_tensors)
+    except M3DError as e:  # the checkpoint is this command's argument, not --model / M3D_MODEL
+        raise with_model_hint(e, "give that folder as the argument: m3d inspect PATH") from None
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0 if report["will_load"] else 1
 
@@ -364,7 +369,7 @@ def _keep_result(path: Path, result, volume: InputVolume) -> Optional[Path]:
 
     for folder in (path.parent, Path.cwd(), Path(tempfile.gettempdir())):
         try:
-            target = outputs.unique_path(folder / path.name)
+            target = outputs.unique_path(folder / path.name, other_than_path=True)
             written = outputs.write_result(target, result, volume.ijk_to_ras, source_path=volume.path)
             if written is not None:
                 return written
@@ -374,19 +379,24 @@ def _keep_result(path: Path, result, volume: InputVolume) -> Optional[Path]:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .model.hub import with_model_hint
     from .retrieval import Retriever
-    from .volume_io import read_volume
 
+    if args.texts and len(args.volumes) != 1:
+        raise InputError("with --texts give exactly one volume to rank them for; to rank volumes, give --text once")
+    volumes = [read_input_volume(v) for v in args.volumes]  # read and checked before M3D-CLIP loads
     bar = ProgressBar(not args.quiet)
-    retriever = Retriever(args.clip_model, device=args.device, dtype=args.dtype)
-    bar.close()
+    try:
+        retriever = Retriever(args.clip_model, device=args.device, dtype=args.dtype)
+    except M3DError as e:  # the CLIP model is named with --clip-model here, never --model / M3D_MODEL
+        raise with_model_hint(e, "pass it with --clip-model PATH", "GoodBaiBai88/M3D-CLIP") from None
+    finally:
+        bar.close()
     if args.texts:
-        if len(args.volumes) != 1:
-            raise M3DError("with --texts give exactly one volume to rank them for.")
-        result = retriever.rank_texts(read_volume(Path(args.volumes[0])), args.texts)
+        result = retriever.rank_texts((volumes[0].array, volumes[0].ijk_to_ras), args.texts)
     else:
-        volumes = [read_volume(Path(v)) for v in args.volumes]
-        result = retriever.rank_volumes(args.text, volumes, labels=[Path(v).name for v in args.volumes])
+        result = retriever.rank_volumes(args.text, [(v.array, v.ijk_to_ras) for v in volumes],
+                                        labels=[v.path.name for v in volumes])
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -464,9 +474,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for task, entry in results["tasks"].items():
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in entry["metrics"].items() if isinstance(v, (int, float)))
         print(f"{task:11} n={entry['n']:<4} {metrics}")
-    for message in results["messages"]:
-        print(f"note: {message}", file=sys.stderr)
-    print(f"wrote {', '.join(str(p) for p in paths)}")
+    print(f"wrote {', '.join(str(p) for p in paths)}")  # write_evaluation has logged each message once
     return 0
 
 
@@ -548,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a checkpoint and say whether it will load (reads no weights)")
     p.add_argument("checkpoint", help="local folder (or cached hub id)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--check-tensors", action="store_true",
+                   help="also build the model on the meta device (no memory) and compare every tensor name and "
+                        "shape (imports torch: a few seconds)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="report, liver mask and liver box for the bundled sample CT, as Slicer files")

@@ -82,6 +82,7 @@ def read_volume(path: Union[str, os.PathLike], *, series_uid: Optional[str] = No
         raise InputError(
             "reading volume files needs SimpleITK: pip install SimpleITK (or m3d-slicer[inference])"
         ) from None
+    _quiet_itk()
     p = Path(path)
     if not p.exists():
         raise InputError(f"no volume at {p}: the file or folder does not exist; check the path")
@@ -177,8 +178,7 @@ def read_volume_metadata(path: Union[str, os.PathLike], *, series_uid: Optional[
     defines them. Volume files other than DICOM give an empty record; an unreadable or absent path is an InputError
     as in :func:`read_volume`.
     """
-    import SimpleITK as sitk
-
+    sitk = _quiet_itk()
     p = Path(path)
     if not p.exists():
         raise InputError(f"no volume at {p}: the file or folder does not exist; check the path")
@@ -325,6 +325,7 @@ def _read_dicom_folder(folder: Path, series_uid: Optional[str]):
 def dicom_series_files(path: Union[str, os.PathLike], *, series_uid: Optional[str] = None) -> Optional[list[Path]]:
     """The files of the DICOM series :func:`read_volume` reads from ``path``, in the order of its K axis (slice k of
     the array is file k); None when ``path`` is not DICOM (a NIfTI, NRRD or MetaImage file). Headers only."""
+    _quiet_itk()
     p = Path(path)
     if p.is_dir():
         return [Path(f) for f in _series_files(p, series_uid)]
@@ -393,6 +394,15 @@ def _check_slice_positions(reader, n: int, folder: Path) -> None:
             f"{np.abs(along).max():.3g} mm; missing slices?); load it in Slicer (which resamples such series) or "
             f"check that all files are present"
         )
+
+
+def _quiet_itk():
+    """SimpleITK with ITK's own warnings off: they go straight to stderr as raw "WARNING: In .../itk...cxx" lines,
+    and every case they describe (missing slices, no series) is reported by our own messages. Returns the module."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk
 
 
 def _first_line(exc: BaseException) -> str:

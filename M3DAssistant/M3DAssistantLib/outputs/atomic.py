@@ -28,13 +28,14 @@ PathLike = Union[str, os.PathLike]
 _COMPOUND_SUFFIXES = (".seg.nrrd", ".seg.nhdr", ".seg.vtm", ".mrk.json", ".nii.gz", ".tar.gz")
 
 
-def unique_path(path: PathLike) -> Path:
+def unique_path(path: PathLike, *, other_than_path: bool = False) -> Path:
     """``path`` if nothing is there yet, else the first free ``name (2).ext``, ``name (3).ext``, ...
 
-    Compound extensions stay together: ``liver.seg.nrrd`` -> ``liver (2).seg.nrrd``.
+    Compound extensions stay together: ``liver.seg.nrrd`` -> ``liver (2).seg.nrrd``. ``other_than_path``: never
+    ``path`` itself (a second name beside a target that could not be written).
     """
     p = Path(path)
-    if not _lexists(p):
+    if not _lexists(p) and not other_than_path:
         return p
     name = p.name
     suffix = next((s for s in _COMPOUND_SUFFIXES if name.lower().endswith(s) and len(name) > len(s)), None)

@@ -160,6 +160,9 @@ def read_roi(path: PathLike, name: Optional[str] = None) -> Any:
     from ..geometry import RasRoi
 
     p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no ROI file at {p}; save an ROI drawn in Slicer as .mrk.json, or write one with "
+                         f"m3d locate CT TARGET -o {p.name}")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
         markups = [m for m in doc.get("markups", []) if m.get("type") == "ROI"]
