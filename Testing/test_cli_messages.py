@@ -254,3 +254,13 @@ def test_https_hostname_mismatch_is_called_a_hostname_mismatch(tmp_path):
 def test_report_file_says_ai_generated(forced_engine, ct_path, tmp_path):
     assert cli.main(["report", str(ct_path), "-o", str(tmp_path / "r.txt"), "--quiet", "--max-new-tokens", "4"]) == 0
     assert (tmp_path / "r.txt").read_text().rstrip().endswith(f"[{AI_LABEL}]")
+
+
+def test_progress_after_the_answer_started_draws_no_new_bar(capsys):
+    from M3DAssistantLib.progress import ProgressEvent
+
+    bar = cli.ProgressBar(True)
+    bar(ProgressEvent("generate", 0.1, "1 tokens"))
+    bar.stop()
+    bar(ProgressEvent("generate", 0.2, "2 tokens"))  # the stream goes on: no bar between the words
+    assert bar.bar is None and not cli.ProgressBar.open_bars

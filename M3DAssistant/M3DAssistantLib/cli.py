@@ -53,7 +53,13 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.stage = None
         ProgressBar.open_bars.discard(self)
+
+    def stop(self) -> None:
+        """Close the bar and show no more: the answer's text is streaming on the terminal now."""
+        self.close()
+        self.enabled = False
 
     @classmethod
     def close_all(cls) -> None:
@@ -220,7 +226,7 @@ def _stream_printer(args: argparse.Namespace, bar: Optional["ProgressBar"] = Non
 
     def on_text(text: str) -> None:
         if bar is not None:
-            bar.close()
+            bar.stop()
         sys.stdout.write(text)
         sys.stdout.flush()
 
