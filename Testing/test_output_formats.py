@@ -213,3 +213,49 @@ def test_cli_segment_writes_every_mask_format(monkeypatch, tiny_phi3_model, dico
             undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["liver.dcm", "liver.nii.gz", "liver.seg.nrrd"]
     shutil.rmtree(tmp_path)
+
+
+def test_dicom_sr_holds_the_box_as_a_3d_region_of_the_series(dicom_series, tmp_path):
+    """case: -o box.sr.dcm for a DICOM series -> a Comprehensive 3D SR (TID 1500) whose volumetric ROI is the box's
+    six faces in the series' frame of reference, coded finding, algorithm and revision, "AI-generated"; read back
+    with highdicom and pydicom, the corners are the box's"""
+    import highdicom as hd
+    import pydicom
+
+    from M3DAssistantLib.geometry import RasRoi
+
+    array, ijk_to_ras = read_volume(dicom_series)
+    axes = np.array([[np.cos(0.3), -np.sin(0.3), 0], [np.sin(0.3), np.cos(0.3), 0], [0, 0, 1]])  # an oblique box
+    roi = RasRoi(center=np.array([-10.0, 200.0, -790.0]), size=np.array([60.0, 50.0, 20.0]), axes=axes)
+    box = BoxResult("[...]", "liver", (0.1, 0.2, 0.3, 0.5, 0.6, 0.7), roi, _provenance("rec"))
+    path = write_result(tmp_path / "liver.sr.dcm", box, ijk_to_ras, source_path=dicom_series)
+
+    plain = pydicom.dcmread(str(path))
+    assert plain.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34" and plain.Modality == "SR"  # Comprehensive 3D SR
+    assert "AI-generated" in plain.SeriesDescription
+    source = pydicom.dcmread(str(dicom_series_files(dicom_series)[0]), stop_before_pixels=True)
+    assert plain.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID == \
+        source.SeriesInstanceUID
+    report = hd.sr.srread(str(path))
+    (group,) = report.content.get_volumetric_roi_measurement_groups()
+    assert group.finding_type.value == "10200004" and group.reference_type.meaning == "Volume Surface"
+    text = str(plain)  # algorithm name and version in the measurement group
+    assert "M3D-LaMed" in text and "0123abc" in text
+    surface = group.roi
+    assert surface.frame_of_reference_uid == source.FrameOfReferenceUID
+    corners_lps = np.unique(np.round(np.concatenate(list(surface.graphic_data)), 6), axis=0)
+    corners_ras = [roi.center + axes @ ((2 * np.array(s) - 1) * roi.size / 2) for s in np.ndindex(2, 2, 2)]
+    expected_lps = np.unique(np.round([[-c[0], -c[1], c[2]] for c in corners_ras], 6), axis=0)
+    assert len(expected_lps) == len(corners_lps) == 8
+    np.testing.assert_allclose(corners_lps, expected_lps, atol=1e-4)
+
+
+def test_a_box_as_dcm_names_sr_dcm(no_model_cli, ct_path, tmp_path, capsys):
+    assert cli.main(["locate", str(ct_path), "liver", "-o", str(tmp_path / "liver.dcm")]) == 2
+    err = capsys.readouterr().err
+    assert "a .dcm file holds a mask" in err and ".sr.dcm" in err
+
+
+@pytest.fixture
+def no_model_cli(monkeypatch):
+    monkeypatch.setattr(cli, "_engine", lambda args, bar: pytest.fail("the model was loaded"))

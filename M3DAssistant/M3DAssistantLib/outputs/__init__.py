@@ -5,8 +5,9 @@ One module per job:
 - :mod:`.atomic`: the one way a file is written (temporary file, fsync, then its name; never over an existing file
   unless asked; nothing left behind on failure) and :func:`unique_path` for a fresh name.
 - :mod:`.seg_nrrd`: masks -> ``.seg.nrrd`` as Slicer writes it; :mod:`.nifti`: masks -> NIfTI label maps on the
-  CT's grid; :mod:`.dicom_seg`: masks -> DICOM SEG for DICOM input (highdicom); :mod:`.markups`: ROIs <-> ``.mrk.json``;
-  :mod:`.text`: answer text and JSON records; :mod:`.colors`: segment colours.
+  CT's grid; :mod:`.dicom_seg`: masks -> DICOM SEG for DICOM input (highdicom); :mod:`.dicom_sr`: boxes -> DICOM SR
+  (TID 1500, a 3D region) for DICOM input; :mod:`.markups`: ROIs <-> ``.mrk.json``; :mod:`.text`: answer text and
+  JSON records; :mod:`.colors`: segment colours.
 - :mod:`.formats`: the table from file extension to writer and :func:`write_result`, the one "write this task result
   to this path" used by the command line.
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-_COMPOUND_SUFFIXES = (".seg.nrrd", ".seg.nhdr", ".seg.vtm", ".mrk.json", ".nii.gz", ".tar.gz")
+_COMPOUND_SUFFIXES = (".seg.nrrd", ".seg.nhdr", ".seg.vtm", ".mrk.json", ".nii.gz", ".sr.dcm", ".tar.gz")
 
 
 def unique_path(path: PathLike, *, other_than_path: bool = False) -> Path:

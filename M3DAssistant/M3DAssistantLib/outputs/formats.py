@@ -86,6 +86,14 @@ def _write_dicom_seg(path: Path, result: SegmentationResult, source: VolumeSourc
                            overwrite=overwrite)
 
 
+def _write_box_sr(path: Path, result: BoxResult, source: VolumeSource, overwrite: bool) -> Path:
+    from .dicom_sr import write_box_dicom_sr
+
+    return write_box_dicom_sr(path, result.roi, source.dicom_files(), label=result.target,
+                              model=result.provenance.model, model_revision=result.provenance.model_revision,
+                              overwrite=overwrite)
+
+
 def _write_box(path: Path, result: BoxResult, source: VolumeSource, overwrite: bool) -> Path:
     return write_roi(path, result.roi, result.target, attributes=result.provenance.as_node_attributes(),
                      overwrite=overwrite)
@@ -106,6 +114,7 @@ FORMATS: dict[str, ResultFormat] = {f.extension: f for f in (
     ResultFormat(".nii", "NIfTI label map", MASK, _write_nifti),
     ResultFormat(".dcm", "DICOM SEG, for DICOM input", MASK, _write_dicom_seg, needs_dicom=True),
     ResultFormat(".mrk.json", "Slicer markups ROI", BOX, _write_box),
+    ResultFormat(".sr.dcm", "DICOM SR measurement report, for DICOM input", BOX, _write_box_sr, needs_dicom=True),
     ResultFormat(".json", "result record with provenance", RECORD, _write_record),
     ResultFormat(".txt", "answer text", TEXT, _write_answer_text),
 )}
