@@ -9,9 +9,11 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encodi
 
 
 def test_readme_installs_from_a_clone_not_from_a_package_index():
-    """case: README's install line named a package index name that does not exist (pip install "m3d-slicer[...]")
-    -> it installs from a clone"""
+    """case: README's install line (and the missing-package messages) named a package that is on no index -> they
+    install from a clone"""
     assert not re.search(r"pip install [\"']?m3d-slicer", README)
+    for source in (Path(__file__).resolve().parent.parent / "M3DAssistant").rglob("*.py"):
+        assert not re.search(r"pip install [\"']?m3d-slicer", source.read_text(encoding="utf-8")), source
     assert "pip install -e \".[inference]\"" in README and "clone" in README.split("## Install")[1][:800]
 
 

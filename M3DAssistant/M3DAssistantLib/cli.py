@@ -676,7 +676,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except ModuleNotFoundError as e:  # an optional dependency of this command is not installed
         print(f"m3d {args.command}: error: the Python package {e.name!r} is missing; install the extras this command "
-              "needs, e.g. pip install 'm3d-slicer[server,training]' (see README, Install)", file=sys.stderr)
+              "needs, e.g. pip install -e '.[server,training]' in your clone (see README, Install)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"m3d {args.command}: interrupted", file=sys.stderr)

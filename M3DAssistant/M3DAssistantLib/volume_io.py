@@ -80,7 +80,8 @@ def read_volume(path: Union[str, os.PathLike], *, series_uid: Optional[str] = No
         import SimpleITK  # noqa: F401  (fail here, with the fix, rather than deep inside a reader)
     except ImportError:
         raise InputError(
-            "reading volume files needs SimpleITK: pip install SimpleITK (or m3d-slicer[inference])"
+            "reading volume files needs SimpleITK: pip install SimpleITK (or pip install -e '.[inference]' in the "
+            "clone)"
         ) from None
     _quiet_itk()
     p = Path(path)

@@ -227,7 +227,7 @@ def serve(
             from .guard import ServerLimits
         except ImportError as e:
             raise M3DError(f"m3d serve needs FastAPI and uvicorn ({e}); install them with "
-                           f"pip install 'm3d-slicer[server]'") from None
+                           f"pip install -e '.[server]' in the clone") from None
 
         if engine is None:
             from ..engine import InferenceEngine
