@@ -171,10 +171,13 @@ def test_batch_under_accelerate_splits_volumes_across_processes(tiny_phi3, data_
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c"]
-    assert all((out / n / "results.json").is_file() for n in "abc")
+    names = ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == names + ["cohort.csv", "cohort.jsonl"]
+    assert all((out / n / "results.json").is_file() for n in names)
     # each volume was done exactly once, by one of the two processes
     assert result.stderr.count(": done") == 3
+    # the main process wrote the cohort table after both had finished: every volume is in it
+    assert sorted(line.split(",")[0] for line in (out / "cohort.csv").read_text().splitlines()[1:]) == names
 
 
 def test_evaluate_command_runs_the_model_on_an_exported_split(headless_slicer, data_dir, tiny_phi3, tmp_path):
