@@ -1,20 +1,29 @@
 """``m3d``: M3D-LaMed from the shell (also ``python -m M3DAssistantLib``).
 
 Errors the user can fix (missing model, bad input, offline) are printed as one line, without a traceback, and the
-command exits with status 2.
+command exits with status 2. What is read and written around the model (options, volume, ``-o``), and checked before
+it loads, is in :mod:`.cli_io`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from . import AI_LABEL
+from .cli_io import (
+    InputVolume,
+    check_output_option,
+    max_new_tokens,
+    read_input_volume,
+    task_arguments,
+    window_option,
+    write_outputs,
+)
 from .errors import InputError, M3DError
 from .progress import ProgressEvent
 from .results import MAX_NEW_TOKENS
@@ -129,45 +138,6 @@ def _sampling(args: argparse.Namespace):
                            top_p=args.top_p, seed=args.seed)
 
 
-def max_new_tokens(text: str) -> int:
-    """--max-new-tokens: a whole number from 1 to :data:`~.results.MAX_NEW_TOKENS` (argparse reports the error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; e.g. --max-new-tokens 256") from None
-    if not 1 <= value <= MAX_NEW_TOKENS:
-        raise argparse.ArgumentTypeError(f"{value} is outside 1..{MAX_NEW_TOKENS}: the model was trained on 512-token "
-                                         f"sequences; e.g. --max-new-tokens 256")
-    return value
-
-
-def _window(value: Optional[str]):
-    """--window: a preset name, a percentile scheme, "minmax", or CENTER,WIDTH in HU -- checked here, before any
-    model loads, with a message in the command line's terms."""
-    from .preprocessing import WINDOW_PRESETS, resolve_window
-
-    if value is None:
-        return None
-    forms = f"{', '.join(WINDOW_PRESETS)}, minmax, percentile, volume-percentile, or CENTER,WIDTH in HU (e.g. " \
-            f"--window 40,350)"
-    window: Any = value
-    if "," in value:
-        try:
-            center, width = (float(v) for v in value.split(","))
-        except ValueError:
-            raise InputError(f"--window {value!r} is not CENTER,WIDTH: give two numbers, e.g. --window 40,350 "
-                             f"(or {forms})") from None
-        window = (center, width)
-    try:
-        resolve_window(window)
-    except InputError:
-        if isinstance(window, tuple):
-            raise InputError(f"--window {value!r}: the width must be a positive number, e.g. --window 40,350") \
-                from None
-        raise InputError(f"--window {value!r} is not a window; use {forms}") from None
-    return window
-
-
 def _engine(args: argparse.Namespace, bar: "ProgressBar"):
     from .engine import InferenceEngine
 
@@ -178,34 +148,13 @@ def _engine(args: argparse.Namespace, bar: "ProgressBar"):
         bar.close()
 
 
-@dataclasses.dataclass
-class InputVolume:
-    """A volume read and checked before any model loads: voxels, IJK->RAS, what its headers say, where it came from."""
-
-    path: Path
-    array: Any
-    ijk_to_ras: Any
-    metadata: Any
-
-
-def read_input_volume(path: str) -> InputVolume:
-    """Read a volume file or DICOM folder for a task and refuse what cannot be an image (a label map such as
-    TotalSegmentator's segmentation.nii.gz: the message names the CT next to it). No torch."""
-    from .volume_io import check_not_label_map, read_volume, read_volume_metadata
-
-    p = Path(path)
-    array, ijk_to_ras = read_volume(p)
-    check_not_label_map(array, p)
-    return InputVolume(p, array, ijk_to_ras, read_volume_metadata(p))  # DICOM window + modality: report/VQA default
-
-
 def _set_volume(engine, volume: InputVolume, args: argparse.Namespace) -> None:
     engine.set_volume(volume.array, volume.ijk_to_ras, window=args.window_value,
                       display_window=volume.metadata.display_window, modality=volume.metadata.modality)
 
 
 def _load_volume(engine, path: str, args: argparse.Namespace):
-    args.window_value = _window(args.window)
+    args.window_value = window_option(args.window)
     volume = read_input_volume(path)
     _set_volume(engine, volume, args)
     return volume.array, volume.ijk_to_ras
@@ -262,42 +211,15 @@ def _add_task_command(sub: "argparse._SubParsersAction", task: Task) -> argparse
     return p
 
 
-def _task_arguments(task: Task, args: argparse.Namespace) -> list:
-    """The engine method's arguments from the command line, checked before the model loads: an ROI file is read,
-    texts and choices go through the task's prompt builder (empty prompts, bad choices)."""
-    from . import outputs
-
-    values = []
-    for argument in task.arguments:
-        if argument.kind is ArgumentKind.REGION:
-            values.append(outputs.read_roi(Path(getattr(args, argument.name))))
-        elif argument.kind is not ArgumentKind.HISTORY:
-            values.append(getattr(args, argument.name))
-    if task.build_prompt is not None and task.takes(ArgumentKind.REGION) is None:
-        task.build_prompt(*values)  # raises InputError naming the problem; the text itself is built again later
-    return values
-
-
-def _check_output(args: argparse.Namespace, task: Task) -> None:
-    """-o before the model loads: a known extension that can hold this task's result (a DICOM SEG only for DICOM
-    input), and a writable target -- folder exists and is writable, no dangling link, no existing file without
-    --overwrite."""
-    from . import outputs
-
-    if getattr(args, "output", None):
-        outputs.check_output(args.output, task.result, overwrite=args.overwrite, source_path=args.volume,
-                             overwrite_hint="pass --overwrite")
-
-
 def cmd_task(args: argparse.Namespace) -> int:
     """One streaming task (report, ask, choose, locate, describe, segment, segment-expression) on one volume.
 
     Everything that can be checked without the model is checked first (options, prompt, ROI file, output, volume),
     so a mistake costs a second, not a model load and a generated answer."""
     task: Task = args.task
-    args.window_value = _window(args.window)
-    arguments = _task_arguments(task, args)
-    _check_output(args, task)
+    args.window_value = window_option(args.window)
+    arguments = task_arguments(task, args)
+    check_output_option(args, task)
     volume = read_input_volume(args.volume)
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
@@ -308,7 +230,7 @@ def cmd_task(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     _finish_stream(args)
-    written = _write_outputs(args, result, volume)
+    written = write_outputs(args, result, volume)
     if args.json:
         _emit(args, result, "")
     else:
@@ -336,52 +258,6 @@ def _print_parsed(result) -> None:
             print(f"mask: {result.voxel_count} voxels", file=sys.stderr)
         elif result.absent:
             print(f"the model says there is no {result.target}", file=sys.stderr)
-
-
-def _write_outputs(args: argparse.Namespace, result, volume: InputVolume) -> bool:
-    """-o: the format its extension names (outputs.FORMATS). Never overwrites without --overwrite. When the write
-    fails after all (the disk filled, the folder went away), the result is kept: written under a free name beside
-    the target, else in the working or temporary folder -- and said where. False when -o was not honoured."""
-    from . import outputs
-
-    out = getattr(args, "output", None)
-    if not out:
-        return True
-    path = Path(out)
-    try:
-        written = outputs.write_result(path, result, volume.ijk_to_ras, overwrite=args.overwrite,
-                                       source_path=volume.path)
-    except (M3DError, OSError) as e:
-        print(f"m3d {args.command}: error: {e}", file=sys.stderr)
-        kept = _keep_result(path, result, volume)
-        print(f"m3d {args.command}: the result was kept in {kept}" if kept else
-              f"m3d {args.command}: the result could not be kept in a file either; "
-              f"{'it is printed below' if args.json else 'the answer text is above'}", file=sys.stderr)
-        return False
-    if written is None:
-        print(f"no {outputs.format_for(path).holds} to write to {path} ({result.parse_error or 'target absent'})",
-              file=sys.stderr)
-        return True
-    print(f"wrote {written}", file=sys.stderr)
-    return True
-
-
-def _keep_result(path: Path, result, volume: InputVolume) -> Optional[Path]:
-    """Write ``result`` as ``path``'s format under a free name: beside ``path``, else in the working folder, else in
-    the temporary folder. The path written, or None when none of them could be written."""
-    import tempfile
-
-    from . import outputs
-
-    for folder in (path.parent, Path.cwd(), Path(tempfile.gettempdir())):
-        try:
-            target = outputs.unique_path(folder / path.name, other_than_path=True)
-            written = outputs.write_result(target, result, volume.ijk_to_ras, source_path=volume.path)
-            if written is not None:
-                return written
-        except (M3DError, OSError):
-            continue
-    return None
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
@@ -422,7 +298,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         write_cohort_tables,
     )
 
-    window = _window(args.window)
+    window = window_option(args.window)
     specs = [BatchTask.parse(t) for t in args.task]
     check_specs(specs)
     out_dir = Path(args.output_dir)
@@ -456,8 +332,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError:
         raise M3DError("reading Slicer scenes needs slicer-core in a plain shell: pip install slicer-core") from None
     _scene, _logics = headless_slicer()  # registers the node types the scene files use
-    result = export_dataset(args.scenes, args.output, model_shape=tuple(args.model_shape), window=_window(args.window),
-                            validation_fraction=args.validation_fraction, seed=args.seed)
+    result = export_dataset(args.scenes, args.output, model_shape=tuple(args.model_shape),
+                            window=window_option(args.window), validation_fraction=args.validation_fraction,
+                            seed=args.seed)
     print(result.summary())
     return 0
 
