@@ -7,6 +7,8 @@ arrays, nibabel's orientation codes, and TotalSegmentator's labels on the real C
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -330,13 +332,14 @@ def test_each_task_gets_its_training_datas_window_and_orientation(default_engine
     answer = engine.ask("Is the liver enlarged?", sampling=short)
     assert engine.counters["vision_tower"] == 1  # report and VQA share one view: same convention and window
     assert report.provenance.convention == answer.provenance.convention == "m3d-cap-v2@v1"
-    intensity = report.provenance.intensity
-    assert "'name': 'display (DICOM)'" in intensity and "'center': 40.0" in intensity
+    intensity = json.loads(report.provenance.intensity)  # JSON, not a Python repr
+    assert intensity["name"] == "display (DICOM)" and intensity["center"] == 40.0
     box = engine.locate("liver", sampling=short)
-    assert box.provenance.convention == "m3d-seg-v1@v1" and "'scheme': 'percentile'" in box.provenance.intensity
+    assert box.provenance.convention == "m3d-seg-v1@v1"
+    assert json.loads(box.provenance.intensity)["scheme"] == "percentile"
     seg = engine.segment_expression("the cyst in the right kidney", sampling=short)
     assert seg.provenance.convention == "m3d-refseg-v1@v1"
-    assert "'scheme': 'volume-percentile'" in seg.provenance.intensity
+    assert json.loads(seg.provenance.intensity)["scheme"] == "volume-percentile"
     assert engine.counters["vision_tower"] == 3
 
 
@@ -348,7 +351,7 @@ def test_a_chosen_window_overrides_every_tasks_default(tiny_phi3_model, ct):
     engine.set_volume(*ct, window="lung", display_window=(40, 300))
     short = SamplingOptions(max_new_tokens=2)
     for result in (engine.report(sampling=short), engine.locate("liver", sampling=short)):
-        assert "'name': 'lung'" in result.provenance.intensity
+        assert json.loads(result.provenance.intensity)["name"] == "lung"
 
 
 @pytest.mark.parametrize("task", ["report", "locate", "segment_expression"])

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 NOT_IN_SLICERS_PIP = {
     "torch": "PyTorchUtils installs the build for the GPU",
     "simpleitk": "Slicer's own, never replaced",
-    "nibabel": "not imported: volumes are read with SimpleITK",
+    "nibabel": "only the m3d command's NIfTI writer imports it (volumes are read with SimpleITK)",
+    "highdicom": "only the m3d command's DICOM SEG writer imports it",
     "pydicom": "not imported by the worker or the trainer (Slicer ships its own)",
     "pillow": "not imported directly (Slicer ships its own; matplotlib brings it where needed)",
 }

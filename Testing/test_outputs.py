@@ -478,7 +478,7 @@ def test_never_overwrites_without_permission(tmp_path, kind):
     target.write_text("user data")
     with pytest.raises(InputError) as info:
         writers()[kind](target)
-    assert str(target) in str(info.value) and "--overwrite" in str(info.value)
+    assert str(target) in str(info.value) and "overwrite=True" in str(info.value)
     assert target.read_text() == "user data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.out"]
     writers()[kind](target, overwrite=True)
@@ -681,7 +681,7 @@ def test_write_result_picks_the_format_by_extension(tmp_path, headless_slicer):
     assert write_result(tmp_path / "mask.txt", results["mask"]).read_text().startswith("It is [SEG].")
     assert write_result(tmp_path / "absent.seg.nrrd", results["absent"], m) is None  # nothing to write, no file
     assert not (tmp_path / "absent.seg.nrrd").exists()
-    assert set(FORMATS) == {".seg.nrrd", ".nrrd", ".mrk.json", ".json", ".txt"}
+    assert set(FORMATS) == {".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".dcm", ".mrk.json", ".sr.dcm", ".json", ".txt"}
 
 
 def test_write_result_refuses_what_the_extension_cannot_hold(tmp_path):
@@ -689,7 +689,7 @@ def test_write_result_refuses_what_the_extension_cannot_hold(tmp_path):
 
     results = _results()
     with pytest.raises(InputError, match=r"unknown file extension; use \.seg\.nrrd .*\.txt"):
-        write_result(tmp_path / "liver.nii.gz", results["mask"], np.eye(4))
+        write_result(tmp_path / "liver.vtk", results["mask"], np.eye(4))
     with pytest.raises(InputError, match=r"holds a mask, which a report result does not have; use \.json .*\.txt"):
         write_result(tmp_path / "report.seg.nrrd", results["text"])
     with pytest.raises(InputError, match=r"holds a box, which a segment result does not have"):

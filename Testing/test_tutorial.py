@@ -427,13 +427,13 @@ def _venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
-def test_shell_part(clone, tiny_phi3, headless_slicer, monkeypatch, tutorial_server):
-    import slicer
-
+def run_shell_part(clone: Path, model: Path, monkeypatch, forced: bool) -> tuple[subprocess.CompletedProcess, list]:
+    """Every shell block, in order, as one bash script in ``clone``; ``forced``: answers start as FORCED_ANSWERS."""
     from M3DAssistantLib import cli
 
-    monkeypatch.setattr(cli, "_engine", lambda args, bar, make=cli._engine: ForcedAnswers(make(args, bar)))
-    script = "set -euxo pipefail\n" + "".join(with_model(b.text, tiny_phi3) for b in blocks_of("shell"))
+    if forced:
+        monkeypatch.setattr(cli, "_engine", lambda args, bar, make=cli._engine: ForcedAnswers(make(args, bar)))
+    script = "set -euxo pipefail\n" + "".join(with_model(b.text, model) for b in blocks_of("shell"))
     env = dict(os.environ, HOME=str(clone))
     for name in [k for k in env if k.startswith("M3D_")]:
         del env[name]
@@ -441,12 +441,54 @@ def test_shell_part(clone, tiny_phi3, headless_slicer, monkeypatch, tutorial_ser
     try:
         env["PATH"] = os.pathsep.join([str(m3d.bin), str(_venv_bin()), env.get("PATH", "")])
         result = subprocess.run(["bash", "-c", script], check=False, cwd=clone, env=env, capture_output=True, text=True,
-                                timeout=300)
+                                timeout=600)
     finally:
         m3d.close()
     log = f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-6000:]}"
     assert result.returncode == 0, log
     assert [call[0] for call in m3d.calls][:2] == ["inspect", "make-test-checkpoint"], m3d.calls
+    return result, m3d.calls
+
+
+def _check_training_part(clone: Path) -> None:
+    """Part 4: the sample scene exported, trained for two steps and merged into a checkpoint that loads."""
+    manifest = json.loads((clone / "dataset-tiny" / "dataset.json").read_text())
+    assert manifest["model_shape"] == [16, 64, 64] and manifest["seg"]["train"]
+    steps = [json.loads(line) for line in (clone / "runs" / "tiny" / "progress.jsonl").read_text().splitlines()]
+    assert any(event.get("loss") is not None for event in steps)
+    assert (clone / "runs" / "tiny" / "merged" / "config.json").is_file()
+
+
+def test_shell_part_unforced(tmp_path_factory, tiny_phi3, headless_slicer, monkeypatch):
+    """The shell part exactly as a user runs it with the tiny random model: no box, no mask (usually), and every
+    command still succeeds; the files the tutorial promises unconditionally are there."""
+    clone = tmp_path_factory.mktemp("tutorial-unforced")
+    (clone / "Testing").mkdir()
+    (clone / "Testing" / "Data").symlink_to(REPO / "Testing" / "Data", target_is_directory=True)
+    result, _calls = run_shell_part(clone, tiny_phi3, monkeypatch, forced=False)
+    out = clone / "out"
+    assert (out / "report.txt").read_text().rstrip().endswith(f"[{AI_LABEL}]")
+    assert json.loads((out / "report.json").read_text())["provenance"]["label"] == AI_LABEL
+    if not (out / "liver.mrk.json").exists():  # what the tutorial says happens then
+        assert "no box to write to out/liver.mrk.json" in result.stderr
+    for volume in ("example_ct_sm.nii.gz", "example_ct_dicom"):
+        results = json.loads((out / "batch" / volume / "results.json").read_text())
+        assert set(results["tasks"].values()) == {"report", "segment:liver"}
+    assert result.stderr.count("done before, skipped") == 2
+    assert (out / "batch" / "cohort.csv").read_text().count("\n") == 1 + 2 * 2  # header + 2 volumes x 2 tasks
+    _check_training_part(clone)
+    # .gitignore covers everything the tutorial creates in a clone
+    created = sorted(p.name + ("/" if p.is_dir() else "") for p in clone.iterdir()
+                     if p.name != "Testing" and not p.name.startswith("."))  # dot folders: HOME is the clone here
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *created], cwd=REPO, capture_output=True,
+                             text=True).stdout.split()
+    assert created and sorted(ignored) == created, set(created) - set(ignored)
+
+
+def test_shell_part(clone, tiny_phi3, headless_slicer, monkeypatch, tutorial_server):
+    import slicer
+
+    result, _calls = run_shell_part(clone, tiny_phi3, monkeypatch, forced=True)
 
     # 3.1: the hub id's stand-in and the tiny checkpoint the tutorial writes
     assert "will load      yes" in result.stdout and (clone / "m3d-tiny" / "config.json").is_file()
@@ -472,13 +514,16 @@ def test_shell_part(clone, tiny_phi3, headless_slicer, monkeypatch, tutorial_ser
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, ct)
         assert mask.shape == shape and mask.any(), name
 
-    # 3.4: batch, one folder per volume, resumed
-    for volume in ("example_ct_sm", "example_ct_dicom"):
+    assert (out / "liver.nii.gz").is_file()
+    # 3.4: batch, one folder per volume (named after the volume's file or folder), resumed, one cohort table
+    for volume in ("example_ct_sm.nii.gz", "example_ct_dicom"):
         folder = out / "batch" / volume
         results = json.loads((folder / "results.json").read_text())
         assert set(results["results"]) == {"report", "segment_liver"} and results["label"] == AI_LABEL
         assert (folder / "report.txt").is_file() and (folder / "segment_liver.seg.nrrd").is_file()
     assert result.stderr.count("done before, skipped") == 2
+    assert (out / "batch" / "cohort.csv").read_text().count("\n") == 1 + 2 * 2
+    _check_training_part(clone)
 
     # the files the prose names are the ones written
     text = TUTORIAL.read_text(encoding="utf-8")
@@ -486,7 +531,7 @@ def test_shell_part(clone, tiny_phi3, headless_slicer, monkeypatch, tutorial_ser
         assert (clone / path).exists(), f"docs/tutorial.md names `{path}`, which the shell part did not write"
     batch_files = re.search(r"Each volume gets `out/batch/<volume>/`:(.*?)\n\n", text, re.DOTALL)
     named = re.findall(r"`([\w.-]+\.(?:txt|json|nrrd))`", batch_files.group(1))
-    assert named and all((out / "batch" / "example_ct_sm" / name).is_file() for name in named), named
+    assert named and all((out / "batch" / "example_ct_sm.nii.gz" / name).is_file() for name in named), named
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -510,15 +555,18 @@ class InProcessWorker:
 
 
 class InProcessWorkerBackend:
-    """Stands in for LocalWorkerBackend: the worker's engine (model, device, CLIP as given), in this process."""
+    """Stands in for LocalWorkerBackend: the worker's engine (model, device, CLIP as given), in this process; its
+    answers forced when ``forced`` (the class attribute the console fixture sets)."""
+
+    forced = True
 
     def __init__(self, worker):
         from M3DAssistantLib.engine import InferenceEngine
 
         self.worker = worker
         self.on_progress = None
-        self._engine = ForcedAnswers(InferenceEngine(worker.model, device=worker.device,
-                                                     clip_model=worker.clip_model))
+        engine = InferenceEngine(worker.model, device=worker.device, clip_model=worker.clip_model)
+        self._engine = ForcedAnswers(engine) if self.forced else engine
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -528,11 +576,14 @@ class InProcessWorkerBackend:
 
 
 @pytest.fixture
-def console(assistant, slicer_harness, tiny_phi3, tiny_clip, monkeypatch, clone):  # noqa: F811
-    """A namespace as Slicer's Python console has it, after part 1 loaded the CT; yields (namespace, logic, volume)."""
+def console(request, assistant, slicer_harness, tiny_phi3, tiny_clip, monkeypatch, clone):  # noqa: F811
+    """A namespace as Slicer's Python console has it, after part 1 loaded the CT; yields (namespace, logic, volume).
+    Answers are forced unless the test parametrizes it indirectly with False."""
     import slicer
 
     from M3DAssistantLib import backends, worker
+
+    monkeypatch.setattr(InProcessWorkerBackend, "forced", getattr(request, "param", True))
 
     logics = slicer_harness.logics
     volume = logics["volumes"].AddArchetypeVolume(str(REPO / "Testing/Data/totalsegmentator/example_ct_sm.nii.gz"),
@@ -558,6 +609,21 @@ def console(assistant, slicer_harness, tiny_phi3, tiny_clip, monkeypatch, clone)
 def _segment_names(segmentation_node) -> list[str]:
     segmentation = segmentation_node.GetSegmentation()
     return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+@pytest.mark.parametrize("console", [False], indirect=True)
+def test_console_part_unforced(console, tiny_phi3):
+    """The console part exactly as typed, with the tiny model answering as it does (no box or mask, usually): every
+    block runs and gives what it promises whatever the answers."""
+    from M3DAssistantLib.results import TextResult
+
+    ns, logic, volume = console
+    "".join(run_python_block(block, ns) for block in blocks_of("console"))
+    assert ns["textNode"] is None or ns["textNode"].GetText().startswith(f"[{AI_LABEL}]")
+    assert isinstance(ns["answer"], str) and isinstance(ns["description"], str)
+    assert ns["roiNode"] is None or ns["roiNode"].IsA("vtkMRMLMarkupsROINode")
+    assert isinstance(ns["result"], TextResult) and ns["result"].provenance.model == str(tiny_phi3)
+    assert ns["request"].done()
 
 
 def test_console_part(console, assistant, tiny_phi3):  # noqa: F811
@@ -599,7 +665,7 @@ def test_console_part(console, assistant, tiny_phi3):  # noqa: F811
     assert ns["croppedReport"].GetName() == "example_ct_sm M3D report (2)"  # nothing overwritten
     assert isinstance(ns["result"], TextResult) and ns["result"].provenance.label == AI_LABEL
     assert ns["result"].provenance.model == str(tiny_phi3)
-    assert "liver" in roi.GetAttribute("M3D.prompt")
+    assert ns["croppedReport"].GetAttribute("M3D.prompt") == ns["result"].provenance.prompt
     # 2.4
     assert ns["request"].done() and ns["laterNode"].GetName() == "example_ct_sm M3D report (3)"
 

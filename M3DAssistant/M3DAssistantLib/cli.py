@@ -1,7 +1,8 @@
 """``m3d``: M3D-LaMed from the shell (also ``python -m M3DAssistantLib``).
 
 Errors the user can fix (missing model, bad input, offline) are printed as one line, without a traceback, and the
-command exits with status 2.
+command exits with status 2. What is read and written around the model (options, volume, ``-o``), and checked before
+it loads, is in :mod:`.cli_io`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,28 @@ from typing import Callable, Optional, Sequence
 
 from . import AI_LABEL
 from .analysis_cli import add_analysis_args, analysis_options, check_analysis_outputs, write_analysis_outputs
-from .errors import M3DError
+from .cli_io import (
+    InputVolume,
+    check_output_option,
+    max_new_tokens,
+    read_input_volume,
+    task_arguments,
+    window_option,
+    write_outputs,
+)
+from .errors import InputError, M3DError
 from .progress import ProgressEvent
+from .results import MAX_NEW_TOKENS
 from .tasks import FIND_SIMILAR, STREAMING_TASKS, TRAINING_NAMES, ArgumentKind, Task
 
 SAMPLE_CT = Path(__file__).resolve().parents[2] / "Testing" / "Data" / "totalsegmentator" / "example_ct_sm.nii.gz"
 
 
 class ProgressBar:
-    """Shows ProgressEvents as a tqdm bar per stage on stderr (the CLI view of the one progress mechanism)."""
+    """Shows ProgressEvents as a tqdm bar per stage on stderr (the CLI view of the one progress mechanism). Every
+    bar is closed -- its line ended -- before the next message: the answer's first text, an error, the summary."""
+
+    open_bars: "set[ProgressBar]" = set()
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -40,6 +54,7 @@ class ProgressBar:
             self.stage = event.stage
             self.bar = tqdm(total=100, desc=event.stage, file=sys.stderr, leave=False,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+            ProgressBar.open_bars.add(self)
         if event.fraction is not None:
             self.bar.n = round(event.fraction * 100)
         self.bar.set_postfix_str(event.message, refresh=True)
@@ -48,6 +63,18 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.stage = None
+        ProgressBar.open_bars.discard(self)
+
+    def stop(self) -> None:
+        """Close the bar and show no more: the answer's text is streaming on the terminal now."""
+        self.close()
+        self.enabled = False
+
+    @classmethod
+    def close_all(cls) -> None:
+        for bar in list(cls.open_bars):
+            bar.close()
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +92,9 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
                              "volume-percentile, or CENTER,WIDTH in HU (default: each task as its training data -- "
                              "report/VQA the DICOM WindowCenter/Width, else abdomen for CT; boxes and segmentation "
                              "the M3D-Seg percentiles; referring segmentation the M3D-RefSeg percentiles)")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=max_new_tokens, default=256,
+                        help=f"longest answer in tokens, 1 to {MAX_NEW_TOKENS} (default 256; the model was trained on "
+                             f"512-token sequences)")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -75,9 +104,14 @@ def _add_generation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """Reads JSON files and safetensors headers only; torch is imported only with --check-tensors."""
+    from .model.hub import with_model_hint
     from .model.inspection import format_report, inspect_checkpoint
 
-    report = inspect_checkpoint(args.checkpoint)
+    try:
+        report = inspect_checkpoint(args.checkpoint, compare_with_model=args.check_tensors)
+    except M3DError as e:  # the checkpoint is this command's argument, not --model / M3D_MODEL
+        raise with_model_hint(e, "give that folder as the argument: m3d inspect PATH") from None
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0 if report["will_load"] else 1
 
@@ -105,14 +139,6 @@ def _sampling(args: argparse.Namespace):
                            top_p=args.top_p, seed=args.seed)
 
 
-def _window(value: Optional[str]):
-    """--window: a preset name, "minmax", or CENTER,WIDTH."""
-    if value is None or "," not in value:
-        return value
-    center, width = (float(v) for v in value.split(","))
-    return (center, width)
-
-
 def _engine(args: argparse.Namespace, bar: "ProgressBar"):
     from .engine import InferenceEngine
 
@@ -123,14 +149,16 @@ def _engine(args: argparse.Namespace, bar: "ProgressBar"):
         bar.close()
 
 
-def _load_volume(engine, path: str, args: argparse.Namespace):
-    from .volume_io import read_volume, read_volume_metadata
+def _set_volume(engine, volume: InputVolume, args: argparse.Namespace) -> None:
+    engine.set_volume(volume.array, volume.ijk_to_ras, window=args.window_value,
+                      display_window=volume.metadata.display_window, modality=volume.metadata.modality)
 
-    array, ijk_to_ras = read_volume(Path(path))
-    meta = read_volume_metadata(Path(path))  # DICOM display window and modality: the report/VQA default window
-    engine.set_volume(array, ijk_to_ras, window=_window(args.window), display_window=meta.display_window,
-                      modality=meta.modality)
-    return array, ijk_to_ras
+
+def _load_volume(engine, path: str, args: argparse.Namespace):
+    args.window_value = window_option(args.window)
+    volume = read_input_volume(path)
+    _set_volume(engine, volume, args)
+    return volume.array, volume.ijk_to_ras
 
 
 def _emit(args: argparse.Namespace, result, human: str, streamed: bool = False) -> None:
@@ -141,12 +169,14 @@ def _emit(args: argparse.Namespace, result, human: str, streamed: bool = False) 
         print(human)
 
 
-def _stream_printer(args: argparse.Namespace):
-    """Print answer text as it is generated (not in --json mode)."""
+def _stream_printer(args: argparse.Namespace, bar: Optional["ProgressBar"] = None):
+    """Print answer text as it is generated (not in --json mode); the progress bar ends its line first."""
     if args.json:
         return None
 
     def on_text(text: str) -> None:
+        if bar is not None:
+            bar.stop()
         sys.stdout.write(text)
         sys.stdout.flush()
 
@@ -173,54 +203,45 @@ def _add_task_command(sub: "argparse._SubParsersAction", task: Task) -> argparse
             p.add_argument(f"--{argument.name}", required=True)
     _add_model_args(p)
     _add_generation_args(p)
-    p.add_argument("-o", "--output", help="write the result, format by extension: .seg.nrrd or .nrrd (the "
-                   "mask), .mrk.json (the box), .json (the result with provenance), .txt (the answer)")
+    p.add_argument("-o", "--output", help="write the result, format by extension: .seg.nrrd or .nrrd (the mask "
+                   "for Slicer), .nii.gz or .nii (the mask as a NIfTI label map), .dcm (the mask as DICOM SEG, for "
+                   "DICOM input), .mrk.json (the box), .json (the result with provenance), .txt (the answer); "
+                   "checked before the model loads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     add_analysis_args(p, task)
     p.set_defaults(func=cmd_task, task=task)
     return p
 
 
-def _task_arguments(task: Task, args: argparse.Namespace) -> list:
-    """The engine method's arguments from the command line (an ROI file is read here, before the model loads)."""
-    from . import outputs
-
-    values = []
-    for argument in task.arguments:
-        if argument.kind is ArgumentKind.REGION:
-            values.append(outputs.read_roi(Path(getattr(args, argument.name))))
-        elif argument.kind is not ArgumentKind.HISTORY:
-            values.append(getattr(args, argument.name))
-    return values
-
-
 def cmd_task(args: argparse.Namespace) -> int:
-    """One streaming task (report, ask, choose, locate, describe, segment, segment-expression) on one volume."""
-    from . import outputs
+    """One streaming task (report, ask, choose, locate, describe, segment, segment-expression) on one volume.
 
+    Everything that can be checked without the model is checked first (options, prompt, ROI file, output, volume),
+    so a mistake costs a second, not a model load and a generated answer."""
     task: Task = args.task
-    if getattr(args, "output", None):
-        outputs.format_for(args.output)  # an unknown extension fails now, not after the model has run
+    args.window_value = window_option(args.window)
+    arguments = task_arguments(task, args)
+    check_output_option(args, task)
     check_analysis_outputs(task, args)
-    arguments = _task_arguments(task, args)
     analysis = analysis_options(task, args)
+    volume = read_input_volume(args.volume)
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
-    _array, ijk_to_ras = _load_volume(engine, args.volume, args)
-    sampling, on_text = _sampling(args), _stream_printer(args)
+    _set_volume(engine, volume, args)
+    sampling, on_text = _sampling(args), _stream_printer(args, bar)
     extra = {"analysis": analysis} if analysis is not None else {}
     try:
         result = getattr(engine, task.engine_method)(*arguments, sampling=sampling, on_text=on_text, **extra)
     finally:
         bar.close()
     _finish_stream(args)
-    _write_outputs(args, result, ijk_to_ras)
-    write_analysis_outputs(args, result, ijk_to_ras)
+    written = write_outputs(args, result, volume)
+    write_analysis_outputs(args, result, volume.ijk_to_ras)
     if args.json:
         _emit(args, result, "")
     else:
         _print_parsed(result)
-    return 0
+    return 0 if written else 2
 
 
 def _print_parsed(result) -> None:
@@ -247,42 +268,31 @@ def _print_parsed(result) -> None:
             print(f"the model says there is no {result.target}", file=sys.stderr)
 
 
-def _write_outputs(args: argparse.Namespace, result, ijk_to_ras) -> None:
-    """-o: the format its extension names (outputs.FORMATS). Never overwrites without --overwrite."""
-    from . import outputs
-
-    out = getattr(args, "output", None)
-    if not out:
-        return
-    path = Path(out)
-    written = outputs.write_result(path, result, ijk_to_ras, overwrite=args.overwrite)
-    if written is None:
-        print(f"no {outputs.format_for(path).holds} to write to {path} ({result.parse_error or 'target absent'})",
-              file=sys.stderr)
-        return
-    print(f"wrote {written}", file=sys.stderr)
-
-
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .model.hub import with_model_hint
     from .retrieval import Retriever
-    from .volume_io import read_volume, read_volume_metadata
 
+    if args.texts and len(args.volumes) != 1:
+        raise InputError("with --texts give exactly one volume to rank them for; to rank volumes, give --text once")
+    window = window_option(args.window)
+    volumes = [read_input_volume(v) for v in args.volumes]  # read and checked before M3D-CLIP loads
     bar = ProgressBar(not args.quiet)
-    retriever = Retriever(args.clip_model, device=args.device, dtype=args.dtype)
-    bar.close()
+    try:
+        retriever = Retriever(args.clip_model, device=args.device, dtype=args.dtype)
+    except M3DError as e:  # the CLIP model is named with --clip-model here, never --model / M3D_MODEL
+        raise with_model_hint(e, "pass it with --clip-model PATH", "GoodBaiBai88/M3D-CLIP") from None
+    finally:
+        bar.close()
     # each volume's default window (retrieval's: the display window) from its DICOM WindowCenter/Width and Modality
-    metas = [read_volume_metadata(Path(v)) for v in args.volumes]
     if args.texts:
-        if len(args.volumes) != 1:
-            raise M3DError("with --texts give exactly one volume to rank them for.")
-        result = retriever.rank_texts(read_volume(Path(args.volumes[0])), args.texts, window=_window(args.window),
-                                      display_window=metas[0].display_window, modality=metas[0].modality)
+        first = volumes[0]
+        result = retriever.rank_texts((first.array, first.ijk_to_ras), args.texts, window=window,
+                                      display_window=first.metadata.display_window, modality=first.metadata.modality)
     else:
-        volumes = [read_volume(Path(v)) for v in args.volumes]
-        result = retriever.rank_volumes(args.text, volumes, labels=[Path(v).name for v in args.volumes],
-                                        window=_window(args.window),
-                                        display_windows=[m.display_window for m in metas],
-                                        modalities=[m.modality for m in metas])
+        result = retriever.rank_volumes(args.text, [(v.array, v.ijk_to_ras) for v in volumes],
+                                        labels=[v.path.name for v in volumes], window=window,
+                                        display_windows=[v.metadata.display_window for v in volumes],
+                                        modalities=[v.metadata.modality for v in volumes])
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -292,20 +302,38 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import BatchTask, find_volumes, run_batch, split_for_this_process
+    from .batch import (
+        BatchTask,
+        check_specs,
+        find_volumes,
+        finish_distributed,
+        run_batch,
+        split_for_this_process,
+        write_cohort_tables,
+    )
 
+    window = window_option(args.window)
     specs = [BatchTask.parse(t) for t in args.task]
+    check_specs(specs)
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; give a folder for the results (-o)")
+    if not out_dir.parent.is_dir():
+        raise InputError(f"cannot write into {out_dir}: the folder {out_dir.parent} does not exist; create it first")
     volumes, device = split_for_this_process(find_volumes(Path(args.folder)))
     if device is not None:
         args.device = device
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
-    status = run_batch(engine, volumes, specs, Path(args.output_dir), sampling=_sampling(args),
-                       window=_window(args.window))
+    out_dir.mkdir(exist_ok=True)
+    summary = run_batch(engine, volumes, specs, out_dir, sampling=_sampling(args), window=window)
     bar.close()
-    failed = [name for name, s in status.items() if s.startswith("failed")]
-    print(f"{len(status) - len(failed)} volume(s) done or skipped, {len(failed)} failed; results in {args.output_dir}")
-    return 1 if failed else 0
+    tables = ""
+    if finish_distributed():
+        csv_path, jsonl_path = write_cohort_tables(out_dir)
+        tables = f"; cohort table {csv_path} and {jsonl_path}"
+    print(summary.line() + tables)
+    return 1 if summary.failed else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -318,8 +346,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError:
         raise M3DError("reading Slicer scenes needs slicer-core in a plain shell: pip install slicer-core") from None
     _scene, _logics = headless_slicer()  # registers the node types the scene files use
-    result = export_dataset(args.scenes, args.output, model_shape=tuple(args.model_shape), window=_window(args.window),
-                            validation_fraction=args.validation_fraction, seed=args.seed)
+    result = export_dataset(args.scenes, args.output, model_shape=tuple(args.model_shape),
+                            window=window_option(args.window), validation_fraction=args.validation_fraction,
+                            seed=args.seed)
     print(result.summary())
     return 0
 
@@ -342,9 +371,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for task, entry in results["tasks"].items():
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in entry["metrics"].items() if isinstance(v, (int, float)))
         print(f"{task:11} n={entry['n']:<4} {metrics}")
-    for message in results["messages"]:
-        print(f"note: {message}", file=sys.stderr)
-    print(f"wrote {', '.join(str(p) for p in paths)}")
+    print(f"wrote {', '.join(str(p) for p in paths)}")  # write_evaluation has logged each message once
     return 0
 
 
@@ -426,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a checkpoint and say whether it will load (reads no weights)")
     p.add_argument("checkpoint", help="local folder (or cached hub id)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--check-tensors", action="store_true",
+                   help="also build the model on the meta device (no memory) and compare every tensor name and "
+                        "shape (imports torch: a few seconds)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="report, liver mask and liver box for the bundled sample CT, as Slicer files")
@@ -534,13 +564,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        try:
+            return func(args)
+        finally:
+            ProgressBar.close_all()  # a bar's line ends before the error message
     except M3DError as e:
         print(f"m3d {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:  # an optional dependency of this command is not installed
         print(f"m3d {args.command}: error: the Python package {e.name!r} is missing; install the extras this command "
-              "needs, e.g. pip install 'm3d-slicer[server,training]' (see README, Install)", file=sys.stderr)
+              "needs, e.g. pip install -e '.[server,training]' in your clone (see README, Install)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"m3d {args.command}: interrupted", file=sys.stderr)

@@ -33,6 +33,7 @@ import collections
 import copy
 import dataclasses
 import hashlib
+import json
 import logging
 import queue
 import threading
@@ -445,7 +446,7 @@ class InferenceEngine:
             task=task.training_name, model=self.model_source, model_revision=self.model_revision,
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device), prompt=prompt,
             convention=f"{mapping.convention}@v{mapping.version}" if mapping is not None else None,
-            intensity=repr(mapping.intensity) if mapping is not None else None,
+            intensity=json.dumps(mapping.intensity) if mapping is not None else None,  # JSON, not a repr
             sampling=sampling.to_dict() if sampling is not None else {},
             seed=sampling.seed if sampling is not None else None, duration_s=round(time.perf_counter() - started, 3),
             analysis=analysis.to_dict() if analysis is not None else {},

@@ -27,6 +27,10 @@ class InputError(M3DError, ValueError):
     """Bad user input: a volume, prompt, box or ROI that cannot be used as given."""
 
 
+class LabelMapError(InputError):
+    """A label map or mask was given where an image (CT, MR) is needed."""
+
+
 class GeometryError(InputError):
     """A volume's geometry (IJK->RAS matrix, ROI, box) cannot be mapped."""
 

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 from typing import Any, Optional
 
 import numpy as np
 
 from . import AI_LABEL, __version__
+
+MAX_NEW_TOKENS = 1024
+"""The longest answer anyone may ask for: the CLI's --max-new-tokens and the server's default limit. The model was
+trained on 512-token sequences (256 of them image tokens), so answers near this length are already far outside what
+it saw; the cap stops a typo (100000) from generating for minutes."""
 
 
 def utc_now() -> str:
@@ -371,10 +377,12 @@ class Provenance:
         return dataclasses.asdict(self)
 
     def as_node_attributes(self, prefix: str = "M3D.") -> dict[str, str]:
-        """Flat string attributes for MRML nodes (``node.SetAttribute(key, value)``)."""
+        """Flat string attributes for MRML nodes (``node.SetAttribute(key, value)``): strings as they are, other
+        values as JSON (``{"max_new_tokens": 256, ...}``, ``[]``, ``12.5``), None as ``""``."""
         out = {}
         for key, value in self.to_dict().items():
-            out[prefix + key] = value if isinstance(value, str) else repr(value) if value is not None else ""
+            out[prefix + key] = value if isinstance(value, str) else json.dumps(value, default=str) \
+                if value is not None else ""
         return out
 
 

@@ -431,10 +431,8 @@ def _used(result: Any) -> tuple[str, str]:
     window = "?"
     if result.provenance.intensity:
         try:
-            import ast
-
-            window = str(ast.literal_eval(result.provenance.intensity).get("name", "?"))
-        except (ValueError, SyntaxError):
+            window = str(json.loads(result.provenance.intensity).get("name", "?"))
+        except (ValueError, AttributeError):
             pass
     return convention, window
 

@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, LabelMapError
 from .preprocessing import DisplayWindow
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,86 @@ def read_volume(path: Union[str, os.PathLike], *, series_uid: Optional[str] = No
         import SimpleITK  # noqa: F401  (fail here, with the fix, rather than deep inside a reader)
     except ImportError:
         raise InputError(
-            "reading volume files needs SimpleITK: pip install SimpleITK (or m3d-slicer[inference])"
+            "reading volume files needs SimpleITK: pip install SimpleITK (or pip install -e '.[inference]' in the "
+            "clone)"
         ) from None
+    _quiet_itk()
     p = Path(path)
     if not p.exists():
         raise InputError(f"no volume at {p}: the file or folder does not exist; check the path")
     image = _read_dicom_folder(p, series_uid) if p.is_dir() else _read_file(p)
     return _image_to_slicer(image)
+
+
+LABEL_MAP_MAX_LABELS = 256
+"""More distinct values than this and an integer volume is an image, not a label map."""
+LABEL_MAP_MIN_EQUAL_NEIGHBOURS = 0.6
+"""A label map is piecewise constant: inside its labelled region, at least this fraction of neighbouring voxels
+(along I) hold the same value (TotalSegmentator's 3 mm sample: 0.83). Images, even 8-bit ones, are far below (noise
+and gradients)."""
+
+
+def label_map_description(array_kji: np.ndarray) -> Optional[str]:
+    """Why this integer volume looks like a label map or mask ("4 distinct values 0..3, ..."), or None for an image.
+
+    A label map here: integer voxels in 0..255 with at most :data:`LABEL_MAP_MAX_LABELS` distinct values, piecewise
+    constant (:data:`LABEL_MAP_MIN_EQUAL_NEIGHBOURS`). A CT in HU has negative values and thousands of levels; an 8-bit
+    MR or a JPEG-derived stack is not piecewise constant. Reads a strided sample, so it is cheap on large volumes.
+    """
+    a = np.asarray(array_kji)
+    if a.dtype.kind == "b":
+        return "a binary mask (boolean voxels)"
+    if a.dtype.kind not in "iu" or a.ndim != 3 or a.size == 0:
+        return None
+    step = max(1, round((a.size / 4e6) ** (1 / 3)))  # about 4 million voxels at most
+    sample = a[::step, ::step, :]  # keep I whole: neighbours along I are compared
+    low, high = int(sample.min()), int(sample.max())
+    if low < 0 or high > 255 or high == low:
+        return None
+    values = np.flatnonzero(np.bincount(sample.ravel().astype(np.int64), minlength=high + 1))
+    if len(values) > LABEL_MAP_MAX_LABELS:
+        return None
+    inside = (sample[..., 1:] != low) | (sample[..., :-1] != low)  # pairs touching the labelled region
+    pairs = int(inside.sum())
+    if pairs == 0:
+        return None
+    equal = float(((sample[..., 1:] == sample[..., :-1]) & inside).sum()) / pairs
+    if equal < LABEL_MAP_MIN_EQUAL_NEIGHBOURS:
+        return None
+    shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    return f"{len(values)} distinct integer values ({shown}) in large constant regions"
+
+
+def _image_siblings(path: Path) -> list[Path]:
+    """Volume files or DICOM folders near ``path`` that may be the image it labels (same folder and the folder above,
+    names without seg/label/mask first)."""
+    suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+    found = []
+    for folder in (path.parent, path.parent.parent):
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry.name.lower()
+            if entry == path or any(w in name for w in ("seg", "label", "mask")):
+                continue
+            if (entry.is_file() and name.endswith(suffixes)) or (entry.is_dir() and name.endswith("dicom")):
+                found.append(entry)
+    return found[:3]
+
+
+def check_not_label_map(array_kji: np.ndarray, path: Union[str, os.PathLike]) -> None:
+    """InputError when the volume read from ``path`` is a label map (e.g. TotalSegmentator's
+    ``segmentation.nii.gz``), naming the image next to it when there is one."""
+    why = label_map_description(array_kji)
+    if why is None:
+        return
+    p = Path(path)
+    siblings = _image_siblings(p)
+    hint = f"; the image next to it may be {' or '.join(str(s) for s in siblings)}" if siblings else ""
+    raise LabelMapError(f"{p} is a label map or mask ({why}), not an image; M3D needs the CT or MR itself -- give the "
+                     f"image volume{hint}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +179,7 @@ def read_volume_metadata(path: Union[str, os.PathLike], *, series_uid: Optional[
     defines them. Volume files other than DICOM give an empty record; an unreadable or absent path is an InputError
     as in :func:`read_volume`.
     """
-    import SimpleITK as sitk
-
+    sitk = _quiet_itk()
     p = Path(path)
     if not p.exists():
         raise InputError(f"no volume at {p}: the file or folder does not exist; check the path")
@@ -251,6 +323,18 @@ def _read_dicom_folder(folder: Path, series_uid: Optional[str]):
     return image
 
 
+def dicom_series_files(path: Union[str, os.PathLike], *, series_uid: Optional[str] = None) -> Optional[list[Path]]:
+    """The files of the DICOM series :func:`read_volume` reads from ``path``, in the order of its K axis (slice k of
+    the array is file k); None when ``path`` is not DICOM (a NIfTI, NRRD or MetaImage file). Headers only."""
+    _quiet_itk()
+    p = Path(path)
+    if p.is_dir():
+        return [Path(f) for f in _series_files(p, series_uid)]
+    if p.is_file() and (p.suffix.lower() in (".dcm", ".ima") or _is_dicom_file(p)):
+        return [p]
+    return None
+
+
 def _series_files(folder: Path, series_uid: Optional[str]) -> list[str]:
     """The files of the one series in ``folder`` (or of ``series_uid``), sorted along the slice normal."""
     import SimpleITK as sitk
@@ -311,6 +395,15 @@ def _check_slice_positions(reader, n: int, folder: Path) -> None:
             f"{np.abs(along).max():.3g} mm; missing slices?); load it in Slicer (which resamples such series) or "
             f"check that all files are present"
         )
+
+
+def _quiet_itk():
+    """SimpleITK with ITK's own warnings off: they go straight to stderr as raw "WARNING: In .../itk...cxx" lines,
+    and every case they describe (missing slices, no series) is reported by our own messages. Returns the module."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk
 
 
 def _first_line(exc: BaseException) -> str:

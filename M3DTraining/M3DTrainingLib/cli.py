@@ -16,6 +16,7 @@ import os
 from .jobs import Job
 from .memory import estimate_memory
 from .merge import merge
+from .preflight import check_dataset_fits_model
 from .train import add_config_arguments, config_from_args, print_event, run_training
 
 
@@ -35,6 +36,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(estimate_memory(config).format())
         return 0
     inside_launch = "LOCAL_RANK" in os.environ
+    check_dataset_fits_model(config.dataset, config.base_model)  # also before a detached job is started
     if not inside_launch and (args.detach or config.num_processes > 1):
         job = Job.start(config)
         print(f"started training job (pid {job.pid}); progress: {job.progress_path}, log: {job.log_path}")

@@ -54,6 +54,7 @@ from .config import (
 )
 from .lora import official_name, prepare_model
 from .memory import HEADROOM, estimate_memory, resolve_mixed_precision
+from .preflight import check_dataset_fits_model
 from .progress_log import ProgressLog, TrainingProgressEvent
 
 logger = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None) -> T
     from M3DAssistantLib.model import load_model
 
     config = config.with_absolute_paths()
+    check_dataset_fits_model(config.dataset, config.base_model)  # before the model loads: one line with the fix
     output_dir = Path(config.output_dir)
     adapter_dir = output_dir / ADAPTER_DIR
     if adapter_dir.exists():

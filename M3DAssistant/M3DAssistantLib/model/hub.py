@@ -18,6 +18,18 @@ from ..progress import ProgressCallback, report
 DEFAULT_MODEL = "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
 DEFAULT_CLIP = "GoodBaiBai88/M3D-CLIP"
 MODEL_ENV = "M3D_MODEL"
+PASS_MODEL_HINT = f"pass it with --model PATH (or set {MODEL_ENV}=PATH)"
+"""How a message tells the user to name a model folder; commands that take the model otherwise (``m3d inspect
+PATH``, ``m3d retrieve --clip-model PATH``) say their own way instead (:func:`with_model_hint`)."""
+
+
+def with_model_hint(error: Exception, hint: str, example: Optional[str] = None) -> Exception:
+    """The same error with :data:`PASS_MODEL_HINT` replaced by ``hint`` (and the default hub id in examples by
+    ``example``), for a command whose model is not given with ``--model``."""
+    text = str(error).replace(PASS_MODEL_HINT, hint)
+    if example:
+        text = text.replace(f"such as {DEFAULT_MODEL}", f"such as {example}")
+    return type(error)(text)
 # What a checkpoint needs; remote-code .py files and other extras on the hub repos are not downloaded.
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.txt"]
 # Enough to describe a checkpoint (config, weight index, tokenizer config) without its weights.
@@ -98,8 +110,7 @@ def _download(repo_id: str, revision: Optional[str], progress: Optional[Progress
         raise ModelNotAvailableError(
             f"{repo_id} is not in the Hugging Face cache ({HF_HUB_CACHE}) and could not be downloaded ({name}). "
             "If this machine is offline, download the model elsewhere (`hf download "
-            f"{repo_id} --local-dir M3D-model`), copy the folder here and pass it with --model PATH "
-            f"(or set {MODEL_ENV}=PATH)."
+            f"{repo_id} --local-dir M3D-model`), copy the folder here and {PASS_MODEL_HINT}."
         ) from None
     report(progress, "download", 1.0, f"{repo_id} ready")
     return Path(folder)

@@ -1,7 +1,9 @@
 """``m3d inspect``: what a checkpoint is and whether it will load, from config.json and the weight index alone.
 
 Works on a folder whose download has not finished (only config.json and the index needed) and on machines without a
-GPU. Weight files are never read beyond their safetensors headers.
+GPU. Weight files are never read beyond their safetensors headers. Without ``compare_with_model`` nothing here
+imports torch (``m3d inspect`` answers in about half a second); the tensors whose shapes follow from config.json
+alone are still compared.
 """
 
 from __future__ import annotations
@@ -119,7 +121,12 @@ def inspect_checkpoint(source: Union[str, Path], compare_with_model: bool = True
         problems.append(f"tokenizer files lack {', '.join(absent)}")
     elif mm.seg_token_id is not None and tokens["[SEG]"] != mm.seg_token_id:
         problems.append(f"[SEG] is {tokens['[SEG]']} in the tokenizer but seg_token_id is {mm.seg_token_id}")
+    if stored and not compare_with_model:
+        problems += _anchor_problems(raw, mm, stored)
+        report["tensors_compared"] = ("embeddings, lm_head, vision position embeddings and layer counts against "
+                                      "config.json (every tensor with --check-tensors)")
     if stored and compare_with_model:
+        report["tensors_compared"] = "every tensor name and shape against the model config.json builds"
         expected = _expected_tensors(raw, folder, problems)
         if expected is not None:
             missing = sorted(set(expected) - set(stored))
@@ -133,6 +140,34 @@ def inspect_checkpoint(source: Union[str, Path], compare_with_model: bool = True
                 problems.append(f"{len(wrong)} tensor(s) with shapes that disagree with config.json, e.g. {wrong[0]}")
     report["will_load"] = not problems
     return report
+
+
+def _anchor_problems(raw: dict, mm: Any, stored: dict[str, tuple]) -> list[str]:
+    """Without torch: the tensors whose shapes follow from config.json alone -- the token embeddings and output head
+    (vocabulary x width), the vision tower's position embeddings (patches x width) -- and the number of language
+    model layers and vision blocks. A config.json that does not belong to the weights fails here."""
+    problems = []
+    vocab, hidden = raw.get("vocab_size"), raw.get("hidden_size")
+    patches = 1
+    for size, patch in zip(mm.image_size, mm.patch_size):
+        patches *= int(size) // int(patch)
+    expected = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.vision_tower.vision_tower.patch_embedding.position_embeddings": (1, patches, mm.mm_hidden_size),
+    }
+    for name, shape in expected.items():
+        found = stored.get(name)
+        if found and tuple(found[1]) != tuple(shape):
+            problems.append(f"{name} has shape {tuple(found[1])}, config.json gives {tuple(shape)}: shapes that "
+                            f"disagree with config.json (the config does not belong to these weights)")
+    for prefix, key, count in (("model.layers.", "num_hidden_layers", raw.get("num_hidden_layers")),
+                               ("model.vision_tower.vision_tower.blocks.", "vision_num_layers", mm.vision_num_layers)):
+        indices = {int(n[len(prefix):].split(".")[0]) for n in stored if n.startswith(prefix)}
+        if indices and count is not None and len(indices) != int(count):
+            problems.append(f"the weights hold {len(indices)} layers under {prefix}N but config.json's {key} is "
+                            f"{count}")
+    return problems
 
 
 def _numel(shape) -> int:
@@ -163,7 +198,7 @@ def format_report(report: dict[str, Any]) -> str:
     """Human-readable lines for the CLI."""
     lines = [f"{'checkpoint':14} {report['folder']}"]
     for key in ("variant", "model_type", "weights", "stored_dtypes", "parameters", "llm", "vision", "segmentation",
-                "seg_token_id", "tokens", "add_bos_token"):
+                "seg_token_id", "tokens", "add_bos_token", "tensors_compared"):
         if key in report:
             value = report[key]
             if key == "parameters":

@@ -25,16 +25,17 @@ log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-_COMPOUND_SUFFIXES = (".seg.nrrd", ".seg.nhdr", ".seg.vtm", ".mrk.json", ".nii.gz", ".tar.gz")
+_COMPOUND_SUFFIXES = (".seg.nrrd", ".seg.nhdr", ".seg.vtm", ".mrk.json", ".nii.gz", ".sr.dcm", ".tar.gz")
 
 
-def unique_path(path: PathLike) -> Path:
+def unique_path(path: PathLike, *, other_than_path: bool = False) -> Path:
     """``path`` if nothing is there yet, else the first free ``name (2).ext``, ``name (3).ext``, ...
 
-    Compound extensions stay together: ``liver.seg.nrrd`` -> ``liver (2).seg.nrrd``.
+    Compound extensions stay together: ``liver.seg.nrrd`` -> ``liver (2).seg.nrrd``. ``other_than_path``: never
+    ``path`` itself (a second name beside a target that could not be written).
     """
     p = Path(path)
-    if not _lexists(p):
+    if not _lexists(p) and not other_than_path:
         return p
     name = p.name
     suffix = next((s for s in _COMPOUND_SUFFIXES if name.lower().endswith(s) and len(name) > len(s)), None)
@@ -53,7 +54,7 @@ def _lexists(p: Path) -> bool:
     return os.path.lexists(p)
 
 
-def _check_target(path: PathLike, overwrite: bool) -> Path:
+def _check_target(path: PathLike, overwrite: bool, overwrite_hint: str = "pass overwrite=True") -> Path:
     p = Path(path)
     if p.name in ("", ".", ".."):
         raise InputError(f"{str(path)!r} is not a file name; give a file path such as result.seg.nrrd")
@@ -61,9 +62,32 @@ def _check_target(path: PathLike, overwrite: bool) -> Path:
         raise InputError(f"cannot write {p}: the folder {p.parent} does not exist; create it or choose another folder")
     if p.is_dir():
         raise InputError(f"cannot write {p}: it is a folder; give a file name inside it")
+    if p.is_symlink() and not p.exists():
+        raise InputError(f"cannot write {p}: it is a link to {os.readlink(p)}, which does not exist; remove the link "
+                         f"or choose another name")
     if not overwrite and _lexists(p):
-        raise InputError(f"{p} already exists and was left unchanged; choose another name or pass --overwrite "
-                         f"(overwrite=True)")
+        raise InputError(f"{p} already exists and was left unchanged; choose another name or {overwrite_hint}")
+    return p
+
+
+def check_output_path(path: PathLike, *, overwrite: bool = False, overwrite_hint: str = "pass overwrite=True") -> Path:
+    """Whether ``path`` can be written, found out before any work is done: a file name in an existing folder we may
+    write to (probed by creating and removing a temporary file there: permissions, read-only file systems, quotas
+    on inodes), not a folder, not a dangling link, and not an existing file unless ``overwrite``.
+
+    :param overwrite_hint: how the caller's user allows overwriting (the CLI: ``"pass --overwrite"``).
+    :raises InputError: naming the problem and the fix; :class:`OutputWriteError` when the probe fails.
+    """
+    p = _check_target(path, overwrite, overwrite_hint)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=p.parent)
+    except OSError as exc:
+        raise _write_error(p, exc, probing=True) from exc
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        log.warning("could not remove the probe file %s; delete it by hand", probe)
     return p
 
 
@@ -156,8 +180,8 @@ def _publish_exclusive(tmp: Path, target: Path) -> None:
     try:
         os.link(tmp, target)  # atomic and fails if target exists: a file created since the check is never replaced
     except FileExistsError:
-        raise InputError(f"{target} already exists and was left unchanged; choose another name or pass --overwrite "
-                         f"(overwrite=True)") from None
+        raise InputError(f"{target} already exists and was left unchanged; choose another name or pass "
+                         f"overwrite=True") from None
     except OSError as exc:
         # File systems without hard links (FAT, some network shares): fall back to check-then-rename.
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS,
@@ -165,7 +189,7 @@ def _publish_exclusive(tmp: Path, target: Path) -> None:
             raise
         if _lexists(target):
             raise InputError(f"{target} already exists and was left unchanged; choose another name or pass "
-                             f"--overwrite (overwrite=True)") from None
+                             f"overwrite=True") from None
         os.replace(tmp, target)
         return
     try:
@@ -174,7 +198,7 @@ def _publish_exclusive(tmp: Path, target: Path) -> None:
         log.warning("could not remove the temporary file %s; delete it by hand", tmp)
 
 
-def _write_error(p: Path, exc: OSError) -> OutputWriteError:
+def _write_error(p: Path, exc: OSError, probing: bool = False) -> OutputWriteError:
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some disk space or choose a folder on another disk"
@@ -182,9 +206,12 @@ def _write_error(p: Path, exc: OSError) -> OutputWriteError:
         fix = "choose a folder you can write to"
     else:
         fix = "check the folder and try again"
-    err = OutputWriteError(exc.errno, f"could not write {p}: {reason}; nothing was written -- {fix}")
+    what = f"cannot write {p}: {reason} (in {p.parent})" if probing else \
+        f"could not write {p}: {reason}; nothing was written"
+    err = OutputWriteError(exc.errno, f"{what} -- {fix}")
     err.filename = str(p)
     return err
 
 
-__all__ = ["PathLike", "OutputWriteError", "atomic_write_bytes", "ordinary_permissions", "unique_path"]
+__all__ = ["PathLike", "OutputWriteError", "atomic_write_bytes", "check_output_path", "ordinary_permissions",
+           "unique_path"]

@@ -3,6 +3,7 @@ them and read back from files Slicer or :func:`write_roi` wrote."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -74,7 +75,9 @@ def roi_markups_dict(
         "controlPoints": [{
             "id": "1",
             "label": f"{name}-1",
-            "description": "",
+            # Slicer's reader drops unknown markup properties and node attributes, but keeps a control point's
+            # description: the provenance lives there too, so it survives loading (read_roi_provenance).
+            "description": provenance_description(attrs) if attrs else "",
             "associatedNodeID": "",
             "position": [_num(v) for v in center_lps],  # a box ROI's single control point is its centre
             "orientation": [_num(v) for v in identity_lps.reshape(-1)],
@@ -87,6 +90,29 @@ def roi_markups_dict(
     if attrs:
         markup["attributes"] = attrs  # ours; Slicer ignores unknown properties (schema: additionalProperties true)
     return {"@schema": MARKUPS_SCHEMA, "markups": [markup]}
+
+
+PROVENANCE_PREFIX = "M3D provenance: "
+
+
+def provenance_description(attributes: Mapping[str, str]) -> str:
+    """The control point description that carries provenance through Slicer's markups reader: the AI label first
+    (what a reader sees in the Markups module), then the attributes as JSON."""
+    label = attributes.get("M3D.label", "")
+    return f"{label + '. ' if label else ''}{PROVENANCE_PREFIX}{json.dumps(dict(attributes), ensure_ascii=False)}"
+
+
+def parse_provenance_description(description: str) -> dict[str, str]:
+    """The attributes :func:`provenance_description` wrote ({} for any other text), e.g. from
+    ``roiNode.GetNthControlPointDescription(0)`` after Slicer loaded the file."""
+    _, found, payload = (description or "").partition(PROVENANCE_PREFIX)
+    if not found:
+        return {}
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 def _num(v: float) -> float:
@@ -110,7 +136,8 @@ def write_roi_markups_json(
     :param axes_ras: 3x3 whose columns are the ROI axes in RAS (orthonormal; identity when None). A left-handed set
         is written with its third axis reversed -- the same box.
     :param name: the node name Slicer gives the ROI when it loads the file.
-    :param attributes: string provenance, stored under ``"attributes"`` in the markup (Slicer ignores the key).
+    :param attributes: string provenance, stored under ``"attributes"`` in the markup (Slicer ignores the key) and
+        in the control point's description, which Slicer keeps on load (:func:`parse_provenance_description`).
     The file uses LPS coordinates, as Slicer writes markups.
     """
     doc = roi_markups_dict(center_ras, size, axes_ras, name, attributes)
@@ -130,11 +157,12 @@ def read_roi(path: PathLike, name: Optional[str] = None) -> Any:
 
     The first ROI markup is used, or the one called ``name``. LPS and RAS files are both read.
     """
-    import json
-
     from ..geometry import RasRoi
 
     p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no ROI file at {p}; save an ROI drawn in Slicer as .mrk.json, or write one with "
+                         f"m3d locate CT TARGET -o {p.name}")
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
         markups = [m for m in doc.get("markups", []) if m.get("type") == "ROI"]
@@ -158,4 +186,5 @@ def read_roi(path: PathLike, name: Optional[str] = None) -> Any:
     return RasRoi(center=center, size=size, axes=axes)
 
 
-__all__ = ["MARKUPS_SCHEMA", "read_roi", "roi_markups_dict", "write_roi", "write_roi_markups_json"]
+__all__ = ["MARKUPS_SCHEMA", "PROVENANCE_PREFIX", "parse_provenance_description", "provenance_description", "read_roi",
+           "roi_markups_dict", "write_roi", "write_roi_markups_json"]

@@ -104,6 +104,13 @@ class _CurrentVolume:
     display: dict[str, Any] = dataclasses.field(default_factory=dict)  # display_window, modality as they travel
 
 
+def _is_hostname_mismatch(error: BaseException) -> bool:
+    """OpenSSL's verdict X509_V_ERR_HOSTNAME_MISMATCH (62) or X509_V_ERR_IP_ADDRESS_MISMATCH (64: the URL names an IP
+    address the certificate does not list), or the matching message of older Pythons."""
+    text = str(error).lower()
+    return getattr(error, "verify_code", None) in (62, 64) or "mismatch" in text or "doesn't match" in text
+
+
 class M3DClient:
     """The engine's task methods, answered by an ``m3d serve`` worker. Thread-safe: one client may run requests
     from a worker thread while another thread calls :meth:`cancel`.
@@ -167,6 +174,11 @@ class M3DClient:
             raise _NoAnswer(f"no answer from the M3D server at {self.url} within {seconds:g} s") from None
         except (ssl.SSLError, ssl.CertificateError) as e:
             conn.close()
+            if _is_hostname_mismatch(e):
+                raise ServerUnavailableError(
+                    f"the TLS certificate of {self.url} is not made for the host name "
+                    f"{urllib.parse.urlsplit(self.url).hostname!r} (hostname mismatch: {e}); connect with a name the "
+                    f"certificate lists (its subjectAltName), or make a certificate for this name") from None
             raise ServerUnavailableError(
                 f"the TLS connection to {self.url} failed ({e}); if the server uses a self-signed certificate, "
                 f"pass its certificate file as ca_file (in Slicer: the remote server's certificate setting)"

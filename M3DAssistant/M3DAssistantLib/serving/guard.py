@@ -5,6 +5,7 @@ import dataclasses
 import hmac
 from typing import Any, Callable, Optional
 
+from ..results import MAX_NEW_TOKENS
 from .responses import ApiError, json_bytes
 
 MiB = 1 << 20
@@ -21,7 +22,7 @@ class ServerLimits:
     max_queue: int = 8  # requests that may wait while one runs; more -> 503
     max_volumes: int = 8  # uploaded volumes kept (least recently used dropped)
     max_stored_bytes: int = 4096 * MiB  # voxels kept over all uploaded volumes
-    max_new_tokens: int = 1024  # cap on sampling.max_new_tokens
+    max_new_tokens: int = MAX_NEW_TOKENS  # cap on sampling.max_new_tokens (one constant with the CLI)
 
 
 

@@ -392,7 +392,10 @@ def raise_for_status(status: int, raw: bytes, url: str, method: str, path: str) 
             cls = InputError
         raise cls(detail)
     if status == 401:
-        raise AuthenticationError(f"the M3D server at {url} refused the token: {detail}")
+        raise AuthenticationError(
+            f"the M3D server at {url} refused the token: {detail}. Use the token the server was started with (its "
+            f"--token / --token-file / M3D_SERVER_TOKEN, or the one its ready line printed); in 3D Slicer enter it in "
+            f"M3D Assistant > Model > Server token: (Run on: Remote server)")
     if status == 404:
         if name == "VolumeNotFoundError":
             raise VolumeNotFoundError(detail)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 
 from .. import __version__
 from ..errors import InputError, M3DError
+from ..results import MAX_NEW_TOKENS
 from .protocol import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
@@ -226,7 +227,7 @@ def serve(
             from .guard import ServerLimits
         except ImportError as e:
             raise M3DError(f"m3d serve needs FastAPI and uvicorn ({e}); install them with "
-                           f"pip install 'm3d-slicer[server]'") from None
+                           f"pip install -e '.[server]' in the clone") from None
 
         if engine is None:
             from ..engine import InferenceEngine
@@ -298,8 +299,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, model_args: bool = T
     parser.add_argument("--max-queue", type=int, default=8,
                         help="requests that may wait while one runs; more get HTTP 503 (default 8)")
     parser.add_argument("--max-volumes", type=int, default=8, help="uploaded volumes kept in memory (default 8)")
-    parser.add_argument("--max-new-tokens-limit", type=int, default=1024,
-                        help="largest max_new_tokens a request may ask for (default 1024)")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=MAX_NEW_TOKENS,
+                        help=f"largest max_new_tokens a request may ask for (default {MAX_NEW_TOKENS}, as m3d's "
+                             f"--max-new-tokens)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process exits")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     return parser
