@@ -2,7 +2,8 @@
 
 Each volume gets ``OUT/<name>/`` with the task outputs (``report.txt``, ``segment_<target>.seg.nrrd``,
 ``locate_<target>.mrk.json``, ...) and ``results.json`` written last: a volume whose ``results.json`` exists is
-skipped on a re-run. Under ``accelerate launch`` the volumes are split across the processes by accelerate
+skipped on a re-run. ``--batch-size N`` decodes N volumes together (same answers, up to N times the decoding
+throughput; memory grows with N). Under ``accelerate launch`` the volumes are split across the processes by accelerate
 (``split_between_processes``), each on its own device.
 """
 
@@ -102,43 +103,64 @@ def run_batch(
     *,
     sampling=None,
     window=None,
+    batch_size: int = 1,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> dict[str, str]:
-    """Run ``specs`` on each volume; returns {volume name: "done" | "skipped" | "failed: ..."}."""
+    """Run ``specs`` on each volume; returns {volume name: "done" | "skipped" | "failed: ..."}.
+
+    ``batch_size`` volumes are read and held at once, and each task is decoded for all of them together
+    (:meth:`~M3DAssistantLib.engine.InferenceEngine.run_batch`: greedy answers identical to one at a time)."""
     from . import outputs
+    from .batched import BatchRequest
     from .volume_io import read_volume
 
     status: dict[str, str] = {}
     out_dir = Path(out_dir)
+    engine.max_volumes = max(engine.max_volumes, batch_size)  # a group's volumes must all stay held
+    pending = []
     for path in volumes:
         name = volume_name(path)
-        target = out_dir / name
-        if (target / "results.json").is_file():
+        if (out_dir / name / "results.json").is_file():
             status[name] = "skipped"
             log(f"{name}: done before, skipped")
-            continue
-        try:
-            array, ijk_to_ras = read_volume(path)
-            engine.set_volume(array, ijk_to_ras, window=window)
-            target.mkdir(parents=True, exist_ok=True)
-            results = {}
-            for spec in specs:
-                result = _run_one(engine, spec, sampling)
-                results[spec.slug] = result.to_dict()
-                _write_files(outputs, target, spec, result, ijk_to_ras)
-            outputs.write_json(target / "results.json", {"volume": str(path), "label": AI_LABEL, "results": results},
-                               overwrite=True)
-            engine.forget_volume()
-            status[name] = "done"
-            log(f"{name}: done")
-        except M3DError as e:  # one bad volume must not stop the batch
-            status[name] = f"failed: {e}"
-            log(f"{name}: FAILED: {e}")
+        else:
+            pending.append(path)
+    for start in range(0, len(pending), batch_size):
+        held = {}  # path -> (handle, ijk_to_ras)
+        for path in pending[start : start + batch_size]:
+            try:
+                array, ijk_to_ras = read_volume(path)
+                held[path] = (engine.set_volume(array, ijk_to_ras, window=window), ijk_to_ras)
+            except M3DError as e:  # one bad volume must not stop the batch
+                status[volume_name(path)] = f"failed: {e}"
+                log(f"{volume_name(path)}: FAILED: {e}")
+        # task-major: each chunk decodes one prompt over the group's volumes (same length, no padding)
+        requests = [(path, spec, BatchRequest(spec.task.engine_method, spec.arguments, volume=handle))
+                    for spec in specs for path, (handle, _) in held.items()]
+        answers = engine.run_batch([r for _, _, r in requests], sampling=sampling, batch_size=batch_size)
+        for path, (handle, ijk_to_ras) in held.items():
+            name = volume_name(path)
+            target = out_dir / name
+            try:
+                mine = [(spec, answer) for (p, spec, _), answer in zip(requests, answers) if p == path]
+                error = next((answer for _, answer in mine if isinstance(answer, M3DError)), None)
+                if error is not None:
+                    raise error
+                target.mkdir(parents=True, exist_ok=True)
+                results = {}
+                for spec, result in mine:
+                    results[spec.slug] = result.to_dict()
+                    _write_files(outputs, target, spec, result, ijk_to_ras)
+                outputs.write_json(target / "results.json",
+                                   {"volume": str(path), "label": AI_LABEL, "results": results}, overwrite=True)
+                status[name] = "done"
+                log(f"{name}: done")
+            except M3DError as e:  # one bad volume must not stop the batch
+                status[name] = f"failed: {e}"
+                log(f"{name}: FAILED: {e}")
+            finally:
+                engine.forget_volume(handle.key)
     return status
-
-
-def _run_one(engine, spec: BatchTask, sampling):
-    return getattr(engine, spec.task.engine_method)(*spec.arguments, sampling=sampling)
 
 
 def _write_files(outputs, folder: Path, spec: BatchTask, result, ijk_to_ras) -> None:

@@ -104,6 +104,17 @@ def _sampling(args: argparse.Namespace):
                            top_p=args.top_p, seed=args.seed)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (checked before anything loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _window(value: Optional[str]):
     """--window: a preset name, "minmax", or CENTER,WIDTH."""
     if value is None or "," not in value:
@@ -287,7 +298,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
     status = run_batch(engine, volumes, specs, Path(args.output_dir), sampling=_sampling(args),
-                       window=_window(args.window))
+                       window=_window(args.window), batch_size=args.batch_size)
     bar.close()
     failed = [name for name, s in status.items() if s.startswith("failed")]
     print(f"{len(status) - len(failed)} volume(s) done or skipped, {len(failed)} failed; results in {args.output_dir}")
@@ -428,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder of NIfTI/NRRD files and/or DICOM series folders")
     p.add_argument("--task", action="append", required=True, help=f"{batch_task_forms()} (repeat)")
     p.add_argument("-o", "--output-dir", required=True, help="one subfolder per volume; done volumes are skipped")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                   help="decode N volumes together: the same greedy answers, up to N times faster decoding; memory "
+                        "grows with N (default 1)")
     _add_model_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_batch)
