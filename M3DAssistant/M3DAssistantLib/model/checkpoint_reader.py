@@ -6,7 +6,8 @@ Supported layouts (as published on the HF hub or written by ``save_pretrained``)
 
 Safetensors files are read tensor by tensor with plain file reads straight into the destination tensor (or into
 one temporary tensor when the dtype changes), so peak memory stays near the size of the loaded model; an mmap of the
-whole file would count every touched page of the file in the process's resident memory.
+whole file would count every touched page of the file in the process's resident memory. On a CUDA device the
+tensors go straight to the GPU through two pinned buffers (the CPU never holds the model).
 """
 
 from __future__ import annotations
@@ -54,19 +55,67 @@ def _read_safetensors_tensor(f, info: TensorInfo, dtype: torch.dtype, scratch: t
     return result
 
 
+class _DeviceStaging:
+    """Reads tensors straight to an accelerator through two pinned host buffers: the model never exists on the CPU
+    (the host holds at most two tensors' bytes), and the disk read of one tensor overlaps the host-to-device copy of
+    the one before. A dtype change happens on the device."""
+
+    def __init__(self, device: torch.device, nbytes: int):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self.events: list = [None, None]
+        self.turn = 0
+
+    def read(self, f, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+        stored = _TORCH_DTYPES[info.dtype]
+        result = torch.empty(info.shape, dtype=dtype, device=self.device)
+        if not info.nbytes:
+            return result
+        k, self.turn = self.turn, 1 - self.turn
+        if self.events[k] is not None:
+            self.events[k].synchronize()  # the copy out of this buffer has finished: it may be overwritten
+        staging = self.buffers[k][: info.nbytes]
+        f.seek(info.offset)
+        if f.readinto(memoryview(staging.numpy())) != info.nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}. Download the file again.")
+        source = staging.view(stored).reshape(info.shape)
+        if stored == dtype:
+            result.copy_(source, non_blocking=self.cuda)
+        else:
+            result.copy_(source.to(self.device, non_blocking=self.cuda))
+        if self.cuda:
+            self.events[k] = torch.cuda.Event()
+            self.events[k].record()
+        return result
+
+    def close(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # no copy may still read a buffer we free
+        self.buffers = []
+
+
 def iter_checkpoint_tensors(
-    files: Iterable[Path], dtype_for: Callable[[str, torch.dtype], torch.dtype]
+    files: Iterable[Path], dtype_for: Callable[[str, torch.dtype], torch.dtype],
+    device: Optional[torch.device] = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, CPU tensor) one at a time, converted to ``dtype_for(name, stored_dtype)``."""
+    """Yield (name, tensor) one at a time, converted to ``dtype_for(name, stored_dtype)``: on the CPU, or, for
+    safetensors files and a CUDA ``device``, read straight to that device (:class:`_DeviceStaging`)."""
     for path in files:
         if path.suffix == ".safetensors":
             infos = read_safetensors_header(path)
-            scratch = torch.empty(max((i.nbytes for i in infos), default=0), dtype=torch.uint8)
-            with open(path, "rb", buffering=0) as f:
-                for info in infos:
-                    yield info.name, _read_safetensors_tensor(
-                        f, info, dtype_for(info.name, _TORCH_DTYPES[info.dtype]), scratch
-                    )
+            largest = max((i.nbytes for i in infos), default=0)
+            staging = _DeviceStaging(device, largest) if device is not None and device.type == "cuda" else None
+            scratch = torch.empty(0 if staging else largest, dtype=torch.uint8)
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    for info in infos:
+                        dtype = dtype_for(info.name, _TORCH_DTYPES[info.dtype])
+                        yield info.name, (staging.read(f, info, dtype) if staging is not None
+                                          else _read_safetensors_tensor(f, info, dtype, scratch))
+            finally:
+                if staging is not None:
+                    staging.close()
             del scratch
         else:
             try:
@@ -115,7 +164,7 @@ def load_weights(
         return dtype if stored.is_floating_point else stored
 
     try:
-        for name, tensor in iter_checkpoint_tensors(files, dtype_for):
+        for name, tensor in iter_checkpoint_tensors(files, dtype_for, device):
             if name not in expected:
                 if name not in ignorable:
                     unexpected.append(name)
