@@ -19,8 +19,8 @@ def test_staged_reads_equal_plain_reads(tiny_llama, dtype):
         staging = _DeviceStaging(torch.device("cpu"), largest)
         scratch = torch.empty(largest, dtype=torch.uint8)
         with open(path, "rb", buffering=0) as f:
-            staged = [staging.read(f, info, dtype) for info in infos]
-            plain = [_read_safetensors_tensor(f, info, dtype, scratch) for info in infos]
+            staged = [staging.read(f.fileno(), info, dtype) for info in infos]
+            plain = [_read_safetensors_tensor(f.fileno(), info, dtype, scratch) for info in infos]
         staging.close()
         for info, a, b in zip(infos, staged, plain):
             assert a.dtype == dtype and a.shape == b.shape, info.name

@@ -12,7 +12,11 @@ tensors go straight to the GPU through two pinned buffers (the CPU never holds t
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -38,21 +42,64 @@ _TORCH_DTYPES = {
 
 logger = logging.getLogger(__name__)
 
-def _read_safetensors_tensor(f, info: TensorInfo, dtype: torch.dtype, scratch: torch.Tensor) -> torch.Tensor:
+READ_THREADS = 2
+"""Tensors read at once. Filling fresh memory costs more than the copy itself (page faults; in a virtual machine the
+host's too): two readers overlap that with the disk and with each other. Measured in ``benchmarks/load_time.py``."""
+
+
+def _read_exact(fd: int, target: torch.Tensor, info: TensorInfo) -> None:
+    """Read the tensor's bytes into ``target`` (contiguous, ``info.nbytes`` long) with positional reads (threads
+    share the file descriptor)."""
+    view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < info.nbytes:
+        n = os.preadv(fd, [view[done:]], info.offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}. Download the file again.")
+        done += n
+
+
+def _read_safetensors_tensor(fd: int, info: TensorInfo, dtype: torch.dtype,
+                             scratch: Optional[torch.Tensor]) -> torch.Tensor:
     """Read one tensor into a new CPU tensor of ``dtype``: straight into it when the dtype matches, else through
-    ``scratch`` (one reused byte buffer, so converting allocates nothing but the result and the heap does not grow
-    with freed temporaries)."""
+    ``scratch`` (a reused byte buffer of at least ``info.nbytes``, so converting allocates nothing but the result and
+    the heap does not grow with freed temporaries)."""
     stored = _TORCH_DTYPES[info.dtype]
     result = torch.empty(info.shape, dtype=dtype)
     if not info.nbytes:
         return result
     target = result if stored == dtype else scratch[: info.nbytes]
-    f.seek(info.offset)
-    if f.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy())) != info.nbytes:
-        raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}. Download the file again.")
+    _read_exact(fd, target, info)
     if stored != dtype:
         result.copy_(target.view(stored).reshape(info.shape))
     return result
+
+
+def _read_in_parallel(fd: int, infos: list[TensorInfo], dtype_for: Callable[[str, torch.dtype], torch.dtype],
+                      largest: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`_read_safetensors_tensor` for every tensor of one file, :data:`READ_THREADS` at a time, in order."""
+    scratch = threading.local()  # one conversion buffer per reading thread, made when a dtype changes
+
+    def read(info: TensorInfo) -> tuple[str, torch.Tensor]:
+        dtype = dtype_for(info.name, _TORCH_DTYPES[info.dtype])
+        buffer = None
+        if dtype != _TORCH_DTYPES[info.dtype]:
+            if getattr(scratch, "buffer", None) is None:
+                scratch.buffer = torch.empty(largest, dtype=torch.uint8)
+            buffer = scratch.buffer
+        return info.name, _read_safetensors_tensor(fd, info, dtype, buffer)
+
+    pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="m3d-load")
+    pending: collections.deque = collections.deque()
+    try:
+        for info in infos:
+            pending.append(pool.submit(read, info))
+            if len(pending) > READ_THREADS:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _DeviceStaging:
@@ -67,7 +114,7 @@ class _DeviceStaging:
         self.events: list = [None, None]
         self.turn = 0
 
-    def read(self, f, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    def read(self, fd: int, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
         stored = _TORCH_DTYPES[info.dtype]
         result = torch.empty(info.shape, dtype=dtype, device=self.device)
         if not info.nbytes:
@@ -76,9 +123,7 @@ class _DeviceStaging:
         if self.events[k] is not None:
             self.events[k].synchronize()  # the copy out of this buffer has finished: it may be overwritten
         staging = self.buffers[k][: info.nbytes]
-        f.seek(info.offset)
-        if f.readinto(memoryview(staging.numpy())) != info.nbytes:
-            raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}. Download the file again.")
+        _read_exact(fd, staging, info)
         source = staging.view(stored).reshape(info.shape)
         if stored == dtype:
             result.copy_(source, non_blocking=self.cuda)
@@ -105,18 +150,16 @@ def iter_checkpoint_tensors(
         if path.suffix == ".safetensors":
             infos = read_safetensors_header(path)
             largest = max((i.nbytes for i in infos), default=0)
-            staging = _DeviceStaging(device, largest) if device is not None and device.type == "cuda" else None
-            scratch = torch.empty(0 if staging else largest, dtype=torch.uint8)
-            try:
-                with open(path, "rb", buffering=0) as f:
+            with open(path, "rb", buffering=0) as f:
+                if device is None or device.type != "cuda":
+                    yield from _read_in_parallel(f.fileno(), infos, dtype_for, largest)
+                    continue
+                staging = _DeviceStaging(device, largest)
+                try:
                     for info in infos:
-                        dtype = dtype_for(info.name, _TORCH_DTYPES[info.dtype])
-                        yield info.name, (staging.read(f, info, dtype) if staging is not None
-                                          else _read_safetensors_tensor(f, info, dtype, scratch))
-            finally:
-                if staging is not None:
+                        yield info.name, staging.read(f.fileno(), info, dtype_for(info.name, _TORCH_DTYPES[info.dtype]))
+                finally:
                     staging.close()
-            del scratch
         else:
             try:
                 # weights_only: never unpickle arbitrary objects; mmap: no full copy of the file in memory.
