@@ -4,19 +4,22 @@ Supported layouts (as published on the HF hub or written by ``save_pretrained``)
 ``model.safetensors``, ``model.safetensors.index.json`` + shards, ``pytorch_model.bin``,
 ``pytorch_model.bin.index.json`` + shards.
 
-Safetensors files are read tensor by tensor with plain file reads straight into the destination tensor (or into
-one temporary tensor when the dtype changes), so peak memory stays near the size of the loaded model; an mmap of the
-whole file would count every touched page of the file in the process's resident memory. On a CUDA device the
-tensors go straight to the GPU through two pinned buffers (the CPU never holds the model).
+On the CPU, a safetensors tensor stored in the target dtype is mapped from its file copy-on-write (the weight is the
+page cache's copy: no second copy, no fresh memory to fill -- filling fresh memory costs as much as reading the
+disk; a write to a weight copies only that page), with its pages read in during the load; a tensor whose dtype
+changes is read with plain file reads into one reused buffer per reading thread and converted into its destination.
+Either way peak memory stays near the size of the loaded model (a mapping is made only for the tensors that use it).
+On a CUDA device the tensors go straight to the GPU through two pinned buffers (the CPU never holds the model).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import mmap
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -75,13 +78,51 @@ def _read_safetensors_tensor(fd: int, info: TensorInfo, dtype: torch.dtype,
     return result
 
 
-def _read_in_parallel(fd: int, infos: list[TensorInfo], dtype_for: Callable[[str, torch.dtype], torch.dtype],
-                      largest: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """:func:`_read_safetensors_tensor` for every tensor of one file, :data:`READ_THREADS` at a time, in order."""
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python 3.11 lacks the name
+
+
+def _map_copy_on_write(f) -> Optional[mmap.mmap]:
+    """The whole file mapped privately (a write to a tensor copies that page; the file never changes), or None
+    where it cannot be mapped."""
+    try:
+        if os.name == "posix":
+            return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+
+
+def _mapped_tensor(mapped: mmap.mmap, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor's bytes in the mapping, its pages read in now (so the load, not the first forward pass, waits for
+    the disk): the model's weight *is* the page cache's copy, with no second copy and no fresh memory to fill."""
+    if info.offset + info.nbytes > len(mapped):
+        raise CheckpointError(f"{info.file}: truncated while reading {info.name!r}. Download the file again.")
+    page = mmap.PAGESIZE
+    first = info.offset // page * page
+    try:
+        mapped.madvise(MADV_POPULATE_READ, first, info.offset + info.nbytes - first)
+    except (OSError, ValueError):  # an older kernel or another OS: the pages come in on first use
+        pass
+    return torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.offset).view(dtype).reshape(
+        info.shape)
+
+
+def _file_tensors(f, infos: list[TensorInfo], dtype_for: Callable[[str, torch.dtype], torch.dtype],
+                  largest: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of one safetensors file, in order, on the CPU: mapped (:func:`_mapped_tensor`) where it is stored
+    in the target dtype, else read and converted (:func:`_read_safetensors_tensor`), :data:`READ_THREADS` at a
+    time. A file is mapped only when a tensor of it will be, and only those tensors' pages are read through the
+    mapping, so a converted tensor never counts twice in memory."""
+    fd = f.fileno()
+    targets = [(info, dtype_for(info.name, _TORCH_DTYPES[info.dtype])) for info in infos]
+    mappable = [info.nbytes and dtype == _TORCH_DTYPES[info.dtype] and info.offset % dtype.itemsize == 0
+                for info, dtype in targets]
+    mapped = _map_copy_on_write(f) if any(mappable) else None
+    if mapped is not None and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)  # start reading ahead now, in large requests
     scratch = threading.local()  # one conversion buffer per reading thread, made when a dtype changes
 
-    def read(info: TensorInfo) -> tuple[str, torch.Tensor]:
-        dtype = dtype_for(info.name, _TORCH_DTYPES[info.dtype])
+    def read(info: TensorInfo, dtype: torch.dtype) -> tuple[str, torch.Tensor]:
         buffer = None
         if dtype != _TORCH_DTYPES[info.dtype]:
             if getattr(scratch, "buffer", None) is None:
@@ -92,8 +133,13 @@ def _read_in_parallel(fd: int, infos: list[TensorInfo], dtype_for: Callable[[str
     pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="m3d-load")
     pending: collections.deque = collections.deque()
     try:
-        for info in infos:
-            pending.append(pool.submit(read, info))
+        for (info, dtype), map_it in zip(targets, mappable):
+            if map_it and mapped is not None:
+                done: Future = Future()
+                done.set_result((info.name, _mapped_tensor(mapped, info, dtype)))
+                pending.append(done)
+            else:
+                pending.append(pool.submit(read, info, dtype))
             if len(pending) > READ_THREADS:
                 yield pending.popleft().result()
         while pending:
@@ -152,7 +198,7 @@ def iter_checkpoint_tensors(
             largest = max((i.nbytes for i in infos), default=0)
             with open(path, "rb", buffering=0) as f:
                 if device is None or device.type != "cuda":
-                    yield from _read_in_parallel(f.fileno(), infos, dtype_for, largest)
+                    yield from _file_tensors(f, infos, dtype_for, largest)
                     continue
                 staging = _DeviceStaging(device, largest)
                 try:
