@@ -170,7 +170,13 @@ def _run_chunk(engine: Any, requests: list[BatchRequest], indices: range, sampli
     batch.replaying = True
     for row in rows:  # 3. replay: the methods build their results from their rows' outputs
         batch.current = row.request
-        result = _call(engine, requests[row.request], sampling)
+        try:
+            result = _call(engine, requests[row.request], sampling)
+        except CancelledError:
+            raise
+        except M3DError as error:
+            results[row.request] = error
+            continue
         result.provenance.duration_s = seconds
         result.provenance.notes.append(f"decoded in a batch of {len(rows)} prompts ({seconds} s for the batch)")
         results[row.request] = result
