@@ -1,4 +1,4 @@
-"""The speed benchmarks of issue 15 (cohort, decode_bound, load_time): a smoke run each in the default suite, so the
+"""The speed benchmarks of issue 15 (cohort, decode_bound, load_time, quantization): a smoke run each in the default suite, so the
 scripts cannot rot, and the cuda-marked full-size runs for a GPU box (one short call each)."""
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ def test_load_time_smoke(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert _ratio(out) > 0 and "peak RSS" in out
     assert list(tmp_path.iterdir()) == []  # the written checkpoint is deleted
+
+
+def test_quantization_smoke(capsys):
+    _load("quantization").main(["--smoke", "--tokens", "4"])
+    out = capsys.readouterr().out
+    assert _ratio(out) > 0
+    assert "bfloat16 (reference)" in out and "PyTorch int8 kernel" in out and "agreement" in out
 
 
 @pytest.mark.cuda
