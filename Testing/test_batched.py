@@ -298,3 +298,29 @@ def test_m3d_batch_refuses_a_batch_size_below_1_before_loading(tmp_path):
     result = m3d("batch", tmp_path, "--task", "report", "-o", tmp_path / "out", "--batch-size", "0",
                  "--model", tmp_path / "no-model")
     assert result.returncode == 2 and "--batch-size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_group_that_runs_out_of_memory_fails_alone(tiny_phi3_model, data_dir, tmp_path):
+    """m3d batch: a group of volumes whose batch fails (out of memory) is reported failed; the next group runs."""
+    from M3DAssistantLib.batch import BatchTask, run_batch
+    from M3DAssistantLib.oom import OutOfMemoryError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in "abc":
+        shutil.copy(data_dir / "example_ct_sm.nii.gz", folder / f"{name}.nii.gz")
+    engine = InferenceEngine(tiny_phi3_model)
+    original, calls = engine.run_batch, []
+
+    def run_batch_failing_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OutOfMemoryError("out of memory (RAM) on cpu while a batch of 2 requests")
+        return original(*args, **kwargs)
+
+    engine.run_batch = run_batch_failing_first
+    status = run_batch(engine, sorted(folder.iterdir()), [BatchTask.parse("report")], tmp_path / "out",
+                       sampling=SAMPLING, batch_size=2, log=lambda _: None)
+    assert status["a"].startswith("failed: out of memory") and status["b"].startswith("failed: out of memory")
+    assert status["c"] == "done" and (tmp_path / "out" / "c" / "results.json").is_file()
+    assert not (tmp_path / "out" / "a").exists()

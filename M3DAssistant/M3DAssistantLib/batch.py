@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import AI_LABEL
-from .errors import InputError, M3DError
+from .errors import CancelledError, InputError, M3DError
 from .tasks import STREAMING_TASKS, ArgumentKind, ResultKind, Task
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,12 @@ def run_batch(
         # task-major: each chunk decodes one prompt over the group's volumes (same length, no padding)
         requests = [(path, spec, BatchRequest(spec.task.engine_method, spec.arguments, volume=handle))
                     for spec in specs for path, (handle, _) in held.items()]
-        answers = engine.run_batch([r for _, _, r in requests], sampling=sampling, batch_size=batch_size)
+        try:
+            answers = engine.run_batch([r for _, _, r in requests], sampling=sampling, batch_size=batch_size)
+        except CancelledError:
+            raise
+        except M3DError as e:  # e.g. out of memory for this group: its volumes fail, the next group still runs
+            answers = [e] * len(requests)
         for path, (handle, ijk_to_ras) in held.items():
             name = volume_name(path)
             target = out_dir / name
