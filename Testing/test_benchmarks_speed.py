@@ -1,5 +1,5 @@
-"""The speed benchmarks of issue 15 (cohort, decode_bound, load_time, quantization): a smoke run each in the default suite, so the
-scripts cannot rot, and the cuda-marked full-size runs for a GPU box (one short call each)."""
+"""The speed benchmarks of issue 15 (cohort, decode_bound, load_time, quantization): a smoke run each in the default
+suite, so the scripts cannot rot, and the cuda-marked full-size runs for a GPU box (one short call each)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from M3DAssistantLib.errors import CheckpointError
-
 from M3DAssistantLib.model.checkpoint_files import read_safetensors_header, weight_files
 from M3DAssistantLib.model.checkpoint_reader import _DeviceStaging, _read_safetensors_tensor
 

@@ -55,9 +55,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                              "GoodBaiBai88/M3D-LaMed-Phi-3-4B)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
-    parser.add_argument("--dtype", default=None,
-                        help="bfloat16, float16 or float32 (default: bf16 on CUDA and on CPUs with native bf16, else "
-                             "fp32)")
+    parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on CUDA, else fp32)")
 
 
 def _add_generation_args(parser: argparse.ArgumentParser) -> None:

@@ -165,7 +165,7 @@ class Retriever:
     Args:
         source: hub id (default ``GoodBaiBai88/M3D-CLIP``) or a local checkpoint folder.
         device: "cpu", "cuda", "cuda:1", "mps" or None (best available).
-        dtype: torch dtype or its name; None = bf16 on CUDA and on CPUs with native bf16, fp32 else.
+        dtype: torch dtype or its name; None = bf16 on CUDA, fp32 else.
         revision: hub revision (branch, tag or commit) to pin.
         progress: callback for load/download/encode :class:`~.progress.ProgressEvent` s.
         cache_size: how many volume embeddings to keep (least recently used are dropped; each is a few KB).

@@ -28,31 +28,13 @@ DTYPES = {
 }
 
 
-def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
-    """Whether this CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16), from the kernel's CPU
-    flags (``/proc/cpuinfo``, or the text given; without it -- macOS, Windows -- False)."""
-    text = cpuinfo
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (as the official models were trained) and on CPUs with native bf16; fp32 elsewhere.
+    """bf16 on CUDA (as the official models were trained), fp32 elsewhere.
 
-    On the CPU the choice is measured (``benchmarks/decode_bound.py``, README Performance): decoding reads every weight
-    once per token, so bf16 (half the bytes) decodes faster where the CPU computes bf16 natively, and needs half the
-    memory; CPUs without it convert every bf16 weight in software and are faster in fp32."""
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
-        return torch.bfloat16
-    return torch.float32
+    On the CPU the choice is measured (``benchmarks/decode_bound.py``, README Performance): at the official Phi-3-4B
+    size fp32 decodes at 84 % of the memory-bandwidth bound and bf16 3.5x slower, even on a CPU with native bf16
+    (AMX); bf16 halves the memory (``--dtype bfloat16`` where fp32 does not fit)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def parse_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
@@ -101,8 +83,8 @@ def load_model(
         source: HF hub id (e.g. ``GoodBaiBai88/M3D-LaMed-Phi-3-4B``) or a local folder; default ``$M3D_MODEL``
             or the Phi-3-4B model.
         device: "cpu", "cuda", "cuda:1", "mps" or None (best available).
-        dtype: torch.bfloat16 / float16 / float32 (or their names); None = :func:`default_dtype` (bf16 on CUDA and
-            on CPUs with native bf16, fp32 else).
+        dtype: torch.bfloat16 / float16 / float32 (or their names); None = :func:`default_dtype` (bf16 on CUDA,
+            fp32 else: measured faster on the CPU).
         revision: hub revision (branch, tag or commit hash) to pin.
 
     Returns:

@@ -274,8 +274,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, model_args: bool = T
         parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
         parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
         parser.add_argument("--dtype", default=None,
-                            help="bfloat16, float16 or float32 (default: bf16 on CUDA and on CPUs with native bf16, "
-                                 "else fp32)")
+                            help="bfloat16, float16 or float32 (default: bf16 on CUDA, else fp32)")
     parser.add_argument("--clip-model", default=None,
                         help="M3D-CLIP hub id or folder for retrieval (default GoodBaiBai88/M3D-CLIP, loaded on first "
                              "use)")
