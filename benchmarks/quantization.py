@@ -2,13 +2,14 @@
 
 The study behind the decision not to ship ``--quantize`` (README, Performance). The official M3D-LaMed-Phi-3-4B LLM
 (32 layers of Phi-3 width, vocabulary 32015) is built in memory with random weights in ``--dtype`` (default
-bfloat16, the faster unquantized dtype on this project's machine: ``decode_bound.py``), the reference; then, rebuilt
+float32, the faster unquantized dtype on this project's machine: ``decode_bound.py``), the reference; then, rebuilt
 from the same seed each time, quantized in place with
 
 * torchao ``Int8WeightOnlyConfig`` (int8 per output channel; on the CPU its linear converts the int8 weight back to
   the activation dtype at every call),
 * torchao ``PrototypeInt4WeightOnlyConfig`` (int4, groups of 128; the CPU tinygemm kernel
-  ``_weight_int4pack_mm_for_cpu``),
+  ``_weight_int4pack_mm_for_cpu``; the decoder layers only: the kernel needs output sizes divisible by 16, which the
+  vocabulary of 32015 is not),
 * PyTorch's own int8 CPU kernel ``torch._weight_int8pack_mm`` (int8 per output channel, the kernel an int8 CPU path
   would use; wired here by hand, no library ships it for this model),
 
@@ -78,6 +79,11 @@ def _only_layers(module: torch.nn.Module, fqn: str) -> bool:
     return isinstance(module, torch.nn.Linear) and (fqn.startswith("model.layers.") or fqn == "lm_head")
 
 
+def _int4_packable(module: torch.nn.Module, fqn: str) -> bool:
+    """The CPU int4 packing needs output sizes divisible by 16: the decoder layers (lm_head's 32015 rows stay)."""
+    return _only_layers(module, fqn) and module.out_features % 16 == 0
+
+
 def torchao_variants() -> dict[str, Callable[[Any], None]]:
     try:
         from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
@@ -87,7 +93,7 @@ def torchao_variants() -> dict[str, Callable[[Any], None]]:
     return {
         "torchao int8 weight-only": lambda m: quantize_(m, Int8WeightOnlyConfig(), filter_fn=_only_layers),
         "torchao int4 weight-only (g128)": lambda m: quantize_(m, PrototypeInt4WeightOnlyConfig(group_size=128),
-                                                               filter_fn=_only_layers),
+                                                               filter_fn=_int4_packable),
     }
 
 
@@ -108,7 +114,8 @@ def greedy(model: Any, prompt: torch.Tensor, tokens: int) -> list[int]:
     return out[0, prompt.shape[1]:].tolist()
 
 
-def run(dtype_name: str, tokens: int, layers: int, smoke: bool = False, log=print) -> dict[str, Any]:
+def run(dtype_name: str, tokens: int, layers: int, smoke: bool = False, log=print,
+        only: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from M3DAssistantLib.model import random_checkpoint as rc
 
     warnings.filterwarnings("ignore")
@@ -122,6 +129,8 @@ def run(dtype_name: str, tokens: int, layers: int, smoke: bool = False, log=prin
     variants: dict[str, Optional[Callable[[Any], None]]] = {f"{dtype_name} (reference)": None}
     variants.update(torchao_variants())
     variants["PyTorch int8 kernel (_weight_int8pack_mm)"] = native_int8
+    if only:
+        variants = {n: q for n, q in variants.items() if q is None or any(word in n for word in only)}
     results: dict[str, Any] = {}
     reference: dict[str, Any] = {}
     for name, quantize in variants.items():
@@ -145,6 +154,7 @@ def run(dtype_name: str, tokens: int, layers: int, smoke: bool = False, log=prin
                     row = {"ms_per_token": speed["ms_per_token"], "first_divergence": first, "agreement": agreement}
             except Exception as error:  # a variant this torch/torchao cannot run on this CPU: said, not hidden
                 row = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+                error.__traceback__ = None  # its frames hold the model
             del model
             gc.collect()
         results[name] = row
@@ -164,12 +174,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--only", nargs="+", default=None, help="variants whose name holds one of these words")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds on a CPU (for the test suite)")
     args = parser.parse_args(argv)
     layers = 2 if args.smoke else args.layers
     print(f"weight-only quantization, {'tiny (smoke run)' if args.smoke else 'official Phi-3-4B LLM'}, {layers} "
           f"layers, CPU ({torch.get_num_threads()} threads), batch 1, {args.tokens} tokens", flush=True)
-    result = run(args.dtype, args.tokens, layers, smoke=args.smoke, log=lambda line: print(line, flush=True))
+    result = run(args.dtype, args.tokens, layers, smoke=args.smoke, log=lambda line: print(line, flush=True),
+                 only=args.only)
     for name, speedup in result["speedups"].items():
         print(f"{name}: {speedup:.2f}x the speed of {args.dtype}")
     print(f"ratio: {result['ratio']:.2f}")
