@@ -173,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--only", nargs="+", default=None, help="variants whose name holds one of these words")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: seconds on a CPU (for the test suite)")
     args = parser.parse_args(argv)
