@@ -14,8 +14,9 @@ Names that cannot collide, and stay the same from run to run:
 have yet (a volume with all of them is "done before, skipped"). Label maps (TotalSegmentator's
 ``segmentation.nii.gz``) are refused, naming the CT next to them; one unreadable volume does not stop the batch.
 ``cohort.csv`` and ``cohort.jsonl`` (:func:`write_cohort_tables`) hold one row per volume and task, rebuilt from the
-``results.json`` files, so resumed runs never duplicate rows. Under ``accelerate launch`` the volumes are split
-across the processes by accelerate (``split_between_processes``), each on its own device.
+``results.json`` files, so resumed runs never duplicate rows. ``--batch-size N`` decodes N volumes together (same
+greedy answers, up to N times the decoding throughput; memory grows with N). Under ``accelerate launch`` the
+volumes are split across the processes by accelerate (``split_between_processes``), each on its own device.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from . import AI_LABEL
-from .errors import InputError, LabelMapError, M3DError
+from .errors import CancelledError, InputError, LabelMapError, M3DError
 from .tasks import STREAMING_TASKS, ArgumentKind, ResultKind, Task
 
 logger = logging.getLogger(__name__)
@@ -224,18 +225,20 @@ def run_batch(
     *,
     sampling=None,
     window=None,
+    batch_size: int = 1,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> BatchSummary:
     """Run ``specs`` on each volume that does not have them yet; see the module docstring.
 
     Each volume's DICOM WindowCenter/WindowWidth and Modality (:func:`~.volume_io.read_volume_metadata`) go to the
-    engine with it: the default window of report and VQA, as ``m3d report`` does for one volume."""
-    from . import outputs
-    from .volume_io import check_not_label_map, read_volume, read_volume_metadata
-
+    engine with it: the default window of report and VQA, as ``m3d report`` does for one volume. ``batch_size``
+    volumes are read and held at once, and each task is decoded for all of them together
+    (:meth:`~M3DAssistantLib.engine.InferenceEngine.run_batch`: greedy answers identical to one at a time)."""
     check_specs(specs)
     summary = BatchSummary()
     out_dir = Path(out_dir)
+    engine.max_volumes = max(engine.max_volumes, batch_size)  # a group's volumes must all stay held
+    pending: list[tuple[Path, dict, list[BatchTask]]] = []
     for path in volumes:
         name = volume_name(path)
         target = out_dir / name
@@ -246,21 +249,66 @@ def run_batch(
                 if spec.slug in done and done[spec.slug] != spec.text:
                     raise InputError(f"{target / RESULTS_FILE} holds {done[spec.slug]!r} under the name {spec.slug!r} "
                                      f"that --task {spec.text!r} would use; use another output folder")
-            todo = [spec for spec in specs if spec.slug not in done]
-            if not todo:
-                summary.status[name] = "skipped"
-                log(f"{name}: done before, skipped")
-                continue
+        except M3DError as e:
+            summary.status[name] = f"failed: {e}"
+            log(f"{name}: FAILED: {e}")
+            continue
+        todo = [spec for spec in specs if spec.slug not in done]
+        if not todo:
+            summary.status[name] = "skipped"
+            log(f"{name}: done before, skipped")
+            continue
+        pending.append((path, record, todo))
+    for start in range(0, len(pending), batch_size):
+        _run_group(engine, pending[start : start + batch_size], out_dir, sampling, window, batch_size, summary, log)
+    return summary
+
+
+def _run_group(engine, group, out_dir: Path, sampling, window, batch_size: int, summary: BatchSummary,
+               log: Callable[[str], None]) -> None:
+    """Read and hold the group's volumes, decode each task over them together, write each volume's files."""
+    from . import outputs
+    from .batched import BatchRequest
+    from .volume_io import check_not_label_map, read_volume, read_volume_metadata
+
+    held = []  # (path, record, todo, handle, ijk_to_ras)
+    for path, record, todo in group:
+        name = volume_name(path)
+        try:
             array, ijk_to_ras = read_volume(path)
             check_not_label_map(array, path)
             meta = read_volume_metadata(path)
-            engine.set_volume(array, ijk_to_ras, window=window, display_window=meta.display_window,
-                              modality=meta.modality)
+            handle = engine.set_volume(array, ijk_to_ras, window=window, display_window=meta.display_window,
+                                       modality=meta.modality)
+            held.append((path, record, todo, handle, ijk_to_ras))
+        except LabelMapError as e:
+            summary.status[name] = f"refused: {e}"
+            log(f"{name}: refused: {e}")
+        except M3DError as e:  # one bad volume must not stop the batch
+            summary.status[name] = f"failed: {e}"
+            log(f"{name}: FAILED: {e}")
+    # task-major: each chunk decodes one prompt over the group's volumes (same length, little padding)
+    order = list({spec.slug: spec for _p, _r, todo, _h, _a in held for spec in todo}.values())
+    requests = [(path, spec, BatchRequest(spec.task.engine_method, spec.arguments, volume=handle))
+                for spec in order for path, _r, todo, handle, _a in held if spec in todo]
+    try:
+        answers = engine.run_batch([r for _p, _s, r in requests], sampling=sampling, batch_size=batch_size)
+    except CancelledError:
+        raise
+    except M3DError as e:  # e.g. out of memory for this group: its volumes fail, the next group still runs
+        answers = [e] * len(requests)
+    for path, record, todo, handle, ijk_to_ras in held:
+        name = volume_name(path)
+        target = out_dir / name
+        try:
+            mine = [(spec, answer) for (p, spec, _r), answer in zip(requests, answers) if p == path]
+            error = next((answer for _s, answer in mine if isinstance(answer, M3DError)), None)
+            if error is not None:
+                raise error
             target.mkdir(parents=True, exist_ok=True)
             results = dict(record.get("results", {}))
-            tasks = dict(done)
-            for spec in todo:
-                result = getattr(engine, spec.task.engine_method)(*spec.arguments, sampling=sampling)
+            tasks = dict(record.get("tasks", {}))
+            for spec, result in mine:
                 entry = result.to_dict()
                 entry["files"] = _write_files(outputs, target, spec, result, ijk_to_ras, summary)
                 if spec.task.result is ResultKind.SEGMENTATION and result.mask is not None:
@@ -270,16 +318,13 @@ def run_batch(
                 summary.answers += 1
             outputs.write_json(target / RESULTS_FILE, {"volume": str(path), "label": AI_LABEL, "tasks": tasks,
                                                        "results": results}, overwrite=True)
-            engine.forget_volume()
             summary.status[name] = "done"
             log(f"{name}: done ({len(todo)} task(s))")
-        except LabelMapError as e:
-            summary.status[name] = f"refused: {e}"
-            log(f"{name}: refused: {e}")
         except M3DError as e:  # one bad volume must not stop the batch
             summary.status[name] = f"failed: {e}"
             log(f"{name}: FAILED: {e}")
-    return summary
+        finally:
+            engine.forget_volume(handle.key)
 
 
 def _write_files(outputs, folder: Path, spec: BatchTask, result, ijk_to_ras, summary: BatchSummary) -> dict:

@@ -139,6 +139,17 @@ def _sampling(args: argparse.Namespace):
                            top_p=args.top_p, seed=args.seed)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (checked before anything loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _engine(args: argparse.Namespace, bar: "ProgressBar"):
     from .engine import InferenceEngine
 
@@ -326,7 +337,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
     out_dir.mkdir(exist_ok=True)
-    summary = run_batch(engine, volumes, specs, out_dir, sampling=_sampling(args), window=window)
+    summary = run_batch(engine, volumes, specs, out_dir, sampling=_sampling(args), window=window,
+                        batch_size=args.batch_size)
     bar.close()
     tables = ""
     if finish_distributed():
@@ -472,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder of NIfTI/NRRD files and/or DICOM series folders")
     p.add_argument("--task", action="append", required=True, help=f"{batch_task_forms()} (repeat)")
     p.add_argument("-o", "--output-dir", required=True, help="one subfolder per volume; done volumes are skipped")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+                   help="decode N volumes together: the same greedy answers, up to N times faster decoding; memory "
+                        "grows with N (default 1)")
     _add_model_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_batch)

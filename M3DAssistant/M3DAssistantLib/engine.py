@@ -245,6 +245,7 @@ class InferenceEngine:
         self.model_source = str(getattr(self.model, "source", "") or getattr(self.model, "checkpoint_path", ""))
         self.model_revision = _checkpoint_revision(getattr(self.model, "checkpoint_path", None))
         self.counters = collections.Counter()  # encoder calls etc., for tests and benchmarks
+        self._batch: Any = None  # the batch being planned/replayed by run_batch (batched.py)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -399,12 +400,22 @@ class InferenceEngine:
             view.prefix_cache = cache
         return copy.deepcopy(view.prefix_cache)
 
+    def _stopping_criteria(self) -> Any:
+        from transformers import StoppingCriteriaList
+
+        return StoppingCriteriaList([_CancelCriteria(self._cancel)])
+
     def _generate(self, view: _View, prompt: str, sampling: SamplingOptions, seg: bool,
                   on_text: Optional[TextCallback], output_scores: bool = False,
                   seg_prompt: bool = False) -> dict[str, Any]:
         from transformers import StoppingCriteriaList
 
         from .model import encode_prompt
+
+        if self._batch is not None:  # inside run_batch: decoded together with the batch's other prompts
+            batched = self._batch.generate(view, prompt, sampling, seg, output_scores, seg_prompt)
+            if batched is not None:
+                return batched
 
         ids = torch.tensor([encode_prompt(self.tokenizer, prompt, self.model.num_image_tokens)], device=self.device)
         features = self._image_features(view)
@@ -462,7 +473,7 @@ class InferenceEngine:
         started = time.perf_counter()
         with self._lock, translate_out_of_memory(self.device, self.dtype, self.model_source,
                                                  f"the {task.training_name} request"):
-            if fresh:
+            if fresh and self._batch is None:  # a batch clears it once, so that a cancel during its planning holds
                 self._cancel.clear()
             view = self._view(task)
             out = self._generate(view, prompt, sampling, task.segments, on_text, output_scores=analysis.confidence,
@@ -680,6 +691,22 @@ class InferenceEngine:
                 return self._retriever.rank_volumes(text, list(volumes), labels=labels, window=window,
                                                     display_windows=display_windows, modalities=modalities)
         raise InputError("retrieve needs texts=[...] (ranked for the current volume) or text=... with volumes=[...].")
+
+    # ------------------------------------------------------------------------------------------------- batches
+    def run_batch(self, requests: Sequence[Any], *, sampling: Optional[SamplingOptions] = None,
+                  batch_size: int = 8) -> list[Any]:
+        """Run many task requests, ``batch_size`` prompts decoded together (:mod:`.batched`).
+
+        ``requests``: :class:`~M3DAssistantLib.batched.BatchRequest` items, e.g.
+        ``BatchRequest("report", volume=engine.set_volume(array, ijk_to_ras))`` or
+        ``BatchRequest("segment", ("liver",), volume=handle)``; every task that generates can be batched, and one
+        batch may mix tasks and volumes (the engine must still hold each volume: ``max_volumes`` >= the volumes in
+        flight). Returns one item per request, in order: its result, exactly what the task method returns (greedy
+        answers identical to one at a time), or the :class:`~M3DAssistantLib.errors.M3DError` that request's input
+        raised (the others still run). Cancelling stops the whole batch."""
+        from .batched import run_requests
+
+        return run_requests(self, requests, sampling=sampling, batch_size=batch_size)
 
     # ----------------------------------------------------------------------------------------------- streaming
     def stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[Union[str, Any]]:

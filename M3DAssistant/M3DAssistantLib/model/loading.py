@@ -28,10 +28,19 @@ DTYPES = {
 }
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (as the official models were trained), fp32 elsewhere.
+
+    On the CPU the choice is measured (``benchmarks/decode_bound.py``, README Performance): at the official Phi-3-4B
+    size fp32 decodes at 84 % of the memory-bandwidth bound and bf16 3.5x slower, even on a CPU with native bf16
+    (AMX); bf16 halves the memory (``--dtype bfloat16`` where fp32 does not fit)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def parse_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """A torch dtype from a name; ``None`` picks bf16 on CUDA (as the official models were trained) and fp32 else."""
+    """A torch dtype from a name; ``None`` (or "auto") picks :func:`default_dtype` for the device."""
     if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -74,7 +83,8 @@ def load_model(
         source: HF hub id (e.g. ``GoodBaiBai88/M3D-LaMed-Phi-3-4B``) or a local folder; default ``$M3D_MODEL``
             or the Phi-3-4B model.
         device: "cpu", "cuda", "cuda:1", "mps" or None (best available).
-        dtype: torch.bfloat16 / float16 / float32 (or their names); None = bf16 on CUDA, fp32 else.
+        dtype: torch.bfloat16 / float16 / float32 (or their names); None = :func:`default_dtype` (bf16 on CUDA,
+            fp32 else: measured faster on the CPU).
         revision: hub revision (branch, tag or commit hash) to pin.
 
     Returns:

@@ -14,7 +14,7 @@ covers the first question token -- as in training). Prompts come from :func:`.to
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from transformers import LlamaForCausalLM, Phi3ForCausalLM
@@ -53,6 +53,13 @@ def segvol_config(mm: MultimodalConfig) -> SegVolConfig:
         transformer_num_heads=mm.seg_decoder_num_heads,
         iou_head_hidden_dim=mm.seg_iou_head_hidden_dim,
     )
+
+
+def left_padding(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[B] number of leading zeros of a 2D attention mask (a left-padded batch's padding per row); None without."""
+    if attention_mask is None or attention_mask.ndim != 2:
+        return None
+    return (attention_mask.cumsum(dim=1) == 0).sum(dim=1)
 
 
 class LamedMixin:
@@ -98,29 +105,39 @@ class LamedMixin:
         features = self.model.vision_tower(images.to(param.device, param.dtype))  # [B, 2048, 768]
         return self.model.mm_projector(features)  # [B, N, hidden]
 
-    def splice_image_features(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with positions 1..N replaced by the image features (sequence length unchanged)."""
+    def splice_image_features(self, input_ids: torch.Tensor, image_features: torch.Tensor,
+                              image_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings with positions 1..N replaced by the image features (sequence length unchanged).
+
+        ``image_start`` [B]: where each row's position 0 is (its number of left-padding tokens in a batch); the
+        features then replace positions ``image_start + 1 .. image_start + N`` of that row. None: no padding."""
         n = image_features.shape[1]
-        if input_ids.shape[1] < n + 1:
+        first = 0 if image_start is None else int(image_start.max())
+        if input_ids.shape[1] - first < n + 1:
             raise InputError(
-                f"input_ids has {input_ids.shape[1]} positions but the image needs 1 + {n} (position 0, then the image "
-                "features); build prompts with M3DAssistantLib.model.tokenizer.encode_prompt."
+                f"input_ids has {input_ids.shape[1] - first} positions but the image needs 1 + {n} (position 0, then "
+                "the image features); build prompts with M3DAssistantLib.model.tokenizer.encode_prompt."
             )
         embeds = self.get_input_embeddings()(input_ids)  # [B, L, hidden]
         image_features = image_features.to(embeds.dtype)
-        return torch.cat((embeds[:, :1], image_features, embeds[:, n + 1 :]), dim=1)
+        if image_start is None or not bool(image_start.any()):
+            return torch.cat((embeds[:, :1], image_features, embeds[:, n + 1 :]), dim=1)
+        # left-padded batch: the image moves with each row's padding
+        positions = image_start.to(embeds.device).view(-1, 1) + 1 + torch.arange(n, device=embeds.device)  # [B, N]
+        return embeds.scatter(1, positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]), image_features)
 
     def _multimodal_embeds(
         self,
         input_ids: Optional[torch.Tensor],
         images: Optional[torch.Tensor],
         image_features: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
     ) -> Optional[torch.Tensor]:
         if input_ids is None or (images is None and image_features is None):
             return None
         if image_features is None:
             image_features = self.encode_images(images)
-        return self.splice_image_features(input_ids, image_features)
+        return self.splice_image_features(input_ids, image_features, left_padding(attention_mask))
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
@@ -129,14 +146,20 @@ class LamedMixin:
         images: Optional[torch.Tensor] = None,
         image_features: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ):
-        """As the LM's forward, plus ``images`` [B,1,D,H,W] (or precomputed ``image_features`` [B,N,hidden])."""
+        """As the LM's forward, plus ``images`` [B,1,D,H,W] (or precomputed ``image_features`` [B,N,hidden]).
+
+        ``position_ids`` is named so that transformers' ``generate`` computes it from the attention mask (a
+        left-padded row then starts at position 0, as it would alone)."""
         if inputs_embeds is None and input_ids is not None and input_ids.shape[1] > 1:
-            inputs_embeds = self._multimodal_embeds(input_ids, images, image_features)
+            inputs_embeds = self._multimodal_embeds(input_ids, images, image_features, attention_mask)
             if inputs_embeds is not None:
                 input_ids = None
-        return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               position_ids=position_ids, **kwargs)
 
     # --------------------------------------------------------------------------------------------- generate
     @torch.no_grad()
@@ -144,7 +167,7 @@ class LamedMixin:
         self,
         images: Optional[torch.Tensor] = None,
         input_ids: Optional[torch.Tensor] = None,
-        seg_enable: bool = False,
+        seg_enable: Union[bool, torch.Tensor] = False,
         *,
         image_features: Optional[torch.Tensor] = None,
         seg_image_embedding: Optional[torch.Tensor] = None,
@@ -157,8 +180,11 @@ class LamedMixin:
         Args:
             images: [B, 1, D, H, W] in [0, 1]; or pass ``image_features`` from :meth:`encode_images` to reuse them.
             input_ids: [B, L] from :func:`~M3DAssistantLib.model.tokenizer.encode_prompt` (N image tokens + text, after
-                a BOS where the tokenizer adds one).
-            seg_enable: also return SegVol mask logits [B, 1, D, H, W] for the [SEG] token (-inf where none).
+                a BOS where the tokenizer adds one); a batch of prompts of different lengths is left-padded, with
+                ``attention_mask`` 0 on the padding (the image tokens then move with each row's padding).
+            seg_enable: also return SegVol mask logits [B, 1, D, H, W] for the [SEG] token (-inf where none). A [B]
+                bool tensor asks for them for those rows only (the others get -inf); ``images`` /
+                ``seg_image_embedding`` then hold just those rows.
             seg_image_embedding: SegVol's image embedding from ``model.model.seg_module.encode_image`` to reuse.
             return_seg_prompt: with ``seg_enable``, also return the SegVol prompt embedding [B, C] of the [SEG]
                 tokens (zeros without one), to decode the same prompt on another view of the image (zoom-in).
@@ -166,18 +192,24 @@ class LamedMixin:
                 streamer, stopping_criteria, logits_processor, ``cache`` holding a prefix KV cache, ...).
 
         Returns:
-            new token ids [B, T] (the prompt is not repeated), or ``(ids, seg_logits)`` with ``seg_enable``
-            (``(ids, seg_logits, seg_prompts)`` with ``return_seg_prompt``); with ``return_dict_in_generate=True``
-            transformers' output object (``.sequences``, ``.logits``...) instead of ids.
+            new token ids [B, T] (the prompt is not repeated), or ``(ids, seg_logits)`` with ``seg_enable`` (a
+            per-row tensor with a per-row ``seg_enable``), ``(ids, seg_logits, seg_prompts)`` with
+            ``return_seg_prompt``; with ``return_dict_in_generate=True`` transformers' output object (``.sequences``,
+            ``.logits``...) instead of ids.
         """
         if input_ids is None:
             raise InputError("generate needs input_ids (the tokenised prompt).")
         if images is None and image_features is None:
             raise InputError("generate needs images [B, 1, D, H, W] or precomputed image_features.")
+        seg_rows = seg_enable if isinstance(seg_enable, torch.Tensor) else None
+        seg_enable = bool(seg_rows.any()) if seg_rows is not None else bool(seg_enable)
+        if seg_rows is not None and image_features is None:
+            raise InputError("with a per-row seg_enable, pass image_features for every row (images then hold only "
+                             "the rows to segment).")
         if seg_enable and not self.seg_enabled:
             raise InputError("seg_enable=True but this checkpoint has no segmentation module "
                              "(segmentation_module: null).")
-        inputs_embeds = self._multimodal_embeds(input_ids, images, image_features)
+        inputs_embeds = self._multimodal_embeds(input_ids, images, image_features, attention_mask)
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
 
@@ -193,13 +225,27 @@ class LamedMixin:
             if hook is not None:
                 hook.remove()
         if not seg_enable:
-            return output
+            if seg_rows is None:
+                return output
+            output_ids = output if isinstance(output, torch.Tensor) else output.sequences
+            return output, inputs_embeds.new_full((output_ids.shape[0], 1, *self.multimodal.image_size), float("-inf"))
         # with return_dict_in_generate=True transformers returns an output object; its .sequences are the ids
         output_ids = output if isinstance(output, torch.Tensor) else output.sequences
         predicting = torch.stack(captured[: output_ids.shape[1]], dim=1)  # [B, T, hidden]; entry t predicts token t
-        seg_logits, prompts = self.segment_from_hidden(
-            predicting, output_ids, images=images, seg_image_embedding=seg_image_embedding, return_prompts=True
-        )
+        if seg_rows is None:
+            seg_logits, prompts = self.segment_from_hidden(
+                predicting, output_ids, images=images, seg_image_embedding=seg_image_embedding, return_prompts=True
+            )
+            return (output, seg_logits, prompts) if return_seg_prompt else (output, seg_logits)
+        rows = seg_rows.to(output_ids.device).nonzero().flatten()
+        selected, selected_prompts = self.segment_from_hidden(
+            predicting[rows], output_ids[rows], images=images, seg_image_embedding=seg_image_embedding,
+            return_prompts=True,
+        )  # [S, 1, D, H, W], [S, C]
+        seg_logits = selected.new_full((output_ids.shape[0], *selected.shape[1:]), float("-inf"))
+        seg_logits[rows] = selected
+        prompts = selected_prompts.new_zeros((output_ids.shape[0], *selected_prompts.shape[1:]))
+        prompts[rows] = selected_prompts
         return (output, seg_logits, prompts) if return_seg_prompt else (output, seg_logits)
 
     def seg_prompts_from_hidden(
