@@ -25,6 +25,7 @@ import ssl
 import threading
 import urllib.parse
 import uuid
+import warnings
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -57,8 +58,13 @@ from .protocol import (
     wire_array,
     wire_matrix,
 )
+from .trust import plain_http_warning
 
 TextCallback = Callable[[str], None]
+
+
+class InsecureTransportWarning(UserWarning):
+    """The server is another machine reached over plain http: the token and the voxels travel in clear."""
 
 
 class _NoAnswer(ServerUnavailableError):
@@ -88,7 +94,9 @@ class M3DClient:
     from a worker thread while another thread calls :meth:`cancel`.
 
     Args:
-        url: the server's base URL, e.g. the ``url`` of its ``M3D_SERVER_READY`` line.
+        url: the server's base URL, e.g. the ``url`` of its ``M3D_SERVER_READY`` line. A plain ``http://`` URL of
+            another machine works but gives an :class:`InsecureTransportWarning` (and ``transport_warning``): the
+            token and the images would travel in clear.
         token: the server's bearer token.
         timeout: seconds to wait for any single read (a whole non-streamed answer must arrive within it; streamed
             answers only need events to keep coming).
@@ -114,6 +122,10 @@ class M3DClient:
                                  f"server was started with (--ssl-certfile) or its CA's") from None
         elif ca_file:
             raise InputError(f"ca_file is for https:// servers; {self.url} is plain http")
+        self.transport_warning = plain_http_warning(self.url)
+        """Why this connection is not private (plain http to another machine), or None: shown by the panel."""
+        if self.transport_warning:
+            warnings.warn(self.transport_warning, InsecureTransportWarning, stacklevel=2)
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self._info: Optional[dict[str, Any]] = None
         self._volume: Optional[_CurrentVolume] = None
@@ -528,7 +540,7 @@ class M3DClient:
 
 
 __all__ = [  # the protocol's errors and volume_id too: what a user of the client catches and computes
-    "M3DClient", "RemoteVolume", "PROTOCOL_VERSION", "AuthenticationError", "VolumeNotFoundError",
-    "RequestTooLargeError", "ServerBusyError", "ServerUnavailableError", "ProtocolMismatchError", "ServerError",
-    "volume_id",
+    "M3DClient", "RemoteVolume", "PROTOCOL_VERSION", "InsecureTransportWarning", "AuthenticationError",
+    "VolumeNotFoundError", "RequestTooLargeError", "ServerBusyError", "ServerUnavailableError", "ProtocolMismatchError",
+    "ServerError", "volume_id",
 ]

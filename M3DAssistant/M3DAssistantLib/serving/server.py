@@ -12,7 +12,8 @@ generated it (no ``--token``, ``--token-file`` or ``$M3D_SERVER_TOKEN``), so tha
 worker can read it; a token the user gave is never printed.
 
 Security: the server binds 127.0.0.1 unless told otherwise; a non-loopback host needs ``allow_remote=True``
-(``--allow-remote``) *and* an explicit token of at least 16 characters, else it refuses to start. Every route needs
+(``--allow-remote``) *and* an explicit token as strong as a generated one (:func:`.trust.weak_remote_token`), else it
+refuses to start. Every token holder is equally trusted (:mod:`.trust`). Every route needs
 the token (compared in constant time); uploads are size-checked from their headers before anything is allocated;
 volumes stay in memory (no request reaches the filesystem). Traffic is plain HTTP: for a remote GPU box prefer an SSH
 tunnel to a loopback server over ``--allow-remote``.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import ipaddress
 import json
 import logging
 import os
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 from .. import __version__
 from ..errors import InputError, M3DError
 from .protocol import PROTOCOL_VERSION
+from .trust import GENERATE_TOKEN, is_loopback, weak_remote_token
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 READY_PREFIX = "M3D_SERVER_READY"
 TOKEN_ENV = "M3D_SERVER_TOKEN"
-MIN_REMOTE_TOKEN_CHARS = 16
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it travels in an HTTP header
 
 __all__ = ["PROTOCOL_VERSION", "READY_PREFIX", "create_app", "serve", "add_serve_arguments", "run_serve", "main",
@@ -59,16 +59,6 @@ def create_app(engine: Any, token: str, **kwargs: Any) -> "FastAPI":
     from .app import create_app as _create_app
 
     return _create_app(engine, token, **kwargs)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
 
 
 def parse_ready_line(line: str) -> Optional[dict[str, Any]]:
@@ -92,12 +82,11 @@ def _check_token(host: str, token: Optional[str], allow_remote: bool) -> tuple[s
         if token is None:
             raise InputError(
                 f"refusing to listen on {host!r} without an explicit token: a remote bind needs one that you chose "
-                f"and share (--token-file FILE or ${TOKEN_ENV}); generate one with "
-                f"python -c \"import secrets; print(secrets.token_urlsafe(32))\""
+                f"and share (--token-file FILE or ${TOKEN_ENV}); generate one with {GENERATE_TOKEN}"
             )
-        if len(token) < MIN_REMOTE_TOKEN_CHARS:
-            raise InputError(f"a token for a remote bind must have at least {MIN_REMOTE_TOKEN_CHARS} characters; "
-                             f"generate one with python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+        weak = weak_remote_token(token)
+        if weak:
+            raise InputError(weak)
     if token is None:
         return secrets.token_urlsafe(32), True
     return token, False
@@ -287,7 +276,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, model_args: bool = T
                              f"the ready line). Visible to other users in the process list: prefer --token-file")
     parser.add_argument("--token-file", default=None, help="read the token from this file (first line)")
     parser.add_argument("--allow-remote", action="store_true",
-                        help="allow a --host reachable from other machines (needs an explicit token)")
+                        help="allow a --host reachable from other machines (needs an explicit token as strong as a "
+                             "generated one: secrets.token_urlsafe(32))")
     parser.add_argument("--ssl-certfile", default=None,
                         help="serve https with this PEM certificate (clients of a self-signed one pass it as their "
                              "CA file)")
