@@ -16,7 +16,7 @@ import os
 from .jobs import Job
 from .memory import estimate_memory
 from .merge import merge
-from .train import add_config_arguments, config_from_args, print_event, run_training
+from .train import add_config_arguments, config_from_args, exit_on_termination, print_event, run_training
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,7 @@ def run_train(args: argparse.Namespace) -> int:
         status = job.wait(on_event=None if args.quiet else print_event)
         print(f"training {status.state}: {status.message}")
         return 0 if status.state == "completed" else 1
+    exit_on_termination()
     result = run_training(config, progress=None if args.quiet else print_event)
     print(f"trained {result.steps} steps; adapter: {result.adapter_dir}")
     return 0
