@@ -13,26 +13,34 @@ What travels is :mod:`.protocol`. Errors come back as our exceptions with the se
 importable from here): 400 -> InputError (or its subclass named by the server), 401 -> :class:`AuthenticationError`,
 404 -> :class:`VolumeNotFoundError`, 409 -> CancelledError, 413 -> :class:`RequestTooLargeError`,
 503 -> :class:`ServerBusyError`, other 5xx -> the M3DError subclass the server names (e.g. ModelNotAvailableError) or
-:class:`ServerError`, no connection -> :class:`ServerUnavailableError`.
+:class:`ServerError`, no connection -> :class:`ServerUnavailableError`. :meth:`M3DClient.abort` ends every wait at once
+(a cancel, a hung server).
+
+Why this file is long: the engine's typed task methods (one per task, for IDEs and users' scripts), uploads, streaming
+and cancel share one transport and its error mapping; they are one class.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import http.client
 import json
+import socket
 import ssl
 import threading
 import urllib.parse
 import uuid
 import warnings
+import weakref
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from .. import __version__
-from ..errors import InputError, M3DError
+from ..errors import CancelledError, InputError, M3DError
 from ..geometry import RasRoi
 from ..progress import ProgressCallback, ProgressEvent
 from ..results import BoxResult, ChoiceResult, RetrievalResult, SamplingOptions, SegmentationResult, TextResult
@@ -131,6 +139,9 @@ class M3DClient:
         self._volume: Optional[_CurrentVolume] = None
         self._lock = threading.Lock()
         self._active: set[str] = set()  # request ids in flight, for cancel()
+        self._open: "weakref.WeakSet[http.client.HTTPConnection]" = weakref.WeakSet()  # for abort()
+        self._abort_epoch = 0
+        self._abort_errors: dict[int, BaseException] = {}
 
     def __repr__(self) -> str:
         return f"M3DClient({self.url!r})"
@@ -150,9 +161,14 @@ class M3DClient:
         all_headers.update(headers or {})
         seconds = self.timeout if timeout is None else timeout
         conn = self._connection(seconds)
+        with self._lock:
+            conn._m3d_epoch = self._abort_epoch  # type: ignore[attr-defined]
+            self._open.add(conn)
         try:
-            conn.request(method, self._prefix + path, body=body, headers=all_headers)
-            response = conn.getresponse()
+            with self._abortable(conn):
+                conn.request(method, self._prefix + path, body=body, headers=all_headers)
+                self._raise_if_aborted(conn)  # an abort() that came before the socket existed
+                response = conn.getresponse()
         except TimeoutError:
             conn.close()
             raise _NoAnswer(f"no answer from the M3D server at {self.url} within {seconds:g} s") from None
@@ -181,6 +197,49 @@ class M3DClient:
             raise_for_status(response.status, raw, self.url, method, path)
         return conn, response
 
+    # ---------------------------------------------------------------------------------------------------- abort
+    def abort(self, error: Optional[BaseException] = None) -> None:
+        """End every wait of this client now, from any thread: the connections of its running calls are shut, and
+        those calls raise ``error`` (default CancelledError) instead of waiting for an answer -- also from a server
+        that stopped responding. The server is not told: :meth:`cancel` does that. Later calls are not affected."""
+        with self._lock:
+            self._abort_epoch += 1
+            self._abort_errors[self._abort_epoch] = error if error is not None else CancelledError("cancelled")
+            connections = list(self._open)
+        for conn in connections:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
+                except OSError:
+                    pass
+
+    def _aborted(self, conn: http.client.HTTPConnection) -> Optional[BaseException]:
+        """The error of the first abort() since ``conn`` was opened (a copy per caller), or None."""
+        epoch = getattr(conn, "_m3d_epoch", None)
+        with self._lock:
+            if epoch is None or epoch >= self._abort_epoch:
+                return None
+            return copy.copy(self._abort_errors[epoch + 1])
+
+    def _raise_if_aborted(self, conn: http.client.HTTPConnection) -> None:
+        error = self._aborted(conn)
+        if error is not None:
+            conn.close()
+            raise error
+
+    @contextlib.contextmanager
+    def _abortable(self, conn: http.client.HTTPConnection) -> Iterator[None]:
+        """Whatever a call on ``conn`` raises after an abort() becomes the abort's error."""
+        try:
+            yield
+        except Exception:
+            error = self._aborted(conn)
+            if error is None:
+                raise
+            conn.close()
+            raise error from None
+
     def _json(self, method: str, path: str, payload: Any = None, *, timeout: Optional[float] = None,
               headers: Optional[dict[str, str]] = None) -> Any:
         body = None if payload is None else json.dumps(payload).encode("utf-8")
@@ -189,7 +248,8 @@ class M3DClient:
             hdrs["Content-Type"] = "application/json"
         conn, response = self._send(method, path, body=body, headers=hdrs, timeout=timeout)
         try:
-            raw = response.read()
+            with self._abortable(conn):
+                raw = response.read()
         except (OSError, http.client.HTTPException) as e:
             raise ServerUnavailableError(f"the M3D server at {self.url} stopped answering ({e})") from None
         finally:
@@ -284,7 +344,8 @@ class M3DClient:
     def _upload(self, body: Iterable[bytes], headers: dict[str, str]) -> dict[str, Any]:
         conn, response = self._send("POST", "/v1/volumes", body=body, headers=headers)
         try:
-            return json.loads(response.read())
+            with self._abortable(conn):
+                return json.loads(response.read())
         except (ValueError, OSError, http.client.HTTPException) as e:
             raise ServerUnavailableError(f"the upload to {self.url} got no proper answer ({e})") from None
         finally:
@@ -451,13 +512,18 @@ class M3DClient:
             raise holder["error"]
         yield holder["result"]
 
-    def cancel(self, *, everything: bool = False) -> dict[str, Any]:
-        """Stop this client's running or queued requests (they raise CancelledError). ``everything=True`` cancels
-        every request on the server, from any client."""
+    def active_requests(self) -> list[str]:
+        """The ids of this client's requests in flight (what :meth:`cancel` stops)."""
+        with self._lock:
+            return sorted(self._active)
+
+    def cancel(self, *, everything: bool = False, request_ids: Optional[Sequence[str]] = None) -> dict[str, Any]:
+        """Stop this client's running or queued requests (they raise CancelledError), or those of ``request_ids``.
+        ``everything=True`` cancels every request on the server, from any client. Waits for the server's answer (at
+        most ``connect_timeout``); :meth:`abort` ends the local wait at once."""
         if everything:
             return self._json("POST", "/v1/cancel", {}, timeout=self.connect_timeout)
-        with self._lock:
-            active = sorted(self._active)
+        active = self.active_requests() if request_ids is None else list(request_ids)
         cancelled: list[str] = []
         for request_id in active:
             answer = self._json("POST", "/v1/cancel", {"request_id": request_id}, timeout=self.connect_timeout)
@@ -502,9 +568,10 @@ class M3DClient:
                 self._cancel_quietly(request_id)
                 raise timed_out from None
             try:
-                if not stream:
-                    return result_from_dict(json.loads(response.read()))
-                return self._read_events(response, on_text, on_progress)
+                with self._abortable(conn):
+                    if not stream:
+                        return result_from_dict(json.loads(response.read()))
+                    return self._read_events(response, on_text, on_progress)
             except TimeoutError:
                 self._cancel_quietly(request_id)
                 raise timed_out from None

@@ -212,6 +212,7 @@ def serve(
         try:
             import uvicorn
 
+            from .connections import uvicorn_config
             from .guard import ServerLimits
         except ImportError as e:
             raise M3DError(f"m3d serve needs FastAPI and uvicorn ({e}); install them with "
@@ -242,8 +243,8 @@ def serve(
                     if on_ready is not None:
                         on_ready(dict(ready))
 
-        config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("debug", "info"), lifespan="off",
-                                timeout_graceful_shutdown=5, server_header=False,
+        config = uvicorn_config(app, app.state.m3d.limits, log_level=log_level,
+                                access_log=log_level in ("debug", "info"), timeout_graceful_shutdown=5,
                                 ssl_certfile=ssl_certfile if tls else None, ssl_keyfile=ssl_keyfile if tls else None)
         server = Server(config)
         if parent_pid is not None:
@@ -290,6 +291,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, model_args: bool = T
     parser.add_argument("--max-volumes", type=int, default=8, help="uploaded volumes kept in memory (default 8)")
     parser.add_argument("--max-new-tokens-limit", type=int, default=1024,
                         help="largest max_new_tokens a request may ask for (default 1024)")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a request's headers; slower ones are closed (default 10)")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a request body (an upload) may stall; stalled ones are closed and their upload "
+                             "space freed (default 30)")
+    parser.add_argument("--max-connections", type=int, default=64, help="open connections in all (default 64)")
+    parser.add_argument("--max-connections-per-client", type=int, default=32,
+                        help="open connections from one address (default 32)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process exits")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -312,7 +321,9 @@ def run_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * mb), max_queue=args.max_queue, parent_pid=args.parent_pid,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level=args.log_level,
         limits={"max_volume_bytes": int(args.max_volume_mb * mb), "max_volumes": args.max_volumes,
-                "max_new_tokens": args.max_new_tokens_limit},
+                "max_new_tokens": args.max_new_tokens_limit, "header_timeout_s": args.header_timeout,
+                "body_timeout_s": args.body_timeout, "max_connections": args.max_connections,
+                "max_connections_per_client": args.max_connections_per_client},
     )
     return 0
 
