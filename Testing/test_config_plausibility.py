@@ -98,6 +98,15 @@ def test_real_model_sizes_are_plausible(family):
                                           eos_token_id=128001, pad_token_id=128001))
 
 
+def test_inspect_reports_an_absurd_clip_config(tiny_clip, tmp_path):
+    from M3DAssistantLib.model.inspection import inspect_checkpoint
+
+    folder = _copy(tiny_clip, tmp_path)
+    _edit_config(folder, num_heads=0)
+    report = inspect_checkpoint(folder)
+    assert not report["will_load"] and any("num_heads=0 is not plausible" in p for p in report["problems"])
+
+
 def test_absurd_clip_config_is_refused():
     """case: implausible M3D-CLIP config.json (0 or 10^7 layers, a BERT with 0 heads) -> ConfigError naming the
     field and the range"""

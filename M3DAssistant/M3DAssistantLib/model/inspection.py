@@ -96,7 +96,13 @@ def inspect_checkpoint(source: Union[str, Path], compare_with_model: bool = True
         report["parameters"] = sum(numels)
 
     if raw.get("model_type") == "m3d_clip":
+        from .plausibility import check_clip_sizes
+
         report["variant"] = "M3D-CLIP"
+        try:
+            check_clip_sizes(raw, str(folder / "config.json"))
+        except M3DError as e:
+            problems.append(str(e))
         report["will_load"] = not problems
         return report
     try:
