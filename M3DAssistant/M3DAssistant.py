@@ -1187,7 +1187,14 @@ class M3DAssistantLogic(ScriptedLoadableModuleLogic):
         if worker is not None:  # the panel's label already says "Worker:"
             return worker.status_text()
         if self._backend is not None:
-            return _("Remote server: {url}").format(url=self._config.get("url", ""))
+            from M3DAssistantLib.serving.trust import plain_http_warning
+
+            url = self._config.get("url", "")
+            status = _("Remote server: {url}").format(url=url)
+            if plain_http_warning(url):  # the token and the images would travel in clear
+                status += " " + _("WARNING: plain http to another machine, not encrypted (use https or an SSH "
+                                  "tunnel; see the Python console)")
+            return status
         return _("not running (starts on the first request)")
 
     def stopWorker(self) -> None:

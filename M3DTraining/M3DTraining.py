@@ -1365,7 +1365,7 @@ class M3DTrainingTest(ScriptedLoadableModuleTest):
                   {"stage": "train", "step": 3, "total_steps": 4, "loss": 0.5, "fraction": 0.75},
                   {"stage": "train", "step": 4, "total_steps": 4, "loss": 0.25, "fraction": 1.0},
                   {"stage": "done", "step": 4, "fraction": 1.0, "message": "finished 4 steps"})
-            self.assertEqual(len(logic.poll()), 4)  # only the new lines
+            self.assertEqual(len(logic.poll()), 5)  # only the new lines: the recorded interruption, the resumed run
             self.assertEqual(logic.poll(), [])
             self.assertEqual([float(table.GetCellText(r, 1)) for r in range(table.GetNumberOfRows())],
                              [2.0, 1.0, 0.5, 0.25])

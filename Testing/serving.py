@@ -71,9 +71,11 @@ def serve_in_thread(app) -> Iterator[tuple[str, int]]:
     """Serve ``app`` with uvicorn in a daemon thread on 127.0.0.1 (a free port); yields (url, port)."""
     import uvicorn
 
+    from M3DAssistantLib.serving.connections import uvicorn_config
+
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn_config(app, app.state.m3d.limits, log_level="warning"))  # as m3d serve runs
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -5,14 +5,15 @@
 * :class:`ClientBackend`: a remote server, through its :class:`~M3DAssistantLib.serving.client.M3DClient` (no process
   to manage);
 * :class:`LocalWorkerBackend`: a local :class:`~M3DAssistantLib.worker.WorkerProcess`, started lazily on the first
-  request, reused across prompts and volumes, and restarted on the next request after a crash (the volume is sent
-  again automatically). A request that was running when the worker died raises
+  request, reused across prompts and volumes, and restarted on the next request after a crash or a hang (the volume
+  is sent again automatically). A request that was running when the worker died raises
   :class:`~M3DAssistantLib.worker.WorkerCrashedError`; the session writes nodes only after a successful result, so
   nothing half-written reaches the scene.
 
-Both add server-side progress (``on_progress``) and a cancel that may come from any thread. Their task methods are
-made from the task registry (:data:`~M3DAssistantLib.tasks.STREAMING_TASKS`), with the engine's signatures. Standard
-library only; runs inside Slicer's process.
+Both add server-side progress (``on_progress``) and a cancel that may come from any thread and ends the wait at once
+(the client's connections are shut; the server is told in the background), even when the server does not respond.
+Their task methods are made from the task registry (:data:`~M3DAssistantLib.tasks.STREAMING_TASKS`), with the
+engine's signatures. Standard library only; runs inside Slicer's process.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ClientBackend:
         self._cancel = threading.Event()
         self._busy = 0  # calls in progress: a cancel outside a call is ignored (it must not hit the next request)
         self._busy_lock = threading.Lock()
+        self.cancel_acknowledged: Optional[bool] = None  # whether the server answered the last cancel
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _client_for_task(self) -> M3DClient:
@@ -122,21 +124,28 @@ class ClientBackend:
         return self._call(lambda: self._run_selfcheck(options))
 
     def cancel(self) -> None:
-        """Stop the running request at its next decoding step (from any thread, without waiting: the GUI calls it);
-        the worker keeps running."""
+        """Stop the running request (from any thread, without waiting: the GUI calls it). The wait ends at once -- the
+        request raises CancelledError even when the server does not respond -- and the server is told to stop the
+        request at its next decoding step, in the background; the worker keeps running."""
         with self._busy_lock:
-            if self._busy:
+            busy = self._busy
+            if busy:
                 self._cancel.set()
         client = self._current_client()
-        if client is not None:
-            threading.Thread(target=self._cancel_on_server, args=(client,), name="m3d-cancel", daemon=True).start()
+        if client is None:
+            return
+        request_ids = client.active_requests()
+        if busy:
+            client.abort(CancelledError("cancelled"))
+        threading.Thread(target=self._cancel_on_server, args=(client, request_ids), name="m3d-cancel",
+                         daemon=True).start()
 
-    @staticmethod
-    def _cancel_on_server(client: M3DClient) -> None:
+    def _cancel_on_server(self, client: M3DClient, request_ids: list[str]) -> None:
         try:
-            client.cancel()
-        except M3DError:  # nothing to cancel, or the server is gone: the request fails on its own
-            pass
+            client.cancel(request_ids=request_ids)
+            self.cancel_acknowledged = True
+        except M3DError:  # nothing to cancel, or the server is gone or hung: the request already ended here
+            self.cancel_acknowledged = False
 
     def _current_client(self) -> Optional[M3DClient]:
         return self._fixed_client
@@ -275,7 +284,7 @@ class LocalWorkerBackend(ClientBackend):
         return self._guard(lambda: client.retrieve(**kwargs), self.worker.generation)
 
     def _current_client(self) -> Optional[M3DClient]:
-        return self.worker.client() if self.worker.poll() is WorkerState.READY else None
+        return self.worker.current_client()  # also of a hung worker: its waits must end
 
     def close(self) -> None:
         """Stop the worker (its process tree)."""

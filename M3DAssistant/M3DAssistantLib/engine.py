@@ -516,6 +516,7 @@ class InferenceEngine:
         turns). When the whole conversation does not fit in 512 tokens, the oldest turns are dropped and the
         result's provenance says so; a question that does not fit on its own is an InputError."""
         from .model import encode_prompt
+        from .model.tokenizer import find_control_tokens
 
         history = list(history)
         dropped = 0
@@ -525,7 +526,7 @@ class InferenceEngine:
                 encode_prompt(self.tokenizer, prompt, self.model.num_image_tokens)
                 break
             except InputError:
-                if not history:
+                if not history or find_control_tokens(self.tokenizer, prompt):  # refused, never dropped with a turn
                     raise
                 history.pop(0)
                 dropped += 1

@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_CONVENTION",
     "DEFAULT_MODEL_SHAPE",
     "GEOMETRY_VERSION",
+    "MIN_ROI_SIZE_MM",
     "WINDOW_PRESETS",
     "Box",
     "Convention",
@@ -613,6 +614,10 @@ def _int3(v: Any) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+MIN_ROI_SIZE_MM = 1e-3
+"""The smallest ROI edge taken (a micrometre, far below any voxel): anything shorter is a zero-size ROI."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RasRoi:
     """A box in RAS: ``center`` (mm), full edge lengths ``size`` (mm), ``axes`` 3x3 whose columns are the box's edge
@@ -634,9 +639,10 @@ class RasRoi:
             ) from None
         if not (np.all(np.isfinite(center)) and np.all(np.isfinite(size)) and np.all(np.isfinite(axes))):
             raise GeometryError("the ROI contains NaN or Inf; redraw it")
-        if np.any(size <= 0):
+        if not np.all(size >= MIN_ROI_SIZE_MM):  # also 1e-300 mm: zero in all but name
             raise GeometryError(
-                f"the ROI has zero or negative size {size.tolist()} mm; draw a box with extent in all three directions"
+                f"the ROI has zero or negative size {size.tolist()} mm (each edge must be at least "
+                f"{MIN_ROI_SIZE_MM:g} mm); draw a box with extent in all three directions"
             )
         if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-6):
             raise GeometryError("the ROI's axes must be orthonormal (a rotation); reset the ROI's orientation")

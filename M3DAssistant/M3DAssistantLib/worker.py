@@ -24,11 +24,18 @@ started with Slicer's Python (``PythonSlicer``) or any other Python the user poi
   (``--parent-pid``), so a crashed Slicer leaves nothing behind.
 * **crash and restart**: :meth:`WorkerProcess.ensure_running` restarts a worker that died (reporting it through
   ``on_message`` and the log) and returns a fresh :class:`~M3DAssistantLib.serving.client.M3DClient`.
+* **hung worker**: a heartbeat thread checks a ready worker every ``heartbeat_interval`` s -- is its process stopped
+  by the OS (SIGSTOP, a debugger), does it answer ``GET /v1/health``. A stopped one, or one silent for
+  ``hang_timeout`` s, is :attr:`WorkerState.HUNG`: the request waiting on it ends at once with
+  :class:`WorkerHungError` saying why, and the next request kills and restarts it (a stopped process ignores SIGTERM).
 
 :class:`~M3DAssistantLib.backends.LocalWorkerBackend` puts a worker behind the engine's task methods.
 
 Standard library and psutil only (psutil is optional: without it only the direct child is killed, see
 :mod:`.processes`). Runs inside Slicer's process; nothing here touches Qt or MRML.
+
+Why this file is long: one process's whole life -- start, output readers, readiness, heartbeat, crash and hang
+detection, restart, stop -- is one state machine under one lock; split, its transitions would be spread over modules.
 """
 
 from __future__ import annotations
@@ -82,12 +89,17 @@ class WorkerCrashedError(WorkerError):
     """The worker stopped after it was ready (crash, out of memory, killed)."""
 
 
+class WorkerHungError(WorkerError):
+    """The worker process runs but stopped responding (stopped, deadlocked): the request was abandoned."""
+
+
 class WorkerState(enum.Enum):
     STOPPED = "stopped"  # never started, or stopped on purpose
     STARTING = "starting"  # process running, READY line not seen yet
     READY = "ready"  # listening; requests can be sent
     FAILED = "failed"  # exited before it was ready (see last_error)
     CRASHED = "crashed"  # exited after it was ready (see last_error)
+    HUNG = "not responding"  # runs but missed its heartbeat (see last_error); restarted on the next request
 
 
 class _Run:
@@ -106,6 +118,8 @@ class _Run:
         self.client: Optional[M3DClient] = None
         self.readers: list[threading.Thread] = []
         self.end_noted = False
+        self.hung = False  # set by the heartbeat: the process runs but does not answer
+        self.finished = threading.Event()  # the run was stopped or replaced: its heartbeat ends
 
     # -------------------------------------------------------------------------------------- readers (threads)
     def read_stdout(self) -> None:
@@ -186,6 +200,16 @@ class _Run:
         return tail[-1] if tail else ""  # after a traceback: "SomeError: message"
 
 
+def _process_stopped(process: Any) -> bool:
+    """Whether the OS holds ``process`` (a psutil.Process) stopped: SIGSTOP, a debugger, job control."""
+    try:
+        import psutil
+
+        return process is not None and process.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+    except Exception:  # psutil missing, or the process is gone (the exit is noticed elsewhere)
+        return False
+
+
 def _is_banner(line: str) -> bool:
     """The server's "m3d serve: MODEL on URL (protocol N); Ctrl+C to stop" line: says nothing about a failure."""
     return line.startswith("m3d serve: ") and line.endswith("Ctrl+C to stop")
@@ -232,6 +256,11 @@ class WorkerProcess:
             count as output); then it is stopped and :class:`WorkerStartError` raised.
         stop_timeout: seconds a stopping worker gets to exit cleanly before it is killed.
         client_timeout: the :class:`M3DClient` read timeout.
+        heartbeat_interval: seconds between the liveness checks of a ready worker (``GET /v1/health``, and whether
+            the OS holds its process stopped).
+        hang_timeout: seconds of unanswered checks after which the worker counts as hung (:attr:`WorkerState.HUNG`):
+            the request waiting on it ends with :class:`WorkerHungError` and the next request restarts it. A stopped
+            process counts as hung at the first check.
         parent_pid: the server exits when this process does (default: this process).
         on_message: receives notices for the user (a crash and restart), from whichever thread noticed.
 
@@ -258,6 +287,8 @@ class WorkerProcess:
         startup_timeout: float = 600.0,
         stop_timeout: float = 10.0,
         client_timeout: float = 600.0,
+        heartbeat_interval: float = 2.0,
+        hang_timeout: float = 30.0,
         parent_pid: Optional[int] = None,
         on_message: Optional[MessageCallback] = None,
     ):
@@ -270,6 +301,7 @@ class WorkerProcess:
         self.startup_timeout = float(startup_timeout)
         self.stop_timeout = float(stop_timeout)
         self.client_timeout = float(client_timeout)
+        self.heartbeat_interval, self.hang_timeout = float(heartbeat_interval), float(hang_timeout)
         self.parent_pid = os.getpid() if parent_pid is None else int(parent_pid)
         self.on_message = on_message
         self.restarts = 0  # restarts after a crash (not the first start, not a start after stop())
@@ -321,6 +353,8 @@ class WorkerProcess:
             if run is None:
                 return WorkerState.FAILED if self.last_error else WorkerState.STOPPED
             if run.alive():
+                if run.hung:
+                    return WorkerState.HUNG
                 return WorkerState.READY if run.ready.is_set() else WorkerState.STARTING
             if not run.end_noted:
                 run.end_noted = True
@@ -391,6 +425,8 @@ class WorkerProcess:
             return f"could not start: {self.last_error}"
         if state is WorkerState.CRASHED:
             return f"stopped unexpectedly: {self.last_error}"
+        if state is WorkerState.HUNG:
+            return f"not responding: {self.last_error}; it is restarted on the next request (or press Stop)"
         return "not running"
 
     # -------------------------------------------------------------------------------------------- lifecycle
@@ -401,6 +437,7 @@ class WorkerProcess:
             run = self._run
             if run is None or not run.alive():
                 if run is not None:
+                    run.finished.set()
                     self._dispose(run)
                 self._run = self._spawn()
         if wait:
@@ -430,6 +467,8 @@ class WorkerProcess:
             thread = threading.Thread(target=target, name=f"m3d-worker-{name}-{popen.pid}", daemon=True)
             thread.start()
             run.readers.append(thread)
+        threading.Thread(target=self._heartbeat, args=(run,), name=f"m3d-worker-heartbeat-{popen.pid}",
+                         daemon=True).start()
         logger.info("started the M3D worker (process %s): %s", popen.pid, " ".join(command))
         return run
 
@@ -480,13 +519,82 @@ class WorkerProcess:
                 run.client = M3DClient(run.info["url"], run.token, timeout=self.client_timeout)
             return run.client
 
+    def current_client(self) -> Optional[M3DClient]:
+        """The client of the current run whatever its state (to abort its waits), or None."""
+        run = self._run
+        return None if run is None else run.client
+
+    # ---------------------------------------------------------------------------------------------- liveness
+    def _heartbeat(self, run: _Run) -> None:
+        """While ``run`` lives: every ``heartbeat_interval`` s, is its process stopped by the OS, does it answer
+        ``/v1/health``? Hung when stopped, or after ``hang_timeout`` s of unanswered checks (their count, not the
+        clock: a machine waking from sleep is not a hang)."""
+        ping_timeout = max(1.0, min(5.0, self.hang_timeout / 3))
+        pinger: Optional[M3DClient] = None
+        failures = 0
+        while not run.finished.wait(self.heartbeat_interval):
+            if not run.ready.is_set() or run.info is None:
+                continue
+            if not run.alive():
+                return
+            process = run.server_process
+            if process is None:
+                try:
+                    import psutil
+
+                    process = psutil.Process(run.popen.pid)
+                except Exception:  # psutil missing or the process gone
+                    process = None
+            if _process_stopped(process):
+                why = (f"its process {process.pid} is stopped (SIGSTOP, a debugger, or job control); nothing it "
+                       f"was doing continues")
+            else:
+                pinger = pinger or M3DClient(run.info["url"], run.token, connect_timeout=ping_timeout)
+                try:
+                    pinger.health()
+                    failures = 0
+                    continue
+                except M3DError:
+                    failures += 1
+                silent = failures * (self.heartbeat_interval + ping_timeout)
+                if silent < self.hang_timeout:
+                    continue
+                why = (f"it has not answered a health check for about {silent:.0f} s (deadlocked, or stuck in native "
+                       f"code)")
+            self._mark_hung(run, why)
+            return
+
+    def _mark_hung(self, run: _Run, why: str) -> None:
+        with self._lock:
+            if self._run is not run or run.hung:
+                return
+            run.hung = True
+            self.last_error = why
+            self.last_log_tail = run.log_tail()
+        if run.client is not None:  # the request waiting on it ends now, saying why
+            run.client.abort(WorkerHungError(
+                f"The M3D worker stopped responding: {why}. Nothing was added to the scene; the worker is restarted "
+                f"on the next request.", self.last_log_tail))
+        self._notify(f"The M3D worker is not responding ({why}); it is restarted on the next request.")
+
     def ensure_running(self, *, cancel_event: Optional[threading.Event] = None,
                        on_progress: Optional[ProgressCallback] = None) -> M3DClient:
-        """A client of a running worker: starts it if needed, and restarts it (reporting why) if it crashed."""
+        """A client of a running worker: starts it if needed, and restarts it (reporting why) if it crashed or hung."""
         state = self.poll()
         if state is WorkerState.READY:
             return self.client()
-        if state is WorkerState.CRASHED:
+        if state is WorkerState.HUNG:
+            with self._lock:
+                run = self._run
+                if run is not None and self.poll() is WorkerState.HUNG:
+                    self.restarts += 1
+                    self._notify(f"The M3D worker was not responding ({self.last_error}); restarting it.")
+                    run.end_noted = True  # its exit is our kill, not news
+                    run.finished.set()
+                    self._stop_run(run, timeout=1.0)  # a stopped process ignores SIGTERM: killed after 1 s
+                    self._dispose(run)
+                    self._run = self._spawn()
+        elif state is WorkerState.CRASHED:
             with self._lock:
                 if self.poll() is WorkerState.CRASHED:  # another thread may have restarted it meanwhile
                     self.restarts += 1
@@ -505,7 +613,8 @@ class WorkerProcess:
             run, self._run = self._run, None
             self.last_error = None
         if run is not None:
-            self._stop_run(run, timeout)
+            run.finished.set()
+            self._stop_run(run, 1.0 if run.hung and timeout is None else timeout)
             self._dispose(run)
             logger.info("stopped the M3D worker (process %s)", run.popen.pid)
 
@@ -531,4 +640,5 @@ class WorkerProcess:
                 logger.exception("on_message callback failed")
 
 
-__all__ = ["WorkerProcess", "WorkerState", "WorkerError", "WorkerStartError", "WorkerCrashedError", "LIB_PARENT"]
+__all__ = ["WorkerProcess", "WorkerState", "WorkerError", "WorkerStartError", "WorkerCrashedError", "WorkerHungError",
+           "LIB_PARENT"]

@@ -17,7 +17,7 @@ from .jobs import Job
 from .memory import estimate_memory
 from .merge import merge
 from .preflight import check_dataset_fits_model
-from .train import add_config_arguments, config_from_args, print_event, run_training
+from .train import add_config_arguments, config_from_args, exit_on_termination, print_event, run_training
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
         status = job.wait(on_event=None if args.quiet else print_event)
         print(f"training {status.state}: {status.message}")
         return 0 if status.state == "completed" else 1
+    exit_on_termination()
     result = run_training(config, progress=None if args.quiet else print_event)
     print(f"trained {result.steps} steps; adapter: {result.adapter_dir}")
     return 0

@@ -10,7 +10,8 @@ The run folder (``output_dir``) holds::
     job.json                     STATE_FILE        the job's command, pid, launches, cancel flag (:mod:`.jobs`)
     progress.jsonl               PROGRESS_FILE     one progress event per line (:mod:`.progress_log`)
     train.log                    LOG_FILE          stdout and stderr of every launch
-    checkpoints/step-0000200/    CHECKPOINTS_DIR   ``accelerator.save_state`` every ``save_steps`` (:mod:`.train`)
+    run.lock                     LOCK_FILE         held by the trainer: one run per folder (:mod:`.run_lock`)
+    checkpoints/step-0000200/    CHECKPOINTS_DIR   every ``save_steps``, with a manifest (:mod:`.checkpoints`)
     adapter/                     ADAPTER_DIR       the result: PEFT adapter (ADAPTER_CONFIG_FILE + its weights), the
                                                    fully trained weights (TRAINABLE_FILE) and CONFIG_FILE
     merged/                      MERGED_DIR        the panel's ``m3d merge`` output, a full checkpoint (:mod:`.merge`)
@@ -35,6 +36,7 @@ CONFIG_FILE = "train_config.yaml"
 STATE_FILE = "job.json"
 PROGRESS_FILE = "progress.jsonl"
 LOG_FILE = "train.log"
+LOCK_FILE = "run.lock"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "step-"
 ADAPTER_DIR = "adapter"

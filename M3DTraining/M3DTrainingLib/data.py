@@ -47,7 +47,7 @@ import torch
 from M3DAssistantLib import prompts
 from M3DAssistantLib.errors import InputError
 from M3DAssistantLib.geometry import Box, mask_to_box
-from M3DAssistantLib.model.tokenizer import MAX_SEQUENCE_LENGTH, SEG_TOKEN, encode_prompt
+from M3DAssistantLib.model.tokenizer import MAX_SEQUENCE_LENGTH, SEG_TOKEN, encode_prompt, find_control_tokens
 
 from .export import (  # the dataset's task names
     DATASET_FORMAT,
@@ -269,12 +269,16 @@ class M3DDataset(torch.utils.data.Dataset):
 
     def _check_lengths(self) -> int:
         """Every prompt must leave room for its answer; count the answers that will be cut."""
-        truncated, too_long = 0, []
+        truncated, too_long, control = 0, [], []
         for i, (task, record) in enumerate(self.samples):
             fields = self._record_texts(task, record)
             box = record.get("box")
             question = prompt_text(task, record, box)
             answer = answer_text(task, box=box, **fields)
+            found = find_control_tokens(self.tokenizer, f"{question} {answer}")
+            if found:
+                control.append(f"{task} #{i} ({record.get('node', '')}): {', '.join(map(repr, found))}")
+                continue
             try:
                 prompt_ids, full_ids = self._token_ids(question, answer)
             except InputError as e:
@@ -282,6 +286,10 @@ class M3DDataset(torch.utils.data.Dataset):
                 continue
             if len(full_ids) + 1 > self.max_length:
                 truncated += 1
+        if control:
+            raise InputError(f"{self.folder}: {len(control)} sample(s) contain control tokens of the base model's "
+                             f"tokenizer, which the model would read as instructions (end of text, a chat turn), not "
+                             f"as text: {'; '.join(control[:5])}. Edit those texts in the scene and export again.")
         if too_long:
             raise InputError(f"{len(too_long)} prompt(s) leave no room for the answer in {self.max_length} tokens: "
                              + "; ".join(too_long[:5]))

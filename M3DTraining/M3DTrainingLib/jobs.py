@@ -25,15 +25,29 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from M3DAssistantLib.errors import ConfigError, M3DError
+from M3DAssistantLib.processes import describe_exit
 from M3DAssistantLib.progress import ProgressEvent
 
 from .config import ADAPTER_DIR, CONFIG_FILE, LOG_FILE, PROGRESS_FILE, STATE_FILE, TrainConfig
-from .progress_log import CANCELLED_STAGE, DONE_STAGE, ERROR_STAGE, ProgressLog
+from .progress_log import (
+    CANCELLED_STAGE,
+    DONE_STAGE,
+    ERROR_STAGE,
+    INTERRUPTED_STAGE,
+    TERMINAL_STAGES,
+    ProgressLog,
+    record_interruption,
+)
+from .run_lock import TRAIN_ROLE, RunFolderBusyError, RunLock, describe_holder
+
+LAUNCH_ROLE = "starting a training job"
+LOCK_WAIT_S = 10.0  # for another launcher or a status check to let go; a running trainer is refused at once
 
 TRAINER_MODULE = "M3DTrainingLib.train"
 """What a job runs with ``python -m`` (one process) or ``accelerate launch -m`` (several)."""
@@ -125,21 +139,23 @@ class Job:
             config = TrainConfig.from_yaml(config)
         config = config.with_absolute_paths()  # the job runs in its output folder
         output_dir = Path(config.output_dir)
-        if (output_dir / STATE_FILE).is_file():
-            existing = cls.reconnect(output_dir)
-            if existing.status().state == "running":
-                raise ConfigError(f"{output_dir}: a training job is already running there (pid {existing.pid}); "
-                                  "cancel it or choose another output_dir.")
         if (output_dir / ADAPTER_DIR).exists():
             raise ConfigError(f"{output_dir} already holds a finished run; choose a new output_dir "
                               "(nothing is overwritten).")
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config_path = config.to_yaml(output_dir / CONFIG_FILE)
-        command = build_command(config, config_path, python or sys.executable)
-        record = {"version": 1, "output_dir": str(output_dir), "command": command, "env": dict(env or {}),
-                  "launches": [], "cancel_requested": False}
-        job = cls(output_dir, record)
-        job._launch()
+        # Checking and launching under the folder's lock: two starts at once cannot both pass the check.
+        with RunLock(output_dir).acquire(LAUNCH_ROLE, wait_s=LOCK_WAIT_S) as lock:
+            if (output_dir / STATE_FILE).is_file():
+                existing = cls.reconnect(output_dir)
+                if existing.is_alive():
+                    raise ConfigError(f"{output_dir}: a training job is already running there (pid {existing.pid}); "
+                                      "cancel it or choose another output_dir.")
+            _record_stale(lock)
+            config_path = config.to_yaml(output_dir / CONFIG_FILE)
+            command = build_command(config, config_path, python or sys.executable)
+            record = {"version": 1, "output_dir": str(output_dir), "command": command, "env": dict(env or {}),
+                      "launches": [], "cancel_requested": False}
+            job = cls(output_dir, record)
+            job._launch()
         return job
 
     @classmethod
@@ -157,12 +173,14 @@ class Job:
 
     def resume(self) -> "Job":
         """Relaunch the same command; the trainer resumes from the newest checkpoint. Refused while running."""
-        if self.status().state == "running":
-            raise M3DError(f"{self.output_dir}: the job is still running (pid {self.pid}); nothing to resume.")
         if (self.output_dir / ADAPTER_DIR).exists():
             raise M3DError(f"{self.output_dir}: the run has finished (adapter written); nothing to resume.")
-        self.record["cancel_requested"] = False
-        self._launch()
+        with RunLock(self.output_dir).acquire(LAUNCH_ROLE, wait_s=LOCK_WAIT_S) as lock:
+            if self.is_alive():
+                raise M3DError(f"{self.output_dir}: the job is still running (pid {self.pid}); nothing to resume.")
+            _record_stale(lock)
+            self.record["cancel_requested"] = False
+            self._launch()
         return self
 
     def _launch(self) -> None:
@@ -188,9 +206,15 @@ class Job:
         self._write_record()
 
     def _write_record(self) -> None:
-        tmp = self.state_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.record, indent=2), encoding="utf-8")
-        os.replace(tmp, self.state_path)
+        # a temporary file of our own (two writers never share one), renamed over the state file
+        fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=self.output_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.record, indent=2))
+            os.replace(tmp, self.state_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     # ----------------------------------------------------------------------------------------------- status
     def is_alive(self) -> bool:
@@ -226,6 +250,8 @@ class Job:
                                                    "eta_s", "gpu_memory_bytes")}
         metrics["last_checkpoint_step"] = last_checkpoint.get("step") if last_checkpoint else None
         alive = self.is_alive()
+        if not alive and last.get("stage") not in TERMINAL_STAGES and self._record_end():
+            return self.status()  # the end is in progress.jsonl now
         if alive:
             state, message = "running", last.get("message", "starting")
         elif self.record.get("cancel_requested"):
@@ -234,12 +260,32 @@ class Job:
             state, message = "completed", last.get("message", "")
         elif last.get("stage") == ERROR_STAGE:
             state, message = "failed", f"{last.get('message', '')} (see {self.log_path})"
+        elif last.get("stage") == INTERRUPTED_STAGE:
+            state, message = "interrupted", f"{last.get('message', '')} (see {self.log_path})"
         else:
             returncode = self._process.returncode if self._process is not None else None
             why = f"exit status {returncode}" if returncode is not None else "no final progress event"
             state, message = "interrupted", (f"the training process ended without finishing ({why}: killed, out of "
                                              f"memory or a crash; see {self.log_path}); resume continues it")
         return JobStatus(state=state, message=message, pid=self.pid, **metrics)
+
+    def _record_end(self) -> bool:
+        """The process ended without a final event (killed, out of memory, machine stopped): say so in
+        progress.jsonl, once, unless another process uses the folder now. Returns whether it wrote."""
+        if self.record.get("cancel_requested") or not self.progress_path.is_file():
+            return False
+        returncode = self._process.returncode if self._process is not None else None
+        why = describe_exit(returncode) if returncode is not None else "no final progress event"
+        try:
+            lock = RunLock(self.output_dir).acquire("record the end of a run")
+        except (RunFolderBusyError, OSError):
+            return False  # a new run holds the folder: it records the old one's end itself
+        try:
+            return record_interruption(self.progress_path, (
+                f"the training process {self.pid} ended without finishing ({why}: killed, out of memory or a crash); "
+                f"resume continues it from the newest checkpoint"))
+        finally:
+            lock.release()
 
     def wait(self, timeout: Optional[float] = None, poll_s: float = 0.5,
              on_event: Optional[Callable[[ProgressEvent], None]] = None) -> JobStatus:
@@ -276,6 +322,14 @@ class Job:
                 pass
         ProgressLog(self.progress_path)(ProgressEvent(CANCELLED_STAGE, None, "cancelled by the user"))
         return self.status()
+
+
+def _record_stale(lock: RunLock) -> None:
+    """A trainer that died holding the lock (SIGKILL, out of memory) left its record: note its end."""
+    if lock.stale is not None and lock.stale.get("role") == TRAIN_ROLE:
+        record_interruption(lock.output_dir / PROGRESS_FILE, (
+            f"the run of {describe_holder(lock.stale)} ended without a final event (killed, out of memory or the "
+            f"machine stopped); resume continues it from the newest checkpoint"))
 
 
 def kill_process_tree(pid: int, timeout: float = 10.0) -> None:

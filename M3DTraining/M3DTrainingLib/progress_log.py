@@ -17,17 +17,21 @@ from typing import Any, Optional, Union
 
 from M3DAssistantLib.progress import ProgressEvent
 
-# Terminal stages: the trainer's last event, or the one a cancel appends.
+# Terminal stages: the trainer's last event, the one a cancel appends, or the one written for a run that died
+# without a word (SIGKILL, out of memory, power loss) by the next process that looks at the folder.
 DONE_STAGE = "done"
 ERROR_STAGE = "error"
 CANCELLED_STAGE = "cancelled"
+INTERRUPTED_STAGE = "interrupted"
+TERMINAL_STAGES = frozenset({DONE_STAGE, ERROR_STAGE, CANCELLED_STAGE, INTERRUPTED_STAGE})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingProgressEvent(ProgressEvent):
     """A :class:`ProgressEvent` with the training metrics; one JSON line of ``progress.jsonl`` each.
 
-    ``stage`` is "estimate", "start", "train", "checkpoint", "save", "done" or "error".
+    ``stage`` is "estimate", "start", "train", "checkpoint", "save", "done", "error", "cancelled" or
+    "interrupted".
     """
 
     step: Optional[int] = None
@@ -118,3 +122,19 @@ class ProgressTail:
             return [], restarted
         events, self.offset = ProgressLog.read(self.path, self.offset)
         return events, restarted
+
+
+def last_event(path: Union[str, Path]) -> Optional[dict]:
+    """The last complete event of a progress file (None when it is empty or missing)."""
+    events = ProgressLog.read(path)[0]
+    return events[-1] if events else None
+
+
+def record_interruption(path: Union[str, Path], message: str) -> bool:
+    """Append an ``interrupted`` event unless the run already ended with a terminal event (or never started): the
+    record of a run that died without writing one. Returns whether it was written."""
+    last = last_event(path)
+    if last is None or last.get("stage") in TERMINAL_STAGES:
+        return False
+    ProgressLog(path)(ProgressEvent(INTERRUPTED_STAGE, None, message))
+    return True

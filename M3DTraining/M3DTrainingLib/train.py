@@ -9,9 +9,10 @@ training loop and its checkpoints.
   ``accelerate launch [--config_file F] -m M3DTrainingLib.train CONFIG.yaml`` runs 1..N GPUs, several machines or
   DeepSpeed ZeRO (``deepspeed_stage`` in the config, or the accelerate config). :mod:`.jobs` builds these commands
   and runs them detached; this module never imports it (``m3d train`` in :mod:`.cli` chooses between the two).
-* Checkpoints every ``save_steps`` with ``accelerator.save_state`` (trainable weights, optimizer, scheduler, RNG
-  states, data position), written atomically; a killed run restarted with the same config resumes at the same step
-  and reproduces the same loss curve.
+* Checkpoints every ``save_steps`` (:mod:`.checkpoints`: ``accelerator.save_state`` for the trainable weights and
+  optimizer, JSON/safetensors for the scheduler, RNG states and data position), fsynced and renamed into place with a
+  manifest; a killed run restarted with the same config resumes from the newest checkpoint that verifies, at the same
+  step, and reproduces the same loss curve. Nothing pickled is unpickled on the way.
 * Output ``OUTPUT_DIR/adapter/``: the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``), the
   trained non-LoRA weights under their official names (``trainable.safetensors``) and ``train_config.yaml``.
   :func:`M3DTrainingLib.merge.merge` turns it into a full checkpoint in the official layout.
@@ -41,78 +42,38 @@ from M3DAssistantLib.outputs import ordinary_permissions
 from M3DAssistantLib.progress import ProgressCallback, ProgressEvent
 from M3DAssistantLib.units import format_bytes
 
+from .checkpoints import (  # noqa: F401 (list_checkpoints, latest_checkpoint: this module's API before the split)
+    TrainState,
+    intact_checkpoints,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import (
     ADAPTER_DIR,
-    CHECKPOINTS_DIR,
     CONFIG_FILE,
     PRESETS,
     PROGRESS_FILE,
     TRAINABLE_FILE,
     TrainConfig,
-    checkpoint_dir_name,
-    checkpoint_step,
 )
 from .lora import official_name, prepare_model
 from .memory import HEADROOM, estimate_memory, resolve_mixed_precision
 from .preflight import check_dataset_fits_model
-from .progress_log import ProgressLog, TrainingProgressEvent
+from .progress_log import ProgressLog, TrainingProgressEvent, record_interruption
+from .run_lock import TRAIN_ROLE, RunLock, describe_holder
+
+LAUNCHER_WAIT_S = 30.0
+"""How long a trainer waits for a job launcher (or a status check) to let go of the run folder's lock."""
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-class TrainState:
-    """Where the run is; saved with every checkpoint (accelerate ``register_for_checkpointing``)."""
-
-    def __init__(self) -> None:
-        self.global_step = 0
-        self.epoch = 0
-        self.batches_in_epoch = 0  # micro-batches of this epoch already consumed (per process)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"global_step": self.global_step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.global_step = int(state["global_step"])
-        self.epoch = int(state["epoch"])
-        self.batches_in_epoch = int(state["batches_in_epoch"])
-
-
-def list_checkpoints(output_dir: "str | Path") -> list[Path]:
-    """Complete checkpoints of a run, oldest first (partial ones, from a kill during saving, are ignored)."""
-    folder = Path(output_dir) / CHECKPOINTS_DIR
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p.name) is not None]
-    return sorted(found, key=lambda p: checkpoint_step(p.name))
-
-
-def latest_checkpoint(output_dir: "str | Path") -> Optional[Path]:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """``accelerator.save_state`` into a temporary folder, renamed when every process has written its part."""
-    root = output_dir / CHECKPOINTS_DIR
-    final = root / checkpoint_dir_name(step)
-    tmp = root / f".tmp-{checkpoint_dir_name(step)}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True, **_state_kwargs(accelerator, "save"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ordinary_permissions(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, state: Optional[dict] = None) -> Path:
+    """A durable, verifiable checkpoint (:func:`.checkpoints.save_checkpoint`) with this run's save options."""
+    return save_checkpoint(accelerator, output_dir, step, keep, state, _state_kwargs(accelerator, "save"))
 
 
 def _state_kwargs(accelerator, action: str) -> dict:
@@ -343,26 +304,19 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None) -> T
         num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
+    state = TrainState()  # saved as JSON with each checkpoint, as the scheduler's state (never pickled)
     _register_checkpoint_hooks(accelerator, trainable_names)
 
-    resumed_from = None
-    checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is not None and not config.resume:
-        raise ConfigError(f"{output_dir} holds checkpoints of an earlier run ({checkpoint.name}) and resume is off; "
-                          "set resume: true to continue it, or choose a new output_dir (nothing is overwritten).")
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint), **_state_kwargs(accelerator, "load"))
-        resumed_from = state.global_step
-        logger.info("resumed from %s (step %d)", checkpoint, state.global_step)
+    resumed_from, skipped = _resume(accelerator, config, output_dir, state, scheduler)
+    message = (f"resuming at step {state.global_step}/{total_steps}" if resumed_from is not None
+               else f"training {total_steps} steps")
+    if skipped:
+        message += "; skipped " + "; ".join(f"{name} ({why})" for name, why in skipped)
     emit(TrainingProgressEvent(
-        "start", state.global_step / total_steps,
-        f"resuming at step {state.global_step}/{total_steps}" if resumed_from is not None
-        else f"training {total_steps} steps",
-        step=state.global_step, total_steps=total_steps,
+        "start", state.global_step / total_steps, message, step=state.global_step, total_steps=total_steps,
         details={"resumed_from": resumed_from, "num_processes": accelerator.num_processes, "pid": os.getpid(),
-                 "trainable_params": sum(p.numel() for p in trainable)},
+                 "trainable_params": sum(p.numel() for p in trainable),
+                 "skipped_checkpoints": [{"checkpoint": name, "reason": why} for name, why in skipped]},
     ))
 
     samples_per_step = config.per_device_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
@@ -419,7 +373,8 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None) -> T
                 log_start, log_steps = now, 0
             if state.global_step % config.save_steps == 0 and state.global_step < total_steps:
                 # at an epoch's end batches_in_epoch == len(loader): a resume skips them all and starts the next
-                path = _save_checkpoint(accelerator, output_dir, state.global_step, config.save_total_limit)
+                path = _save_checkpoint(accelerator, output_dir, state.global_step, config.save_total_limit,
+                                        {"train_state": state.state_dict(), "scheduler": scheduler.state_dict()})
                 emit(TrainingProgressEvent("checkpoint", state.global_step / total_steps, f"saved {path.name}",
                                            step=state.global_step, total_steps=total_steps))
             if state.global_step >= total_steps:
@@ -434,6 +389,39 @@ def train(config: TrainConfig, progress: Optional[ProgressCallback] = None) -> T
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir, adapter_dir, state.global_step, losses, resumed_from)
+
+
+def _resume(accelerator, config: TrainConfig, output_dir: Path, state: TrainState,
+            scheduler) -> tuple[Optional[int], list[tuple[str, str]]]:
+    """Load the newest checkpoint that verifies and loads safely: ``(its step or None, [(skipped, why), ...])``.
+    Every checkpoint failing is an error (nothing is retrained over them silently)."""
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints and not config.resume:
+        raise ConfigError(f"{output_dir} holds checkpoints of an earlier run ({checkpoints[-1].name}) and resume is "
+                          "off; set resume: true to continue it, or choose a new output_dir (nothing is overwritten).")
+
+    def apply(saved: dict) -> None:
+        state.load_state_dict(saved["train_state"])
+        scheduler.load_state_dict(saved["scheduler"])
+
+    skipped: list[tuple[str, str]] = []
+    for folder, why in intact_checkpoints(output_dir):
+        if why is None:
+            try:
+                load_checkpoint(accelerator, folder, _state_kwargs(accelerator, "load"), apply)
+            except CheckpointError as e:
+                why = str(e).removeprefix(f"{folder.name}: ")
+            else:
+                logger.info("resumed from %s (step %d)", folder, state.global_step)
+                return state.global_step, skipped
+        logger.warning("not resuming from %s: %s", folder, why)
+        skipped.append((folder.name, why))
+    if skipped:
+        raise CheckpointError(
+            f"{output_dir}: none of its checkpoints can be resumed: "
+            + "; ".join(f"{name}: {why}" for name, why in skipped)
+            + ". Move them away to start over in this folder, or choose a new output_dir.")
+    return None, skipped
 
 
 def _save_outputs(accelerator, module, config: TrainConfig, output_dir: Path, save_file) -> None:
@@ -466,13 +454,26 @@ def _save_outputs(accelerator, module, config: TrainConfig, output_dir: Path, sa
 
 # ----------------------------------------------------------------------------------------------- one process
 def run_training(config: TrainConfig, progress: Optional[ProgressCallback] = None) -> TrainResult:
-    """:func:`train`, and when it fails, the reason as the last line of ``progress.jsonl`` (what a job's status and
-    the panel show)."""
+    """:func:`train` holding the run folder's lock (:mod:`.run_lock`: a second run in the same folder is refused,
+    naming the first one's process), and when it fails, the reason as the last line of ``progress.jsonl`` (what a
+    job's status and the panel show). A run that died earlier without a word (SIGKILL, out of memory) is recorded as
+    interrupted first."""
+    lock = None
+    if os.environ.get("RANK", "0") == "0" and config.output_dir:  # rank 0 holds it for all ranks of a launch
+        # a job's launcher holds the lock for a moment while it starts us: wait for it (a trainer is refused at once)
+        lock = RunLock(config.with_absolute_paths().output_dir).acquire(TRAIN_ROLE, wait_s=LAUNCHER_WAIT_S)
     try:
+        if lock is not None and lock.stale is not None and lock.stale.get("role") == TRAIN_ROLE:
+            record_interruption(lock.output_dir / PROGRESS_FILE, (
+                f"the run of {describe_holder(lock.stale)} ended without a final event (killed, out of memory or the "
+                f"machine stopped); resume continues it from the newest checkpoint"))
         return train(config, progress=progress)
     except BaseException as e:
         _record_failure(config, e)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _record_failure(config: TrainConfig, error: BaseException) -> None:
@@ -481,12 +482,32 @@ def _record_failure(config: TrainConfig, error: BaseException) -> None:
         return
     if (Path(config.output_dir) / ADAPTER_DIR).exists():  # refused to touch a finished run: leave its log as is
         return
-    message = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    if isinstance(error, KeyboardInterrupt):
+        message = "interrupted (Ctrl+C)"
+    elif isinstance(error, SystemExit):
+        message = str(error.code) if isinstance(error.code, str) else f"exited with status {error.code}"
+    else:
+        message = f"{type(error).__name__}: {error}"
     try:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         ProgressLog(Path(config.output_dir) / PROGRESS_FILE)(TrainingProgressEvent("error", None, message))
     except OSError:
         pass
+
+
+def exit_on_termination() -> None:
+    """SIGTERM (a cancel, a shutdown, a scheduler's time limit) and SIGHUP (the terminal closed) end the run through
+    :func:`run_training`'s error path -- recorded in ``progress.jsonl``, lock released -- instead of killing it
+    silently. Main thread only; SIGKILL cannot be caught (the next process to use the folder records it)."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(f"stopped by {signal.Signals(signum).name} (cancelled, shut down or killed by a scheduler); "
+                         f"resume continues from the newest checkpoint")
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -533,6 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"num_processes is {config.num_processes}: start the processes with m3d train "
                               f"{args.config} (it runs accelerate launch), or accelerate launch --num_processes "
                               f"{config.num_processes} -m M3DTrainingLib.train {args.config}.")
+        exit_on_termination()
         result = run_training(config, progress=None if args.quiet else print_event)
     except M3DError as e:
         print(f"m3d train: error: {e}", file=sys.stderr)

@@ -22,6 +22,14 @@ BIN_SINGLE = "pytorch_model.bin"
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAX_RANK = 8
+
+
+def _header_int(value: object) -> int:
+    """A size or offset of a safetensors header: a non-negative JSON integer (not a float, a string or a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a non-negative integer")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,23 +96,35 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e}); it is corrupted or truncated. "
                               "Delete it and download it again.") from e
     data_start = 8 + header_len
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupted. Delete it "
+                              "and download it again.")
     infos = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype = str(entry["dtype"])
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            shape = tuple(_header_int(s) for s in entry["shape"])
+            begin, end = (_header_int(o) for o in entry["data_offsets"])
             nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: bad header entry for {name!r} ({e}); the file is corrupted.") from e
-        if end - begin != nbytes or data_start + end > size:
+        if not name or len(shape) > _MAX_RANK or end - begin != nbytes or begin > end or data_start + end > size:
             raise CheckpointError(
-                f"{path}: tensor {name!r} claims bytes {begin}..{end} but needs {nbytes} and the file has "
-                f"{size - data_start} data bytes; the file is corrupted or truncated. Delete it and download it again."
+                f"{path}: tensor {name!r} (shape {list(shape)}, {dtype}) claims bytes {begin}..{end} but needs "
+                f"{nbytes} and the file has {size - data_start} data bytes; the file is corrupted or truncated. Delete "
+                "it and download it again."
             )
         infos.append(TensorInfo(name, path, dtype, shape, data_start + begin, nbytes))
+    # As the safetensors format requires: the tensors tile the data, without overlaps or holes.
+    position = 0
+    for info in sorted(infos, key=lambda i: i.offset):
+        if info.offset - data_start != position:
+            raise CheckpointError(f"{path}: tensor {info.name!r} starts at data byte {info.offset - data_start}, not "
+                                  f"{position}; tensors overlap or leave holes, so the file is corrupted. Delete it "
+                                  "and download it again.")
+        position += info.nbytes
     return infos
 
 

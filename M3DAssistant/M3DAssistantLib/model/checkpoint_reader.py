@@ -189,12 +189,14 @@ class _DeviceStaging:
 def iter_checkpoint_tensors(
     files: Iterable[Path], dtype_for: Callable[[str, torch.dtype], torch.dtype],
     device: Optional[torch.device] = None,
+    wanted: Optional[Callable[[str], bool]] = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one at a time, converted to ``dtype_for(name, stored_dtype)``: on the CPU, or, for
-    safetensors files and a CUDA ``device``, read straight to that device (:class:`_DeviceStaging`)."""
+    safetensors files and a CUDA ``device``, read straight to that device (:class:`_DeviceStaging`). Safetensors
+    tensors for which ``wanted(name)`` is false are never read (nor is memory allocated for them)."""
     for path in files:
         if path.suffix == ".safetensors":
-            infos = read_safetensors_header(path)
+            infos = [i for i in read_safetensors_header(path) if wanted is None or wanted(i.name)]
             largest = max((i.nbytes for i in infos), default=0)
             with open(path, "rb", buffering=0) as f:
                 if device is None or device.type != "cuda":
@@ -217,7 +219,8 @@ def iter_checkpoint_tensors(
                 ) from e
             for name in list(state):
                 tensor = state.pop(name)
-                yield name, tensor.to(dtype_for(name, tensor.dtype))
+                if wanted is None or wanted(name):
+                    yield name, tensor.to(dtype_for(name, tensor.dtype))
             del state
 
 
@@ -243,7 +246,7 @@ def load_weights(
     expected = dict(model.state_dict(keep_vars=True))
     ignorable = set(ignorable)
     loaded: set[str] = set()
-    unexpected: list[str] = []
+    unexpected: list[str] = []  # only a .bin file's tensors are known this late
     total = len(expected)
 
     def dtype_for(name: str, stored: torch.dtype) -> torch.dtype:
@@ -252,18 +255,17 @@ def load_weights(
             return target.dtype
         return dtype if stored.is_floating_point else stored
 
+    def wanted(name: str) -> bool:
+        if name not in expected and name not in ignorable:
+            unexpected.append(name)
+        return name in expected
+
+    _check_stored_tensors(files, expected, ignorable, folder)  # names and shapes, before any tensor is read
     try:
-        for name, tensor in iter_checkpoint_tensors(files, dtype_for, device):
-            if name not in expected:
-                if name not in ignorable:
-                    unexpected.append(name)
-                continue
+        for name, tensor in iter_checkpoint_tensors(files, dtype_for, device, wanted=wanted):
             target = expected[name]
             if tuple(target.shape) != tuple(tensor.shape):
-                raise CheckpointError(
-                    f"{folder}: tensor {name!r} has shape {list(tensor.shape)} in the checkpoint but the model "
-                    f"(built from config.json) expects {list(target.shape)}; config.json and the weights disagree."
-                )
+                raise _shape_error(folder, name, tensor.shape, target.shape)
             module, leaf = _owner(model, name)
             tensor = tensor.to(device)
             if leaf in module._parameters:
@@ -280,18 +282,52 @@ def load_weights(
 
     missing = sorted(set(expected) - loaded)
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(sorted(unexpected)[:5])})")
-        raise CheckpointError(
-            f"{folder}: the weights do not match the model built from config.json: {'; '.join(parts)}. "
-            "Is this the right checkpoint for its config.json (model_type, sizes, segmentation_module)?"
-        )
+        raise _mismatch_error(folder, missing, unexpected)
     if hasattr(model, "materialize_non_persistent_buffers"):  # models that know their fixed buffers (M3D-CLIP's BERT)
         model.materialize_non_persistent_buffers(device)
     _materialize_meta_buffers(model, device)
+
+
+def _check_stored_tensors(files: list[Path], expected: dict, ignorable: set[str], folder: Path) -> None:
+    """The safetensors headers against the model built from config.json: every tensor's name known and its shape
+    the model's, every expected tensor present (when no .bin file hides its names) -- before anything is allocated,
+    so a stray multi-GB tensor is refused by name instead of being read."""
+    stored: dict[str, TensorInfo] = {}
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue
+        for info in read_safetensors_header(path):
+            if info.name in stored:
+                raise CheckpointError(f"{folder}: tensor {info.name!r} is stored twice ({stored[info.name].file.name} "
+                                      f"and {path.name}); the checkpoint is inconsistent. Download it again.")
+            stored[info.name] = info
+    unexpected = sorted(name for name in stored if name not in expected and name not in ignorable)
+    all_known = all(path.suffix == ".safetensors" for path in files)
+    missing = sorted(set(expected) - set(stored)) if all_known else []
+    if missing or unexpected:
+        raise _mismatch_error(folder, missing, unexpected)
+    for name, info in stored.items():
+        if name in expected and tuple(expected[name].shape) != info.shape:
+            raise _shape_error(folder, name, info.shape, expected[name].shape)
+
+
+def _shape_error(folder: Path, name: str, stored: Iterable[int], expected: Iterable[int]) -> CheckpointError:
+    return CheckpointError(
+        f"{folder}: tensor {name!r} has shape {list(stored)} in the checkpoint but the model (built from config.json) "
+        f"expects {list(expected)}; config.json and the weights disagree."
+    )
+
+
+def _mismatch_error(folder: Path, missing: list[str], unexpected: list[str]) -> CheckpointError:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(sorted(unexpected)[:5])})")
+    return CheckpointError(
+        f"{folder}: the weights do not match the model built from config.json: {'; '.join(parts)}. "
+        "Is this the right checkpoint for its config.json (model_type, sizes, segmentation_module)?"
+    )
 
 
 def _materialize_meta_buffers(model: nn.Module, device: torch.device) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from .plausibility import check_lamed_sizes
 
 MODEL_TYPES = {"lamed_phi3": "phi3", "lamed_llama": "llama"}
 
@@ -201,13 +202,15 @@ class LamedConfig:
 
 
 def parse_multimodal_config(raw: dict, source: str = "config.json") -> MultimodalConfig:
-    """The validated multimodal part of a LaMed config.json dict (no torch/transformers needed)."""
+    """The validated multimodal part of a LaMed config.json dict (no torch/transformers needed). Every size of the
+    file, the language model's too, is checked for plausibility first (:mod:`.plausibility`)."""
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ConfigError(
             f"{source}: model_type {model_type!r} is not an M3D-LaMed model; expected one of "
             f"{sorted(MODEL_TYPES)} (for M3D-CLIP use load_clip)."
         )
+    check_lamed_sizes(raw, source)  # before any size is used: no division by zero, no 100000-layer build
     mm_kwargs = {}
     for name in _MM_FIELDS:
         if name in raw:
@@ -234,6 +237,8 @@ def parse_lamed_config(raw: dict, source: str = "config.json") -> LamedConfig:
     text_kwargs = {k: v for k, v in raw.items() if k not in _MM_FIELDS and k not in IGNORED_KEYS}
     if text_kwargs.get("rope_scaling", 0) is None:
         del text_kwargs["rope_scaling"]  # transformers 5 spells "no scaling" as rope_parameters; null means default
+    if text_kwargs.get("head_dim", 0) is None:
+        del text_kwargs["head_dim"]  # null: the width follows from hidden_size / num_attention_heads
     config_class = Phi3Config if MODEL_TYPES[model_type] == "phi3" else LlamaConfig
     try:
         text_config = config_class(**text_kwargs)

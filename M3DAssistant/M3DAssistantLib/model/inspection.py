@@ -83,7 +83,11 @@ def inspect_checkpoint(source: Union[str, Path], compare_with_model: bool = True
     raw = read_config_json(folder)
     report: dict[str, Any] = {"folder": str(folder), "model_type": raw.get("model_type"), "problems": []}
     problems: list[str] = report["problems"]
-    stored, missing_files, layout = _stored_tensors(folder)
+    try:
+        stored, missing_files, layout = _stored_tensors(folder)
+    except M3DError as e:  # a corrupted or implausible safetensors header: one line in the report
+        stored, missing_files, layout = {}, [], "unreadable"
+        problems.append(str(e))
     report["weights"] = layout
     if missing_files:
         problems.append(f"missing weight file(s): {', '.join(missing_files)}")
@@ -94,7 +98,13 @@ def inspect_checkpoint(source: Union[str, Path], compare_with_model: bool = True
         report["parameters"] = sum(numels)
 
     if raw.get("model_type") == "m3d_clip":
+        from .plausibility import check_clip_sizes
+
         report["variant"] = "M3D-CLIP"
+        try:
+            check_clip_sizes(raw, str(folder / "config.json"))
+        except M3DError as e:
+            problems.append(str(e))
         report["will_load"] = not problems
         return report
     try:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .plausibility import check_clip_sizes
 from .vit3d import ViT3D, ViT3DConfig
 
 if TYPE_CHECKING:  # transformers is imported lazily: it is heavy
@@ -155,6 +156,7 @@ class M3DCLIPConfig:
             raise ConfigError(
                 f"config.json: model_type={model_type!r} is not {cls.model_type!r}; this is not an M3D-CLIP checkpoint."
             )
+        check_clip_sizes(config)  # before any size is used
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names})
 

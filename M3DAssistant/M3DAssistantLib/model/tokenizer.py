@@ -183,7 +183,8 @@ def image_prefix(num_image_tokens: int) -> str:
 
 
 def encode_prompt(
-    tokenizer: Any, question: str, num_image_tokens: int, max_length: int = MAX_SEQUENCE_LENGTH
+    tokenizer: Any, question: str, num_image_tokens: int, max_length: int = MAX_SEQUENCE_LENGTH,
+    what: str = "the prompt",
 ) -> list[int]:
     """Token ids of ``"<im_patch>" * N + question``: exactly ``tokenizer(image_prefix(N) + question).input_ids``.
 
@@ -194,8 +195,9 @@ def encode_prompt(
     is what the released weights saw in training. ``question`` is used as given (the official templates decide
     spacing, see :mod:`M3DAssistantLib.prompts`).
 
-    Raises InputError when the text holds M3D control tokens, when there is nothing for the splice to overwrite
-    after the image tokens, or when the prompt does not fit in ``max_length`` tokens.
+    Raises InputError when the text holds M3D control tokens or any other control token of the tokenizer (checked on
+    the ids, so no spelling gets past it; :func:`control_token_ids`), when there is nothing for the splice to
+    overwrite after the image tokens, or when the prompt does not fit in ``max_length`` tokens.
     """
     special: SpecialTokens = tokenizer.m3d_special_tokens
     ids = list(tokenizer(image_prefix(num_image_tokens) + question).input_ids)
@@ -206,6 +208,10 @@ def encode_prompt(
             "the prompt must be the image tokens followed by text; the text must not contain M3D control tokens "
             f"({', '.join(M3D_TOKENS)})."
         )
+    control = control_token_ids(tokenizer)
+    found = list(dict.fromkeys(i for i in ids[start + num_image_tokens:] if i in control))
+    if found:
+        raise InputError(control_token_message(tokenizer.convert_ids_to_tokens(found), what))
     if len(ids) < num_image_tokens + 1:
         raise InputError("the prompt has no text after the image tokens; ask a question or name a target.")
     if len(ids) > max_length:
@@ -214,6 +220,30 @@ def encode_prompt(
             f"trained on at most {max_length}; shorten the question or drop earlier turns."
         )
     return ids
+
+
+def control_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids the base model reads as instructions, not text: every special and added token of the tokenizer (``<s>``,
+    ``</s>``, ``<unk>``, Phi-3's ``<|endoftext|>``, ``<|user|>``, ``<|end|>``, ``<|assistant|>``, ...) except the four
+    M3D tokens, which only our prompt and answer templates place (user text with those is refused by
+    :mod:`M3DAssistantLib.prompts`)."""
+    vocab = tokenizer.get_added_vocab()
+    ids = set(vocab.values()) | set(tokenizer.all_special_ids)
+    return frozenset(ids - {vocab[t] for t in M3D_TOKENS if t in vocab})
+
+
+def find_control_tokens(tokenizer: Any, text: str) -> list[str]:
+    """The control tokens (see :func:`control_token_ids`) that ``text`` spells out, in order of appearance."""
+    names = {t for t in tokenizer.convert_ids_to_tokens(sorted(control_token_ids(tokenizer))) if t}
+    return sorted((t for t in names if t in text), key=text.index)
+
+
+def control_token_message(tokens: Sequence[str], what: str) -> str:
+    """The one refusal of control tokens in user text (prompts, history, choices, training text)."""
+    shown = ", ".join(repr(t) for t in tokens)
+    return (f"{what} contains {shown}, {'a control token' if len(tokens) == 1 else 'control tokens'} of this model's "
+            f"tokenizer: the model would read {'it' if len(tokens) == 1 else 'them'} as an instruction (end of text, "
+            f"a chat turn), not as text. Remove {'it' if len(tokens) == 1 else 'them'} or rephrase.")
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:

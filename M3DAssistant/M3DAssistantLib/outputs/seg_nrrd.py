@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..geometry import validate_ijk_to_ras
 from .atomic import PathLike, atomic_write_bytes
 from .colors import default_colors, parse_color
-from .conventions import LPS_FROM_RAS, check_attributes
+from .conventions import LINE_BREAKS, LPS_FROM_RAS, check_attributes
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,15 @@ def _vector(v: Sequence[float]) -> str:
     return "(" + ",".join(_fmt(c) for c in v) + ")"
 
 
-def _escape_value(value: str) -> str:
-    """NRRD key/value escaping: backslash and newline (teem unescapes both when reading)."""
-    return value.replace("\\", "\\\\").replace("\n", "\\n")
+def _escape_value(key: str, value: str) -> str:
+    """NRRD key/value escaping: backslash and newline are the two escapes teem reads back, so every line break
+    (``\\r\\n``, ``\\r``, ``\\u2028``, ... see :data:`~.conventions.LINE_BREAKS`) is written as an escaped
+    newline -- a raw ``\\r`` would end the header line for teem (ITK's NRRD reader) and Slicer would refuse the file.
+    A NUL would silently cut the value short in every C reader: refused."""
+    if "\x00" in value:
+        raise InputError(f"the value of {key!r} contains a NUL character, which NRRD readers cut the value at; "
+                         f"remove it")
+    return LINE_BREAKS.sub("\n", value).replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _check_masks(masks: Mapping[str, Any]) -> tuple[list[str], list[np.ndarray], tuple[int, int, int]]:
@@ -70,8 +76,8 @@ def _check_masks(masks: Mapping[str, Any]) -> tuple[list[str], list[np.ndarray],
     for name, mask in masks.items():
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"segment name {name!r} is empty; give every segment a name")
-        if "\n" in name or "\r" in name:
-            raise InputError(f"segment name {name!r} contains a line break; use a single-line name")
+        if LINE_BREAKS.search(name) or "\x00" in name:
+            raise InputError(f"segment name {name!r} contains a line break or a NUL; use a single-line name")
         a = np.asarray(mask)
         if a.ndim != 3:
             raise InputError(f"the mask of segment {name!r} has shape {a.shape}; it must be 3D (K, J, I) like "
@@ -168,7 +174,7 @@ def segmentation_nrrd_header(
     lines += [f"encoding: {encoding}", f"space origin: {_vector(ijk_to_lps[:3, 3])}"]
 
     tag_attributes = "".join(
-        f"{key}:{value.replace('|', '/').replace(chr(10), ' ').replace(chr(13), ' ')}|"
+        f"{key}:{LINE_BREAKS.sub(' ', value.replace('|', '/'))}|"
         for key, value in sorted(attributes.items())
     )
     fields: list[tuple[str, str]] = []
@@ -195,7 +201,7 @@ def segmentation_nrrd_header(
         ("Segmentation_ReferenceImageExtentOffset", "0 0 0"),
     ]
     fields += sorted(attributes.items())
-    lines += [f"{key}:={_escape_value(value)}" for key, value in fields]
+    lines += [f"{key}:={_escape_value(key, value)}" for key, value in fields]
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 

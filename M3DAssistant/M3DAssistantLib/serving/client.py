@@ -14,28 +14,35 @@ What travels is :mod:`.protocol`. Errors come back as our exceptions with the se
 importable from here): 400 -> InputError (or its subclass named by the server), 401 -> :class:`AuthenticationError`,
 404 -> :class:`VolumeNotFoundError`, 409 -> CancelledError, 413 -> :class:`RequestTooLargeError`,
 503 -> :class:`ServerBusyError`, other 5xx -> the M3DError subclass the server names (e.g. ModelNotAvailableError) or
-:class:`ServerError`, no connection -> :class:`ServerUnavailableError`.
+:class:`ServerError`, no connection -> :class:`ServerUnavailableError`. :meth:`M3DClient.abort` ends every wait at once
+(a cancel, a hung server).
 
 Why this file is long: one class offers the engine's whole API over HTTP (a typed, documented method per task, the
-volume and its display, retrieval, the self-check, cancel) on one transport; splitting it would split that class.
+volume and its display, retrieval, the self-check, cancel) on one transport and its error mapping; splitting it would
+split that class.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import http.client
 import json
+import socket
 import ssl
 import threading
 import urllib.parse
 import uuid
+import warnings
+import weakref
 import zlib
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from .. import __version__
-from ..errors import InputError, M3DError
+from ..errors import CancelledError, InputError, M3DError
 from ..geometry import RasRoi
 from ..progress import ProgressCallback, ProgressEvent
 from ..results import (
@@ -74,11 +81,16 @@ from .protocol import (
     wire_array,
     wire_matrix,
 )
+from .trust import plain_http_warning
 
 if TYPE_CHECKING:
     from ..selfcheck import SelfCheckReport
 
 TextCallback = Callable[[str], None]
+
+
+class InsecureTransportWarning(UserWarning):
+    """The server is another machine reached over plain http: the token and the voxels travel in clear."""
 
 
 class _NoAnswer(ServerUnavailableError):
@@ -116,7 +128,9 @@ class M3DClient:
     from a worker thread while another thread calls :meth:`cancel`.
 
     Args:
-        url: the server's base URL, e.g. the ``url`` of its ``M3D_SERVER_READY`` line.
+        url: the server's base URL, e.g. the ``url`` of its ``M3D_SERVER_READY`` line. A plain ``http://`` URL of
+            another machine works but gives an :class:`InsecureTransportWarning` (and ``transport_warning``): the
+            token and the images would travel in clear.
         token: the server's bearer token.
         timeout: seconds to wait for any single read (a whole non-streamed answer must arrive within it; streamed
             answers only need events to keep coming).
@@ -142,11 +156,18 @@ class M3DClient:
                                  f"server was started with (--ssl-certfile) or its CA's") from None
         elif ca_file:
             raise InputError(f"ca_file is for https:// servers; {self.url} is plain http")
+        self.transport_warning = plain_http_warning(self.url)
+        """Why this connection is not private (plain http to another machine), or None: shown by the panel."""
+        if self.transport_warning:
+            warnings.warn(self.transport_warning, InsecureTransportWarning, stacklevel=2)
         self.timeout, self.connect_timeout = float(timeout), float(connect_timeout)
         self._info: Optional[dict[str, Any]] = None
         self._volume: Optional[_CurrentVolume] = None
         self._lock = threading.Lock()
         self._active: set[str] = set()  # request ids in flight, for cancel()
+        self._open: "weakref.WeakSet[http.client.HTTPConnection]" = weakref.WeakSet()  # for abort()
+        self._abort_epoch = 0
+        self._abort_errors: dict[int, BaseException] = {}
 
     def __repr__(self) -> str:
         return f"M3DClient({self.url!r})"
@@ -166,9 +187,14 @@ class M3DClient:
         all_headers.update(headers or {})
         seconds = self.timeout if timeout is None else timeout
         conn = self._connection(seconds)
+        with self._lock:
+            conn._m3d_epoch = self._abort_epoch  # type: ignore[attr-defined]
+            self._open.add(conn)
         try:
-            conn.request(method, self._prefix + path, body=body, headers=all_headers)
-            response = conn.getresponse()
+            with self._abortable(conn):
+                conn.request(method, self._prefix + path, body=body, headers=all_headers)
+                self._raise_if_aborted(conn)  # an abort() that came before the socket existed
+                response = conn.getresponse()
         except TimeoutError:
             conn.close()
             raise _NoAnswer(f"no answer from the M3D server at {self.url} within {seconds:g} s") from None
@@ -202,6 +228,49 @@ class M3DClient:
             raise_for_status(response.status, raw, self.url, method, path)
         return conn, response
 
+    # ---------------------------------------------------------------------------------------------------- abort
+    def abort(self, error: Optional[BaseException] = None) -> None:
+        """End every wait of this client now, from any thread: the connections of its running calls are shut, and
+        those calls raise ``error`` (default CancelledError) instead of waiting for an answer -- also from a server
+        that stopped responding. The server is not told: :meth:`cancel` does that. Later calls are not affected."""
+        with self._lock:
+            self._abort_epoch += 1
+            self._abort_errors[self._abort_epoch] = error if error is not None else CancelledError("cancelled")
+            connections = list(self._open)
+        for conn in connections:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
+                except OSError:
+                    pass
+
+    def _aborted(self, conn: http.client.HTTPConnection) -> Optional[BaseException]:
+        """The error of the first abort() since ``conn`` was opened (a copy per caller), or None."""
+        epoch = getattr(conn, "_m3d_epoch", None)
+        with self._lock:
+            if epoch is None or epoch >= self._abort_epoch:
+                return None
+            return copy.copy(self._abort_errors[epoch + 1])
+
+    def _raise_if_aborted(self, conn: http.client.HTTPConnection) -> None:
+        error = self._aborted(conn)
+        if error is not None:
+            conn.close()
+            raise error
+
+    @contextlib.contextmanager
+    def _abortable(self, conn: http.client.HTTPConnection) -> Iterator[None]:
+        """Whatever a call on ``conn`` raises after an abort() becomes the abort's error."""
+        try:
+            yield
+        except Exception:
+            error = self._aborted(conn)
+            if error is None:
+                raise
+            conn.close()
+            raise error from None
+
     def _json(self, method: str, path: str, payload: Any = None, *, timeout: Optional[float] = None,
               headers: Optional[dict[str, str]] = None) -> Any:
         body = None if payload is None else json.dumps(payload).encode("utf-8")
@@ -210,7 +279,8 @@ class M3DClient:
             hdrs["Content-Type"] = "application/json"
         conn, response = self._send(method, path, body=body, headers=hdrs, timeout=timeout)
         try:
-            raw = response.read()
+            with self._abortable(conn):
+                raw = response.read()
         except (OSError, http.client.HTTPException) as e:
             raise ServerUnavailableError(f"the M3D server at {self.url} stopped answering ({e})") from None
         finally:
@@ -305,7 +375,8 @@ class M3DClient:
     def _upload(self, body: Iterable[bytes], headers: dict[str, str]) -> dict[str, Any]:
         conn, response = self._send("POST", "/v1/volumes", body=body, headers=headers)
         try:
-            return json.loads(response.read())
+            with self._abortable(conn):
+                return json.loads(response.read())
         except (ValueError, OSError, http.client.HTTPException) as e:
             raise ServerUnavailableError(f"the upload to {self.url} got no proper answer ({e})") from None
         finally:
@@ -561,13 +632,18 @@ class M3DClient:
             raise holder["error"]
         yield holder["result"]
 
-    def cancel(self, *, everything: bool = False) -> dict[str, Any]:
-        """Stop this client's running or queued requests (they raise CancelledError). ``everything=True`` cancels
-        every request on the server, from any client."""
+    def active_requests(self) -> list[str]:
+        """The ids of this client's requests in flight (what :meth:`cancel` stops)."""
+        with self._lock:
+            return sorted(self._active)
+
+    def cancel(self, *, everything: bool = False, request_ids: Optional[Sequence[str]] = None) -> dict[str, Any]:
+        """Stop this client's running or queued requests (they raise CancelledError), or those of ``request_ids``.
+        ``everything=True`` cancels every request on the server, from any client. Waits for the server's answer (at
+        most ``connect_timeout``); :meth:`abort` ends the local wait at once."""
         if everything:
             return self._json("POST", "/v1/cancel", {}, timeout=self.connect_timeout)
-        with self._lock:
-            active = sorted(self._active)
+        active = self.active_requests() if request_ids is None else list(request_ids)
         cancelled: list[str] = []
         for request_id in active:
             answer = self._json("POST", "/v1/cancel", {"request_id": request_id}, timeout=self.connect_timeout)
@@ -621,9 +697,10 @@ class M3DClient:
                 self._cancel_quietly(request_id)
                 raise timed_out from None
             try:
-                if not stream:
-                    return json.loads(response.read())
-                return self._read_events(response, on_text, on_progress)
+                with self._abortable(conn):
+                    if not stream:
+                        return json.loads(response.read())
+                    return self._read_events(response, on_text, on_progress)
             except TimeoutError:
                 self._cancel_quietly(request_id)
                 raise timed_out from None
@@ -659,7 +736,7 @@ class M3DClient:
 
 
 __all__ = [  # the protocol's errors and volume_id too: what a user of the client catches and computes
-    "M3DClient", "RemoteVolume", "PROTOCOL_VERSION", "AuthenticationError", "VolumeNotFoundError",
-    "RequestTooLargeError", "ServerBusyError", "ServerUnavailableError", "ProtocolMismatchError", "ServerError",
-    "volume_id",
+    "M3DClient", "RemoteVolume", "PROTOCOL_VERSION", "InsecureTransportWarning", "AuthenticationError",
+    "VolumeNotFoundError", "RequestTooLargeError", "ServerBusyError", "ServerUnavailableError", "ProtocolMismatchError",
+    "ServerError", "volume_id",
 ]

@@ -23,6 +23,12 @@ class ServerLimits:
     max_volumes: int = 8  # uploaded volumes kept (least recently used dropped)
     max_stored_bytes: int = 4096 * MiB  # voxels kept over all uploaded volumes
     max_new_tokens: int = MAX_NEW_TOKENS  # cap on sampling.max_new_tokens (one constant with the CLI)
+    # Slow or stalled clients (enforced per connection by connections.GuardedH11Protocol):
+    header_timeout_s: float = 10.0  # request line + headers complete within this of the connection / first byte
+    body_timeout_s: float = 30.0  # a request body may pause this long; after it, it must average the next rate
+    min_body_bytes_per_s: int = 1024
+    max_connections: int = 64  # open connections in all; more get 503 and are closed
+    max_connections_per_client: int = 32  # open connections from one address
 
 
 

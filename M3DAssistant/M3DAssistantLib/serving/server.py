@@ -12,7 +12,8 @@ generated it (no ``--token``, ``--token-file`` or ``$M3D_SERVER_TOKEN``), so tha
 worker can read it; a token the user gave is never printed.
 
 Security: the server binds 127.0.0.1 unless told otherwise; a non-loopback host needs ``allow_remote=True``
-(``--allow-remote``) *and* an explicit token of at least 16 characters, else it refuses to start. Every route needs
+(``--allow-remote``) *and* an explicit token as strong as a generated one (:func:`.trust.weak_remote_token`), else it
+refuses to start. Every token holder is equally trusted (:mod:`.trust`). Every route needs
 the token (compared in constant time); uploads are size-checked from their headers before anything is allocated;
 volumes stay in memory (no request reaches the filesystem). Traffic is plain HTTP: for a remote GPU box prefer an SSH
 tunnel to a loopback server over ``--allow-remote``.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import ipaddress
 import json
 import logging
 import os
@@ -40,6 +40,7 @@ from .. import __version__
 from ..errors import InputError, M3DError
 from ..results import MAX_NEW_TOKENS
 from .protocol import PROTOCOL_VERSION
+from .trust import GENERATE_TOKEN, is_loopback, weak_remote_token
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 READY_PREFIX = "M3D_SERVER_READY"
 TOKEN_ENV = "M3D_SERVER_TOKEN"
-MIN_REMOTE_TOKEN_CHARS = 16
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it travels in an HTTP header
 
 __all__ = ["PROTOCOL_VERSION", "READY_PREFIX", "create_app", "serve", "add_serve_arguments", "run_serve", "main",
@@ -60,16 +60,6 @@ def create_app(engine: Any, token: str, **kwargs: Any) -> "FastAPI":
     from .app import create_app as _create_app
 
     return _create_app(engine, token, **kwargs)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
 
 
 def parse_ready_line(line: str) -> Optional[dict[str, Any]]:
@@ -93,12 +83,11 @@ def _check_token(host: str, token: Optional[str], allow_remote: bool) -> tuple[s
         if token is None:
             raise InputError(
                 f"refusing to listen on {host!r} without an explicit token: a remote bind needs one that you chose "
-                f"and share (--token-file FILE or ${TOKEN_ENV}); generate one with "
-                f"python -c \"import secrets; print(secrets.token_urlsafe(32))\""
+                f"and share (--token-file FILE or ${TOKEN_ENV}); generate one with {GENERATE_TOKEN}"
             )
-        if len(token) < MIN_REMOTE_TOKEN_CHARS:
-            raise InputError(f"a token for a remote bind must have at least {MIN_REMOTE_TOKEN_CHARS} characters; "
-                             f"generate one with python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
+        weak = weak_remote_token(token)
+        if weak:
+            raise InputError(weak)
     if token is None:
         return secrets.token_urlsafe(32), True
     return token, False
@@ -224,6 +213,7 @@ def serve(
         try:
             import uvicorn
 
+            from .connections import uvicorn_config
             from .guard import ServerLimits
         except ImportError as e:
             raise M3DError(f"m3d serve needs FastAPI and uvicorn ({e}); install them with "
@@ -254,8 +244,8 @@ def serve(
                     if on_ready is not None:
                         on_ready(dict(ready))
 
-        config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("debug", "info"), lifespan="off",
-                                timeout_graceful_shutdown=5, server_header=False,
+        config = uvicorn_config(app, app.state.m3d.limits, log_level=log_level,
+                                access_log=log_level in ("debug", "info"), timeout_graceful_shutdown=5,
                                 ssl_certfile=ssl_certfile if tls else None, ssl_keyfile=ssl_keyfile if tls else None)
         server = Server(config)
         if parent_pid is not None:
@@ -288,7 +278,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, model_args: bool = T
                              f"the ready line). Visible to other users in the process list: prefer --token-file")
     parser.add_argument("--token-file", default=None, help="read the token from this file (first line)")
     parser.add_argument("--allow-remote", action="store_true",
-                        help="allow a --host reachable from other machines (needs an explicit token)")
+                        help="allow a --host reachable from other machines (needs an explicit token as strong as a "
+                             "generated one: secrets.token_urlsafe(32))")
     parser.add_argument("--ssl-certfile", default=None,
                         help="serve https with this PEM certificate (clients of a self-signed one pass it as their "
                              "CA file)")
@@ -302,6 +293,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser, *, model_args: bool = T
     parser.add_argument("--max-new-tokens-limit", type=int, default=MAX_NEW_TOKENS,
                         help=f"largest max_new_tokens a request may ask for (default {MAX_NEW_TOKENS}, as m3d's "
                              f"--max-new-tokens)")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a request's headers; slower ones are closed (default 10)")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a request body (an upload) may stall; stalled ones are closed and their upload "
+                             "space freed (default 30)")
+    parser.add_argument("--max-connections", type=int, default=64, help="open connections in all (default 64)")
+    parser.add_argument("--max-connections-per-client", type=int, default=32,
+                        help="open connections from one address (default 32)")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process exits")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -324,7 +323,9 @@ def run_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * mb), max_queue=args.max_queue, parent_pid=args.parent_pid,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, log_level=args.log_level,
         limits={"max_volume_bytes": int(args.max_volume_mb * mb), "max_volumes": args.max_volumes,
-                "max_new_tokens": args.max_new_tokens_limit},
+                "max_new_tokens": args.max_new_tokens_limit, "header_timeout_s": args.header_timeout,
+                "body_timeout_s": args.body_timeout, "max_connections": args.max_connections,
+                "max_connections_per_client": args.max_connections_per_client},
     )
     return 0
 
