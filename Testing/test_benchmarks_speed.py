@@ -37,7 +37,8 @@ def test_cohort_smoke(capsys):
 def test_decode_bound_smoke(capsys):
     _load("decode_bound").main(["--smoke", "--tokens", "4"])
     out = capsys.readouterr().out
-    assert 0 < _ratio(out) and "better dtype here:" in out
+    # the smoke model is tiny: per-call overhead dwarfs its bound, so the ratio may print as 0.00
+    assert 0 <= _ratio(out) <= 1.5 and "better dtype here:" in out and "% of the bound" in out
     assert "float32" in out and "bfloat16" in out and "GB/s" in out
 
 

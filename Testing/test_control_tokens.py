@@ -103,3 +103,23 @@ def test_control_tokens_in_training_text_are_refused(tmp_path, tiny_phi3):
     clean = write_dataset(tmp_path / "clean")  # the same dataset without them trains (the M3D tokens of the
     dataset = M3DDataset(clean, tokenizer, N_IMAGE)  # answer templates, <bx_start> and [SEG], are fine)
     assert len(dataset) > 0 and all(dataset[i]["input_ids"].numel() for i in range(len(dataset)))
+
+
+def test_answers_never_hold_a_control_token_so_a_follow_up_is_not_refused(engine):
+    """The model's own answer (decoded ids, or ordinary tokens that spell a control token out) comes back without
+    control tokens, so asking a follow-up with it as history works; the M3D [SEG] token stays in the text."""
+    from M3DAssistantLib.model.tokenizer import control_token_ids, decode
+
+    tokenizer = engine.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end in control_token_ids(tokenizer)
+    spelled = tokenizer(" <|end|>", add_special_tokens=False, split_special_tokens=True).input_ids + \
+        tokenizer(" change [SEG]", add_special_tokens=False).input_ids  # "<|end|>" from ordinary tokens
+    assert end not in spelled
+    ids = tokenizer(" No", add_special_tokens=False).input_ids + [end] + spelled
+    assert "<|end|>" in tokenizer.decode(ids, skip_special_tokens=True)  # what transformers alone would give
+    text = decode(tokenizer, ids)
+    assert "<|" not in text and "[SEG]" in text and text.startswith("No")
+    answer = decode(tokenizer, ids[:-len(tokenizer(" change [SEG]", add_special_tokens=False).input_ids)])
+    engine.ask("And the spleen?", history=[("Is the liver enlarged?", answer)], sampling=SHORT)
+    assert engine.counters["generate"] == 1

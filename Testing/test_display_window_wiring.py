@@ -6,7 +6,6 @@ the next report's window without sending the voxels again. ``m3d batch`` reads e
 
 from __future__ import annotations
 
-import ast
 import json
 import signal
 
@@ -22,7 +21,7 @@ SHORT = SamplingOptions(max_new_tokens=3)
 
 def intensity(result) -> dict:
     """The window a result was made with, as the engine recorded it in the provenance."""
-    return ast.literal_eval(result.provenance.intensity)
+    return json.loads(result.provenance.intensity)
 
 
 # ---------------------------------------------------------------------------------------------------------- engine
@@ -233,14 +232,14 @@ def test_the_wire_checks_display_windows_and_modalities(served, ct):
 
     # what a client older than the display window sends: still answered, each task's default from the values
     status, answer = post({"window": None, "roi": None, "slice_range": None, "sampling": {"max_new_tokens": 2}})
-    assert status == 200 and "'name': 'abdomen'" in answer["provenance"]["intensity"]
+    assert status == 200 and json.loads(answer["provenance"]["intensity"])["name"] == "abdomen"
     status, answer = post({"display_window": {"center": 40, "width": -5}, "sampling": {"max_new_tokens": 2}})
     assert status == 400 and "width" in answer["detail"]
     status, answer = post({"modality": "C/T", "sampling": {"max_new_tokens": 2}})
     assert status == 400 and "modality" in answer["detail"]
     status, answer = post({"display_window": {"center": -600, "width": 1500, "source": "DICOM"}, "modality": "CT",
                            "sampling": {"max_new_tokens": 2}})
-    assert status == 200 and "'name': 'display (DICOM)'" in answer["provenance"]["intensity"]
+    assert status == 200 and json.loads(answer["provenance"]["intensity"])["name"] == "display (DICOM)"
 
 
 # ------------------------------------------------------------------------------------------------------ m3d batch
@@ -254,13 +253,14 @@ def test_batch_reads_each_volumes_dicom_window(tiny_phi3_model, data_dir, tmp_pa
     folder.mkdir()
     (folder / "dicom_ct").symlink_to(data_dir / "example_ct_dicom", target_is_directory=True)
     (folder / "nifti_ct.nii.gz").symlink_to(data_dir / "example_ct_sm.nii.gz")
-    status = run_batch(InferenceEngine(tiny_phi3_model), find_volumes(folder), [BatchTask.parse("report")],
-                       tmp_path / "out", sampling=SamplingOptions(max_new_tokens=2), log=lambda message: None)
-    assert status == {"dicom_ct": "done", "nifti_ct": "done"}
+    summary = run_batch(InferenceEngine(tiny_phi3_model), find_volumes(folder), [BatchTask.parse("report")],
+                        tmp_path / "out", sampling=SamplingOptions(max_new_tokens=2), log=lambda message: None)
+    status = summary.status
+    assert status == {"dicom_ct": "done", "nifti_ct.nii.gz": "done"}  # folders named after the volumes' entries
     used = {}
     for name in status:
         results = json.loads((tmp_path / "out" / name / "results.json").read_text())["results"]
-        used[name] = ast.literal_eval(results["report"]["provenance"]["intensity"])
+        used[name] = json.loads(results["report"]["provenance"]["intensity"])
     assert (used["dicom_ct"]["name"], used["dicom_ct"]["center"], used["dicom_ct"]["width"]) == \
         ("display (DICOM)", 40.0, 300.0)
-    assert used["nifti_ct"]["name"] == "abdomen"
+    assert used["nifti_ct.nii.gz"]["name"] == "abdomen"

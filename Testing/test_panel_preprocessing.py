@@ -8,7 +8,6 @@ answers and its installation check come from the real worker process on the tiny
 
 from __future__ import annotations
 
-import ast
 import json
 import socket
 
@@ -107,7 +106,7 @@ def test_task_preprocessing_says_what_the_engine_then_uses(assistant, tiny_phi3_
         before = logic.taskPreprocessing(node, key)
         logic.runTask(key, node, *arguments, **short)
         used = logic.lastResult.provenance
-        mapping = ast.literal_eval(used.intensity)  # the engine's record of the window it used
+        mapping = json.loads(used.intensity)  # the engine's record of the window it used
         assert used.convention.split("@")[0] == before.convention, key
         assert (mapping["scheme"], mapping["name"]) == (before.window.scheme, before.window.name), key
         assert (mapping.get("center"), mapping.get("width")) == (before.window.center, before.window.width), key

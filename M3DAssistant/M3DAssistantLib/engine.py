@@ -57,6 +57,7 @@ from .geometry import (
     validate_volume,
 )
 from .model.hub import snapshot_revision
+from .model.tokenizer import decode
 from .oom import translate_out_of_memory
 from .preprocessing import DisplayWindow, IntensitySpec, default_window, is_ct, resolve_window
 from .progress import ProgressCallback, report
@@ -161,7 +162,7 @@ class _TextStreamer:
         report(self.progress, "generate", len(self.ids) / self.max_new_tokens, f"{len(self.ids)} tokens")
         if self.on_text is None:
             return
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = decode(self.tokenizer, self.ids)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
         if text.startswith(self.sent) and len(text) > len(self.sent):
@@ -172,7 +173,7 @@ class _TextStreamer:
         """Send what was held back: an answer may end in an incomplete character, which the result's text keeps."""
         if self.on_text is None or not self.ids:
             return
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = decode(self.tokenizer, self.ids)
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.on_text(text[len(self.sent):])
             self.sent = text
@@ -442,7 +443,6 @@ class InferenceEngine:
             seg_prompts = rest[0] if rest else None
         self._check_cancel()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        from .model.tokenizer import decode
 
         result = {"ids": sequences[0].tolist(), "text": decode(self.tokenizer, sequences[0]), "seg_logits": seg_logits,
                   "seg_prompts": seg_prompts, "prompt_ids": ids}

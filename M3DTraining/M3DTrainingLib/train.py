@@ -498,8 +498,14 @@ def _record_failure(config: TrainConfig, error: BaseException) -> None:
 def exit_on_termination() -> None:
     """SIGTERM (a cancel, a shutdown, a scheduler's time limit) and SIGHUP (the terminal closed) end the run through
     :func:`run_training`'s error path -- recorded in ``progress.jsonl``, lock released -- instead of killing it
-    silently. Main thread only; SIGKILL cannot be caught (the next process to use the folder records it)."""
+    silently. Only the main thread may install handlers: called from another (``m3d train`` run inside a host
+    program's thread) it leaves the host's handlers alone. SIGKILL cannot be caught (the next process to use the
+    folder records it)."""
     import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
 
     def stop(signum, frame):
         raise SystemExit(f"stopped by {signal.Signals(signum).name} (cancelled, shut down or killed by a scheduler); "

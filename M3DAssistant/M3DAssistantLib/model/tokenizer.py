@@ -247,5 +247,14 @@ def control_token_message(tokens: Sequence[str], what: str) -> str:
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    """Text of generated ids as the official code decodes it (special tokens dropped, [SEG] kept)."""
-    return tokenizer.decode(list(ids), skip_special_tokens=True)
+    """Text of generated ids as the official code decodes it (special tokens dropped, [SEG] kept), and without the
+    base tokenizer's other control tokens (:func:`control_token_ids`, e.g. Phi-3's ``<|placeholder6|>``, which
+    ``skip_special_tokens`` keeps as text): an answer is fed back as history in a follow-up question, where a control
+    token is refused; the model emitting one is noise, not text of the answer. A control token spelled out by
+    ordinary tokens is removed from the text for the same reason."""
+    control = control_token_ids(tokenizer)
+    text = tokenizer.decode([i for i in ids if i not in control], skip_special_tokens=True)
+    # ordinary tokens may also spell one out ("<|" "end" "|>"), which would become the control token when re-read
+    for name in find_control_tokens(tokenizer, text):
+        text = text.replace(name, "")
+    return text

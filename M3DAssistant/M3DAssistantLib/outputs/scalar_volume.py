@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..geometry import validate_ijk_to_ras
 from .atomic import PathLike, atomic_write_bytes
 from .conventions import LPS_FROM_RAS, check_attributes
-from .seg_nrrd import _escape_value, _gzip_chunks, _vector
+from .seg_nrrd import escape_value, gzip_chunks, nrrd_vector
 
 SCALAR_VOLUME_EXTENSIONS = (".nrrd", ".nii.gz", ".nii")
 
@@ -39,10 +39,10 @@ def scalar_nrrd_header(shape_kji: tuple[int, int, int], ijk_to_ras: np.ndarray, 
     lines = ["NRRD0004", "# Complete NRRD file format specification at:",
              "# http://teem.sourceforge.net/nrrd/format.html", "type: float", "dimension: 3",
              "space: left-posterior-superior", f"sizes: {i} {j} {k}",
-             "space directions: " + " ".join(_vector(ijk_to_lps[:3, c]) for c in range(3)),
+             "space directions: " + " ".join(nrrd_vector(ijk_to_lps[:3, c]) for c in range(3)),
              "kinds: domain domain domain", "endian: little", "encoding: gzip",
-             f"space origin: {_vector(ijk_to_lps[:3, 3])}"]
-    lines += [f"{key}:={_escape_value(value)}" for key, value in sorted(attributes.items())]
+             f"space origin: {nrrd_vector(ijk_to_lps[:3, 3])}"]
+    lines += [f"{key}:={escape_value(key, value)}" for key, value in sorted(attributes.items())]
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
@@ -67,7 +67,7 @@ def write_scalar_volume(path: PathLike, values_kji: Any, ijk_to_ras: Any,
 
         def body() -> Iterator[bytes]:
             yield header
-            yield from _gzip_chunks(slabs(), 1)
+            yield from gzip_chunks(slabs(), 1)
 
         return atomic_write_bytes(path, body(), overwrite=overwrite)
     import nibabel

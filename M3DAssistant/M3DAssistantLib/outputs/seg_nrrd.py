@@ -54,11 +54,11 @@ def _fmt(x: float) -> str:
     return repr(x)
 
 
-def _vector(v: Sequence[float]) -> str:
+def nrrd_vector(v: Sequence[float]) -> str:
     return "(" + ",".join(_fmt(c) for c in v) + ")"
 
 
-def _escape_value(key: str, value: str) -> str:
+def escape_value(key: str, value: str) -> str:
     """NRRD key/value escaping: backslash and newline are the two escapes teem reads back, so every line break
     (``\\r\\n``, ``\\r``, ``\\u2028``, ... see :data:`~.conventions.LINE_BREAKS`) is written as an escaped
     newline -- a raw ``\\r`` would end the header line for teem (ITK's NRRD reader) and Slicer would refuse the file.
@@ -158,7 +158,7 @@ def segmentation_nrrd_header(
     ijk_to_lps = ijk_to_ras.copy()
     ijk_to_lps[:3, :] = LPS_FROM_RAS @ ijk_to_ras[:3, :]
     k, j, i = (int(s) for s in shape_kji)
-    directions = " ".join(_vector(ijk_to_lps[:3, c]) for c in range(3))
+    directions = " ".join(nrrd_vector(ijk_to_lps[:3, c]) for c in range(3))
     lines = [
         "NRRD0004",
         "# Complete NRRD file format specification at:",
@@ -171,7 +171,7 @@ def segmentation_nrrd_header(
     else:
         lines += ["dimension: 3", "space: left-posterior-superior", f"sizes: {i} {j} {k}",
                   f"space directions: {directions}", "kinds: domain domain domain"]
-    lines += [f"encoding: {encoding}", f"space origin: {_vector(ijk_to_lps[:3, 3])}"]
+    lines += [f"encoding: {encoding}", f"space origin: {nrrd_vector(ijk_to_lps[:3, 3])}"]
 
     tag_attributes = "".join(
         f"{key}:{LINE_BREAKS.sub(' ', value.replace('|', '/'))}|"
@@ -201,11 +201,11 @@ def segmentation_nrrd_header(
         ("Segmentation_ReferenceImageExtentOffset", "0 0 0"),
     ]
     fields += sorted(attributes.items())
-    lines += [f"{key}:={_escape_value(key, value)}" for key, value in fields]
+    lines += [f"{key}:={escape_value(key, value)}" for key, value in fields]
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
-def _gzip_chunks(chunks: Iterable[bytes], level: int) -> Iterator[bytes]:
+def gzip_chunks(chunks: Iterable[bytes], level: int) -> Iterator[bytes]:
     comp = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: gzip container, as teem's "gzip" encoding expects
     for chunk in chunks:
         out = comp.compress(chunk)
@@ -279,7 +279,7 @@ def write_segmentation_nrrd(
         for k0 in range(0, k, step):
             yield np.ascontiguousarray(labels[k0:k0 + step]).tobytes()
 
-    body = _gzip_chunks(slabs(), int(compression_level)) if compress else slabs()
+    body = gzip_chunks(slabs(), int(compression_level)) if compress else slabs()
     return atomic_write_bytes(path, _chain((header,), body), overwrite=overwrite)
 
 
