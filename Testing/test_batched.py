@@ -346,7 +346,7 @@ def test_m3d_batch_refuses_a_batch_size_below_1_before_loading(tmp_path):
 
 def test_a_group_that_runs_out_of_memory_fails_alone(tiny_phi3_model, data_dir, tmp_path):
     """m3d batch: a group of volumes whose batch fails (out of memory) is reported failed; the next group runs."""
-    from M3DAssistantLib.batch import BatchTask, run_batch
+    from M3DAssistantLib.batch import BatchTask, run_cohort
     from M3DAssistantLib.oom import OutOfMemoryError
 
     folder = tmp_path / "in"
@@ -363,8 +363,8 @@ def test_a_group_that_runs_out_of_memory_fails_alone(tiny_phi3_model, data_dir, 
         return original(*args, **kwargs)
 
     engine.run_batch = run_batch_failing_first
-    summary = run_batch(engine, sorted(folder.iterdir()), [BatchTask.parse("report")], tmp_path / "out",
-                        sampling=SAMPLING, batch_size=2, log=lambda _: None)
+    summary = run_cohort(engine, sorted(folder.iterdir()), [BatchTask.parse("report")], tmp_path / "out",
+                         sampling=SAMPLING, batch_size=2, log=lambda _: None)
     status = summary.status
     assert status["a.nii.gz"].startswith("failed: out of memory")
     assert status["b.nii.gz"].startswith("failed: out of memory")

@@ -246,15 +246,15 @@ def test_the_wire_checks_display_windows_and_modalities(served, ct):
 def test_batch_reads_each_volumes_dicom_window(tiny_phi3_model, data_dir, tmp_path):
     """The DICOM series gets its WindowCenter/Width (40/300) for the report; the NIfTI file, which has none, the
     abdomen preset (a CT by its values)."""
-    from M3DAssistantLib.batch import BatchTask, find_volumes, run_batch
+    from M3DAssistantLib.batch import BatchTask, find_volumes, run_cohort
     from M3DAssistantLib.engine import InferenceEngine
 
     folder = tmp_path / "cohort"
     folder.mkdir()
     (folder / "dicom_ct").symlink_to(data_dir / "example_ct_dicom", target_is_directory=True)
     (folder / "nifti_ct.nii.gz").symlink_to(data_dir / "example_ct_sm.nii.gz")
-    summary = run_batch(InferenceEngine(tiny_phi3_model), find_volumes(folder), [BatchTask.parse("report")],
-                        tmp_path / "out", sampling=SamplingOptions(max_new_tokens=2), log=lambda message: None)
+    summary = run_cohort(InferenceEngine(tiny_phi3_model), find_volumes(folder), [BatchTask.parse("report")],
+                         tmp_path / "out", sampling=SamplingOptions(max_new_tokens=2), log=lambda message: None)
     status = summary.status
     assert status == {"dicom_ct": "done", "nifti_ct.nii.gz": "done"}  # folders named after the volumes' entries
     used = {}

@@ -217,7 +217,7 @@ def _voxel_ml(ijk_to_ras: Any) -> float:
     return abs(float(np.linalg.det(np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
-def run_batch(
+def run_cohort(
     engine,
     volumes: Sequence[Path],
     specs: Sequence[BatchTask],

@@ -318,7 +318,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         check_specs,
         find_volumes,
         finish_distributed,
-        run_batch,
+        run_cohort,
         split_for_this_process,
         write_cohort_tables,
     )
@@ -337,7 +337,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     bar = ProgressBar(not args.quiet)
     engine = _engine(args, bar)
     out_dir.mkdir(exist_ok=True)
-    summary = run_batch(engine, volumes, specs, out_dir, sampling=_sampling(args), window=window,
+    summary = run_cohort(engine, volumes, specs, out_dir, sampling=_sampling(args), window=window,
                         batch_size=args.batch_size)
     bar.close()
     tables = ""

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from M3DAssistantLib.errors import GeometryError, InputError
-from M3DAssistantLib.geometry import DEFAULT_MODEL_SHAPE, box_to_model_bounds
+from M3DAssistantLib.geometry import DEFAULT_MODEL_SHAPE
 from M3DAssistantLib.outputs import atomic_write_bytes, write_json
 from M3DAssistantLib.prompts import parse_box_answer
 from M3DAssistantLib.tasks import TASKS, TRAINING_NAMES, ResultKind
@@ -201,16 +201,14 @@ def box_iou_official(box1: Sequence[float], box2: Sequence[float]) -> float:
 
 
 def box_iou(box1: Sequence[float], box2: Sequence[float], model_shape: Sequence[int] = DEFAULT_MODEL_SHAPE) -> float:
-    """True IoU of the model voxels two boxes cover (a box names its first and last voxel, so it spans
-    ``[b * N - 0.5, b * N + 0.5]`` model voxels along each axis). -1 for a box that is not valid."""
+    """True IoU of the model voxels two boxes cover (:func:`M3DAssistantLib.measurements.box_iou`, the one
+    definition the engine's locate-and-segment agreement uses too). -1 for a box that is not valid."""
+    from M3DAssistantLib.measurements import box_iou as model_voxel_iou
+
     try:
-        lo1, hi1 = box_to_model_bounds(box1, model_shape)
-        lo2, hi2 = box_to_model_bounds(box2, model_shape)
+        return model_voxel_iou(box1, box2, model_shape)
     except GeometryError:
         return -1.0
-    inter = float(np.prod(np.clip(np.minimum(hi1, hi2) - np.maximum(lo1, lo2), 0.0, None)))
-    union = float(np.prod(hi1 - lo1) + np.prod(hi2 - lo2) - inter)
-    return inter / union if union > 0 else 0.0
 
 
 def _as_tensor(values: Any, what: str):

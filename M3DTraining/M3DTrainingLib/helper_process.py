@@ -88,9 +88,9 @@ class BackgroundCommand:
 
     def _stop(self) -> None:
         try:  # PythonSlicer is a launcher: the real Python is its child, so the whole tree is stopped
-            from .jobs import kill_process_tree
+            from M3DAssistantLib.processes import kill_pid_tree
 
-            kill_process_tree(self._process.pid, timeout=5.0)
+            kill_pid_tree(self._process.pid, timeout=5.0)
         except ImportError:  # psutil missing
             self._process.kill()
         try:

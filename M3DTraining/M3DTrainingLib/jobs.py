@@ -314,7 +314,9 @@ class Job:
         self.record["cancel_requested"] = True
         self._write_record()
         if self.is_alive():
-            kill_process_tree(self.pid, timeout)
+            from M3DAssistantLib.processes import kill_pid_tree  # one implementation for workers and jobs
+
+            kill_pid_tree(self.pid, timeout)
         if self._process is not None:
             try:
                 self._process.wait(timeout)
@@ -330,13 +332,6 @@ def _record_stale(lock: RunLock) -> None:
         record_interruption(lock.output_dir / PROGRESS_FILE, (
             f"the run of {describe_holder(lock.stale)} ended without a final event (killed, out of memory or the "
             f"machine stopped); resume continues it from the newest checkpoint"))
-
-
-def kill_process_tree(pid: int, timeout: float = 10.0) -> None:
-    """Terminate ``pid`` and all its descendants (SIGTERM, then SIGKILL for those still alive)."""
-    from M3DAssistantLib.processes import kill_pid_tree  # one implementation for workers and training jobs
-
-    kill_pid_tree(pid, timeout)
 
 
 def _create_time(pid: int) -> Optional[float]:
