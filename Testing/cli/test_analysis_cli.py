@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from test_cli_tasks import forced_cli  # noqa: F401  (a fixture: cli.main in-process with forced answers)
 
 from M3DAssistantLib import cli, tasks
 

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
-
-def m3d(*args, env=None, timeout=600):
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "M3DAssistantLib", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+from m3d_cli import m3d
 
 
 def test_inspect_reports_a_loadable_checkpoint(tiny_llama):

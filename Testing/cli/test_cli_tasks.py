@@ -6,35 +6,9 @@ import json
 import shutil
 
 import numpy as np
-import pytest
-from forcing import force_answer
-from test_cli_model import m3d
+from m3d_cli import m3d
 
 from M3DAssistantLib import AI_LABEL, cli
-from M3DAssistantLib.engine import InferenceEngine
-
-
-@pytest.fixture
-def forced_cli(monkeypatch, tiny_phi3_model):
-    """Run cli.main in-process with an engine whose answers start with a chosen text."""
-    answers = {}
-
-    def make_engine(args, bar):
-        engine = InferenceEngine(tiny_phi3_model)
-        if "text" in answers:
-            answers["restore"] = force_answer(engine, answers["text"])
-        return engine
-
-    monkeypatch.setattr(cli, "_engine", make_engine)
-
-    def run(answer, *argv):
-        answers["text"] = answer
-        try:
-            return cli.main([str(a) for a in argv])
-        finally:
-            answers.pop("restore", lambda: None)()
-
-    return run
 
 
 def test_report_json_has_provenance_and_label(tiny_phi3, ct_path):
@@ -129,7 +103,7 @@ def test_demo_writes_files(tiny_phi3, tmp_path):
 
 
 def test_export_command_writes_a_dataset_from_an_mrb(headless_slicer, data_dir, tmp_path):
-    from test_export import build_scene
+    from annotated_scene import build_scene
 
     scene, logics = headless_slicer
     build_scene(scene, logics, data_dir)
@@ -181,7 +155,7 @@ def test_batch_under_accelerate_splits_volumes_across_processes(tiny_phi3, data_
 
 
 def test_evaluate_command_runs_the_model_on_an_exported_split(headless_slicer, data_dir, tiny_phi3, tmp_path):
-    from test_export import build_scene
+    from annotated_scene import build_scene
 
     from M3DTrainingLib.export import export_dataset
 

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from test_cli_model import m3d
+from m3d_cli import m3d
 
 from M3DAssistantLib.batched import BatchRequest
 from M3DAssistantLib.engine import InferenceEngine

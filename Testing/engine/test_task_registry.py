@@ -9,6 +9,7 @@ import inspect
 import re
 
 import pytest
+from ninth_task import NINTH
 
 from M3DAssistantLib import prompts, tasks
 from M3DAssistantLib.errors import InputError
@@ -334,12 +335,7 @@ def test_panel_reads_each_task_arguments_by_kind():
 # below). The server route and request model, the client, the backend, the session, the Logic's runner, the CLI
 # subcommand and the panel's arguments all come from the entry. For users and IDEs a task also gets one thin method
 # on M3DClient, AssistantSession and the Logic (and a button named Task.button in the .ui); the generic paths tested
-# here do not need them.
-NINTH = tasks.Task(
-    "count_lesions", "Count lesions", "count", ResultKind.TEXT, Output.ANSWER, "m3d-seg-v1", "percentile",
-    summary="Count the lesions of a structure", help="count the lesions of a structure",
-    arguments=(tasks.Argument("target", ArgumentKind.TEXT),), prompt_hint="a structure (e.g. liver)",
-    build_prompt=lambda target: f" How many lesions are in the {prompts._clean(target, 'the target')}?")
+# here do not need them. The entry itself is in Testing/helpers/ninth_task.py.
 
 
 class NinthTaskEngine:

@@ -11,9 +11,9 @@ import json
 
 import numpy as np
 import pytest
+from geometry_references import PERMUTATIONS, make_affine, same_grid_reorder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_geometry_helpers import PERMUTATIONS, make_affine, same_grid_reorder
 
 from M3DAssistantLib import tasks
 from M3DAssistantLib.errors import InputError

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_geometry_helpers import (
+from geometry_references import (
     canonical,
     dice,
     make_affine,

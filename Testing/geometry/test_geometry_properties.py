@@ -4,9 +4,9 @@ go to model space and back and stay where they were."""
 from __future__ import annotations
 
 import numpy as np
+from geometry_references import PERMUTATIONS, dice, make_affine, voxel_ras
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_geometry_helpers import PERMUTATIONS, dice, make_affine, voxel_ras
 
 from M3DAssistantLib.geometry import (
     CONVENTIONS,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_geometry_helpers import canonical, dice, monai_chain, same_grid_reorder, seg_percentiles, voxel_ras
+from geometry_references import canonical, dice, monai_chain, same_grid_reorder, seg_percentiles, voxel_ras
 
 from M3DAssistantLib.geometry import (
     RasRoi,

@@ -110,7 +110,7 @@ def test_inspect_reports_an_absurd_clip_config(tiny_clip, tmp_path):
 def test_absurd_clip_config_is_refused():
     """case: implausible M3D-CLIP config.json (0 or 10^7 layers, a BERT with 0 heads) -> ConfigError naming the
     field and the range"""
-    from test_clip_model import OFFICIAL_CONFIG_JSON
+    from official_configs import OFFICIAL_CONFIG_JSON
 
     for change, message in [({"num_layers": 10**7}, r"num_layers=10000000 is not plausible"),
                             ({"img_size": [32, 256, 0]}, r"img_size\[2\]=0 is not plausible"),

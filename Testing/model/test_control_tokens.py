@@ -86,7 +86,7 @@ def test_control_tokens_are_refused_by_the_server(tiny_phi3_model):
 def test_control_tokens_in_training_text_are_refused(tmp_path, tiny_phi3):
     """case: control tokens of the base tokenizer in training text (report, answer, question) -> InputError when the
     dataset is built, naming each sample and token, before training starts"""
-    from test_dataset import N_IMAGE, write_dataset
+    from dataset_folders import N_IMAGE, write_dataset
 
     from M3DAssistantLib.model.tokenizer import load_tokenizer
     from M3DTrainingLib.data import M3DDataset

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_outputs import assert_slicer_reads, segments_by_name, tag
+from slicer_files import assert_slicer_reads, segments_by_name, tag
 
 from M3DAssistantLib.errors import InputError
 from M3DAssistantLib.outputs import write_segmentation_nrrd

@@ -4,12 +4,12 @@ suite, so the scripts cannot rot, and the cuda-marked full-size runs for a GPU b
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from repo_paths import REPO
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = REPO / "benchmarks"
 
 
 def _load(name: str):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from repo_paths import HELPERS, REPO
 
 
 def test_per_file_percentages_and_the_floor(tmp_path):
@@ -46,7 +44,7 @@ def test_a_run_below_the_floor_fails(tmp_path):
     pytest.importorskip("pytest_cov")
     test = tmp_path / "test_nothing.py"
     test.write_text("def test_nothing():\n    assert True\n")
-    env = {**__import__("os").environ, "PYTHONPATH": str(REPO / "Testing")}
+    env = {**__import__("os").environ, "PYTHONPATH": str(HELPERS)}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "coverage_check",
                            str(test), "--rootdir", str(tmp_path), "--cov", f"--cov-config={REPO / 'pyproject.toml'}",
                            "--min-coverage-per-file=90"], capture_output=True, text=True, cwd=tmp_path, env=env,

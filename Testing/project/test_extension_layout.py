@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import io
 import json
 import py_compile
 import re
@@ -17,13 +16,12 @@ import subprocess
 import sys
 import textwrap
 import types
-import unittest
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from module_files import module_source, parameter_node_fields, run_slicer_self_test, ui_widgets
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 MODULES = ("M3DAssistant", "M3DTraining")
 UPDATE_SCRIPT = REPO / "Utilities" / "update_cmake_lists.py"
 RUN_UPDATE = "Run `python Utilities/update_cmake_lists.py` to regenerate the lists."
@@ -253,11 +251,6 @@ def test_update_script_regenerates_lists_and_skips_junk(tmp_path, capsys):
 # .ui files
 
 
-def ui_widgets(module: str) -> tuple[ET.ElementTree, dict[str, ET.Element]]:
-    tree = ET.parse(REPO / module / "Resources" / "UI" / f"{module}.ui")
-    return tree, {w.get("name"): w for w in tree.iter("widget")}
-
-
 @pytest.mark.parametrize("module", MODULES)
 def test_ui_file_is_valid_designer_xml(module):
     tree, widgets = ui_widgets(module)
@@ -282,10 +275,6 @@ def test_ui_file_is_valid_designer_xml(module):
             assert node_types is not None and [s.text for s in node_types], f"{name} has no nodeTypes"
 
 
-def module_source(module: str) -> str:
-    return (REPO / module / f"{module}.py").read_text(encoding="utf-8")
-
-
 @pytest.mark.parametrize("module", MODULES)
 def test_widgets_used_by_code_exist_in_ui(module):
     _, widgets = ui_widgets(module)
@@ -293,16 +282,6 @@ def test_widgets_used_by_code_exist_in_ui(module):
     assert used, "the module uses no widget from its .ui"
     assert used <= set(widgets), f"{module}.py uses widgets that {module}.ui lacks: {sorted(used - set(widgets))}"
     assert f'resourcePath("UI/{module}.ui")' in module_source(module)
-
-
-def parameter_node_fields(module: str) -> dict[str, str]:
-    """Annotated fields of the module's @parameterNodeWrapper class, as source text."""
-    tree = ast.parse(module_source(module))
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and any(ast.unparse(d) == "parameterNodeWrapper"
-                                                  for d in node.decorator_list):
-            return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
-    raise AssertionError(f"{module}.py has no @parameterNodeWrapper class")
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -403,14 +382,6 @@ def load_module(slicer_harness):
     return slicer_harness.loadModule
 
 
-def _run_slicer_self_test(test_class, *names):
-    suite = unittest.TestSuite(test_class(name) for name in names)
-    output = io.StringIO()
-    result = unittest.TextTestRunner(stream=output, verbosity=2).run(suite)
-    assert result.wasSuccessful(), output.getvalue()
-    assert result.testsRun == len(names)
-
-
 @pytest.mark.parametrize("module", MODULES)
 def test_module_metadata(module, load_module, slicer_harness):
     load_module(module)
@@ -469,7 +440,7 @@ def test_assistant_parameter_node_and_logic(load_module, monkeypatch):
         loaded.M3DAssistantLogic(inspector=lambda source: "not a dict").inspectModel("x/y")
     assert calls == [("/models/m3d", False)]  # Slicer's process never builds the model (that imports torch)
 
-    _run_slicer_self_test(loaded.M3DAssistantTest, "test_InspectModel", "test_ParameterNode")
+    run_slicer_self_test(loaded.M3DAssistantTest, "test_InspectModel", "test_ParameterNode")
 
 
 # M3DTraining's parameter node, Logic and self-tests: test_training_module.py.

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_paths import REPO
 
 from M3DAssistantLib.engine import InferenceEngine
 from M3DAssistantLib.errors import CheckpointError, ConfigError, GeometryError, InputError, M3DError
@@ -30,7 +31,6 @@ from M3DAssistantLib.geometry import RasRoi, parse_box
 from M3DAssistantLib.results import BoxResult, Provenance, SamplingOptions, SegmentationResult, TextResult
 
 SHORT = SamplingOptions(max_new_tokens=4)
-REPO = Path(__file__).resolve().parents[1]
 NOT_UTF8 = b"is the \xff\xfe liver enlarged?".decode("utf-8", "surrogateescape")  # what argv/file reads give
 UTF8_FIX = ("prompts._clean should reject strings that do not encode as UTF-8 (lone surrogates from undecodable "
             "bytes) with InputError('... is not valid UTF-8 text; re-save it as UTF-8'); today the tokenizer raises "

@@ -11,7 +11,8 @@ import ast
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO
+
 PRODUCT_FOLDERS = ("M3DAssistant", "M3DTraining")
 MAX_LINES = 600
 REASON_MARKER = "Why this file is long:"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from repo_paths import REPO
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_parity.py"
+SCRIPT = REPO / "benchmarks" / "gpu_parity.py"
 
 
 def _load():

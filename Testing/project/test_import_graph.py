@@ -23,7 +23,8 @@ import ast
 from pathlib import Path
 from typing import Iterable, Optional
 
-REPO = Path(__file__).resolve().parents[1]
+from repo_paths import REPO
+
 PACKAGES = {
     "M3DAssistantLib": REPO / "M3DAssistant" / "M3DAssistantLib",
     "M3DTrainingLib": REPO / "M3DTraining" / "M3DTrainingLib",

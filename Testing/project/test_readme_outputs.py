@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+from repo_paths import REPO
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
 def test_readme_installs_from_a_clone_not_from_a_package_index():
     """case: README's install line (and the missing-package messages) named a package that is on no index -> they
     install from a clone"""
     assert not re.search(r"pip install [\"']?m3d-slicer", README)
-    for source in (Path(__file__).resolve().parent.parent / "M3DAssistant").rglob("*.py"):
+    for source in (REPO / "M3DAssistant").rglob("*.py"):
         assert not re.search(r"pip install [\"']?m3d-slicer", source.read_text(encoding="utf-8")), source
     assert "pip install -e \".[inference]\"" in README and "clone" in README.split("## Install")[1][:800]
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
+from repo_paths import DATA, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-SCHEMA = REPO / "Testing" / "Data" / "schemas" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
+SCHEMA = DATA / "schemas" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
 
 
 def _entry() -> dict:

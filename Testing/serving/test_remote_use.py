@@ -10,7 +10,6 @@ import sys
 import warnings
 
 import pytest
-from test_assistant_module import assistant  # noqa: F401 (fixture)
 
 from M3DAssistantLib.errors import InputError
 from M3DAssistantLib.serving.client import InsecureTransportWarning, M3DClient

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from repo_paths import HELPERS, REPO
 from serving import start_server_process, stop_server_process
 
 from M3DAssistantLib.geometry import RasRoi
 from M3DAssistantLib.results import SamplingOptions
 from M3DAssistantLib.serving.client import M3DClient, volume_id
 
-REPO = Path(__file__).resolve().parents[1]
-AUDITED = str(REPO / "Testing" / "audited.py")
+AUDITED = str(HELPERS / "audited.py")
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
                     "DO_NOT_TRACK")
 SHORT = SamplingOptions(max_new_tokens=4)
@@ -41,7 +41,7 @@ def _env(tmp_path: Path) -> dict:
     (tmp_path / "hf-home").mkdir()
     (tmp_path / "tmp").mkdir()
     env.update(HF_HOME=str(tmp_path / "hf-home"), TMPDIR=str(tmp_path / "tmp"), PYTHONDONTWRITEBYTECODE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "Testing"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+               PYTHONPATH=os.pathsep.join([str(HELPERS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     return env
 
 

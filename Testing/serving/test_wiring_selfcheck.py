@@ -10,18 +10,16 @@ import subprocess
 import sys
 import textwrap
 import threading
-from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 from serving import serve_in_thread, wait_for
-from test_assistant_module import assistant  # noqa: F401  (the module file on real MRML: a fixture)
 
 from M3DAssistantLib import selfcheck
 from M3DAssistantLib.errors import CancelledError
 from M3DAssistantLib.results import SamplingOptions
 from M3DAssistantLib.settings import MemorySettings
 
-REPO = Path(__file__).resolve().parents[1]
 TOKEN = "selfcheck-test-token"
 LIVER = ["liver"]
 

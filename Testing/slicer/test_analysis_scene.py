@@ -38,7 +38,6 @@ pytestmark = pytest.mark.slicer
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from test_assistant_module import assistant  # noqa: E402, F401  (the module file on real MRML, a fixture)
 
 from M3DAssistantLib import scene  # noqa: E402
 from M3DAssistantLib.session import AssistantSession, mask_attributes  # noqa: E402

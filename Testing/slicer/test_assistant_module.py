@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
 from M3DAssistantLib import AI_LABEL, dependencies, panel, tasks
 from M3DAssistantLib.errors import CheckpointError, InputError, M3DError
@@ -28,7 +29,6 @@ from M3DAssistantLib.progress import ProgressEvent
 from M3DAssistantLib.results import ChoiceResult, Provenance, RetrievalResult, SegmentationResult, TextResult
 from M3DAssistantLib.settings import MemorySettings
 
-REPO = Path(__file__).resolve().parent.parent
 MODULE_FILE = REPO / "M3DAssistant" / "M3DAssistant.py"
 UI_FILE = REPO / "M3DAssistant" / "Resources" / "UI" / "M3DAssistant.ui"
 
@@ -40,13 +40,6 @@ def prov(task: str) -> Provenance:
 # ---------------------------------------------------------------------------------------------------------------------
 # the module file on real MRML
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def assistant(slicer_harness):
-    """M3DAssistant.py imported under the test harness (``Testing/slicer_harness``: real Qt, slicer-core's scene,
-    Slicer's parameter-node binding)."""
-    return slicer_harness.loadModule("M3DAssistant")
 
 
 def test_module_self_test_console_api_on_real_mrml(assistant):
@@ -336,7 +329,7 @@ def test_a_task_without_its_input_says_what_to_type(widget, slicer_harness):
 
 def test_the_logic_runs_a_task_given_as_a_registry_entry(assistant):
     """Logic.runTask takes any Task: a ninth task of the registry runs from the console without more Logic code."""
-    from test_task_registry import NINTH
+    from ninth_task import NINTH
 
     class Backend(RecordingBackend):
         def count_lesions(self, target, sampling=None, on_text=None):
@@ -366,7 +359,7 @@ def ui_tree():
 
 
 def test_ui_binds_every_parameter_and_never_the_token():
-    from test_extension_layout import parameter_node_fields
+    from module_files import parameter_node_fields
 
     widgets, bound = ui_tree()
     assert set(bound.values()) == set(parameter_node_fields("M3DAssistant"))  # every field has its widget

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from repo_paths import REPO
 
 from M3DAssistantLib import dependencies
 from M3DAssistantLib.dependencies import (
@@ -23,8 +24,6 @@ from M3DAssistantLib.dependencies import (
     requirement_name,
 )
 from M3DAssistantLib.errors import CancelledError, M3DError
-
-REPO = Path(__file__).resolve().parent.parent
 
 # Each module's requirements file = these pyproject extras, less what is not pip-installed into Slicer's Python.
 NOT_IN_SLICERS_PIP = {

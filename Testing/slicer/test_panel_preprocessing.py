@@ -15,7 +15,6 @@ import socket
 import numpy as np
 import pytest
 from panel_user import chosen, run_task, typed
-from test_assistant_module import assistant  # noqa: F401  (the module file under the harness: a fixture)
 
 from M3DAssistantLib import panel, selfcheck, tasks
 from M3DAssistantLib.geometry import task_preprocessing

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 PICTURES = ["assistant-ready", "assistant-answering", "assistant-results", "training-ready", "training-running",
             "training-finished"]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from repo_paths import REPO
 
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib.errors import GeometryError, InputError
@@ -498,6 +498,6 @@ def test_lib_imports_without_slicer_and_torch():
         "else:\n"
         "    raise SystemExit('no error')\n"
     )
-    lib = Path(__file__).resolve().parents[1] / "M3DAssistant"
+    lib = REPO / "M3DAssistant"
     out = subprocess.run([sys.executable, "-c", code], cwd=lib, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr

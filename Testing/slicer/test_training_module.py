@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_extension_layout import REPO, _run_slicer_self_test, parameter_node_fields, ui_widgets
+from module_files import parameter_node_fields, run_slicer_self_test, ui_widgets
+from repo_paths import REPO
 
 from M3DAssistantLib.errors import ConfigError, InputError, M3DError
 from M3DAssistantLib.settings import MemorySettings
@@ -596,7 +597,7 @@ def test_parameter_node_and_ui_cover_the_panel(training):
 
 
 def test_module_self_tests(training):
-    _run_slicer_self_test(training.M3DTrainingTest, "test_ParameterNode", "test_TrainConfig",
+    run_slicer_self_test(training.M3DTrainingTest, "test_ParameterNode", "test_TrainConfig",
                           "test_ProgressAndLossCurve", "test_UseInAssistant")
     assert training.assistant_logic().getParameterNode().modelChoice == "Fine-tuned model (M3DTraining output)"
 

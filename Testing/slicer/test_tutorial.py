@@ -61,12 +61,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_assistant_module import assistant  # noqa: F401  (the module file on real MRML, a fixture)
+from repo_paths import REPO
 
 from M3DAssistantLib import AI_LABEL
 from M3DAssistantLib.settings import MemorySettings
 
-REPO = Path(__file__).resolve().parent.parent
 TUTORIAL = REPO / "docs" / "tutorial.md"
 UI_FILE = REPO / "M3DAssistant" / "Resources" / "UI" / "M3DAssistant.ui"
 MODULE_FILE = REPO / "M3DAssistant" / "M3DAssistant.py"

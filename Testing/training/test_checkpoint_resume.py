@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 
-from test_train import read_events, subprocess_env, synthetic_config  # noqa: E402
+from training_runs import read_events, subprocess_env, synthetic_config  # noqa: E402
 
 from M3DTrainingLib import checkpoints as ck  # noqa: E402
 

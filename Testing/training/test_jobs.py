@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,24 +17,9 @@ psutil = pytest.importorskip("psutil")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from test_train import read_events, subprocess_env, synthetic_config, train_losses  # noqa: E402
+from training_runs import job_env, read_events, synthetic_config, train_losses, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="SIGKILL and process-group semantics are POSIX here")
-
-
-def job_env() -> dict:
-    env = subprocess_env()
-    return {k: env[k] for k in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")}
-
-
-def wait_until(predicate, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_progress_log_reads_incrementally_and_skips_a_cut_line(tmp_path):

@@ -22,8 +22,7 @@ pytest.importorskip("accelerate")
 pytest.importorskip("peft")
 psutil = pytest.importorskip("psutil")
 
-from test_jobs import job_env, wait_until  # noqa: E402
-from test_train import read_events, subprocess_env, synthetic_config  # noqa: E402
+from training_runs import job_env, read_events, subprocess_env, synthetic_config, wait_until  # noqa: E402
 
 from M3DAssistantLib.errors import ConfigError  # noqa: E402
 from M3DTrainingLib.run_lock import RunFolderBusyError, RunLock, holder_of  # noqa: E402

@@ -7,12 +7,11 @@ import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
+from repo_paths import DATA, REPO
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "Testing" / "Data" / "sample"
+SAMPLE = DATA / "sample"
 
 
 def test_the_script_makes_the_shipped_files_byte_for_byte(tmp_path):

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-TESTING = Path(__file__).resolve().parent
+from training_runs import read_events, subprocess_env, synthetic_config, train_losses  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -41,47 +41,6 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTING), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def synthetic_config(ckpt: Path, output_dir: Path, **overrides):
-    from M3DTrainingLib.config import TrainConfig
-
-    values = dict(
-        base_model=str(ckpt),
-        dataset=str(output_dir.parent / "unused-dataset"),
-        output_dir=str(output_dir),
-        dataset_factory="training_synthetic:SyntheticM3DDataset",
-        collate_fn="training_synthetic:collate",
-        dataset_kwargs={"size": 4},
-        device="cpu",
-        per_device_batch_size=4,
-        max_steps=20,
-        learning_rate=1e-2,
-        lr_scheduler="constant",
-        warmup_ratio=0.0,
-        save_steps=100,
-        augment=False,
-    )
-    values.update(overrides)
-    return TrainConfig.from_dict(values)
-
-
-def read_events(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(output_dir) / "progress.jsonl").read_text().splitlines()]
-
-
-def train_losses(output_dir: Path) -> dict[int, float]:
-    """step -> loss of the LAST launch in progress.jsonl (a resumed run appends to the same file)."""
-    events = read_events(output_dir)
-    starts = [i for i, e in enumerate(events) if e["stage"] == "start"]
-    return {e["step"]: e["loss"] for e in events[starts[-1]:] if e["stage"] == "train"}
 
 
 def synthetic_batch(tokenizer, num_image_tokens: int, masks: str = "half", size: int = 4):

@@ -13,11 +13,10 @@ import doctest
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from repo_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "M3DTraining" / "M3DTrainingLib"
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from test_cli_model import m3d
+from m3d_cli import m3d
+from repo_paths import REPO
 
 SAMPLE_MRB = "Testing/Data/sample/sample_scene.mrb"
 
@@ -10,9 +11,8 @@ SAMPLE_MRB = "Testing/Data/sample/sample_scene.mrb"
 def test_dataset_of_another_model_shape_is_refused_before_training(headless_slicer, tiny_phi3, tmp_path):
     """case: a dataset exported at one model shape (32x256x256) trained on a model of another (the tiny 16x64x64)
     -> refused before the model loads, naming both shapes and m3d export --model-shape; no run folder is made"""
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     dataset = tmp_path / "dataset"
     assert m3d("export", repo / SAMPLE_MRB, "-o", dataset).returncode == 0
     config = tmp_path / "train.yaml"

@@ -50,7 +50,7 @@ import time
 import types
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MODULES = ("M3DAssistant", "M3DTraining")
 
 
