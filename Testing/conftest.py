@@ -105,7 +105,7 @@ def engine(tiny_phi3_model, ct):
 
 @pytest.fixture
 def slicer_harness(tmp_path):
-    """Our modules under a Slicer-like application on real Qt widgets (``Testing/slicer_harness``): a fresh
+    """Our modules under a Slicer-like application on real Qt widgets (``Testing/helpers/slicer_harness``): a fresh
     slicer-core scene, ``qt``/``ctk``/``slicer.app``/parameter-node binding as in Slicer, settings in ``tmp_path``.
     Fails the test when an exception escaped a slot or a Qt/VTK callback (remove the ones a test expects from
     ``harness.slotErrors``)."""

@@ -1,5 +1,5 @@
-"""Run a module (``python Testing/audited.py LOG MODULE ARGS...``) with a CPython audit hook that records, as JSON
-lines in LOG, every network lookup or connection to a host that is not this machine, every file opened for writing
+"""Run a module (``python Testing/helpers/audited.py LOG MODULE ARGS...``) with a CPython audit hook that records, as
+JSON lines in LOG, every network lookup or connection to a host that is not this machine, every file opened for writing
 and every file-system change (remove, rename, mkdir, ...), with the time.
 
 Used by ``test_security.py`` to prove that nothing leaves the machine unless the user configured a remote server, and

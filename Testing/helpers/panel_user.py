@@ -1,6 +1,6 @@
-"""What a user does in the M3D Assistant panel under the test harness (``Testing/slicer_harness``): type, press Enter,
-pick from a list, load a CT, run a task and wait for its answer. The panel set up for the tiny checkpoint with its real
-worker is the ``assistant_panel`` fixture (conftest.py, :func:`open_assistant_panel`)."""
+"""What a user does in the M3D Assistant panel under the test harness (``Testing/helpers/slicer_harness``): type, press
+Enter, pick from a list, load a CT, run a task and wait for its answer. The panel set up for the tiny checkpoint with
+its real worker is the ``assistant_panel`` fixture (conftest.py, :func:`open_assistant_panel`)."""
 
 from __future__ import annotations
 

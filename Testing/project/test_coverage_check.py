@@ -1,4 +1,4 @@
-"""The module-file coverage floor (Testing/coverage_check.py) measures per file and can fail."""
+"""The module-file coverage floor (Testing/helpers/coverage_check.py) measures per file and can fail."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The Slicer extension is packaged correctly: CMake metadata and file lists, .ui files, icons, light imports.
 
 No Slicer application is needed. The module files (M3DAssistant.py, M3DTraining.py) are also imported under the test
-harness (Testing/slicer_harness) so that their Module and Logic classes, and parts of their own Slicer self-tests, run
-here.
+harness (Testing/helpers/slicer_harness) so that their Module and Logic classes, and parts of their own Slicer
+self-tests, run here.
 """
 
 from __future__ import annotations
@@ -373,7 +373,8 @@ def test_inspect_model_path_does_not_import_torch(tiny_phi3):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The module files under the test harness (Testing/slicer_harness: real Qt, slicer-core's MRML, Slicer's slicer.util)
+# The module files under the test harness (Testing/helpers/slicer_harness: real Qt, slicer-core's MRML, Slicer's
+# slicer.util)
 
 
 @pytest.fixture

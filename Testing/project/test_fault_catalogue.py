@@ -1,8 +1,8 @@
 """Fault and bad-input catalogue: the cases of issue 7 that no other test module covers yet.
 
 Every test's docstring starts with ``case: <what goes wrong> -> <what the user gets>``;
-``Utilities/fault_catalogue.py`` collects those lines (from every ``Testing/test_*.py``) into the README table. Each
-test asserts a clear error (naming the problem and the fix) or the documented handling, and that nothing the user
+``Utilities/fault_catalogue.py`` collects those lines (from every ``Testing/<layer>/test_*.py``) into the README table.
+Each test asserts a clear error (naming the problem and the fix) or the documented handling, and that nothing the user
 owns (volume, node, segment, file, checkpoint) was changed or lost.
 
 A case whose handling is missing is an ``xfail(strict=True)`` with the fix in its reason: the table shows it as open,

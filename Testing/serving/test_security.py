@@ -1,9 +1,9 @@
 """Security: nothing leaves the machine unless the user configured a remote server, and no request reaches the file
 system.
 
-The product runs in subprocesses under ``Testing/audited.py``, a CPython audit hook that records every DNS lookup or
-connection to a host other than this machine, every file opened for writing and every file-system change. The hook
-sees every library's sockets and files, so a dependency that phoned home (telemetry, an update check, a hub lookup
+The product runs in subprocesses under ``Testing/helpers/audited.py``, a CPython audit hook that records every DNS
+lookup or connection to a host other than this machine, every file opened for writing and every file-system change. The
+hook sees every library's sockets and files, so a dependency that phoned home (telemetry, an update check, a hub lookup
 for a local folder) would show up here. The hub's offline switches are removed from the environment, so nothing is
 held back by them. A control test proves the hook records what it should.
 """

@@ -1,6 +1,6 @@
 """The M3DAssistant module's Logic and its Lib helpers (tasks, dependencies, downloads) without a Slicer application.
 
-The module file is imported under the test harness (``Testing/slicer_harness``: real Qt widgets, real MRML from
+The module file is imported under the test harness (``Testing/helpers/slicer_harness``: real Qt widgets, real MRML from
 slicer-core, Slicer's own ``slicer.util``), so the module's own self-test of the console API runs here on real nodes,
 with a fake model backend. The panel as a user drives it, with the real worker: test_assistant_panel.py.
 """

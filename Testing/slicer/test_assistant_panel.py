@@ -1,4 +1,5 @@
-"""The M3D Assistant panel as a user drives it, on real Qt widgets (``Testing/slicer_harness``), with the real worker.
+"""The M3D Assistant panel as a user drives it, on real Qt widgets (``Testing/helpers/slicer_harness``), with the real
+worker.
 
 The module is opened in the harness's main window (``setup``, ``enter``), the user picks the bundled CT and the tiny
 random checkpoint folder, and presses the buttons; the module's own code starts ``m3d serve`` (its worker) in a

@@ -3,8 +3,9 @@ window, following the volume, the window choice and the window/level); after it,
 answer used; and the Check installation button (verdict, details, saved report). The Logic's ``taskPreprocessing``
 agrees with what the engine then records in the provenance.
 
-The panel runs under the test harness (``Testing/slicer_harness``: real Qt widgets, real MRML and observers); its
-answers and its installation check come from the real worker process on the tiny checkpoint (``assistant_panel``)."""
+The panel runs under the test harness (``Testing/helpers/slicer_harness``: real Qt widgets, real MRML and observers);
+its answers and its installation check come from the real worker process on the tiny checkpoint
+(``assistant_panel``)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
   ...): GPU list parsing from nvidia-smi output and its detection with fake tools, memory warnings, panel state ->
   training config, progress-file tailing, the loss curve, helper processes, evaluation output;
 * the loss-curve and evaluation table nodes on slicer-core MRML (``headless_slicer``);
-* ``M3DTraining.py`` imported under the test harness (``Testing/slicer_harness``): its parameter node, its Logic (a
-  whole job with a fake trainer process: start, live progress, reconnect from a new Logic, cancel, resume,
+* ``M3DTraining.py`` imported under the test harness (``Testing/helpers/slicer_harness``): its parameter node, its Logic
+  (a whole job with a fake trainer process: start, live progress, reconnect from a new Logic, cancel, resume,
   "Use in M3DAssistant") and its own Slicer self-tests. The panel as a user drives it: test_training_panel.py.
 """
 
@@ -563,7 +563,7 @@ def test_evaluation_table_node(headless_slicer, tmp_path):
 
 @pytest.fixture
 def training(slicer_harness):
-    """M3DTraining.py loaded under the test harness (``Testing/slicer_harness``: real Qt, the slicer-core scene,
+    """M3DTraining.py loaded under the test harness (``Testing/helpers/slicer_harness``: real Qt, the slicer-core scene,
     Slicer's own ``slicer.util``), with M3D Assistant loaded beside it: "Use in M3D Assistant" reaches its logic
     through ``slicer.util.getModuleLogic`` as in Slicer (``assistant_logic()``)."""
     import slicer

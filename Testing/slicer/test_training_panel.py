@@ -1,4 +1,4 @@
-"""The M3D Training panel as a user drives it, on real Qt widgets (``Testing/slicer_harness``).
+"""The M3D Training panel as a user drives it, on real Qt widgets (``Testing/helpers/slicer_harness``).
 
 The user exports the annotated scene (the bundled CT with a liver segment and a report), picks a preset, chooses the
 CPU in the GPU list, starts a job — a fake trainer that writes progress as the real one does (the real trainer needs

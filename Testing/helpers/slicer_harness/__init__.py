@@ -18,7 +18,7 @@ place:
   slice views (their MRML nodes and logics: the real layout and slice logics, no drawing),
   ``slicer.ScriptedLoadableModule``.
 
-How to test a panel (see ``Testing/test_assistant_panel.py`` and ``Testing/test_training_panel.py``)::
+How to test a panel (see ``Testing/slicer/test_assistant_panel.py`` and ``Testing/slicer/test_training_panel.py``)::
 
     def test_my_button(slicer_harness):                    # fixture in conftest.py: a fresh scene per test
         module = slicer_harness.loadModule("M3DAssistant")  # imports M3DAssistant.py under the harness
@@ -31,8 +31,8 @@ Other user actions: ``harness.click(button)`` (from inside the event loop, for a
 ``harness.clickItem(listWidget, row)``, ``harness.dialogs.queue(qt.QMessageBox.Ok)`` / ``.queue("/path/file.json")``
 (the next dialogs' answers: a button, or a path typed into a file dialog), a node's display changed through MRML
 (``volume.GetDisplayNode().SetWindowLevel(...)``: the module's observers fire). The M3D Assistant panel set up for
-the tiny checkpoint with its real worker: the ``assistant_panel`` fixture (``Testing/panel_user.py`` has the user's
-other actions: typing, choosing, running a task).
+the tiny checkpoint with its real worker: the ``assistant_panel`` fixture (``Testing/helpers/panel_user.py`` has the
+user's other actions: typing, choosing, running a task).
 
 A new widget in a .ui file needs nothing here when it is a Qt widget; a new CTK or MRML class needs a class in
 ``widgets.py`` (and in ``CUSTOM_WIDGETS``) with the properties and signals the module uses; a new parameter-node
