@@ -1,9 +1,9 @@
 """Image <-> text retrieval with M3D-CLIP: rank reports for a volume, or volumes for a report.
 
-M3D-CLIP (``m3d-official.md`` §5.1) embeds a volume (3D ViT CLS token -> projection -> L2 norm) and a text (BERT
-[CLS] -> projection -> L2 norm) in one space; their dot product is the cosine similarity. :class:`Retriever` loads
-the model once, sends volumes through :func:`.geometry.to_model_input` (the same preprocessing as every other task)
-and keeps the embedding of every volume it has seen, keyed by a hash of the voxels, the IJK->RAS matrix and the
+M3D-CLIP (BAAI-DCAI/M3D ``LaMed/src/model/CLIP.py``) embeds a volume (3D ViT CLS token -> projection -> L2 norm) and a
+text (BERT [CLS] -> projection -> L2 norm) in one space; their dot product is the cosine similarity. :class:`Retriever`
+loads the model once, sends volumes through :func:`.geometry.to_model_input` (the same preprocessing as every other
+task) and keeps the embedding of every volume it has seen, keyed by a hash of the voxels, the IJK->RAS matrix and the
 intensity window, so a volume is encoded once however many queries use it.
 
 :func:`recall_at_k` is the official ``Bench/eval/eval_itr.py`` metric (matching pairs on the diagonal of an

@@ -67,7 +67,8 @@ def test_official_keys_and_shapes_on_meta() -> None:
         model = M3DCLIP(M3DCLIPConfig.from_dict(OFFICIAL_CONFIG_JSON))
         bert = BertModel(BertConfig())  # what BertModel.from_pretrained("bert-base-uncased") builds
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    # m3d-official.md §5.1: vision_encoder.* (= LaMed's ViT keys), language_encoder.* (BertModel), projections, scale.
+    # BAAI-DCAI/M3D LaMed/src/model/CLIP.py: vision_encoder.* (= LaMed's ViT keys), language_encoder.* (BertModel),
+    # projections, scale.
     vision = {k[len("vision_encoder."):]: s for k, s in shapes.items() if k.startswith("vision_encoder.")}
     assert vision["cls_token"] == (1, 1, 768)
     assert vision["patch_embedding.patch_embeddings.1.weight"] == (768, 1024)

@@ -246,7 +246,8 @@ def _official_lamed_config(family):
 
 @pytest.mark.parametrize("family,hidden", [("phi3", 3072), ("llama", 4096)])
 def test_official_size_keys_and_shapes_match_reference_table(family, hidden):
-    """Names and shapes from ../shared/reference/m3d-official.md sections 2.1-2.5, at the released sizes."""
+    """Names and shapes of the official model (BAAI-DCAI/M3D LaMed/src/model/lamed_arch.py and its encoder,
+    projector and segmentation module files), at the released sizes."""
     with torch.device("meta"):
         model = build_lamed_model(_official_lamed_config(family))
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}

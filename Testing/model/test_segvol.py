@@ -1,5 +1,6 @@
 """SegVol: oracles from independent code (MONAI ViT, SAM's TwoWayTransformer, numpy, a functional re-derivation of the
-decoder from the reference spec) and the official key names / shapes (m3d-official.md §2.4) at full size."""
+decoder from the official code) and the official key names / shapes (BAAI-DCAI/M3D
+LaMed/src/model/segmentation_module/segvol.py) at full size."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _norm(prefix: str, shape: tuple[int, ...] = (768,)) -> dict[str, tuple[int, 
 
 
 def official_segvol_table() -> dict[str, tuple[int, ...]]:
-    """m3d-official.md §2.4, keys relative to `model.seg_module.`."""
+    """BAAI-DCAI/M3D LaMed/src/model/segmentation_module/segvol.py, keys relative to `model.seg_module.`."""
     table: dict[str, tuple[int, ...]] = {
         "image_encoder.patch_embedding.patch_embeddings.1.weight": (768, 1024),
         "image_encoder.patch_embedding.patch_embeddings.1.bias": (768,),
@@ -251,7 +252,8 @@ def _mlp(p: dict, prefix: str, x, n: int):
 
 
 def reference_decode(p: dict, image_embedding, text, heads: int, depth: int, out_size) -> torch.Tensor:
-    """SegVol's decoder with text prompt, re-derived from m3d-official.md §2.4 and the SAM paper, on raw tensors."""
+    """SegVol's decoder with text prompt, re-derived from the official segvol.py (BAAI-DCAI/M3D
+    LaMed/src/model/segmentation_module/segvol.py) and the SAM paper, on raw tensors."""
     b, c, d, h, w = image_embedding.shape
     gaussian = p["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"]
     pe = torch.tensor(numpy_dense_pe(gaussian.double().numpy(), (d, h, w)), dtype=torch.float32)

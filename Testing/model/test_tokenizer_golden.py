@@ -20,8 +20,8 @@ from M3DAssistantLib.model.tokenizer import decode
 
 N_IMAGE = 8  # tiny checkpoints: 16x64x64 image -> 8 image tokens
 
-# Official prompt shapes (m3d-official.md section 3.2 and 5): caption without a space after the image tokens,
-# the other tasks with one.
+# Official prompt shapes (BAAI-DCAI/M3D LaMed/src/dataset/multi_dataset.py): caption without a space after the image
+# tokens, the other tasks with one.
 PROMPTS = [
     "Please generate a medical report based on this image.",
     "Can you provide a caption consists of findings for this medical image?",

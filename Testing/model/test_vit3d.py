@@ -16,7 +16,8 @@ from monai.networks.nets import ViT as MonaiViT  # noqa: E402
 SMALL = dict(in_channels=1, img_size=(16, 64, 64), patch_size=(4, 16, 16), hidden_size=32, mlp_dim=64, num_layers=2,
              num_heads=2)
 
-# m3d-official.md §2.1: the vision tower's keys (without the `model.vision_tower.vision_tower.` prefix) and shapes.
+# BAAI-DCAI/M3D LaMed/src/model/multimodal_encoder/vit.py: the vision tower's keys (without the
+# `model.vision_tower.vision_tower.` prefix) and shapes.
 OFFICIAL_VIT_KEYS = {
     "cls_token": (1, 1, 768),
     "patch_embedding.patch_embeddings.1.weight": (768, 1024),
