@@ -191,7 +191,7 @@ def render_assistant(harness, out: Path) -> list[Path]:
 def render_training(harness, out: Path, work: Path) -> list[Path]:
     import numpy as np
     import slicer
-    from test_training_panel import FAKE_TRAINING_PYTHON, executable
+    from fake_trainer import FAKE_TRAINING_PYTHON, executable
 
     volume = harness.logics["volumes"].AddArchetypeVolume(str(CT), "CT")
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT segmentation")
