@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from repo_paths import DATA
 
-DATA_DIR = Path(__file__).resolve().parent / "Data" / "totalsegmentator"
+DATA_DIR = DATA / "totalsegmentator"
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +105,7 @@ def engine(tiny_phi3_model, ct):
 
 @pytest.fixture
 def slicer_harness(tmp_path):
-    """Our modules under a Slicer-like application on real Qt widgets (``Testing/slicer_harness``): a fresh
+    """Our modules under a Slicer-like application on real Qt widgets (``Testing/helpers/slicer_harness``): a fresh
     slicer-core scene, ``qt``/``ctk``/``slicer.app``/parameter-node binding as in Slicer, settings in ``tmp_path``.
     Fails the test when an exception escaped a slot or a Qt/VTK callback (remove the ones a test expects from
     ``harness.slotErrors``)."""
@@ -131,6 +132,44 @@ def assistant_panel(slicer_harness, ct_path, tiny_phi3, tiny_clip):
     module, widget, volume = open_assistant_panel(slicer_harness, ct_path, tiny_phi3, tiny_clip)
     yield slicer_harness, module, widget, volume
     widget.logic.shutdown()
+
+
+@pytest.fixture
+def assistant(slicer_harness):
+    """M3DAssistant.py imported under the test harness (``Testing/helpers/slicer_harness``: real Qt, slicer-core's
+    scene, Slicer's parameter-node binding)."""
+    return slicer_harness.loadModule("M3DAssistant")
+
+
+# ------------------------------------------------------------------------------------------ the CLI in-process
+
+
+@pytest.fixture
+def forced_cli(monkeypatch, tiny_phi3_model):
+    """Run cli.main in-process with an engine whose answers start with a chosen text."""
+    from forcing import force_answer
+
+    from M3DAssistantLib import cli
+    from M3DAssistantLib.engine import InferenceEngine
+
+    answers = {}
+
+    def make_engine(args, bar):
+        engine = InferenceEngine(tiny_phi3_model)
+        if "text" in answers:
+            answers["restore"] = force_answer(engine, answers["text"])
+        return engine
+
+    monkeypatch.setattr(cli, "_engine", make_engine)
+
+    def run(answer, *argv):
+        answers["text"] = answer
+        try:
+            return cli.main([str(a) for a in argv])
+        finally:
+            answers.pop("restore", lambda: None)()
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------ module-file coverage floor

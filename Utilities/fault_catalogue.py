@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Render the README's fault and bad-input catalogue from the tests, so the table stays true.
 
-A catalogue test is a ``test_*`` function in ``Testing/test_*.py`` whose docstring starts with
+A catalogue test is a ``test_*`` function in ``Testing/<layer>/test_*.py`` whose docstring starts with
 ``case: <what goes wrong> -> <what the user gets>`` (it may wrap over several lines; a blank line ends it). Tests
 written before the catalogue, in modules owned by other work, are listed in :data:`EARLIER_TESTS` instead; each
 entry must name a test that exists (checked on every run).
@@ -28,54 +28,54 @@ ANCHOR = "## Repository layout"
 # Cases covered before the catalogue existed: test id -> (case, behaviour). Moving a docstring "case: ..." line into
 # the test itself makes its entry here redundant (the script then refuses the duplicate).
 EARLIER_TESTS: dict[str, tuple[str, str]] = {
-    "test_model_lamed.py::test_truncated_safetensors_names_the_file": (
+    "model/test_model_lamed.py::test_truncated_safetensors_names_the_file": (
         "corrupted weight shard (truncated)", "CheckpointError naming the file"),
-    "test_model_lamed.py::test_garbage_safetensors_header_names_the_file": (
+    "model/test_model_lamed.py::test_garbage_safetensors_header_names_the_file": (
         "corrupted weight shard (garbage header)", "CheckpointError naming the file"),
-    "test_model_lamed.py::test_missing_shard_names_the_shard": (
+    "model/test_model_lamed.py::test_missing_shard_names_the_shard": (
         "model folder partial: a shard of the index missing", "CheckpointError naming the shard"),
-    "test_model_lamed.py::test_wrong_model_type_is_refused": (
+    "model/test_model_lamed.py::test_wrong_model_type_is_refused": (
         "config.json with the wrong model_type", "ConfigError"),
-    "test_model_lamed.py::test_tokenizer_without_m3d_tokens_is_refused": (
+    "model/test_model_lamed.py::test_tokenizer_without_m3d_tokens_is_refused": (
         "tokenizer without the M3D special tokens", "TokenizerError"),
-    "test_model_lamed.py::test_seg_token_id_mismatch_is_refused": (
+    "model/test_model_lamed.py::test_seg_token_id_mismatch_is_refused": (
         "seg_token_id differs from the tokenizer's [SEG] id", "ConfigError"),
-    "test_model_lamed.py::test_prompt_longer_than_context_is_refused": (
+    "model/test_model_lamed.py::test_prompt_longer_than_context_is_refused": (
         "prompt longer than the context (model)", "InputError"),
-    "test_outputs.py::test_disk_full_leaves_nothing_half_written": (
+    "outputs/test_outputs.py::test_disk_full_leaves_nothing_half_written": (
         "disk full while writing a .seg.nrrd (and other outputs)", "OutputWriteError; nothing half-written"),
-    "test_outputs.py::test_never_overwrites_without_permission": (
+    "outputs/test_outputs.py::test_never_overwrites_without_permission": (
         "output file already exists", "not overwritten without permission"),
-    "test_server.py::test_every_route_needs_the_token": (
+    "serving/test_server.py::test_every_route_needs_the_token": (
         "wrong / missing token (server)", "401 on every route"),
-    "test_server.py::test_too_large_uploads_are_refused_before_allocation": (
+    "serving/test_server.py::test_too_large_uploads_are_refused_before_allocation": (
         "request or volume over the server's limits (server, client)",
         "413 before allocation; the client refuses first, naming the limit and --max-volume-mb"),
-    "test_server.py::test_port_taken_is_a_clear_error": (
+    "serving/test_server.py::test_port_taken_is_a_clear_error": (
         "server port taken", "a clear error naming the port"),
-    "test_server.py::test_two_concurrent_clients_get_their_own_answers": (
+    "serving/test_server.py::test_two_concurrent_clients_get_their_own_answers": (
         "two clients at once (server)", "each gets its own answer"),
-    "test_server.py::test_remote_bind_needs_the_flag_and_a_token": (
+    "serving/test_server.py::test_remote_bind_needs_the_flag_and_a_token": (
         "remote bind without the flag or without a token", "refuses to start"),
-    "test_server.py::test_openapi_fuzz_no_server_errors": (
+    "serving/test_server.py::test_openapi_fuzz_no_server_errors": (
         "fuzzed requests from the OpenAPI schema (bounded schemathesis)", "no 5xx"),
-    "test_worker.py::test_worker_lifecycle_start_reuse_crash_restart_cancel_stop": (
+    "serving/test_worker.py::test_worker_lifecycle_start_reuse_crash_restart_cancel_stop": (
         "worker killed mid-answer (worker)", "reported, restarted on the next request"),
-    "test_jobs.py::test_sigkill_mid_run_then_resume_reproduces_the_uninterrupted_loss_curve": (
+    "training/test_jobs.py::test_sigkill_mid_run_then_resume_reproduces_the_uninterrupted_loss_curve": (
         "training killed mid-epoch (SIGKILL)", "resumes; the loss curve equals the uninterrupted run"),
-    "test_scene.py::test_read_volume_node_uses_world_geometry_under_linear_transforms": (
+    "slicer/test_scene.py::test_read_volume_node_uses_world_geometry_under_linear_transforms": (
         "volume with a parent transform", "read in world coordinates"),
-    "test_scene.py::test_read_volume_node_refuses_a_non_linear_transform": (
+    "slicer/test_scene.py::test_read_volume_node_refuses_a_non_linear_transform": (
         "volume under a non-linear transform", "InputError"),
-    "test_export.py::test_export_report_counts_and_reasons": (
+    "training/test_export.py::test_export_report_counts_and_reasons": (
         "export of a scene with unsupported nodes", "reported with reasons, not a crash"),
-    "test_export.py::test_export_never_overwrites_and_leaves_nothing_on_failure": (
+    "training/test_export.py::test_export_never_overwrites_and_leaves_nothing_on_failure": (
         "export fails half way", "nothing left, nothing overwritten"),
-    "test_geometry.py::test_nan_inf_and_constant_volumes": (
+    "geometry/test_geometry.py::test_nan_inf_and_constant_volumes": (
         "volume NaN / Inf / constant", "documented handling (geometry)"),
-    "test_volume_io.py::test_2d_image": (
+    "geometry/test_volume_io.py::test_2d_image": (
         "volume 2D (file)", "InputError"),
-    "test_session.py::test_bad_volumes_are_refused_before_the_backend_is_called": (
+    "slicer/test_session.py::test_bad_volumes_are_refused_before_the_backend_is_called": (
         "volume 2D / 4D / vector / label map (session)", "InputError before the backend is called"),
 }
 
@@ -104,12 +104,12 @@ def _xfail_reason(func: ast.FunctionDef, source: str) -> str | None:
 def collect(testing: Path = TESTING) -> list[dict[str, str]]:
     """Every catalogue row: case, behaviour, test id, status; from docstrings and :data:`EARLIER_TESTS`."""
     rows, defined = [], set()
-    for path in sorted(testing.glob("test_*.py")):
+    for path in sorted(testing.glob("*/test_*.py")):
         source = path.read_text(encoding="utf-8")
         for node in ast.walk(ast.parse(source)):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.name.startswith("test_"):
                 continue
-            test_id = f"{path.name}::{node.name}"
+            test_id = f"{path.relative_to(testing).as_posix()}::{node.name}"
             defined.add(test_id)
             found = _docstring_case(ast.get_docstring(node) or "")
             if found is None:

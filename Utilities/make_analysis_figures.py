@@ -4,8 +4,8 @@ The released weights cannot be downloaded on the machines that build this projec
 in for the model (nothing here is a real model's output):
 
 * ``docs/images/analysis_evidence.png``: a tiny random M3D-LaMed whose vision transformer was rebuilt to read one
-  image patch only (as in ``Testing/test_evidence.py``) answers a question about the bundled CT with an evidence map;
-  the map, on the CT's own grid, finds that patch, and the panel's "most relevant slices" are marked;
+  image patch only (as in ``Testing/engine/test_evidence.py``) answers a question about the bundled CT with an evidence
+  map; the map, on the CT's own grid, finds that patch, and the panel's "most relevant slices" are marked;
 * ``docs/images/analysis_refinement.png``: a 512 x 512 x 160 phantom with a 12 mm lesion, an oracle decoder (the
   lesion is what is bright in the tensor it is shown): the whole-volume mask at the model's 32 x 256 x 256 and the
   zoom-in refined one, against the truth;

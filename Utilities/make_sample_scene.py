@@ -10,7 +10,7 @@ bundled TotalSegmentator CT, with slicer-core, in M3DTraining's annotation conve
 * a text node ``example_ct_sm report`` (a short description of what the labels show, written for this example) and
   ``example_ct_sm questions`` with Q/A blocks (open, multiple choice, referring segmentation, absent structures).
 
-Reproducible: the same inputs give the same scene content (``Testing/test_sample_scene.py`` rebuilds it and
+Reproducible: the same inputs give the same scene content (``Testing/training/test_sample_scene.py`` rebuilds it and
 compares). Run from the repository root: ``python Utilities/make_sample_scene.py [OUT_FOLDER]``.
 """
 

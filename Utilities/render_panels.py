@@ -1,6 +1,6 @@
 """Render the M3D Assistant and M3D Training panels offscreen to PNGs (the pictures in README.md).
 
-The panels are the real modules on real Qt widgets under the test harness (``Testing/slicer_harness``), with the
+The panels are the real modules on real Qt widgets under the test harness (``Testing/helpers/slicer_harness``), with the
 bundled CT loaded; three states each:
 
 * M3D Assistant: ready (with what each task will see); answering (the Report button is Cancel, the answer streams
@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "Testing"), str(REPO / "M3DAssistant"), str(REPO / "M3DTraining")]
+sys.path[:0] = [str(REPO / "Testing" / "helpers"), str(REPO / "M3DAssistant"), str(REPO / "M3DTraining")]
 CT = REPO / "Testing" / "Data" / "totalsegmentator" / "example_ct_sm.nii.gz"
 WIDTH = 500
 PLACEHOLDER = "(placeholder answer written by the render script, not model output)"
@@ -191,7 +191,7 @@ def render_assistant(harness, out: Path) -> list[Path]:
 def render_training(harness, out: Path, work: Path) -> list[Path]:
     import numpy as np
     import slicer
-    from test_training_panel import FAKE_TRAINING_PYTHON, executable
+    from fake_trainer import FAKE_TRAINING_PYTHON, executable
 
     volume = harness.logics["volumes"].AddArchetypeVolume(str(CT), "CT")
     segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT segmentation")

@@ -20,7 +20,7 @@ size 1 decode tokens/s (goal >= 4).
 
 ``--smoke`` runs it at tiny size in seconds (the test suite does, so the script cannot rot); ``--device cuda
 --layers 32 --dtype bfloat16`` is the official size on a GPU (the ``cuda``-marked test in
-``Testing/test_benchmarks_speed.py``).
+``Testing/project/test_benchmarks_speed.py``).
 
 Usage: python benchmarks/cohort.py [--tokens 32] [--layers 4] [--batch-size 8] [--device cpu] [--dtype float32]
 """

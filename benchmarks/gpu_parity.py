@@ -16,7 +16,7 @@ Pairs (reference first):
 
 Last line: ``ratio: N.NN`` = bf16 teacher-forced top-1 agreement with fp32 (1.00 = every step agrees).
 ``--smoke`` runs the same at tiny size on the CPU in seconds (the test suite does, so the script cannot rot);
-``Testing/test_gpu_parity.py`` has the ``cuda``-marked test at full size.
+``Testing/project/test_gpu_parity.py`` has the ``cuda``-marked test at full size.
 
 Usage: python benchmarks/gpu_parity.py [--tokens 32] [--smoke]
 """

@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .errors import CancelledError, M3DError
-from .progress import ProgressCallback, ProgressEvent, report
+from .progress import ProgressCallback, ProgressEvent, report_progress
 from .serving.client import M3DClient, ServerUnavailableError
 from .tasks import STREAMING_TASKS, Task
 from .worker import WorkerCrashedError, WorkerError, WorkerProcess, WorkerState
@@ -82,7 +82,7 @@ class ClientBackend:
     def _send_volume(self, array_kji: Any, ijk_to_ras: Any, options: dict[str, Any]) -> Any:
         client = self._client_for_task()
         self._check_cancel()
-        report(self.on_progress, "upload", None, "sending the volume")
+        report_progress(self.on_progress, "upload", None, "sending the volume")
         return client.set_volume(array_kji, ijk_to_ras, **options)
 
     def _send_display(self, display_window: Any, modality: Any) -> None:
@@ -96,7 +96,7 @@ class ClientBackend:
     def _run_retrieve(self, kwargs: dict) -> Any:
         client = self._client_for_task()
         self._check_cancel()
-        report(self.on_progress, "encode", None, "ranking with M3D-CLIP")
+        report_progress(self.on_progress, "encode", None, "ranking with M3D-CLIP")
         return client.retrieve(**kwargs)
 
     # --------------------------------------------------------------------------------------- engine methods
@@ -209,7 +209,7 @@ class LocalWorkerBackend(ClientBackend):
         client = self._ensure()
         if self._volume is not None and self._volume_generation != self.worker.generation:
             args, kwargs = self._volume  # the worker restarted since the volume was sent: send it again
-            report(self.on_progress, "upload", None, "sending the volume to the restarted M3D worker")
+            report_progress(self.on_progress, "upload", None, "sending the volume to the restarted M3D worker")
             generation = self.worker.generation
             self._guard(lambda: client.set_volume(*args, **kwargs), generation)
             self._volume_generation = generation
@@ -257,7 +257,7 @@ class LocalWorkerBackend(ClientBackend):
         client = self._ensure()
         self._check_cancel()
         generation = self.worker.generation
-        report(self.on_progress, "upload", None, "sending the volume to the M3D worker")
+        report_progress(self.on_progress, "upload", None, "sending the volume to the M3D worker")
         try:
             remote = client.set_volume(array_kji, ijk_to_ras, **kwargs)
         except ServerUnavailableError:
@@ -280,7 +280,7 @@ class LocalWorkerBackend(ClientBackend):
     def _run_retrieve(self, kwargs: dict) -> Any:
         client = self._client_for_task()
         self._check_cancel()
-        report(self.on_progress, "encode", None, "ranking with M3D-CLIP")
+        report_progress(self.on_progress, "encode", None, "ranking with M3D-CLIP")
         return self._guard(lambda: client.retrieve(**kwargs), self.worker.generation)
 
     def _current_client(self) -> Optional[M3DClient]:

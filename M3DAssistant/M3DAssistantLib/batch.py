@@ -37,12 +37,14 @@ import numpy as np
 
 from . import AI_LABEL
 from .errors import CancelledError, InputError, LabelMapError, M3DError
-from .tasks import STREAMING_TASKS, ArgumentKind, ResultKind, Task
+from .tasks import STREAMING_TASKS, TASKS, ArgumentKind, ResultKind, Task
 
 logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 RESULTS_FILE = "results.json"
+# a results.json entry's "task" is the training name (Provenance.task); its result kind says if a box/mask is due
+_RESULT_OF_TRAINING_NAME = {task.training_name: task.result for task in TASKS.values()}
 COHORT_CSV, COHORT_JSONL = "cohort.csv", "cohort.jsonl"
 COHORT_COLUMNS = ("case", "task", "prompt", "status", "answer", "choice", "box", "mask_file", "box_file",
                   "volume_ml", "model", "model_revision", "convention", "window", "time", "duration_s", "label")
@@ -375,8 +377,9 @@ def cohort_rows(out_dir: Path) -> list[dict[str, Any]]:
             files = entry.get("files", {})
             kind = entry.get("task")
             has_value = entry.get("box") is not None or entry.get("mask_shape_kji") is not None
-            status = "answered" if kind not in ("rec", "seg", "refseg") or has_value else \
-                "absent" if entry.get("absent") else f"no {'box' if kind == 'rec' else 'mask'}"
+            result = _RESULT_OF_TRAINING_NAME.get(kind)
+            status = "answered" if result not in (ResultKind.BOX, ResultKind.SEGMENTATION) or has_value else \
+                "absent" if entry.get("absent") else f"no {'box' if result is ResultKind.BOX else 'mask'}"
             rows.append({
                 "case": case, "task": record.get("tasks", {}).get(slug, slug), "prompt": prov.get("prompt", ""),
                 "status": status, "answer": entry.get("text", ""), "choice": entry.get("choice") or "",

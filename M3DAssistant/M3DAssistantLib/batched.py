@@ -33,7 +33,7 @@ import torch
 
 from .errors import CancelledError, InputError, M3DError
 from .oom import translate_out_of_memory
-from .progress import report
+from .progress import report_progress
 from .results import SamplingOptions
 from .tasks import STREAMING_TASKS
 
@@ -107,7 +107,7 @@ class _StepProgress:
     def put(self, value: torch.Tensor) -> None:
         self.steps += 1
         if self.steps:
-            report(self.engine.progress, "generate", self.steps / self.max_new_tokens,
+            report_progress(self.engine.progress, "generate", self.steps / self.max_new_tokens,
                    f"{self.steps} tokens x {self.rows} prompts")
 
     def end(self) -> None:
@@ -203,7 +203,7 @@ def _fill_image_features(engine: Any, views: Sequence[Any]) -> None:
     if not missing:
         return
     engine._check_cancel()
-    report(engine.progress, "encode", None, f"vision encoder ({len(missing)} volumes)")
+    report_progress(engine.progress, "encode", None, f"vision encoder ({len(missing)} volumes)")
     engine.counters["vision_tower"] += len(missing)
     features = engine.model.encode_images(torch.cat([v.images for v in missing]))
     for view, feature in zip(missing, features.split(1)):
@@ -216,7 +216,7 @@ def _seg_embeddings(engine: Any, views: Sequence[Any]) -> list[torch.Tensor]:
     missing = list({id(v): v for v in views if v.seg_embedding is None}.values())
     if missing:
         engine._check_cancel()
-        report(engine.progress, "encode", None, f"SegVol image encoder ({len(missing)} volumes)")
+        report_progress(engine.progress, "encode", None, f"SegVol image encoder ({len(missing)} volumes)")
         engine.counters["seg_encoder"] += len(missing)
         seg_module = engine.model.model.seg_module
         param = next(seg_module.parameters())

@@ -2,7 +2,7 @@
 option values (``--window``, ``--max-new-tokens``), the input volume (refusing label maps), the task's arguments
 (prompt, choices, ``--roi`` file), the ``-o`` target; and writing ``-o`` at the end without ever losing a result.
 
-No torch here: :mod:`.cli` calls these before it builds the engine (``Testing/test_cli_startup.py`` checks).
+No torch here: :mod:`.cli` calls these before it builds the engine (``Testing/cli/test_cli_startup.py`` checks).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ from .model.hub import snapshot_revision
 from .model.tokenizer import decode
 from .oom import translate_out_of_memory
 from .preprocessing import DisplayWindow, IntensitySpec, default_window, is_ct, resolve_window
-from .progress import ProgressCallback, report
+from .progress import ProgressCallback, report_progress
 from .results import (
     AnalysisOptions,
     BoxResult,
@@ -159,7 +159,7 @@ class _TextStreamer:
         if not new:  # the (empty) prompt ids: generation from inputs_embeds has none
             return
         self.ids += new
-        report(self.progress, "generate", len(self.ids) / self.max_new_tokens, f"{len(self.ids)} tokens")
+        report_progress(self.progress, "generate", len(self.ids) / self.max_new_tokens, f"{len(self.ids)} tokens")
         if self.on_text is None:
             return
         text = decode(self.tokenizer, self.ids)
@@ -352,7 +352,8 @@ class InferenceEngine:
         window = volume.window_for(task)
         view = volume.views.get((convention, window)) if self.caching else None
         if view is None:
-            report(self.progress, "preprocess", None, f"resampling to {self.model_shape} ({convention}, {window.name})")
+            report_progress(self.progress, "preprocess", None,
+                            f"resampling to {self.model_shape} ({convention}, {window.name})")
             h = volume.handle
             tensor, mapping = to_model_input(volume.array, volume.ijk_to_ras, window=window, roi=h.roi,
                                              slice_range=h.slice_range, model_shape=self.model_shape,
@@ -371,7 +372,7 @@ class InferenceEngine:
     def _image_features(self, view: _View) -> torch.Tensor:
         if view.image_features is None:
             self._check_cancel()
-            report(self.progress, "encode", None, "vision encoder")
+            report_progress(self.progress, "encode", None, "vision encoder")
             self.counters["vision_tower"] += 1
             with torch.no_grad():
                 view.image_features = self.model.encode_images(view.images)
@@ -381,7 +382,7 @@ class InferenceEngine:
     def _seg_embedding(self, view: _View) -> torch.Tensor:
         if view.seg_embedding is None:
             self._check_cancel()
-            report(self.progress, "encode", None, "SegVol image encoder")
+            report_progress(self.progress, "encode", None, "SegVol image encoder")
             self.counters["seg_encoder"] += 1
             with torch.no_grad():
                 view.seg_embedding = self.model.model.seg_module.encode_image(view.images)
@@ -488,7 +489,7 @@ class InferenceEngine:
         from .evidence import explain_answer
 
         self.counters["evidence"] += 1
-        report(self.progress, "evidence", 0.0, f"evidence map ({analysis.evidence_steps} steps)")
+        report_progress(self.progress, "evidence", 0.0, f"evidence map ({analysis.evidence_steps} steps)")
         return explain_answer(self.model, view.images, view.mapping, out["prompt_ids"], out["ids"],
                               analysis.evidence_steps, check_cancel=self._check_cancel, progress=self.progress)
 
@@ -604,7 +605,7 @@ class InferenceEngine:
                                         **self._analysed(out))
             logits = out["seg_logits"]
             if parsed.has_seg and logits is not None and torch.isfinite(logits).any():
-                report(self.progress, "segment", None, "mapping the mask to the volume grid")
+                report_progress(self.progress, "segment", None, "mapping the mask to the volume grid")
                 self._mask(result, logits[0, 0], view.mapping, analysis)
                 if analysis.refine and result.voxel_count:
                     if out["seg_prompts"] is None:  # a generate without the prompt hook (a wrapped model)
@@ -643,7 +644,7 @@ class InferenceEngine:
 
         def segment(tensor: np.ndarray, _mapping: Any) -> np.ndarray:
             self._check_cancel()
-            report(self.progress, "refine", None, "zoom-in: SegVol on the region around the mask")
+            report_progress(self.progress, "refine", None, "zoom-in: SegVol on the region around the mask")
             self.counters["seg_encoder_zoom"] += 1
             with torch.no_grad():
                 images = torch.from_numpy(tensor)[None].to(param.device, param.dtype)

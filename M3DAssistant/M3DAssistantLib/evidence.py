@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .geometry import VolumeToModelMapping, map_model_values
-from .progress import ProgressCallback, report
+from .progress import ProgressCallback, report_progress
 from .results import EvidenceMap, SliceRange
 
 TOP_RANGES = 3
@@ -62,7 +62,7 @@ def integrated_gradients(
         total += gradient.float()
         if k == steps:
             value_at_x = float(value.detach())
-        report(progress, "evidence", k / (steps + 1), f"attribution step {k} of {steps}")
+        report_progress(progress, "evidence", k / (steps + 1), f"attribution step {k} of {steps}")
         if check_cancel is not None:
             check_cancel()
     with torch.no_grad():
@@ -152,7 +152,7 @@ def explain_answer(model: Any, images: Any, mapping: VolumeToModelMapping, promp
     attributions, at_image, at_black = integrated_gradients(f, images, steps, check_cancel=check_cancel,
                                                             progress=progress)
     values = attributions[0, 0].cpu().numpy().astype(np.float32)
-    report(progress, "evidence", steps / (steps + 1), "mapping the evidence to the volume's slices")
+    report_progress(progress, "evidence", steps / (steps + 1), "mapping the evidence to the volume's slices")
     return EvidenceMap(
         method="gradient-x-input" if steps == 1 else "integrated-gradients", steps=steps, model_values=values,
         mapping=mapping, answer_logprob=round(at_image, 6), baseline_logprob=round(at_black, 6),

@@ -25,8 +25,8 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
-def report(callback: Optional[ProgressCallback], stage: str, fraction: Optional[float] = None,
-           message: str = "") -> None:
+def report_progress(callback: Optional[ProgressCallback], stage: str, fraction: Optional[float] = None,
+                    message: str = "") -> None:
     """Send an event to ``callback`` if there is one."""
     if callback is not None:
         callback(ProgressEvent(stage, None if fraction is None else min(max(float(fraction), 0.0), 1.0), message))

@@ -15,8 +15,8 @@ whole-volume prediction by looking again at the region around it. We do the same
    pasted onto the volume's grid at the region's resolution; outside the region it is empty, as the first mask
    was (the region holds all of it).
 
-The geometry is tested with oracle decoders (``Testing/test_refinement.py``): whatever the orientation, the refined
-phantom mask lands where the phantom is, at the region's finer resolution.
+The geometry is tested with oracle decoders (``Testing/engine/test_refinement.py``): whatever the orientation, the
+refined phantom mask lands where the phantom is, at the region's finer resolution.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Image <-> text retrieval with M3D-CLIP: rank reports for a volume, or volumes for a report.
 
-M3D-CLIP (``m3d-official.md`` §5.1) embeds a volume (3D ViT CLS token -> projection -> L2 norm) and a text (BERT
-[CLS] -> projection -> L2 norm) in one space; their dot product is the cosine similarity. :class:`Retriever` loads
-the model once, sends volumes through :func:`.geometry.to_model_input` (the same preprocessing as every other task)
-and keeps the embedding of every volume it has seen, keyed by a hash of the voxels, the IJK->RAS matrix and the
+M3D-CLIP (BAAI-DCAI/M3D ``LaMed/src/model/CLIP.py``) embeds a volume (3D ViT CLS token -> projection -> L2 norm) and a
+text (BERT [CLS] -> projection -> L2 norm) in one space; their dot product is the cosine similarity. :class:`Retriever`
+loads the model once, sends volumes through :func:`.geometry.to_model_input` (the same preprocessing as every other
+task) and keeps the embedding of every volume it has seen, keyed by a hash of the voxels, the IJK->RAS matrix and the
 intensity window, so a volume is encoded once however many queries use it.
 
 :func:`recall_at_k` is the official ``Bench/eval/eval_itr.py`` metric (matching pairs on the diagonal of an
@@ -33,7 +33,7 @@ from .errors import InputError
 from .geometry import to_model_input, validate_ijk_to_ras
 from .model.hub import snapshot_revision
 from .preprocessing import DisplayWindow, WindowArg, default_window, resolve_window
-from .progress import ProgressCallback, report
+from .progress import ProgressCallback, report_progress
 from .results import Provenance, RetrievalResult
 from .tasks import FIND_SIMILAR
 
@@ -197,10 +197,10 @@ class Retriever:
         if cache_size < 0:
             raise InputError(f"cache_size must be >= 0, got {cache_size}")
         self.source = str(source or DEFAULT_CLIP)
-        report(progress, "load", 0.0, f"loading M3D-CLIP from {self.source}")
+        report_progress(progress, "load", 0.0, f"loading M3D-CLIP from {self.source}")
         self.model, self.tokenizer = load_clip(self.source, device=device, dtype=dtype, revision=revision,
                                                progress=progress)
-        report(progress, "load", 1.0, "M3D-CLIP ready")
+        report_progress(progress, "load", 1.0, "M3D-CLIP ready")
         self.config = self.model.config
         weight = self.model.mm_vision_proj.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -244,7 +244,7 @@ class Retriever:
                 return key, self._cache[key]
         image, mapping = to_model_input(array_kji, ijk_to_ras, window=window, model_shape=self.config.img_size,
                                         convention=self.convention)
-        report(self.progress, "encode", None, "encoding the volume with M3D-CLIP")
+        report_progress(self.progress, "encode", None, "encoding the volume with M3D-CLIP")
         with torch.inference_mode():
             tensor = torch.from_numpy(image)[None].to(device=self.device, dtype=self.dtype)  # [1, 1, D, H, W]
             embedding = self.model.encode_image(tensor)[0].float().cpu().numpy()
@@ -381,13 +381,13 @@ class Retriever:
         query = self.embed_texts([text])[0]
         images, conventions, intensities = [], set(), set()
         for i, volume in enumerate(volumes):
-            report(self.progress, "encode", i / len(volumes), f"embedding {labels[i]}")
+            report_progress(self.progress, "encode", i / len(volumes), f"embedding {labels[i]}")
             embedding, convention, intensity, _ = self._volume_embedding(volume, f"volumes[{i}]", window,
                                                                          display_windows[i], modalities[i])
             images.append(embedding)
             conventions.add(convention)
             intensities.add(intensity)
-        report(self.progress, "encode", 1.0, "volumes embedded")
+        report_progress(self.progress, "encode", 1.0, "volumes embedded")
         scores = np.stack(images) @ query
         convention = conventions.pop() if len(conventions) == 1 else None
         intensity = intensities.pop() if len(intensities) == 1 else None  # per-volume percentiles usually differ

@@ -32,7 +32,7 @@ import numpy as np
 from . import AI_LABEL, __version__
 from .errors import InputError
 from .geometry import CONVENTIONS, RasRoi, model_plane_for, validate_ijk_to_ras
-from .progress import ProgressCallback, report
+from .progress import ProgressCallback, report_progress
 from .results import AnalysisOptions, SamplingOptions, utc_now
 from .tasks import CHOOSE, LOCATE, SEGMENT
 
@@ -394,19 +394,19 @@ def run_selfcheck(
             engine.convention = convention
             engine.set_volume(array, ijk_to_ras, display_window=meta.display_window, modality=meta.modality)
             for s in structures:
-                report(progress, "selfcheck", len(checks) / total, f"segment {s.name}")
+                report_progress(progress, "selfcheck", len(checks) / total, f"segment {s.name}")
                 checks.append(_segment_check(engine, s.name, truths[s.name], ijk_to_ras, midline, sampling))
-                report(progress, "selfcheck", len(checks) / total, f"locate {s.name}")
+                report_progress(progress, "selfcheck", len(checks) / total, f"locate {s.name}")
                 checks.append(_locate_check(engine, s.name, truths[s.name], ijk_to_ras, array.shape, midline,
                                             sampling))
             for plane in ("axial", "coronal", "sagittal"):
-                report(progress, "selfcheck", len(checks) / total, f"plane question ({plane} series)")
+                report_progress(progress, "selfcheck", len(checks) / total, f"plane question ({plane} series)")
                 stacked, matrix = restack(array, ijk_to_ras, plane)
                 engine.set_volume(stacked, matrix, display_window=meta.display_window, modality=meta.modality)
                 checks.append(_plane_check(engine, plane, matrix, sampling))
     finally:
         engine.convention = saved_convention
-    report(progress, "selfcheck", 1.0, "done")
+    report_progress(progress, "selfcheck", 1.0, "done")
     info = engine.info()
     if conventions == "all":  # the verdict is the defaults'; the others are there to compare with
         own = {"segment": SEGMENT.convention, "locate": LOCATE.convention, "plane": CHOOSE.convention}

@@ -27,8 +27,8 @@ and a button in the .ui named :attr:`Task.button`. The server's route and reques
 the Logic (``runTask``) and the panel follow from the entry; a task whose arguments or result are of a new *kind*
 also needs that kind handled where kinds are handled. For users and IDEs it then gets one thin, documented method on
 ``M3DClient``, ``AssistantSession`` and the Logic, as the eight have (each is one call of the generic method).
-``Testing/test_task_registry.py`` checks that every layer offers exactly these tasks, and walks a ninth one through
-them.
+``Testing/engine/test_task_registry.py`` checks that every layer offers exactly these tasks, and walks a ninth one
+through them.
 
 Light: the standard library, numpy (through :mod:`.prompts` and :mod:`.results`); Slicer's process imports it.
 """

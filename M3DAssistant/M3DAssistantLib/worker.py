@@ -1,7 +1,7 @@
 """The local inference worker: ``m3d serve`` in a child process, started, watched, restarted and stopped from Slicer.
 
-Slicer's own process never imports torch (see DESIGN.md, "Process boundary"). The model runs in a worker process
-started with Slicer's Python (``PythonSlicer``) or any other Python the user points to::
+Slicer's own process never imports torch (see docs/architecture.md, "The process boundary"). The model runs in a
+worker process started with Slicer's Python (``PythonSlicer``) or any other Python the user points to::
 
     python -u -m M3DAssistantLib.serving --host 127.0.0.1 --port 0 --parent-pid <Slicer's pid> --model ...
 

@@ -78,7 +78,7 @@ __all__ = [
 IGNORE_INDEX = -100
 SPLITS = ("train", "validation", "test")
 
-# Answer templates (official wording, m3d-official.md sections 4-5).
+# Answer templates (official wording, BAAI-DCAI/M3D LaMed/src/dataset/multi_dataset.py and prompt_templates.py).
 REC_ANSWER = "Coordinates are {box}."
 REG_ANSWER = "The target is {target}."
 SEG_ANSWER = f"It is {SEG_TOKEN}."

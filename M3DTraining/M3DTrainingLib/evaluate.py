@@ -290,7 +290,7 @@ def predict_dataset(
 
     from M3DAssistantLib.model import encode_prompt
     from M3DAssistantLib.model.tokenizer import decode
-    from M3DAssistantLib.progress import report
+    from M3DAssistantLib.progress import report_progress
 
     from .data import M3DDataset
 
@@ -316,7 +316,7 @@ def predict_dataset(
             record["logits"] = logits[0].float().cpu()
             record["target_mask"] = example.segs
         records.append(record)
-        report(progress, "evaluate", (i + 1) / count, f"{i + 1}/{count} samples")
+        report_progress(progress, "evaluate", (i + 1) / count, f"{i + 1}/{count} samples")
     return records
 
 

@@ -109,7 +109,7 @@ from M3DAssistantLib.geometry import (
 from M3DAssistantLib.model.tokenizer import BOX_END, BOX_START
 from M3DAssistantLib.outputs import write_json, write_text
 from M3DAssistantLib.preprocessing import IntensitySpec, default_window, resolve_window
-from M3DAssistantLib.progress import ProgressCallback, report
+from M3DAssistantLib.progress import ProgressCallback, report_progress
 from M3DAssistantLib.tasks import TRAINING_NAMES, convention_for
 
 log = logging.getLogger(__name__)
@@ -995,7 +995,8 @@ def export_dataset(
         records: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         taken_ids: set[str] = set()
         for s_index, source in enumerate(sources):
-            report(progress, "export", s_index / len(sources), f"reading scene {s_index + 1} of {len(sources)}")
+            report_progress(progress, "export", s_index / len(sources),
+                            f"reading scene {s_index + 1} of {len(sources)}")
             with contextlib.ExitStack() as stack:
                 try:
                     scene, label = stack.enter_context(_opened_scene(source))
@@ -1007,7 +1008,7 @@ def export_dataset(
                     if not work.annotations:
                         continue
                     vid = _unique(_slug(work.name, "volume"), taken_ids)
-                    report(progress, "export", s_index / len(sources), f"volume {work.name!r}")
+                    report_progress(progress, "export", s_index / len(sources), f"volume {work.name!r}")
                     try:
                         records[vid] = writer.write_volume(vid, work, reader)
                     except M3DError as e:
@@ -1052,7 +1053,7 @@ def export_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report(progress, "export", 1.0, f"exported {result.total} samples to {output}")
+    report_progress(progress, "export", 1.0, f"exported {result.total} samples to {output}")
     log.info("exported %d samples from %d volumes to %s (%d skipped)", result.total, len(volumes), output,
              len(skipped))
     return result

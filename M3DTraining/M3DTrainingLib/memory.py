@@ -23,7 +23,7 @@ HEADROOM = 0.95
 DEFAULT_ESTIMATES = {"one-24gb-gpu": 10_175_979_264, "official": 40_882_869_504}
 """Bytes per GPU that :func:`estimate_memory` gives for M3D-LaMed-Phi-3-4B with each preset's defaults on one GPU
 (bf16, 512 tokens). Shown before anything runs; "Estimate memory" computes the figure for the panel's own settings.
-``Testing/test_training_module.py`` recomputes them."""
+``Testing/slicer/test_training_module.py`` recomputes them."""
 
 
 @dataclasses.dataclass(frozen=True)

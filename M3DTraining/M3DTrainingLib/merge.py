@@ -89,17 +89,17 @@ def merge(adapter_dir: "str | Path", out_dir: "str | Path", base_model: Optional
 
     from M3DAssistantLib.model.checkpoint_writer import save_state_dict
     from M3DAssistantLib.model.loading import parse_dtype
-    from M3DAssistantLib.progress import report
+    from M3DAssistantLib.progress import report_progress
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir} exists and is not empty; choose a new folder (nothing is overwritten).")
-    report(progress, "merge", 0.0, "loading base model and adapter")
+    report_progress(progress, "merge", 0.0, "loading base model and adapter")
     model, _ = load_trained_model(adapter_dir, base_model, device="cpu", dtype="float32", merge_lora=True)
     base_folder = Path(model.checkpoint_path)
     lamed_config = model.lamed_config
     target = parse_dtype(dtype or lamed_config.raw.get("torch_dtype") or "float32", torch.device("cpu"))
-    report(progress, "merge", 0.5, "writing merged weights")
+    report_progress(progress, "merge", 0.5, "writing merged weights")
     state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     if tmp.exists():
@@ -116,7 +116,7 @@ def merge(adapter_dir: "str | Path", out_dir: "str | Path", base_model: Optional
     if out_dir.exists():
         out_dir.rmdir()
     tmp.rename(out_dir)
-    report(progress, "merge", 1.0, f"merged checkpoint in {out_dir}")
+    report_progress(progress, "merge", 1.0, f"merged checkpoint in {out_dir}")
     return out_dir
 
 

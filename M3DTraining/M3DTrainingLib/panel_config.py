@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from M3DAssistantLib.errors import ConfigError, InputError
+from M3DAssistantLib.tasks import TRAINING_NAMES
 from M3DAssistantLib.units import format_bytes  # standard library only
 
 from .config import DEFAULT_BASE_MODEL, PRESETS, TrainConfig, canonical_preset
@@ -42,19 +43,11 @@ STAGE_CHOICES = {STAGE_LORA: "lora", STAGE_PROJECTOR: "projector"}
 DEEPSPEED_OFF = "Off"
 DEEPSPEED_CHOICES = {DEEPSPEED_OFF: 0, "ZeRO-2": 2, "ZeRO-3": 3}
 
-TASKS = ("report", "vqa_open", "vqa_closed", "rec", "reg", "seg", "refseg")
-"""The export's tasks (:data:`M3DTrainingLib.export.TASKS`), in its order."""
+TASKS = TRAINING_NAMES
+"""The export's tasks (:data:`M3DTrainingLib.export.TASKS`), in its order: the registry's training names."""
 
-TASK_PARAMETERS = {
-    "taskReport": "report",
-    "taskVqaOpen": "vqa_open",
-    "taskVqaClosed": "vqa_closed",
-    "taskRec": "rec",
-    "taskReg": "reg",
-    "taskSeg": "seg",
-    "taskRefseg": "refseg",
-}
-"""Parameter-node field -> task of the task mix."""
+TASK_PARAMETERS = {"task" + name.title().replace("_", ""): name for name in TASKS}
+"""Parameter-node field -> task of the task mix (``taskVqaOpen`` -> ``vqa_open``)."""
 
 # Hyperparameter fields of the parameter node that a preset sets, and their TrainConfig keys.
 PRESET_PARAMETERS = {

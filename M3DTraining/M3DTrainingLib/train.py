@@ -1,5 +1,5 @@
-"""Fine-tuning M3D-LaMed as the official recipe does (``m3d-official.md`` §7), on Hugging Face accelerate: the
-training loop and its checkpoints.
+"""Fine-tuning M3D-LaMed as the official recipe does (BAAI-DCAI/M3D ``LaMed/src/train/train.py`` and
+``LaMed/script/finetune_lora_phi3.sh``), on Hugging Face accelerate: the training loop and its checkpoints.
 
 * What trains (stage ``projector`` / ``lora``, LoRA r=16, alpha=32, dropout 0.05 on every ``nn.Linear`` of the
   language model, the parts trained fully) is :mod:`.lora`'s; the config and presets are :mod:`.config`'s.

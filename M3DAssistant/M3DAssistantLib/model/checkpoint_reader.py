@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..progress import ProgressCallback, report
+from ..progress import ProgressCallback, report_progress
 from .checkpoint_files import TensorInfo, read_safetensors_header, weight_files
 
 _TORCH_DTYPES = {
@@ -274,7 +274,7 @@ def load_weights(
                 module._buffers[leaf] = tensor
             loaded.add(name)
             if len(loaded) % 50 == 0 or len(loaded) == total:
-                report(progress, "load", len(loaded) / max(total, 1), f"{len(loaded)}/{total} tensors")
+                report_progress(progress, "load", len(loaded) / max(total, 1), f"{len(loaded)}/{total} tensors")
     except CheckpointError:
         raise
     except OSError as e:

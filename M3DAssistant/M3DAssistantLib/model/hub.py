@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import CheckpointError, ModelNotAvailableError
-from ..progress import ProgressCallback, report
+from ..progress import ProgressCallback, report_progress
 
 DEFAULT_MODEL = "GoodBaiBai88/M3D-LaMed-Phi-3-4B"
 DEFAULT_CLIP = "GoodBaiBai88/M3D-CLIP"
@@ -100,7 +100,7 @@ def _download(repo_id: str, revision: Optional[str], progress: Optional[Progress
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
-    report(progress, "download", None, f"downloading {repo_id} from the Hugging Face hub")
+    report_progress(progress, "download", None, f"downloading {repo_id} from the Hugging Face hub")
     try:
         folder = snapshot_download(
             repo_id, revision=revision, allow_patterns=patterns, tqdm_class=_progress_tqdm(progress)
@@ -112,7 +112,7 @@ def _download(repo_id: str, revision: Optional[str], progress: Optional[Progress
             "If this machine is offline, download the model elsewhere (`hf download "
             f"{repo_id} --local-dir M3D-model`), copy the folder here and {PASS_MODEL_HINT}."
         ) from None
-    report(progress, "download", 1.0, f"{repo_id} ready")
+    report_progress(progress, "download", 1.0, f"{repo_id} ready")
     return Path(folder)
 
 
@@ -139,7 +139,7 @@ def _progress_tqdm(progress: Optional[ProgressCallback]):
         def update(self, n=1):
             result = super().update(n)
             if self.total:
-                report(progress, "download", self.n / self.total, str(self.desc or ""))
+                report_progress(progress, "download", self.n / self.total, str(self.desc or ""))
             return result
 
     return ProgressTqdm

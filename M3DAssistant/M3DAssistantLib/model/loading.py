@@ -11,7 +11,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..oom import translate_out_of_memory
-from ..progress import ProgressCallback, report
+from ..progress import ProgressCallback, report_progress
 from .checkpoint_reader import load_weights
 from .configuration_lamed import parse_lamed_config, read_config_json
 from .hub import DEFAULT_CLIP, DEFAULT_MODEL, MODEL_ENV, resolve_checkpoint
@@ -101,7 +101,7 @@ def load_model(
     folder = resolve_checkpoint(source, revision, progress)
     config = parse_lamed_config(read_config_json(folder), source=str(folder / "config.json"))
     tokenizer, _ = load_tokenizer(folder, config.multimodal.seg_token_id, config.text_config.vocab_size)
-    report(progress, "load", 0.0, f"building {config.model_type} model")
+    report_progress(progress, "load", 0.0, f"building {config.model_type} model")
     with torch.device("meta"):
         model = build_lamed_model(config)
     with translate_out_of_memory(device, dtype, str(folder), "loading the model"):
@@ -112,7 +112,7 @@ def load_model(
     model.generation_config, model.generation_config_source = checkpoint_generation_config(
         folder, tokenizer.m3d_special_tokens, config.text_config.vocab_size
     )
-    report(progress, "load", 1.0, "model ready")
+    report_progress(progress, "load", 1.0, "model ready")
     return model, tokenizer
 
 

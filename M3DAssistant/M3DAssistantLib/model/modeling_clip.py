@@ -1,8 +1,9 @@
 """M3D-CLIP: 3D ViT image encoder + BERT text encoder with linear projections, for image <-> report retrieval.
 
-The official model (``GoodBaiBai88/M3D-CLIP``, ``m3d-official.md`` §5.1) is a transformers ``PreTrainedModel`` whose
-text encoder is ``BertModel.from_pretrained("bert-base-uncased")``. We build the same modules from config values
-alone (no download: the BERT weights are part of the M3D-CLIP checkpoint) with the official parameter names:
+The official model (``GoodBaiBai88/M3D-CLIP``, BAAI-DCAI/M3D ``LaMed/src/model/CLIP.py``) is a transformers
+``PreTrainedModel`` whose text encoder is ``BertModel.from_pretrained("bert-base-uncased")``. We build the same
+modules from config values alone (no download: the BERT weights are part of the M3D-CLIP checkpoint) with the official
+parameter names:
 
     vision_encoder.*    3D ViT with CLS token (:class:`~.vit3d.ViT3D`)
     language_encoder.*  transformers' ``BertModel`` (with pooler, as ``from_pretrained`` builds it)

@@ -295,7 +295,8 @@ class LamedMixin:
         labels: Optional[torch.Tensor] = None,
         segs: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The official training forward (``m3d-official.md`` §3.4): LM cross-entropy + Dice + BCE (weights 1:1:1).
+        """The official training forward (BAAI-DCAI/M3D ``LaMed/src/model/language_model/lamed_phi3.py``,
+        ``forward``): LM cross-entropy + Dice + BCE (weights 1:1:1).
 
         The segmentation terms use only the samples whose mask is not empty (``segs[i].sum() != 0``); for those,
         the final-norm hidden state at position ``j`` is the [SEG] prompt when token ``j + 1`` is [SEG] (the

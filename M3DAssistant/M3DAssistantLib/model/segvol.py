@@ -2,7 +2,8 @@
 
 LaMed prompts SegVol with a single 768-d "text embedding" (the projected hidden state of the LLM's [SEG] token); the
 original SegVol's CLIP text encoder is not part of the model. The parameter names are those of the official
-checkpoints (``model.seg_module.*``, see ``m3d-official.md`` §2.4), so a checkpoint loads with ``strict=True``:
+checkpoints (``model.seg_module.*``, see BAAI-DCAI/M3D ``LaMed/src/model/segmentation_module/segvol.py``), so a
+checkpoint loads with ``strict=True``:
 
     image_encoder.*   3D ViT without CLS token (:class:`~.vit3d.ViT3D`, classification=False)
     prompt_encoder.*  pe_layer.positional_encoding_gaussian_matrix (persistent buffer), point_embeddings.{0..3},

@@ -3,7 +3,8 @@
 The architecture is MONAI 1.3's ``ViT`` with the "perceptron" patch embedding, which is what the official code builds.
 We define our own modules rather than importing MONAI's because MONAI >= 1.4 changed the parameter names and added
 cross-attention parameters, so its state dict no longer matches the released checkpoints. Every parameter name here
-is the one in the official checkpoints (``m3d-official.md`` §2.1), so they load with ``strict=True``:
+is the one in the official checkpoints (BAAI-DCAI/M3D ``LaMed/src/model/multimodal_encoder/vit.py``), so they load
+with ``strict=True``:
 
     cls_token                                        [1, 1, hidden]            (only when classification=True)
     patch_embedding.patch_embeddings.1.{weight,bias} [hidden, prod(patch)*C]   (index 0 is a parameterless rearrange)

@@ -5,7 +5,7 @@ The task request models (``ReportRequest``, ``AskRequest``, ...) are built from 
 :class:`~M3DAssistantLib.tasks.ArgumentKind`, and an ``analysis`` object with the task's analysis options
 (:attr:`~M3DAssistantLib.tasks.Task.options`: ``Analysis`` or, for segmentation, ``SegmentationAnalysis``).
 Built rather than written out so that a new task gets its request model from its registry entry alone; the OpenAPI
-schema names them as before (``Testing/test_server.py`` pins it).
+schema names them as before (``Testing/serving/test_server.py`` pins it).
 """
 
 import functools
