@@ -9,18 +9,9 @@ Test files are named without their folder (``test_engine.py``), so the page hold
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
+from repo_paths import REPO
 
-def _repo_root() -> Path:
-    """The repository root, wherever under ``Testing/`` this file lives."""
-    for folder in Path(__file__).resolve().parents:
-        if (folder / "pyproject.toml").is_file() and (folder / "M3DAssistant").is_dir():
-            return folder
-    raise AssertionError("no repository root (pyproject.toml next to M3DAssistant/) above " + __file__)
-
-
-REPO = _repo_root()
 DOC = REPO / "docs" / "architecture.md"
 PACKAGES = {"M3DAssistantLib": REPO / "M3DAssistant", "M3DTrainingLib": REPO / "M3DTraining"}
 """Package name -> the module folder that holds it (paths on the page start at the package name)."""
