@@ -59,7 +59,7 @@ from .errors import CancelledError, M3DError
 from .processes import describe_exit, kill_process_tree
 from .progress import ProgressCallback, ProgressEvent
 from .serving.client import M3DClient
-from .serving.server import TOKEN_ENV, parse_ready_line
+from .serving.protocol import TOKEN_ENV, parse_ready_line
 
 logger = logging.getLogger(__name__)
 

@@ -71,6 +71,19 @@ from ..tasks import ArgumentKind, ResultKind, Task, result_kind
 PROTOCOL_VERSION = 1
 """Version of the HTTP protocol between :class:`M3DClient` and ``m3d serve``; bumped on any incompatible change."""
 
+READY_PREFIX = "M3D_SERVER_READY"
+"""``m3d serve`` prints ``M3D_SERVER_READY {json}`` on stdout once it listens (url, host, port, protocol, pid)."""
+TOKEN_ENV = "M3D_SERVER_TOKEN"
+"""The environment variable that hands the bearer token to ``m3d serve`` (a worker's parent sets it)."""
+
+
+def parse_ready_line(line: str) -> Optional[dict[str, Any]]:
+    """The JSON of an ``M3D_SERVER_READY`` line, or None for any other line (for the process that started us)."""
+    if not line.startswith(READY_PREFIX + " "):
+        return None
+    return json.loads(line[len(READY_PREFIX) + 1:])
+
+
 FEATURE_DISPLAY_WINDOW = "display-window"
 """Task and retrieval requests take ``display_window`` and ``modality`` (the display window travels with the volume)."""
 FEATURE_SELFCHECK = "selfcheck"

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 from .. import __version__
 from ..errors import InputError, M3DError
 from ..results import MAX_NEW_TOKENS
-from .protocol import PROTOCOL_VERSION
+from .protocol import PROTOCOL_VERSION, READY_PREFIX, TOKEN_ENV, parse_ready_line
 from .trust import GENERATE_TOKEN, is_loopback, weak_remote_token
 
 if TYPE_CHECKING:
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-READY_PREFIX = "M3D_SERVER_READY"
-TOKEN_ENV = "M3D_SERVER_TOKEN"
 _TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: it travels in an HTTP header
 
 __all__ = ["PROTOCOL_VERSION", "READY_PREFIX", "create_app", "serve", "add_serve_arguments", "run_serve", "main",
@@ -60,13 +58,6 @@ def create_app(engine: Any, token: str, **kwargs: Any) -> "FastAPI":
     from .app import create_app as _create_app
 
     return _create_app(engine, token, **kwargs)
-
-
-def parse_ready_line(line: str) -> Optional[dict[str, Any]]:
-    """The JSON of an ``M3D_SERVER_READY`` line, or None for any other line (for the process that started us)."""
-    if not line.startswith(READY_PREFIX + " "):
-        return None
-    return json.loads(line[len(READY_PREFIX) + 1:])
 
 
 def _check_token(host: str, token: Optional[str], allow_remote: bool) -> tuple[str, bool]:
