@@ -189,18 +189,9 @@ def render_assistant(harness, out: Path) -> list[Path]:
 
 
 def render_training(harness, out: Path, work: Path) -> list[Path]:
-    import numpy as np
-    import slicer
-    from fake_trainer import FAKE_TRAINING_PYTHON, executable
+    from fake_trainer import FAKE_TRAINING_PYTHON, executable, panel_scene
 
-    volume = harness.logics["volumes"].AddArchetypeVolume(str(CT), "CT")
-    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT segmentation")
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    segment = segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
-    mask = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
-    mask[tuple(slice(s // 3, 2 * s // 3) for s in mask.shape)] = 1
-    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment, volume)
-    slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", "CT report").SetText("A normal abdominal CT.")
+    panel_scene(harness, CT)
 
     harness.loadModule("M3DTraining")
     widget = harness.openModule("M3DTraining")

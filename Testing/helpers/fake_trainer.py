@@ -8,8 +8,8 @@ import stat
 from pathlib import Path
 
 # The training Python of the panel: `-m M3DTrainingLib.train CONFIG` writes progress like the trainer (waiting after
-# step 3 while OUTPUT/hold exists; resuming after its last checkpoint), `--estimate-only` prints an estimate; anything
-# else (package checks, evaluation, merge) runs the real Python.
+# step 3 while OUTPUT/hold exists; resuming after its last checkpoint; what it was launched with in OUTPUT/env.json),
+# `--estimate-only` prints an estimate; anything else (package checks, evaluation, merge) runs the real Python.
 FAKE_TRAINING_PYTHON = """\
 #!{python}
 import json, os, sys, time
@@ -21,6 +21,9 @@ if "--estimate-only" in sys.argv:
     print("  total          30.00 GiB")
     sys.exit(0)
 out = Path.cwd()
+# what the job launcher handed the trainer (GPU selection, the packages' path), for the tests to check
+(out / "env.json").write_text(json.dumps({{k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "PYTHONPATH",
+                                                                           "CUDA_DEVICE_ORDER")}}))
 progress = out / "progress.jsonl"
 def emit(**event):
     with open(progress, "a") as f:
@@ -47,3 +50,20 @@ def executable(path: Path, text: str) -> str:
     path.write_text(text)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return str(path)
+
+
+def panel_scene(harness, ct_path):
+    """The bundled CT with a liver segment and a report, as a user annotates it before opening M3D Training (the
+    panel tests and Utilities/render_panels.py)."""
+    import numpy as np
+    import slicer
+
+    volume = harness.logics["volumes"].AddArchetypeVolume(str(ct_path), "CT")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT segmentation")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segment = segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
+    mask = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+    mask[tuple(slice(s // 3, 2 * s // 3) for s in mask.shape)] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment, volume)
+    slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", "CT report").SetText("A normal abdominal CT.")
+    return volume

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_trainer import FAKE_TRAINING_PYTHON
 from module_files import parameter_node_fields, run_slicer_self_test, ui_widgets
 from repo_paths import REPO
 
@@ -619,38 +620,6 @@ def test_panel_helpers_stay_light():
     assert int(count) >= 19 and heavy.strip() == "[]", done.stdout
 
 
-FAKE_TRAINER = """\
-#!{python}
-# Stands in for the training Python: `-c` runs the real interpreter (module checks), `-m M3DTrainingLib.train CONFIG`
-# writes progress like the trainer, resuming after its last checkpoint.
-import json, os, sys, time
-from pathlib import Path
-if sys.argv[1] == "-c":
-    os.execv({python!r}, [{python!r}] + sys.argv[1:])
-assert sys.argv[1:3] == ["-m", "M3DTrainingLib.train"], sys.argv
-out = Path.cwd()
-(out / "env.json").write_text(json.dumps({{k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "PYTHONPATH",
-                                                                           "CUDA_DEVICE_ORDER")}}))
-progress = out / "progress.jsonl"
-def emit(**event):
-    with open(progress, "a") as f:
-        f.write(json.dumps(event) + "\\n")
-total = 6
-start = int((out / "checkpoint").read_text()) if (out / "checkpoint").exists() else 0
-emit(stage="start", step=start, total_steps=total, fraction=start / total, message=f"training from step {{start}}")
-for step in range(start + 1, total + 1):
-    while (out / "hold").exists() and step > 3:
-        time.sleep(0.05)
-    emit(stage="train", step=step, total_steps=total, fraction=step / total, loss=10.0 / step, lr=1e-4,
-         samples_per_s=2.0, eta_s=(total - step) * 0.1, epoch=step / 3, message=f"step {{step}}/{{total}}")
-    if step % 2 == 0:
-        (out / "checkpoint").write_text(str(step))
-        emit(stage="checkpoint", step=step, total_steps=total, message=f"saved step-{{step}}")
-    time.sleep(0.05)
-(out / "adapter").mkdir()
-(out / "adapter" / "adapter_config.json").write_text("{{}}")
-emit(stage="done", step=total, total_steps=total, fraction=1.0, loss=10.0 / total, message="finished 6 steps")
-"""
 
 
 def _dataset(folder: Path) -> Path:
@@ -664,7 +633,7 @@ def _dataset(folder: Path) -> Path:
 @POSIX_ONLY
 def test_logic_runs_watches_reconnects_cancels_and_resumes_a_job(training, tmp_path):
     pytest.importorskip("psutil")
-    fake = _script(tmp_path / "fake-python", FAKE_TRAINER.format(python=sys.executable))
+    fake = _script(tmp_path / "fake-python", FAKE_TRAINING_PYTHON.format(python=sys.executable))
     logic = _logic(training, pythonExecutable=fake)
     p = logic.getParameterNode()
     p.datasetFolder = _dataset(tmp_path / "dataset")

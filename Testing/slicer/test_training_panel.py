@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fake_trainer import FAKE_TRAINING_PYTHON, executable
+from fake_trainer import FAKE_TRAINING_PYTHON, executable, panel_scene
 
 pytestmark = [pytest.mark.slicer, pytest.mark.skipif(sys.platform == "win32", reason="fake tools are POSIX scripts")]
 
@@ -29,22 +29,6 @@ def chosen(combo, text: str) -> None:
     combo.activated.emit(index)
 
 
-def annotated_scene(harness, ct_path):
-    """The bundled CT with a liver segment and a report, as a user annotates it."""
-    import numpy as np
-    import slicer
-
-    volume = harness.logics["volumes"].AddArchetypeVolume(str(ct_path), "CT")
-    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT segmentation")
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-    segment = segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
-    mask = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
-    mask[tuple(slice(s // 3, 2 * s // 3) for s in mask.shape)] = 1
-    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment, volume)
-    slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", "CT report").SetText("A normal abdominal CT.")
-    return volume
-
-
 @pytest.fixture
 def training_panel(slicer_harness, tmp_path, monkeypatch, ct_path):
     """The M3D Training panel opened on the annotated scene, with a fake nvidia-smi (two GPUs) on PATH and the fake
@@ -54,7 +38,7 @@ def training_panel(slicer_harness, tmp_path, monkeypatch, ct_path):
     tools.mkdir()
     executable(tools / "nvidia-smi", f"#!/bin/sh\nprintf '{NVIDIA_SMI_SAMPLE}'\n")
     monkeypatch.setenv("PATH", f"{tools}:{__import__('os').environ['PATH']}")
-    annotated_scene(harness, ct_path)
+    panel_scene(harness, ct_path)
     module = harness.loadModule("M3DTraining")
     harness.loadModule("M3DAssistant")
     widget = harness.openModule("M3DTraining")
