@@ -17,6 +17,24 @@ from typing import Any, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this pid exists (psutil; without it ``kill(pid, 0)`` on POSIX, and "yes" on Windows,
+    where ``os.kill(pid, 0)`` would terminate the process)."""
+    try:
+        import psutil
+    except ImportError:
+        if os.name == "nt":
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it exists, under another user
+            return True
+        return True
+    return psutil.pid_exists(pid)
+
+
 def describe_exit(code: Optional[int]) -> str:
     """A returncode in words: ``exit code 2``, ``killed by SIGKILL (often: out of memory)``."""
     if code is None:

@@ -96,16 +96,10 @@ def process_alive(holder: dict) -> bool:
         return False
     try:
         import psutil
-    except ImportError:
-        if os.name == "nt":
-            return True  # cannot tell without psutil; assume it runs
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+    except ImportError:  # without psutil the pid alone (a reused pid cannot be told apart)
+        from M3DAssistantLib.processes import pid_exists
+
+        return pid_exists(pid)
     try:
         process = psutil.Process(pid)
         known = holder.get("create_time")

@@ -319,3 +319,28 @@ def test_exit_descriptions_and_startup_progress():
         assert "SIGKILL" in describe_exit(137)
     worker = WorkerProcess(None, "x")
     assert worker.startup_progress().stage == "load"
+
+
+def test_pid_exists_with_and_without_psutil(monkeypatch):
+    """The one liveness check the server's parent watch and the training run lock use: a running process exists, a
+    finished one does not, with psutil and through the kill(pid, 0) fallback."""
+    import builtins
+    import subprocess
+    import sys
+
+    from M3DAssistantLib.processes import pid_exists
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    for without_psutil in (False, True):
+        if without_psutil:
+            real_import = builtins.__import__
+
+            def no_psutil(name, *args, **kwargs):
+                if name == "psutil":
+                    raise ImportError(name)
+                return real_import(name, *args, **kwargs)
+
+            monkeypatch.setattr(builtins, "__import__", no_psutil)
+        assert pid_exists(os.getpid())
+        assert not pid_exists(child.pid)

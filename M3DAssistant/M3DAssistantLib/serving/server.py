@@ -135,24 +135,10 @@ def _check_tls(certfile: Optional[str], keyfile: Optional[str]) -> bool:
 
 def _watch_parent(pid: int, stop: Callable[[], None]) -> None:
     """Stop the server when the process that started it is gone (Slicer crashed or was killed)."""
-    def alive() -> bool:
-        try:
-            import psutil
-
-            return psutil.pid_exists(pid)
-        except ImportError:
-            if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
-                return True
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
+    from ..processes import pid_exists
 
     def watch() -> None:
-        while alive():
+        while pid_exists(pid):
             if stopped.wait(2.0):
                 return
         logger.warning("the parent process %s is gone; stopping", pid)
