@@ -575,7 +575,8 @@ class M3DAssistantWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """New segments go on into the same segmentation; show the new ROI / segmentation, the evidence map over
         the volume with its most relevant slices listed; a new segment's Segment Statistics where available
         (returned, for the conversation view)."""
-        from M3DAssistantLib.panel import evidence_items, typed_result
+        from M3DAssistantLib.analysis_text import evidence_items
+        from M3DAssistantLib.panel import typed_result
         from M3DAssistantLib.tasks import TASKS, Output
 
         shown = TASKS[key].output

@@ -92,7 +92,8 @@ def write_analysis_outputs(args: argparse.Namespace, result, ijk_to_ras) -> None
 def print_analysis(result) -> None:
     """What the analysis found, to stderr: option probabilities, the answer's mean token log-probability and its
     unsure tokens, a mask's measurements and confidence, the evidence map's slice ranges."""
-    from .panel import LOW_TOKEN_PROBABILITY, choice_lines, evidence_items, measurement_lines
+    from .analysis_text import choice_lines, evidence_items, measurement_lines
+    from .results import LOW_TOKEN_PROBABILITY
 
     for line in choice_lines(result):
         print(f"  {line}", file=sys.stderr)
