@@ -153,6 +153,19 @@ class _TextStreamer:
         self.max_new_tokens = max(1, max_new_tokens)
         self.ids: list[int] = []
         self.sent = ""
+        self._control_names: Optional[list[str]] = None
+
+    def _held_back(self, text: str) -> int:
+        """How many trailing characters may still become a control token spelled out by ordinary tokens (``<|en``):
+        :func:`~.model.tokenizer.decode` drops a completed one, so they are sent only once they cannot."""
+        if self._control_names is None:
+            from .model.tokenizer import control_token_ids
+
+            ids = sorted(control_token_ids(self.tokenizer))
+            self._control_names = [n for n in self.tokenizer.convert_ids_to_tokens(ids) if n]
+        tail = text[-max((len(n) for n in self._control_names), default=0):]
+        return max((k for k in range(1, len(tail) + 1)
+                    if any(n.startswith(tail[-k:]) and len(n) > k for n in self._control_names)), default=0)
 
     def put(self, value: torch.Tensor) -> None:
         new = value.reshape(-1).tolist()
@@ -165,6 +178,7 @@ class _TextStreamer:
         text = decode(self.tokenizer, self.ids)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
+        text = text[: len(text) - self._held_back(text)]
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.on_text(text[len(self.sent):])
             self.sent = text

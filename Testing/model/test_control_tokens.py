@@ -123,3 +123,27 @@ def test_answers_never_hold_a_control_token_so_a_follow_up_is_not_refused(engine
     answer = decode(tokenizer, ids[:-len(tokenizer(" change [SEG]", add_special_tokens=False).input_ids)])
     engine.ask("And the spleen?", history=[("Is the liver enlarged?", answer)], sampling=SHORT)
     assert engine.counters["generate"] == 1
+
+
+def test_streamed_text_equals_the_answer_when_the_model_spells_a_control_token(engine):
+    """Streaming holds back a tail that may still become a control token spelled out by ordinary tokens ("<|en"),
+    so the streamed pieces add up to the answer's text, from which decode drops the completed token."""
+    from forcing import ForceTokens
+    from transformers import LogitsProcessorList
+
+    tokenizer = engine.tokenizer
+    spelled = tokenizer(" <|end|>", add_special_tokens=False, split_special_tokens=True).input_ids
+    assert len(spelled) > 2 and tokenizer.convert_tokens_to_ids("<|end|>") not in spelled
+    tokens = (tokenizer(" No", add_special_tokens=False).input_ids + spelled
+              + tokenizer(" more", add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+    original = engine.model.generate
+    engine.model.generate = lambda *a, **k: original(*a, logits_processor=LogitsProcessorList([ForceTokens(tokens)]),
+                                                     **k)
+    pieces: list[str] = []
+    try:
+        result = engine.ask("Is the liver enlarged?", sampling=SamplingOptions(max_new_tokens=len(tokens)),
+                            on_text=pieces.append)
+    finally:
+        engine.model.__dict__.pop("generate", None)
+    assert "<|" not in result.text and result.text.startswith("No") and result.text.endswith("more")
+    assert "".join(pieces) == result.text
