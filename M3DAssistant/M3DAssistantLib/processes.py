@@ -35,6 +35,33 @@ def pid_exists(pid: int) -> bool:
     return psutil.pid_exists(pid)
 
 
+def process_start_time(pid: int) -> Optional[float]:
+    """When process ``pid`` started (psutil's ``create_time``), to tell it from a later process given the same pid;
+    None without psutil or when it is gone."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # psutil missing, or the process is gone
+        return None
+
+
+def same_process_running(pid: int, start_time: Optional[float]) -> bool:
+    """Whether ``pid`` still runs and is the process that started at ``start_time`` (within a second; None: any
+    process with that pid), not a zombie. Without psutil only the pid can be checked (:func:`pid_exists`)."""
+    try:
+        import psutil
+    except ImportError:
+        return pid_exists(pid)
+    try:
+        process = psutil.Process(pid)
+        if start_time is not None and abs(process.create_time() - float(start_time)) > 1.0:
+            return False  # the pid was reused
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def describe_exit(code: Optional[int]) -> str:
     """A returncode in words: ``exit code 2``, ``killed by SIGKILL (often: out of memory)``."""
     if code is None:
@@ -98,4 +125,5 @@ def kill_process_tree(popen: subprocess.Popen, timeout: float = 10.0, extra: Seq
         logger.warning("process %s did not exit", popen.pid)
 
 
-__all__ = ["describe_exit", "kill_pid_tree", "kill_process_tree"]
+__all__ = ["describe_exit", "kill_pid_tree", "kill_process_tree", "pid_exists", "process_start_time",
+           "same_process_running"]

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from M3DAssistantLib.errors import ConfigError, M3DError
-from M3DAssistantLib.processes import describe_exit
+from M3DAssistantLib.processes import describe_exit, kill_pid_tree, process_start_time, same_process_running
 from M3DAssistantLib.progress import ProgressEvent
 
 from .config import ADAPTER_DIR, CONFIG_FILE, LOG_FILE, PROGRESS_FILE, STATE_FILE, TrainConfig
@@ -201,7 +201,7 @@ class Job:
                                        cwd=str(self.output_dir), env=env, close_fds=True, **kwargs)
         self._process = process
         self.record["pid"] = process.pid
-        self.record["create_time"] = _create_time(process.pid)
+        self.record["create_time"] = process_start_time(process.pid)
         self.record["launches"].append({"pid": process.pid, "time": time.time()})
         self._write_record()
 
@@ -224,15 +224,8 @@ class Job:
         pid = self.pid
         if pid is None:
             return False
-        import psutil
-
-        try:
-            proc = psutil.Process(pid)
-            if abs(proc.create_time() - float(self.record.get("create_time") or 0)) > 1.0:
-                return False  # the pid now belongs to another process
-            return proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        # a record without a start time never matches: its pid may belong to another process by now
+        return same_process_running(pid, self.record.get("create_time") or 0)
 
     def events(self, new_only: bool = True) -> list[dict]:
         """Progress events (dicts); with ``new_only`` those since the previous call."""
@@ -314,8 +307,6 @@ class Job:
         self.record["cancel_requested"] = True
         self._write_record()
         if self.is_alive():
-            from M3DAssistantLib.processes import kill_pid_tree  # one implementation for workers and jobs
-
             kill_pid_tree(self.pid, timeout)
         if self._process is not None:
             try:
@@ -332,15 +323,6 @@ def _record_stale(lock: RunLock) -> None:
         record_interruption(lock.output_dir / PROGRESS_FILE, (
             f"the run of {describe_holder(lock.stale)} ended without a final event (killed, out of memory or the "
             f"machine stopped); resume continues it from the newest checkpoint"))
-
-
-def _create_time(pid: int) -> Optional[float]:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:  # psutil missing or the process already gone
-        return None
 
 
 def build_command(config, config_path: Path, python: str) -> list[str]:

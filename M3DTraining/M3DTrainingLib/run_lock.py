@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Optional, Union
 
 from M3DAssistantLib.errors import ConfigError
+from M3DAssistantLib.processes import process_start_time, same_process_running
 
 from .config import LOCK_FILE
 
@@ -80,34 +81,12 @@ def _read_holder(file: IO[bytes]) -> Optional[dict]:
     return holder if isinstance(holder, dict) else None
 
 
-def _create_time(pid: int) -> Optional[float]:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:  # psutil missing, or the process is gone
-        return None
-
-
 def process_alive(holder: dict) -> bool:
     """Whether the process a holder record names still runs (the same process: its start time matches)."""
     pid = holder.get("pid")
     if not isinstance(pid, int):
         return False
-    try:
-        import psutil
-    except ImportError:  # without psutil the pid alone (a reused pid cannot be told apart)
-        from M3DAssistantLib.processes import pid_exists
-
-        return pid_exists(pid)
-    try:
-        process = psutil.Process(pid)
-        known = holder.get("create_time")
-        if known is not None and abs(process.create_time() - float(known)) > 1.0:
-            return False  # the pid was reused
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return same_process_running(pid, holder.get("create_time"))
 
 
 def describe_holder(holder: Optional[dict]) -> str:
@@ -151,7 +130,7 @@ class RunLock:
             raise
         previous = _read_holder(file)
         self.stale = previous if previous and previous.get("pid") != os.getpid() else None
-        record = {"pid": os.getpid(), "create_time": _create_time(os.getpid()), "role": role,
+        record = {"pid": os.getpid(), "create_time": process_start_time(os.getpid()), "role": role,
                   "started": time.time(), "host": socket.gethostname(), "command": sys.argv[:8]}
         file.seek(0)
         file.truncate()

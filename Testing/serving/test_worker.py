@@ -342,3 +342,19 @@ def test_pid_exists_with_and_without_psutil(monkeypatch):
     assert pid_exists(os.getpid()) and not pid_exists(child.pid)  # psutil
     monkeypatch.setattr(builtins, "__import__", no_psutil)
     assert pid_exists(os.getpid()) and not pid_exists(child.pid)  # kill(pid, 0)
+
+
+def test_same_process_running_tells_a_reused_pid_apart():
+    """The check training jobs and the run lock share: the pid runs and started when recorded (None: any start)."""
+    import subprocess
+    import sys
+
+    from M3DAssistantLib.processes import process_start_time, same_process_running
+
+    me, started = os.getpid(), process_start_time(os.getpid())
+    assert started is not None
+    assert same_process_running(me, started) and same_process_running(me, None)
+    assert not same_process_running(me, started - 3600.0)  # another process that had this pid earlier
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not same_process_running(child.pid, None) and process_start_time(child.pid) is None
