@@ -57,7 +57,7 @@ from .geometry import (
     validate_volume,
 )
 from .model.hub import snapshot_revision
-from .model.tokenizer import decode
+from .model.tokenizer import control_token_names, decode
 from .oom import translate_out_of_memory
 from .preprocessing import DisplayWindow, IntensitySpec, default_window, is_ct, resolve_window
 from .progress import ProgressCallback, report_progress
@@ -159,10 +159,7 @@ class _TextStreamer:
         """How many trailing characters may still become a control token spelled out by ordinary tokens (``<|en``):
         :func:`~.model.tokenizer.decode` drops a completed one, so they are sent only once they cannot."""
         if self._control_names is None:
-            from .model.tokenizer import control_token_ids
-
-            ids = sorted(control_token_ids(self.tokenizer))
-            self._control_names = [n for n in self.tokenizer.convert_ids_to_tokens(ids) if n]
+            self._control_names = control_token_names(self.tokenizer)
         tail = text[-max((len(n) for n in self._control_names), default=0):]
         return max((k for k in range(1, len(tail) + 1)
                     if any(n.startswith(tail[-k:]) and len(n) > k for n in self._control_names)), default=0)

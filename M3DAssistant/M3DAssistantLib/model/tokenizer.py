@@ -232,10 +232,22 @@ def control_token_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(ids - {vocab[t] for t in M3D_TOKENS if t in vocab})
 
 
+def control_token_names(tokenizer: Any) -> list[str]:
+    """How the control tokens (:func:`control_token_ids`) are spelled in text (``</s>``, ``<|end|>``, ...)."""
+    return _names(tokenizer, control_token_ids(tokenizer))
+
+
 def find_control_tokens(tokenizer: Any, text: str) -> list[str]:
     """The control tokens (see :func:`control_token_ids`) that ``text`` spells out, in order of appearance."""
-    names = {t for t in tokenizer.convert_ids_to_tokens(sorted(control_token_ids(tokenizer))) if t}
-    return sorted((t for t in names if t in text), key=text.index)
+    return _spelled_out(control_token_names(tokenizer), text)
+
+
+def _names(tokenizer: Any, ids: frozenset[int]) -> list[str]:
+    return [t for t in tokenizer.convert_ids_to_tokens(sorted(ids)) if t]
+
+
+def _spelled_out(names: Sequence[str], text: str) -> list[str]:
+    return sorted((t for t in set(names) if t in text), key=text.index)
 
 
 def control_token_message(tokens: Sequence[str], what: str) -> str:
@@ -255,6 +267,6 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
     control = control_token_ids(tokenizer)
     text = tokenizer.decode([i for i in ids if i not in control], skip_special_tokens=True)
     # ordinary tokens may also spell one out ("<|" "end" "|>"), which would become the control token when re-read
-    for name in find_control_tokens(tokenizer, text):
+    for name in _spelled_out(_names(tokenizer, control), text):
         text = text.replace(name, "")
     return text
