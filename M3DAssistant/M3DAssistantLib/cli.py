@@ -20,6 +20,7 @@ from .cli_io import (
     InputVolume,
     check_output_option,
     max_new_tokens,
+    positive_int,
     read_input_volume,
     task_arguments,
     window_option,
@@ -137,17 +138,6 @@ def _sampling(args: argparse.Namespace):
 
     return SamplingOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed)
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (checked before anything loads)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def _engine(args: argparse.Namespace, bar: "ProgressBar"):
@@ -484,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder of NIfTI/NRRD files and/or DICOM series folders")
     p.add_argument("--task", action="append", required=True, help=f"{batch_task_forms()} (repeat)")
     p.add_argument("-o", "--output-dir", required=True, help="one subfolder per volume; done volumes are skipped")
-    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="decode N volumes together: the same greedy answers, up to N times faster decoding; memory "
                         "grows with N (default 1)")
     _add_model_args(p)

@@ -1,6 +1,7 @@
-"""What the ``m3d`` command line reads and writes around the model, all of it checked before the model loads:
-option values (``--window``, ``--max-new-tokens``), the input volume (refusing label maps), the task's arguments
-(prompt, choices, ``--roi`` file), the ``-o`` target; and writing ``-o`` at the end without ever losing a result.
+"""What the ``m3d`` command line reads and writes around the model, all of it checked before the model loads: option
+values (``--window``, ``--max-new-tokens``, ``--batch-size``), the input volume (refusing label maps), the task's
+arguments (prompt, choices, ``--roi`` file), the ``-o`` target; and writing ``-o`` at the end without ever losing a
+result.
 
 No torch here: :mod:`.cli` calls these before it builds the engine (``Testing/cli/test_cli_startup.py`` checks).
 """
@@ -27,6 +28,17 @@ def max_new_tokens(text: str) -> int:
     if not 1 <= value <= MAX_NEW_TOKENS:
         raise argparse.ArgumentTypeError(f"{value} is outside 1..{MAX_NEW_TOKENS}: the model was trained on 512-token "
                                          f"sequences; e.g. --max-new-tokens 256")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --batch-size: a whole number >= 1 (argparse reports the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
 
 
