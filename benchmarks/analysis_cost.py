@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,35 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CT = ROOT / "Testing" / "Data" / "totalsegmentator" / "example_ct_sm.nii.gz"
-
-
-class ForceTokens:
-    """A logits processor that makes the answer start with fixed tokens (then leaves the scores alone)."""
-
-    def __init__(self, tokens):
-        self.tokens, self.step = list(tokens), 0
-
-    def __call__(self, input_ids, scores):
-        if self.step < len(self.tokens):
-            forced = torch.full_like(scores, float("-inf"))
-            forced[:, self.tokens[self.step]] = 0
-            scores = forced
-        self.step += 1
-        return scores
-
-
-def forcing(engine, text):
-    """Make the engine's model start every answer with ``text`` then end it."""
-    from transformers import LogitsProcessorList
-
-    tokens = engine.tokenizer(text, add_special_tokens=False).input_ids + [engine.tokenizer.eos_token_id]
-    original = engine.model.generate
-
-    def generate(*args, **kwargs):
-        return original(*args, logits_processor=LogitsProcessorList([ForceTokens(tokens)]), **kwargs)
-
-    engine.model.generate = generate
-    return lambda: engine.model.__dict__.pop("generate", None)
+sys.path.insert(0, str(ROOT / "Testing" / "helpers"))
+from forcing import force_answer  # noqa: E402  (the tests' one way to force an answer's start)
 
 
 def timed(runs, repeat, device):
@@ -149,7 +123,7 @@ def main() -> None:
         def segment(analysis):
             return lambda: engine.segment("liver", sampling=short, analysis=analysis)
 
-        restore = forcing(engine, " It is [SEG].")
+        restore = force_answer(engine, " It is [SEG].")
         try:
             times, results = timed({
                 "plain": segment(off), "confidence": segment(None),
