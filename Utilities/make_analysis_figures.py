@@ -4,8 +4,9 @@ The released weights cannot be downloaded on the machines that build this projec
 in for the model (nothing here is a real model's output):
 
 * ``docs/images/analysis_evidence.png``: a tiny random M3D-LaMed whose vision transformer was rebuilt to read one
-  image patch only (as in ``Testing/engine/test_evidence.py``) answers a question about the bundled CT with an evidence
-  map; the map, on the CT's own grid, finds that patch, and the panel's "most relevant slices" are marked;
+  image patch only (``Testing/helpers/evidence_phantom.py``, as the evidence tests use it) answers a question about
+  the bundled CT with an evidence map; the map, on the CT's own grid, finds that patch, and the panel's "most
+  relevant slices" are marked;
 * ``docs/images/analysis_refinement.png``: a 512 x 512 x 160 phantom with a 12 mm lesion, an oracle decoder (the
   lesion is what is bright in the tensor it is shown): the whole-volume mask at the model's 32 x 256 x 256 and the
   zoom-in refined one, against the truth;
@@ -17,6 +18,7 @@ Usage: python Utilities/make_analysis_figures.py
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,7 +27,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from M3DAssistantLib.geometry import logits_to_mask, to_model_input  # noqa: E402
 from M3DAssistantLib.measurements import mask_roi, measure_mask  # noqa: E402
@@ -33,6 +34,9 @@ from M3DAssistantLib.refinement import refine_logits  # noqa: E402
 from M3DAssistantLib.results import AnalysisOptions, SamplingOptions  # noqa: E402
 from M3DAssistantLib.selfcheck import dice  # noqa: E402
 from M3DAssistantLib.volume_io import read_volume  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing" / "helpers"))
+from evidence_phantom import region_only_model  # noqa: E402  (the phantom the evidence tests use)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "Testing" / "Data" / "totalsegmentator"
@@ -56,16 +60,8 @@ def evidence_figure(ct: np.ndarray, ijk_to_ras: np.ndarray) -> None:
                                                   multimodal=rc.TINY_MULTIMODAL)
         model, tokenizer = load_model(folder, device="cpu", dtype="float32")
     vit = model.model.vision_tower.vision_tower
-    patch, grid = (1, 2, 1), vit.config.grid_size
-    with torch.no_grad():  # every token keeps its own patch; all but one patch are squashed by the final norm
-        for block in vit.blocks:
-            for linear in (block.attn.out_proj, block.mlp.linear2):
-                linear.weight.zero_()
-                linear.bias.zero_()
-        signs = torch.tensor([1.0 if i % 2 else -1.0 for i in range(vit.config.hidden_size)])
-        embeddings = vit.patch_embedding.position_embeddings
-        embeddings[:] = 1e4 * signs
-        embeddings[0, (patch[0] * grid[1] + patch[1]) * grid[2] + patch[2]] = 0.0
+    patch = (1, 2, 1)
+    region_only_model(model, patch)  # every token keeps its own patch; all but one are squashed by the final norm
     engine = InferenceEngine((model, tokenizer))
     engine.set_volume(ct, ijk_to_ras, window="abdomen")
     result = engine.ask("Is there a lesion in the liver?", sampling=SamplingOptions(max_new_tokens=4),

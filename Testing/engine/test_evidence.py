@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from evidence_phantom import region_only_model
 
 from M3DAssistantLib.evidence import integrated_gradients, relevant_ranges
 from M3DAssistantLib.geometry import to_model_input
@@ -99,34 +100,13 @@ def test_relevant_ranges_find_the_blob_on_the_volume_grid(flip):
 PATCH = (2, 1, 2)  # the ViT patch (d, h, w) the constructed model looks at
 
 
-def region_only_model(model, patch=PATCH):
-    """Rebuild a tiny M3D-LaMed's vision transformer so that only one patch of the image reaches the language model.
-
-    Attention and MLP outputs are zeroed (each token keeps its own patch embedding); every other patch's position
-    embedding is a huge alternating vector, so the final LayerNorm squashes its image content ~1e4-fold. The model
-    is otherwise the random checkpoint: whatever it answers depends on that patch's voxels only."""
-    vit = model.model.vision_tower.vision_tower
-    grid = vit.config.grid_size
-    index = (patch[0] * grid[1] + patch[1]) * grid[2] + patch[2]
-    with torch.no_grad():
-        for block in vit.blocks:
-            for linear in (block.attn.out_proj, block.mlp.linear2):
-                linear.weight.zero_()
-                linear.bias.zero_()
-        signs = torch.tensor([1.0 if i % 2 else -1.0 for i in range(vit.config.hidden_size)])
-        embeddings = vit.patch_embedding.position_embeddings
-        embeddings[:] = 1e4 * signs
-        embeddings[0, index] = 0.0
-    return tuple(slice(p * s, (p + 1) * s) for p, s in zip(patch, vit.config.patch_size))
-
-
 @pytest.fixture(scope="module")
 def phantom_engine(tiny_phi3):
     from M3DAssistantLib.engine import InferenceEngine
     from M3DAssistantLib.model import load_model
 
     model, tokenizer = load_model(tiny_phi3, device="cpu", dtype="float32")
-    region = region_only_model(model)
+    region = region_only_model(model, PATCH)
     return InferenceEngine((model, tokenizer)), region
 
 
